@@ -1,0 +1,96 @@
+"""The usage event contract (schema_version 1): one event per model call.
+
+Producers in any language publish this as JSON on ``usage.raw`` with the Kafka key set to
+``tenant_id`` and the record timestamp set to ``timestamp``. The JSON Schema in
+``schemas/json/`` is generated from these models (``python -m schemas.export``).
+
+Token counts follow the OpenTelemetry GenAI convention: ``input_tokens`` counts every
+prompt token, cache reads and writes included; ``output_tokens`` counts every completion
+token, reasoning included. The cache and reasoning counts are parts of those totals.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+SCHEMA_VERSION = 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+#: No single model call comes near a billion tokens; larger counts are corrupt input.
+MAX_TOKENS = 1_000_000_000
+
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+
+
+class TokenUsage(BaseModel):
+    """Normalized token counts of one call. Cache and reasoning counts are parts of the totals."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+    input_tokens: TokenCount = 0
+    cache_read_tokens: TokenCount = 0
+    cache_write_tokens: TokenCount = 0
+    output_tokens: TokenCount = 0
+    reasoning_tokens: TokenCount = 0
+
+    @model_validator(mode="after")
+    def _parts_within_totals(self) -> TokenUsage:
+        if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
+            raise ValueError(
+                "cache_read_tokens + cache_write_tokens exceed input_tokens "
+                "(input_tokens must include cached tokens)"
+            )
+        if self.reasoning_tokens > self.output_tokens:
+            raise ValueError("reasoning_tokens exceed output_tokens (output_tokens must include reasoning)")
+        return self
+
+    @property
+    def uncached_input_tokens(self) -> int:
+        return self.input_tokens - self.cache_read_tokens - self.cache_write_tokens
+
+
+class UsageEvent(BaseModel):
+    """One model call, as an application reports it. Unknown extra fields are kept."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    timestamp: AwareDatetime
+    tenant_id: Name
+    user_id: Name | None = None
+    provider: Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=64)]
+    model: Name
+    usage: TokenUsage | None = None
+    raw_usage: dict[str, Any] | None = None
+    batch: bool = False
+
+    service: ShortText | None = None
+    route: ShortText | None = None
+    feature: ShortText | None = None
+    step: ShortText | None = None
+    trace_id: ShortText | None = None
+    span_id: ShortText | None = None
+    parent_span_id: ShortText | None = None
+    tags: dict[str, str] = Field(default_factory=dict, max_length=64)
+    status: Literal["ok", "error"] = "ok"
+    latency_ms: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _has_usage(self) -> UsageEvent:
+        if self.usage is None and self.raw_usage is None:
+            raise ValueError("one of usage or raw_usage is required")
+        return self
+
+    def kafka_key(self) -> bytes:
+        return self.tenant_id.encode()
+
+    def timestamp_ms(self) -> int:
+        """Event time in epoch milliseconds (exact integer arithmetic, no float rounding)."""
+        return (self.timestamp - _EPOCH) // _MILLISECOND

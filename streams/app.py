@@ -1,0 +1,167 @@
+"""The Faust worker: thin agents around the plain functions of each pipeline stage.
+
+    usage.raw ──attribute──▶ usage.attributed ──land──▶ ClickHouse ledger
+        └──────(rejected)──▶ usage.dlq  (original key, bytes and timestamp; reason in headers)
+
+Values are raw bytes on every topic: decoding happens inside the agents, because a Faust
+codec that raises makes Faust acknowledge and silently drop the message. Agents run with
+concurrency 1 (higher values can commit offsets past in-flight events); the worker scales
+with partitions and more worker processes in the same consumer group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import faust
+from clickhouse_connect.driver.client import Client
+from pydantic import ValidationError
+
+from schemas.attributed import AttributedUsage
+from schemas.dead_letter import Rejection, dead_letter_headers
+from streams.pipeline import attribute_raw
+from streams.pricing import PriceCatalog
+from streams.query import QueryError, run_readonly
+from streams.settings import Settings
+from streams.sink import SinkStats, land
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a worker stopped while a batch could not be written (nothing was committed).
+EXIT_UNLANDED = 75
+
+
+@dataclass
+class Counters:
+    events_in: int = 0
+    attributed: int = 0
+    unpriced: int = 0
+    dead_lettered: int = 0
+    sink: SinkStats = field(default_factory=SinkStats)
+
+
+def _raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
+    return app.topic(
+        name,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+    )
+
+
+def create_app(settings: Settings, client: Client, query_client: Client | None = None) -> faust.App:
+    """The worker app. ``client`` writes the ledger; ``query_client`` serves read-only queries."""
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
+        datadir=str(settings.home / "worker" / settings.app_id),
+        topic_partitions=settings.partitions,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_in_thread=False,
+    )
+    topics = settings.topics
+    raw = _raw_topic(app, topics.raw, settings.partitions)
+    attributed = _raw_topic(app, topics.attributed, settings.partitions)
+    dlq = _raw_topic(app, topics.dlq, settings.partitions)
+    catalog = PriceCatalog()
+    counters = Counters()
+    ch_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-sink")
+    query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-query")
+    stopping = threading.Event()
+    max_future = timedelta(seconds=settings.max_future_s)
+
+    async def dead_letter(message: Any, rejection: Rejection) -> None:
+        counters.dead_lettered += 1
+        log.info("dead-lettered %s[%s]@%s: %s: %s", message.topic, message.partition, message.offset,
+                 rejection.reason, rejection.message)
+        await dlq.send(
+            key=message.key,
+            value=message.value if message.value is not None else b"",
+            timestamp=message.timestamp,
+            headers=dead_letter_headers(rejection, message.topic, message.partition, message.offset),
+        )
+
+    @app.agent(raw, concurrency=1)
+    async def attribute(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            message = event.message
+            counters.events_in += 1
+            try:
+                out = attribute_raw(message.value, catalog, now=datetime.now(UTC), max_future=max_future,
+                                    max_bytes=settings.max_event_bytes)
+            except Exception as exc:  # noqa: BLE001 - a bug on one event must not stop the stream
+                log.exception("processing failed for %s[%s]@%s", message.topic, message.partition, message.offset)
+                out = Rejection(reason="processing_error", message=f"{type(exc).__name__}: {exc}"[:500])
+            if isinstance(out, Rejection):
+                await dead_letter(message, out)
+                continue
+            counters.attributed += 1
+            counters.unpriced += not out.priced
+            await attributed.send(key=out.tenant_id.encode(), value=out.model_dump_json().encode(),
+                                  timestamp=message.timestamp)
+
+    @app.agent(attributed, concurrency=1)
+    async def land_in_clickhouse(stream: faust.StreamT) -> None:
+        loop = asyncio.get_running_loop()
+        async for events in stream.take_events(settings.sink_batch, within=settings.sink_within_s):
+            records = []
+            for event in events:
+                try:
+                    records.append(AttributedUsage.model_validate_json(event.message.value))
+                except ValidationError as exc:
+                    await dead_letter(event.message, Rejection(
+                        reason="invalid_event", message=f"not an attributed record: {exc.errors()[0]['msg']}"))
+            if not records:
+                continue
+            # Blocks this agent, and so the offset commit of the batch, until the batch lands.
+            landed = await loop.run_in_executor(
+                ch_executor, lambda: land(client, records, counters.sink, stopping=stopping))
+            if not landed:
+                # Shutting down while ClickHouse refuses the batch. Returning would acknowledge
+                # it, so leave without committing: the batch is consumed again on restart.
+                log.error("stopping with %d unlanded events; exiting without committing their offsets",
+                          len(records))
+                os._exit(EXIT_UNLANDED)
+
+    @app.page("/v1/health")
+    async def health(web: Any, request: Any) -> Any:
+        sink = counters.sink
+        status = "ok" if sink.failing_since is None else "degraded"
+        body = {"status": status, "clickhouse_url": settings.clickhouse_url, **asdict(counters)}
+        return web.json(body, status=200 if status == "ok" else 503)
+
+    @app.page("/v1/query")
+    async def run_query(web: Any, request: Any) -> Any:
+        try:
+            sql = (await request.json())["sql"]
+        except (ValueError, KeyError, TypeError):
+            return web.json({"error": 'send a JSON object {"sql": "SELECT ..."}'}, status=400)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(query_executor, run_readonly, query_client or client, sql)
+        except QueryError as exc:
+            return web.json({"error": str(exc)}, status=400)
+        return web.json(result.to_json())
+
+    @app.on_shutdown.connect
+    async def _stop_sink(sender: Any, **kwargs: Any) -> None:
+        stopping.set()
+
+    app.costline_counters = counters  # type: ignore[attr-defined]
+    return app

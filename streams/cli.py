@@ -1,0 +1,296 @@
+"""The ``costline`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from streams.settings import Settings, SettingsError
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Costline: real-time cost attribution for AI products.")
+console = Console()
+err = Console(stderr=True)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False)
+
+
+@cli.command()
+def worker() -> None:
+    """Run the stream worker (validate, price, tag, land in ClickHouse) until Ctrl-C or SIGTERM."""
+    from streams.worker import run_worker
+
+    run_worker(_settings())
+
+
+@cli.command("migrate")
+def migrate_cmd() -> None:
+    """Apply pending ClickHouse migrations from sql/, in order."""
+    from streams.clickhouse import connect
+    from streams.migrations import migrate
+
+    settings = _settings()
+    client = connect(settings.clickhouse_url)
+    applied = migrate(client)
+    for m in applied:
+        console.print(f"applied {m.version:04d}_{m.name}")
+    console.print(f"database is at migration {max((m.version for m in applied), default=None) or 'latest'}"
+                  if applied else "nothing to apply: the database is up to date")
+
+
+@cli.command()
+def query(sql: Annotated[str, typer.Argument(help="a read-only SQL statement")],
+          fmt: Annotated[str, typer.Option("--format", help="table or jsonl")] = "table") -> None:
+    """Run a read-only SQL query (through the worker when it owns the embedded database)."""
+    from streams.query import query as run
+
+    result = run(_settings(), sql)
+    if fmt == "jsonl":
+        for row in result.to_json()["rows"]:
+            print(json.dumps(dict(zip(result.columns, row))))
+        return
+    table = Table(*result.columns)
+    for row in result.to_json()["rows"]:
+        table.add_row(*(str(v) for v in row))
+    console.print(table)
+
+
+@cli.command()
+def produce(
+    path: Annotated[Path | None, typer.Argument(help="a file of UsageEvent JSON lines; stdin when omitted")] = None,
+) -> None:
+    """Publish UsageEvent JSON lines to usage.raw. Invalid lines are reported and skipped."""
+    from pydantic import ValidationError
+
+    from streams.producer import UsageProducer
+    from streams.topics import ensure_topics
+
+    settings = _settings()
+    ensure_topics(settings)
+    source = path.open("rb") if path else sys.stdin.buffer
+    sent = invalid = 0
+    with UsageProducer(settings.kafka_bootstrap_servers, settings.topics.raw) as producer:
+        for number, line in enumerate(source, start=1):
+            if not line.strip():
+                continue
+            try:
+                producer.send(line.strip())
+                sent += 1
+            except ValidationError as exc:
+                invalid += 1
+                e = exc.errors()[0]
+                err.print(f"line {number}: {'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}")
+    err.print(f"sent {sent} events to {settings.topics.raw}" + (f", {invalid} invalid lines skipped" if invalid else ""))
+    if invalid:
+        raise typer.Exit(1)
+
+
+@cli.command()
+def simulate(
+    events: Annotated[int, typer.Option("--events", "-n", min=1)] = 1000,
+    tenants: Annotated[int, typer.Option("--tenants", "-k", min=1)] = 20,
+    rate: Annotated[float, typer.Option("--rate", "-r", help="events per second; 0 = as fast as possible")] = 0,
+    seed: Annotated[int, typer.Option()] = 7,
+    run_id: Annotated[str, typer.Option(help="prefix of the event ids (random when empty)")] = "",
+) -> None:
+    """Publish a realistic simulated workload to usage.raw."""
+    from streams.topics import ensure_topics
+
+    settings = _settings()
+    ensure_topics(settings)
+    _simulate(settings, events, tenants, rate, seed, run_id)
+
+
+def _simulate(settings: Settings, events: int, tenants: int, rate: float, seed: int, run_id: str) -> None:
+    from streams.producer import UsageProducer
+    from streams.simulate import Workload
+
+    started = time.monotonic()
+    with UsageProducer(settings.kafka_bootstrap_servers, settings.topics.raw) as producer, _progress() as bar:
+        task = bar.add_task(f"producing to {settings.topics.raw}", total=events)
+        for i, event in enumerate(Workload(events, tenants, seed, run_id).generate(), start=1):
+            producer.send(event)
+            if rate > 0:
+                ahead = i / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+            if i % 100 == 0 or i == events:
+                bar.update(task, completed=i)
+    elapsed = time.monotonic() - started
+    err.print(f"sent {events} events in {elapsed:.1f}s ({events / elapsed:,.0f}/s)")
+
+
+@cli.command()
+def price() -> None:
+    """Offline: UsageEvent JSON lines on stdin → one attributed JSON line per input on stdout."""
+    from schemas.dead_letter import Rejection
+    from streams.pipeline import attribute_raw
+    from streams.pricing import PriceCatalog
+
+    catalog = PriceCatalog()
+    out = sys.stdout
+    for line in sys.stdin.buffer:
+        if not line.strip():
+            continue
+        result = attribute_raw(line.strip(), catalog)
+        if isinstance(result, Rejection):
+            out.write(json.dumps({"event_id": _event_id_of(line), "error": f"{result.reason}: {result.message}"}))
+        else:
+            record = result.model_dump(mode="json")
+            record["cost_usd"] = format(result.cost_usd, "f")
+            record["cost"] = {k: format(v, "f") for k, v in result.cost.model_dump().items()}
+            out.write(json.dumps(record))
+        out.write("\n")
+        out.flush()
+
+
+def _event_id_of(line: bytes) -> str | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    event_id = value.get("event_id") if isinstance(value, dict) else None
+    return event_id if isinstance(event_id, str) else None
+
+
+# --- demo -------------------------------------------------------------------------------------------
+
+
+@cli.command()
+def demo(
+    events: Annotated[int, typer.Option("--events", "-n", min=1)] = 5000,
+    tenants: Annotated[int, typer.Option("--tenants", "-k", min=1)] = 12,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for every event to land")] = 180,
+) -> None:
+    """Start local Kafka if needed, run a worker, send a simulated workload and print costs from ClickHouse."""
+    from streams.query import query as run_query
+    from streams.query import worker_owns_database
+    from streams.topics import KafkaUnavailable, check_reachable, ensure_topics
+
+    settings = _settings()
+    try:
+        check_reachable(settings, timeout_s=2)
+    except KafkaUnavailable:
+        if settings.kafka_bootstrap_servers not in ("127.0.0.1:9092", "localhost:9092"):
+            raise
+        err.print("No Kafka broker answered; starting the local one (scripts/kafka start)...")
+        subprocess.run([str(ROOT / "scripts" / "kafka"), "start"], check=True)
+    ensure_topics(settings)
+
+    worker_proc = None
+    if not worker_owns_database(settings):
+        err.print("Starting a worker (costline worker)...")
+        log_path = settings.home / "demo-worker.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        worker_proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"],
+                                       stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+        _wait_for(lambda: worker_owns_database(settings), 90, f"the worker did not start; see {log_path}",
+                  alive=worker_proc)
+    try:
+        run_id = f"demo-{int(time.time())}"
+        _simulate(settings, events, tenants, 0, int(time.time()), run_id)
+        where = f"startsWith(event_id, '{run_id}-')"
+
+        def landed() -> int:
+            return int(run_query(settings, f"SELECT count() FROM usage WHERE {where}").rows[0][0])
+
+        with _progress() as bar:
+            task = bar.add_task("landing in ClickHouse", total=events)
+
+            def all_landed() -> bool:
+                n = landed()
+                bar.update(task, completed=n)
+                return n >= events
+
+            _wait_for(all_landed, timeout, "not every event landed in time", alive=worker_proc)
+        _print_summary(settings, where)
+    finally:
+        if worker_proc is not None:
+            worker_proc.send_signal(signal.SIGTERM)
+            try:
+                worker_proc.wait(30)
+            except subprocess.TimeoutExpired:
+                worker_proc.kill()
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float, message: str,
+              alive: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"{message} (the worker exited with status {alive.returncode})")
+        time.sleep(0.25)
+    raise RuntimeError(message)
+
+
+def _print_summary(settings: Settings, where: str) -> None:
+    from streams.query import query as run_query
+
+    result = run_query(settings, f"""
+        SELECT tenant_id, count() AS calls, sum(input_tokens) AS input_tokens,
+               sum(output_tokens) AS output_tokens, countIf(NOT priced) AS unpriced, sum(cost_usd) AS cost_usd
+        FROM usage WHERE {where} GROUP BY tenant_id ORDER BY cost_usd DESC""")
+    table = Table("tenant", "calls", "input tokens", "output tokens", "unpriced", "cost (USD)",
+                  title="Cost per tenant, read back from ClickHouse")
+    total = Decimal(0)
+    for tenant, calls, tin, tout, unpriced, cost in result.rows:
+        total += cost
+        table.add_row(tenant, f"{calls:,}", f"{tin:,}", f"{tout:,}", str(unpriced), f"{cost:.6f}")
+    table.add_section()
+    table.add_row("total", f"{sum(r[1] for r in result.rows):,}", "", "", "", f"{total:.6f}")
+    console.print(table)
+    paths = run_query(settings, f"""
+        SELECT business_path, step, count() AS calls, sum(cost_usd) AS cost_usd
+        FROM usage WHERE {where} GROUP BY business_path, step ORDER BY cost_usd DESC""")
+    by_path = Table("business path", "step", "calls", "cost (USD)", title="Cost per business path and step")
+    for path, step, calls, cost in paths.rows:
+        by_path.add_row(path, step, f"{calls:,}", f"{cost:.6f}")
+    console.print(by_path)
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from streams.clickhouse import ClickHouseUnavailable
+    from streams.producer import DeliveryFailed
+    from streams.query import QueryError
+    from streams.topics import KafkaUnavailable
+
+    return (SettingsError, KafkaUnavailable, ClickHouseUnavailable, QueryError, DeliveryFailed, RuntimeError)
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    try:
+        cli(args=list(argv) if argv is not None else None, standalone_mode=True)
+    except _user_errors() as exc:
+        err.print(f"costline: error: {exc}", markup=False, highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

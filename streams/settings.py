@@ -1,0 +1,108 @@
+"""One typed settings object for every Costline process, read from the environment.
+
+| variable                  | default                              |
+|---------------------------|--------------------------------------|
+| KAFKA_BOOTSTRAP_SERVERS   | 127.0.0.1:9092                       |
+| CLICKHOUSE_URL            | chdb://<COSTLINE_HOME>/chdb          |
+| COSTLINE_HOME             | ./.costline                          |
+| COSTLINE_TOPIC_PREFIX     | "" (e.g. "staging." gives staging.usage.raw) |
+| COSTLINE_APP_ID           | costline (Kafka consumer group)      |
+| COSTLINE_PARTITIONS       | 4 (partitions of topics Costline creates) |
+| COSTLINE_SINK_BATCH       | 5000 rows per ClickHouse insert      |
+| COSTLINE_SINK_WITHIN_S    | 1.0 (longest wait to fill a batch)   |
+| COSTLINE_WEB_HOST / _PORT | 127.0.0.1 / 6066 (worker health and query endpoint) |
+| COSTLINE_MAX_FUTURE_S     | 86400 (events further in the future are dead-lettered) |
+| COSTLINE_MAX_EVENT_BYTES  | 1048576 (larger payloads are dead-lettered) |
+| COSTLINE_LOG_LEVEL        | info                                 |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class SettingsError(ValueError):
+    """A configuration value is wrong; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Topics:
+    raw: str
+    attributed: str
+    dlq: str
+    alerts: str
+    state: str
+
+    @classmethod
+    def with_prefix(cls, prefix: str) -> Topics:
+        return cls(
+            raw=f"{prefix}usage.raw",
+            attributed=f"{prefix}usage.attributed",
+            dlq=f"{prefix}usage.dlq",
+            alerts=f"{prefix}quota.alerts",
+            state=f"{prefix}quota.state",
+        )
+
+
+_ENV = {
+    "kafka_bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS",
+    "clickhouse_url": "CLICKHOUSE_URL",
+    "home": "COSTLINE_HOME",
+    "topic_prefix": "COSTLINE_TOPIC_PREFIX",
+    "app_id": "COSTLINE_APP_ID",
+    "partitions": "COSTLINE_PARTITIONS",
+    "sink_batch": "COSTLINE_SINK_BATCH",
+    "sink_within_s": "COSTLINE_SINK_WITHIN_S",
+    "web_host": "COSTLINE_WEB_HOST",
+    "web_port": "COSTLINE_WEB_PORT",
+    "max_future_s": "COSTLINE_MAX_FUTURE_S",
+    "max_event_bytes": "COSTLINE_MAX_EVENT_BYTES",
+    "log_level": "COSTLINE_LOG_LEVEL",
+}
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    clickhouse_url: str = ""
+    home: Path = Path(".costline")
+    topic_prefix: str = ""
+    app_id: str = Field(default="costline", min_length=1)
+    partitions: int = Field(default=4, ge=1, le=1024)
+    sink_batch: int = Field(default=5000, ge=1, le=1_000_000)
+    sink_within_s: float = Field(default=1.0, gt=0, le=60)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=6066, ge=1, le=65535)
+    max_future_s: int = Field(default=86_400, ge=0)
+    max_event_bytes: int = Field(default=1_048_576, ge=1024)
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {field: env[var] for field, var in _ENV.items() if env.get(var, "") != ""}
+        values.update(overrides)
+        try:
+            settings = cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = str(err["loc"][0])
+            raise SettingsError(
+                f"{_ENV.get(field, field)}={values.get(field)!r} is invalid: {err['msg']}"
+            ) from None
+        if not settings.clickhouse_url:
+            settings = settings.model_copy(update={"clickhouse_url": f"chdb://{settings.home.resolve() / 'chdb'}"})
+        return settings
+
+    @property
+    def topics(self) -> Topics:
+        return Topics.with_prefix(self.topic_prefix)
+
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.web_host}:{self.web_port}"

@@ -1,0 +1,141 @@
+"""Stage 5: attributed records → the ClickHouse ledger, in column-oriented batches.
+
+A batch is retried, identically and with the same ``insert_deduplication_token``, until
+ClickHouse takes it: the consumer offsets behind a batch are committed only after this
+returns, so a failed insert never loses events and a retried one never doubles them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from clickhouse_connect.driver.client import Client
+
+from schemas.attributed import AttributedUsage
+
+log = logging.getLogger(__name__)
+
+LEDGER_TABLE = "usage_ledger"
+
+# (column, ClickHouse type, value of a record): the insert names its types, so no DESCRIBE is needed.
+_COLUMNS: list[tuple[str, str, Callable[[AttributedUsage], object]]] = [
+    ("event_id", "String", lambda r: r.event_id),
+    ("event_time", "DateTime64(3, 'UTC')", lambda r: r.event_time),
+    ("tenant_id", "LowCardinality(String)", lambda r: r.tenant_id),
+    ("user_id", "String", lambda r: r.user_id or ""),
+    ("provider", "LowCardinality(String)", lambda r: r.provider),
+    ("model", "LowCardinality(String)", lambda r: r.model),
+    ("matched_model", "LowCardinality(String)", lambda r: r.matched_model or ""),
+    ("service", "LowCardinality(String)", lambda r: r.service or ""),
+    ("route", "LowCardinality(String)", lambda r: r.route or ""),
+    ("feature", "LowCardinality(String)", lambda r: r.feature or ""),
+    ("step", "LowCardinality(String)", lambda r: r.step or ""),
+    ("business_path", "LowCardinality(String)", lambda r: r.business_path),
+    ("trace_id", "String", lambda r: r.trace_id or ""),
+    ("span_id", "String", lambda r: r.span_id or ""),
+    ("parent_span_id", "String", lambda r: r.parent_span_id or ""),
+    ("status", "LowCardinality(String)", lambda r: r.status),
+    ("latency_ms", "Nullable(UInt32)", lambda r: r.latency_ms),
+    ("batch", "Bool", lambda r: r.batch),
+    ("tags", "Map(String, String)", lambda r: r.tags),
+    ("extra", "String", lambda r: json.dumps(r.extra, separators=(",", ":")) if r.extra else ""),
+    ("input_tokens", "UInt64", lambda r: r.input_tokens),
+    ("cache_read_tokens", "UInt64", lambda r: r.cache_read_tokens),
+    ("cache_write_tokens", "UInt64", lambda r: r.cache_write_tokens),
+    ("output_tokens", "UInt64", lambda r: r.output_tokens),
+    ("reasoning_tokens", "UInt64", lambda r: r.reasoning_tokens),
+    ("cost_input", "Decimal(18, 12)", lambda r: r.cost.input),
+    ("cost_cache_read", "Decimal(18, 12)", lambda r: r.cost.cache_read),
+    ("cost_cache_write", "Decimal(18, 12)", lambda r: r.cost.cache_write),
+    ("cost_output", "Decimal(18, 12)", lambda r: r.cost.output),
+    ("cost_usd", "Decimal(18, 12)", lambda r: r.cost_usd),
+    ("currency", "LowCardinality(String)", lambda r: r.currency),
+    ("priced", "Bool", lambda r: r.priced),
+    ("unpriced_reason", "String", lambda r: r.unpriced_reason or ""),
+    ("price_source", "LowCardinality(String)", lambda r: r.price_source or ""),
+    ("attributed_at", "DateTime64(3, 'UTC')", lambda r: r.attributed_at),
+]
+COLUMN_NAMES = [name for name, _, _ in _COLUMNS]
+COLUMN_TYPES = [ch_type for _, ch_type, _ in _COLUMNS]
+
+
+def to_columns(records: Sequence[AttributedUsage]) -> list[list[object]]:
+    return [[get(r) for r in records] for _, _, get in _COLUMNS]
+
+
+def dedup_token(records: Sequence[AttributedUsage]) -> str:
+    """Identical for a retry of the same batch, different for any other batch."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(f"{r.event_id}\x00{r.attributed_at.isoformat()}\x01".encode())
+    return digest.hexdigest()
+
+
+def insert_batch(client: Client, records: Sequence[AttributedUsage], token: str) -> None:
+    client.insert(
+        LEDGER_TABLE,
+        to_columns(records),
+        column_names=COLUMN_NAMES,
+        column_type_names=COLUMN_TYPES,
+        column_oriented=True,
+        settings={"insert_deduplication_token": token},
+    )
+
+
+@dataclass
+class SinkStats:
+    landed: int = 0
+    batches: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    failing_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    first_s: float = 0.2
+    max_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_s, self.first_s * 2 ** min(attempt, 20))
+
+
+def land(
+    client: Client,
+    records: Sequence[AttributedUsage],
+    stats: SinkStats,
+    *,
+    backoff: Backoff = Backoff(),
+    stopping: threading.Event | None = None,
+    insert: Callable[[Client, Sequence[AttributedUsage], str], None] = insert_batch,
+) -> bool:
+    """Inserts the batch, retrying until it lands. Returns False only if ``stopping`` was set first."""
+    token = dedup_token(records)
+    attempt = 0
+    while True:
+        try:
+            insert(client, records, token)
+        except Exception as exc:  # noqa: BLE001 - any failure of the write is retried, never dropped
+            stats.errors += 1
+            stats.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            stats.failing_since = stats.failing_since or time.monotonic()
+            wait = backoff.delay(attempt)
+            log.warning("ClickHouse insert of %d rows failed (attempt %d), retrying in %.1fs: %s",
+                        len(records), attempt + 1, wait, stats.last_error)
+            attempt += 1
+            if stopping is not None:
+                if stopping.wait(wait):
+                    return False
+            else:
+                time.sleep(wait)
+            continue
+        stats.landed += len(records)
+        stats.batches += 1
+        stats.failing_since = None
+        return True

@@ -1,0 +1,62 @@
+"""Stage 1: raw bytes from ``usage.raw`` → a valid ``UsageEvent``, or a ``Rejection`` with its reason.
+
+Never raises on bad input: every way a payload can be wrong maps to a dead-letter reason.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from pydantic import ValidationError
+
+from schemas.dead_letter import Rejection
+from schemas.usage import UsageEvent
+
+#: Model APIs billed per token did not exist before this; older event times are corrupt input.
+EARLIEST_EVENT_TIME = datetime(2020, 1, 1, tzinfo=UTC)
+_MAX_ERRORS_SHOWN = 3
+
+
+def validate(
+    value: bytes | None,
+    *,
+    now: datetime,
+    max_future: timedelta = timedelta(days=1),
+    max_bytes: int = 1_048_576,
+) -> UsageEvent | Rejection:
+    if value is None:
+        return Rejection(reason="invalid_json", message="empty record (null value)")
+    if len(value) > max_bytes:
+        return Rejection(reason="payload_too_large", message=f"{len(value)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejection(reason="invalid_utf8", message=f"not UTF-8: {exc.reason} at byte {exc.start}")
+    try:
+        event = UsageEvent.model_validate_json(value)
+    except ValidationError as exc:
+        return _rejection(exc)
+    if event.timestamp > now + max_future:
+        return Rejection(
+            reason="timestamp_out_of_range",
+            message=f"timestamp {event.timestamp.isoformat()} is more than {max_future} ahead of {now.isoformat()}",
+        )
+    if event.timestamp < EARLIEST_EVENT_TIME:
+        return Rejection(
+            reason="timestamp_out_of_range",
+            message=f"timestamp {event.timestamp.isoformat()} is before {EARLIEST_EVENT_TIME.date()}",
+        )
+    return event
+
+
+def _rejection(exc: ValidationError) -> Rejection:
+    errors = exc.errors(include_url=False, include_input=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        return Rejection(reason="invalid_json", message=f"invalid JSON: {errors[0]['msg']}")
+    if any(e["type"] == "model_type" and not e["loc"] for e in errors):
+        return Rejection(reason="invalid_json", message="the value is JSON but not an object")
+    if any(e["loc"] == ("schema_version",) for e in errors):
+        return Rejection(reason="unsupported_schema_version", message="schema_version must be 1")
+    shown = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in errors[:_MAX_ERRORS_SHOWN])
+    more = f" (+{len(errors) - _MAX_ERRORS_SHOWN} more)" if len(errors) > _MAX_ERRORS_SHOWN else ""
+    return Rejection(reason="invalid_event", message=shown + more)

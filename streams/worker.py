@@ -1,0 +1,27 @@
+"""Starts a worker process: topics, database and migrations first, then the Faust app."""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+
+from streams.app import create_app
+from streams.clickhouse import connect
+from streams.migrations import migrate
+from streams.settings import Settings
+from streams.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT. The worker owns an embedded database path while it runs."""
+    ensure_topics(settings)
+    client = connect(settings.clickhouse_url)
+    for migration in migrate(client):
+        log.info("applied migration %04d_%s", migration.version, migration.name)
+    query_client = connect(settings.clickhouse_url)
+    app = create_app(settings, client, query_client)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
