@@ -60,10 +60,12 @@ def _raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
 
 def create_app(settings: Settings, client: Client, query_client: Client | None = None) -> faust.App:
     """The worker app. ``client`` writes the ledger; ``query_client`` serves read-only queries."""
+    datadir = settings.home / "worker" / settings.app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
-        datadir=str(settings.home / "worker" / settings.app_id),
+        datadir=str(datadir),
         topic_partitions=settings.partitions,
         topic_allow_declare=False,
         topic_disable_leader=True,
@@ -97,7 +99,7 @@ def create_app(settings: Settings, client: Client, query_client: Client | None =
             headers=dead_letter_headers(rejection, message.topic, message.partition, message.offset),
         )
 
-    @app.agent(raw, concurrency=1)
+    @app.agent(raw, name="attribute", concurrency=1)
     async def attribute(stream: faust.StreamT) -> None:
         async for event in stream.events():
             message = event.message
@@ -116,7 +118,7 @@ def create_app(settings: Settings, client: Client, query_client: Client | None =
             await attributed.send(key=out.tenant_id.encode(), value=out.model_dump_json().encode(),
                                   timestamp=message.timestamp)
 
-    @app.agent(attributed, concurrency=1)
+    @app.agent(attributed, name="land", concurrency=1)
     async def land_in_clickhouse(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
         async for events in stream.take_events(settings.sink_batch, within=settings.sink_within_s):
@@ -140,26 +142,27 @@ def create_app(settings: Settings, client: Client, query_client: Client | None =
                 os._exit(EXIT_UNLANDED)
 
     @app.page("/v1/health")
-    async def health(web: Any, request: Any) -> Any:
-        sink = counters.sink
-        status = "ok" if sink.failing_since is None else "degraded"
-        body = {"status": status, "clickhouse_url": settings.clickhouse_url, **asdict(counters)}
-        return web.json(body, status=200 if status == "ok" else 503)
+    class Health(faust.web.View):
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            status = "ok" if counters.sink.failing_since is None else "degraded"
+            body = {"status": status, "clickhouse_url": settings.clickhouse_url, **asdict(counters)}
+            return self.json(body, status=200 if status == "ok" else 503)
 
     @app.page("/v1/query")
-    async def run_query(web: Any, request: Any) -> Any:
-        try:
-            sql = (await request.json())["sql"]
-        except (ValueError, KeyError, TypeError):
-            return web.json({"error": 'send a JSON object {"sql": "SELECT ..."}'}, status=400)
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(query_executor, run_readonly, query_client or client, sql)
-        except QueryError as exc:
-            return web.json({"error": str(exc)}, status=400)
-        return web.json(result.to_json())
+    class Query(faust.web.View):
+        async def post(self, request: faust.web.Request) -> faust.web.Response:
+            try:
+                sql = (await request.json())["sql"]
+            except (ValueError, KeyError, TypeError):
+                return self.json({"error": 'send a JSON object {"sql": "SELECT ..."}'}, status=400)
+            loop = asyncio.get_running_loop()
+            try:
+                result = await loop.run_in_executor(query_executor, run_readonly, query_client or client, sql)
+            except QueryError as exc:
+                return self.json({"error": str(exc)}, status=400)
+            return self.json(result.to_json())
 
-    @app.on_shutdown.connect
+    @app.on_before_shutdown.connect
     async def _stop_sink(sender: Any, **kwargs: Any) -> None:
         stopping.set()
 

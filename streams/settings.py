@@ -95,9 +95,11 @@ class Settings(BaseModel):
             raise SettingsError(
                 f"{_ENV.get(field, field)}={values.get(field)!r} is invalid: {err['msg']}"
             ) from None
-        if not settings.clickhouse_url:
-            settings = settings.model_copy(update={"clickhouse_url": f"chdb://{settings.home.resolve() / 'chdb'}"})
-        return settings
+        home = settings.home.resolve()
+        return settings.model_copy(update={
+            "home": home,
+            "clickhouse_url": settings.clickhouse_url or f"chdb://{home / 'chdb'}",
+        })
 
     @property
     def topics(self) -> Topics:
