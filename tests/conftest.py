@@ -1,0 +1,28 @@
+"""Shared fixtures. Integration fixtures live in tests/integration/conftest.py."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from streams.pricing import PriceCatalog
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def catalog() -> PriceCatalog:
+    return PriceCatalog()
+
+
+@pytest.fixture(scope="session")
+def ch_client(tmp_path_factory):
+    """The embedded ClickHouse of this test process (one data path per process), migrated."""
+    from streams.clickhouse import connect
+    from streams.migrations import migrate
+
+    client = connect(f"chdb://{tmp_path_factory.mktemp('chdb')}")
+    migrate(client)
+    yield client
+    client.close()

@@ -1,0 +1,120 @@
+"""10,000 valid and 100 malformed events through a real broker, a real worker and real ClickHouse."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from schemas.dead_letter import DeadLetter
+from schemas.usage import TokenUsage, UsageEvent
+from streams.producer import UsageProducer
+from streams.query import query
+from tests.integration.conftest import read_topic, wait_until
+
+# Published prices in USD per million tokens: (input, cache read, cache write, output).
+PUBLISHED = {
+    ("openai", "gpt-4o"): (Decimal("2.50"), Decimal("1.25"), Decimal("2.50"), Decimal("10.00")),
+    ("anthropic", "claude-3-5-haiku-latest"): (Decimal("0.80"), Decimal("0.08"), Decimal("1.00"), Decimal("4.00")),
+    ("google", "gemini-2.5-flash"): (Decimal("0.30"), Decimal("0.03"), Decimal("0.30"), Decimal("2.50")),
+}
+VALID = 10_000
+
+
+def expected_cost(provider: str, model: str, u: TokenUsage) -> Decimal:
+    p_in, p_read, p_write, p_out = PUBLISHED[(provider, model)]
+    uncached = u.input_tokens - u.cache_read_tokens - u.cache_write_tokens
+    return (uncached * p_in + u.cache_read_tokens * p_read + u.cache_write_tokens * p_write
+            + u.output_tokens * p_out) / Decimal(1_000_000)
+
+
+def make_events(rng: random.Random) -> list[UsageEvent]:
+    start = datetime.now(UTC) - timedelta(hours=1)
+    events = []
+    for i in range(VALID):
+        provider, model = rng.choice(list(PUBLISHED))
+        prompt = rng.randint(1, 50_000)
+        cache_read = rng.randint(0, prompt // 2)
+        cache_write = rng.randint(0, (prompt - cache_read) // 4) if provider == "anthropic" else 0
+        output = rng.randint(1, 4_000)
+        events.append(UsageEvent(
+            event_id=f"evt-{i:05d}", timestamp=start + timedelta(milliseconds=i * 7), tenant_id=f"tenant-{i % 37}",
+            user_id=f"user-{i % 101}", provider=provider, model=model,
+            usage=TokenUsage(input_tokens=prompt, cache_read_tokens=cache_read, cache_write_tokens=cache_write,
+                             output_tokens=output, reasoning_tokens=rng.randint(0, output)),
+            service="support-bot", feature="answer", step=rng.choice(["retrieval", "generation", "refinement"]),
+            trace_id=f"trace-{i // 3}"))
+    return events
+
+
+def malformed(i: int) -> bytes:
+    good = {"event_id": f"bad-{i}", "timestamp": datetime.now(UTC).isoformat(), "tenant_id": "tenant-bad",
+            "provider": "openai", "model": "gpt-4o", "usage": {"input_tokens": 10, "output_tokens": 1}}
+    kind = i % 4
+    if kind == 0:
+        return b'{"event_id": "bad-' + str(i).encode() + b'", "tenant_id": '  # truncated JSON
+    if kind == 1:
+        del good["tenant_id"]
+    elif kind == 2:
+        good["usage"]["output_tokens"] = -3
+    else:
+        good["usage"]["input_tokens"] = "ten"
+    return json.dumps(good).encode()
+
+
+def test_valid_events_land_exactly_once_and_malformed_ones_are_dead_lettered(pipeline, kafka_servers):
+    settings = pipeline.settings
+    events = make_events(random.Random(20261127))
+    expected_total = sum((expected_cost(e.provider, e.model, e.usage) for e in events), Decimal(0))
+
+    bad = [malformed(i) for i in range(100)]
+
+    pipeline.start()
+    with UsageProducer(kafka_servers, settings.topics.raw) as producer:
+        for i, event in enumerate(events):
+            producer.send(event)
+            if i % 100 == 0:
+                producer.send_raw(bad[i // 100], key=b"tenant-bad")
+    assert producer.delivered == VALID + 100
+
+    def landed() -> int:
+        return query(settings, "SELECT count() FROM usage").rows[0][0]
+
+    wait_until(lambda: landed() == VALID, 180, f"{VALID} rows in ClickHouse")
+    count, total, unpriced, raw_rows = query(
+        settings, "SELECT count(), sum(cost_usd), countIf(NOT priced), "
+                  "(SELECT count() FROM usage_ledger) FROM usage").rows[0]
+    assert (count, unpriced) == (VALID, 0)
+    assert raw_rows == VALID, "no duplicate reached the ledger"
+    assert total == expected_total
+
+    dead = [DeadLetter.from_record(m.key(), m.value(), m.headers()) for m in
+            read_topic(kafka_servers, settings.topics.dlq, 100, 60)]
+    assert len(dead) == 100
+    assert Counter(d.reason for d in dead) == {"invalid_json": 25, "invalid_event": 75}
+    assert all(d.message and d.source_topic == settings.topics.raw and d.source_offset >= 0 for d in dead)
+    assert sorted(d.value for d in dead) == sorted(bad), "original bytes kept"
+    messages = Counter(d.message.split(":")[0] for d in dead if d.reason == "invalid_event")
+    assert messages == {"tenant_id": 25, "usage.output_tokens": 25, "usage.input_tokens": 25}
+
+    health = pipeline.health()
+    assert (health["events_in"], health["attributed"], health["dead_lettered"]) == (VALID + 100, VALID, 100)
+    assert health["sink"]["landed"] == VALID
+
+
+def test_per_tenant_sums_match_and_unknown_models_are_kept_unpriced(pipeline, kafka_servers):
+    settings = pipeline.settings
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    usage = TokenUsage(input_tokens=2_000, cache_read_tokens=1_000, output_tokens=300)
+    pipeline.start()
+    with UsageProducer(kafka_servers, settings.topics.raw) as producer:
+        for i in range(30):
+            producer.send(UsageEvent(event_id=f"k-{i}", timestamp=at, tenant_id=f"t{i % 3}", provider="openai",
+                                     model="gpt-4o" if i % 10 else "gpt-unreleased", usage=usage))
+    wait_until(lambda: query(settings, "SELECT count() FROM usage").rows[0][0] == 30, 120, "30 rows")
+    rows = query(settings, "SELECT tenant_id, count(), countIf(NOT priced), sum(cost_usd) FROM usage "
+                           "GROUP BY tenant_id ORDER BY tenant_id").rows
+    # gpt-4o: 1,000 × 2.50 + 1,000 × 1.25 + 300 × 10 per million = $0.00675 a call; 9 priced calls a tenant.
+    assert rows == [[f"t{n}", 10, 1, Decimal("0.06075")] for n in range(3)]

@@ -1,0 +1,78 @@
+import json
+from datetime import timedelta
+
+import pytest
+
+from schemas.dead_letter import Rejection
+from schemas.usage import UsageEvent
+from streams.validation import validate
+from tests.conftest import NOW
+
+
+def event(**overrides):
+    base = {
+        "event_id": "e-1",
+        "timestamp": "2026-06-01T11:59:00Z",
+        "tenant_id": "acme",
+        "provider": "OpenAI",
+        "model": "gpt-4o",
+        "usage": {"input_tokens": 1000, "cache_read_tokens": 200, "output_tokens": 50, "reasoning_tokens": 10},
+    }
+    base.update(overrides)
+    return json.dumps({k: v for k, v in base.items() if v is not None}).encode()
+
+
+def test_valid_event_is_parsed_and_extra_fields_are_kept():
+    out = validate(event(customer_tier="gold", tags={"region": "eu"}), now=NOW)
+    assert isinstance(out, UsageEvent)
+    assert out.provider == "openai"
+    assert out.usage.uncached_input_tokens == 800
+    assert out.model_extra == {"customer_tier": "gold"}
+    assert out.tags == {"region": "eu"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason", "fragment"),
+    [
+        (b"{not json", "invalid_json", "invalid JSON"),
+        (b"[1, 2]", "invalid_json", "not an object"),
+        (b"\xff\xfe{}", "invalid_utf8", "not UTF-8"),
+        (b"null", "invalid_json", "not an object"),
+        (event(tenant_id=None), "invalid_event", "tenant_id: Field required"),
+        (event(usage={"input_tokens": -5}), "invalid_event", "usage.input_tokens"),
+        (event(usage={"input_tokens": "100"}), "invalid_event", "usage.input_tokens: Input should be a valid integer"),
+        (event(usage={"input_tokens": 10**12}), "invalid_event", "usage.input_tokens"),
+        (event(usage={"input_tokens": 10, "cache_read_tokens": 20}), "invalid_event", "exceed input_tokens"),
+        (event(usage={"output_tokens": 10, "reasoning_tokens": 20}), "invalid_event", "exceed output_tokens"),
+        (event(usage=None), "invalid_event", "one of usage or raw_usage is required"),
+        (event(timestamp="2026-06-01T11:59:00"), "invalid_event", "timestamp"),
+        (event(timestamp=1780000000), "invalid_event", "timestamp"),
+        (event(event_id=""), "invalid_event", "event_id"),
+        (event(event_id="x" * 129), "invalid_event", "event_id"),
+        (event(schema_version=2), "unsupported_schema_version", "schema_version must be 1"),
+        (event(timestamp="2031-01-01T00:00:00Z"), "timestamp_out_of_range", "ahead of"),
+        (event(timestamp="2001-01-01T00:00:00Z"), "timestamp_out_of_range", "before 2020-01-01"),
+        (b"[" * 100_000 + b"]" * 100_000, "invalid_json", "invalid JSON"),
+    ],
+)
+def test_bad_input_is_rejected_with_its_reason(payload, reason, fragment):
+    out = validate(payload, now=NOW)
+    assert isinstance(out, Rejection)
+    assert out.reason == reason
+    assert fragment in out.message
+
+
+def test_oversized_payload_is_rejected_before_parsing():
+    out = validate(b"{" + b" " * 2048 + b"}", now=NOW, max_bytes=1024)
+    assert out == Rejection(reason="payload_too_large", message="2050 bytes exceeds the 1024-byte limit")
+
+
+def test_future_skew_is_configurable():
+    assert isinstance(validate(event(timestamp="2026-06-01T12:30:00Z"), now=NOW), UsageEvent)
+    out = validate(event(timestamp="2026-06-01T12:30:00Z"), now=NOW, max_future=timedelta(minutes=10))
+    assert isinstance(out, Rejection) and out.reason == "timestamp_out_of_range"
+
+
+def test_timestamp_ms_is_exact():
+    ev = validate(event(timestamp="2026-06-01T11:59:00.123+02:00"), now=NOW)
+    assert ev.timestamp_ms() == 1780307940123
