@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 from pathlib import Path
@@ -288,7 +286,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     try:
         cli(args=list(argv) if argv is not None else None, standalone_mode=True)
     except _user_errors() as exc:
-        err.print(f"costline: error: {exc}", markup=False, highlight=False)
+        err.print(f"costline: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

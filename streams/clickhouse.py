@@ -10,6 +10,7 @@ commands query through the worker's read-only endpoint (see ``streams.query``).
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,6 +22,9 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 DEFAULT_DATABASE = "costline"
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# clickhouse-connect logs every failed request before raising it; Costline reports the raised error itself.
+logging.getLogger("clickhouse_connect.driver._backend.http_sync").setLevel(logging.ERROR)
 
 
 class ClickHouseUnavailable(RuntimeError):
@@ -81,5 +85,9 @@ def _redact(url: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    text = str(exc)
+    for cause in ("Connection refused", "Name or service not known", "timed out", "Authentication failed"):
+        if cause.lower() in text.lower():
+            return cause.lower()
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
