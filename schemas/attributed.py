@@ -5,24 +5,43 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+
+from schemas.usage import TokenUsage
+
+_ZERO = Decimal(0)
+
+#: Decimal written in fixed-point notation ("0.000000075", never "7.5E-8") in JSON.
+Money = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")]
 
 
 class CostBreakdown(BaseModel):
-    """Cost of each token class in USD. ``total`` is their exact sum."""
+    """Cost of each class in USD, each rounded to 12 places; ``total`` is their exact sum.
+
+    ``input``, ``cache_read`` … follow ``TokenUsage``: ``input`` is uncached text input,
+    ``output`` is text output without reasoning, ``reasoning`` the reasoning part of the output,
+    ``request`` a per-call fee where the model has one.
+    """
 
     model_config = ConfigDict(frozen=True)
 
-    input: Decimal = Decimal(0)
-    cache_read: Decimal = Decimal(0)
-    cache_write: Decimal = Decimal(0)
-    output: Decimal = Decimal(0)
+    input: Money = _ZERO
+    cache_read: Money = _ZERO
+    cache_write: Money = _ZERO
+    output: Money = _ZERO
+    reasoning: Money = _ZERO
+    input_audio: Money = _ZERO
+    input_image: Money = _ZERO
+    output_audio: Money = _ZERO
+    output_image: Money = _ZERO
+    request: Money = _ZERO
 
     @property
     def total(self) -> Decimal:
-        return self.input + self.cache_read + self.cache_write + self.output
+        return (self.input + self.cache_read + self.cache_write + self.output + self.reasoning + self.input_audio
+                + self.input_image + self.output_audio + self.output_image + self.request)
 
 
 class AttributedUsage(BaseModel):
@@ -50,20 +69,24 @@ class AttributedUsage(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
     #: Fields of the event beyond the contract, kept as sent.
     extra: dict[str, Any] = Field(default_factory=dict)
-
-    input_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
+    #: Normalized token counts (from ``usage``, or normalized from ``raw_usage``).
+    usage: TokenUsage
+    #: The provider's own usage object when the event carried one, and its format.
+    raw_usage: dict[str, Any] | None = None
+    raw_usage_format: str | None = None
 
     cost: CostBreakdown = Field(default_factory=CostBreakdown)
-    cost_usd: Decimal = Decimal(0)
+    cost_usd: Money = _ZERO
     currency: Literal["USD"] = "USD"
     priced: bool
     unpriced_reason: str | None = None
     matched_model: str | None = None
+    #: Where the price came from (``genai-prices 0.2.3``, ``prices.yaml models[0] (name)``, batch discount).
     price_source: str | None = None
+    #: Catalog version and override revision in force (``genai-prices 0.2.3; prices.yaml r4``).
+    pricing_version: str | None = None
+    discount: str | None = None
+    discount_percent: Money = _ZERO
 
     business_path: str = "unattributed"
     #: When this attribution was computed; a later one (re-pricing) supersedes an earlier one.

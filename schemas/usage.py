@@ -29,7 +29,17 @@ ShortText = Annotated[str, StringConstraints(max_length=256)]
 
 
 class TokenUsage(BaseModel):
-    """Normalized token counts of one call. Cache and reasoning counts are parts of the totals."""
+    """Normalized token counts of one call.
+
+    ``input_tokens`` and ``output_tokens`` are the totals; every other count is a part of one
+    of them (OpenTelemetry GenAI convention), so nothing is counted twice:
+
+    - input: ``cache_read_tokens`` (of which ``cache_audio_read_tokens`` and
+      ``cache_image_read_tokens``), ``cache_write_tokens`` (of which ``cache_write_1h_tokens``,
+      written with a one-hour lifetime), ``input_audio_tokens`` and ``input_image_tokens`` (both
+      including their cached part);
+    - output: ``reasoning_tokens``, ``output_audio_tokens``, ``output_image_tokens``.
+    """
 
     model_config = ConfigDict(strict=True, extra="allow", frozen=True)
 
@@ -38,6 +48,13 @@ class TokenUsage(BaseModel):
     cache_write_tokens: TokenCount = 0
     output_tokens: TokenCount = 0
     reasoning_tokens: TokenCount = 0
+    cache_write_1h_tokens: TokenCount = 0
+    input_audio_tokens: TokenCount = 0
+    cache_audio_read_tokens: TokenCount = 0
+    input_image_tokens: TokenCount = 0
+    cache_image_read_tokens: TokenCount = 0
+    output_audio_tokens: TokenCount = 0
+    output_image_tokens: TokenCount = 0
 
     @model_validator(mode="after")
     def _parts_within_totals(self) -> TokenUsage:
@@ -46,13 +63,44 @@ class TokenUsage(BaseModel):
                 "cache_read_tokens + cache_write_tokens exceed input_tokens "
                 "(input_tokens must include cached tokens)"
             )
+        if self.cache_write_1h_tokens > self.cache_write_tokens:
+            raise ValueError("cache_write_1h_tokens exceed cache_write_tokens (they are a part of them)")
+        if self.cache_audio_read_tokens > self.input_audio_tokens:
+            raise ValueError("cache_audio_read_tokens exceed input_audio_tokens (they are a part of them)")
+        if self.cache_image_read_tokens > self.input_image_tokens:
+            raise ValueError("cache_image_read_tokens exceed input_image_tokens (they are a part of them)")
+        if self.cache_text_read_tokens < 0:
+            raise ValueError("cache_audio_read_tokens + cache_image_read_tokens exceed cache_read_tokens")
+        if self.uncached_text_input_tokens < 0:
+            raise ValueError("cache, audio and image input tokens together exceed input_tokens")
         if self.reasoning_tokens > self.output_tokens:
             raise ValueError("reasoning_tokens exceed output_tokens (output_tokens must include reasoning)")
+        if self.text_output_tokens < 0:
+            raise ValueError("reasoning, audio and image output tokens together exceed output_tokens")
         return self
 
     @property
     def uncached_input_tokens(self) -> int:
         return self.input_tokens - self.cache_read_tokens - self.cache_write_tokens
+
+    @property
+    def uncached_text_input_tokens(self) -> int:
+        """Input tokens billed at the plain input price: not cached, not audio, not image."""
+        uncached_audio = self.input_audio_tokens - self.cache_audio_read_tokens
+        uncached_image = self.input_image_tokens - self.cache_image_read_tokens
+        return self.uncached_input_tokens - uncached_audio - uncached_image
+
+    @property
+    def cache_text_read_tokens(self) -> int:
+        return self.cache_read_tokens - self.cache_audio_read_tokens - self.cache_image_read_tokens
+
+    @property
+    def text_output_tokens(self) -> int:
+        """Output tokens billed at the plain output price: not reasoning, not audio, not image."""
+        return self.output_tokens - self.reasoning_tokens - self.output_audio_tokens - self.output_image_tokens
+
+
+RawUsageFormat = Literal["openai_chat", "openai_responses", "anthropic_messages", "gemini", "bedrock_converse"]
 
 
 class UsageEvent(BaseModel):
@@ -69,6 +117,8 @@ class UsageEvent(BaseModel):
     model: Name
     usage: TokenUsage | None = None
     raw_usage: dict[str, Any] | None = None
+    #: Which provider format ``raw_usage`` is in; detected from its keys when omitted.
+    raw_usage_format: RawUsageFormat | None = None
     batch: bool = False
 
     service: ShortText | None = None

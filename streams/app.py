@@ -26,8 +26,7 @@ from pydantic import ValidationError
 
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection, dead_letter_headers
-from streams.pipeline import attribute_raw
-from streams.pricing import PriceCatalog
+from streams.pipeline import Enricher, attribute_raw
 from streams.query import QueryError, run_readonly
 from streams.settings import Settings
 from streams.sink import SinkStats, land
@@ -58,7 +57,7 @@ def _raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
     )
 
 
-def create_app(settings: Settings, client: Client, query_client: Client | None = None) -> faust.App:
+def create_app(settings: Settings, enricher: Enricher, client: Client, query_client: Client | None = None) -> faust.App:
     """The worker app. ``client`` writes the ledger; ``query_client`` serves read-only queries."""
     datadir = settings.home / "worker" / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +80,6 @@ def create_app(settings: Settings, client: Client, query_client: Client | None =
     raw = _raw_topic(app, topics.raw, settings.partitions)
     attributed = _raw_topic(app, topics.attributed, settings.partitions)
     dlq = _raw_topic(app, topics.dlq, settings.partitions)
-    catalog = PriceCatalog()
     counters = Counters()
     ch_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-sink")
     query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-query")
@@ -105,7 +103,7 @@ def create_app(settings: Settings, client: Client, query_client: Client | None =
             message = event.message
             counters.events_in += 1
             try:
-                out = attribute_raw(message.value, catalog, now=datetime.now(UTC), max_future=max_future,
+                out = attribute_raw(message.value, enricher, now=datetime.now(UTC), max_future=max_future,
                                     max_bytes=settings.max_event_bytes)
             except Exception as exc:  # noqa: BLE001 - a bug on one event must not stop the stream
                 log.exception("processing failed for %s[%s]@%s", message.topic, message.partition, message.offset)

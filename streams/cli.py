@@ -144,22 +144,18 @@ def _simulate(settings: Settings, events: int, tenants: int, rate: float, seed: 
 def price() -> None:
     """Offline: UsageEvent JSON lines on stdin → one attributed JSON line per input on stdout."""
     from schemas.dead_letter import Rejection
-    from streams.pipeline import attribute_raw
-    from streams.pricing import PriceCatalog
+    from streams.pipeline import Enricher, attribute_raw
 
-    catalog = PriceCatalog()
+    enricher = Enricher.from_config_dir(_settings().config_dir)
     out = sys.stdout
     for line in sys.stdin.buffer:
         if not line.strip():
             continue
-        result = attribute_raw(line.strip(), catalog)
+        result = attribute_raw(line.strip(), enricher)
         if isinstance(result, Rejection):
             out.write(json.dumps({"event_id": _event_id_of(line), "error": f"{result.reason}: {result.message}"}))
         else:
-            record = result.model_dump(mode="json")
-            record["cost_usd"] = format(result.cost_usd, "f")
-            record["cost"] = {k: format(v, "f") for k, v in result.cost.model_dump().items()}
-            out.write(json.dumps(record))
+            out.write(result.model_dump_json())
         out.write("\n")
         out.flush()
 
@@ -240,9 +236,9 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float, message: str,
         if condition():
             return
         if alive is not None and alive.poll() is not None:
-            raise RuntimeError(f"{message} (the worker exited with status {alive.returncode})")
+            raise CommandFailed(f"{message} (the worker exited with status {alive.returncode})")
         time.sleep(0.25)
-    raise RuntimeError(message)
+    raise CommandFailed(message)
 
 
 def _print_summary(settings: Settings, where: str) -> None:
@@ -273,13 +269,19 @@ def _print_summary(settings: Settings, where: str) -> None:
 # --- entry point ------------------------------------------------------------------------------------
 
 
+class CommandFailed(Exception):
+    """A command could not do its job for a reason its message explains."""
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from streams.clickhouse import ClickHouseUnavailable
+    from streams.prices import ConfigError
     from streams.producer import DeliveryFailed
     from streams.query import QueryError
     from streams.topics import KafkaUnavailable
 
-    return (SettingsError, KafkaUnavailable, ClickHouseUnavailable, QueryError, DeliveryFailed, RuntimeError)
+    return (SettingsError, ConfigError, KafkaUnavailable, ClickHouseUnavailable, QueryError, DeliveryFailed,
+            CommandFailed)
 
 
 def main(argv: Iterable[str] | None = None) -> None:

@@ -1,25 +1,39 @@
 """The enrichment chain, as plain functions: validate → price → tag → attributed record.
 
-The Faust agents and the offline ``costline price`` command both call ``attribute_raw``,
-so the streaming pipeline and the offline contract cannot drift apart.
+The Faust agents, the offline ``costline price`` command and ``costline reprice`` all call
+these, so the streaming pipeline and the offline contract cannot drift apart.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection
 from schemas.usage import UsageEvent
-from streams.pricing import PriceCatalog, price_event
-from streams.tagging import business_path
+from streams.pricing import Pricer
+from streams.tagging import PathRules
 from streams.validation import validate
 
 
-def attribute(event: UsageEvent, catalog: PriceCatalog) -> AttributedUsage:
-    priced = price_event(event, catalog)
-    usage = event.usage
-    return AttributedUsage(
+@dataclass(frozen=True)
+class Enricher:
+    """Everything the chain needs from configuration: prices and path rules."""
+
+    pricer: Pricer
+    paths: PathRules
+
+    @classmethod
+    def from_config_dir(cls, config_dir: Path) -> Enricher:
+        return cls(Pricer.from_file(config_dir / "prices.yaml"), PathRules.from_file(config_dir / "paths.yaml"))
+
+
+def attribute(event: UsageEvent, enricher: Enricher, now: datetime | None = None) -> AttributedUsage:
+    priced = enricher.pricer.price(event)
+    return AttributedUsage.model_construct(
+        schema_version=1,
         event_id=event.event_id,
         event_time=event.timestamp,
         tenant_id=event.tenant_id,
@@ -38,31 +52,34 @@ def attribute(event: UsageEvent, catalog: PriceCatalog) -> AttributedUsage:
         batch=event.batch,
         tags=event.tags,
         extra=event.model_extra or {},
-        input_tokens=usage.input_tokens if usage else 0,
-        cache_read_tokens=usage.cache_read_tokens if usage else 0,
-        cache_write_tokens=usage.cache_write_tokens if usage else 0,
-        output_tokens=usage.output_tokens if usage else 0,
-        reasoning_tokens=usage.reasoning_tokens if usage else 0,
+        usage=event.usage,
+        raw_usage=event.raw_usage,
+        raw_usage_format=event.raw_usage_format,
         cost=priced.cost,
         cost_usd=priced.cost.total,
+        currency="USD",
         priced=priced.priced,
         unpriced_reason=priced.unpriced_reason,
         matched_model=priced.matched_model,
         price_source=priced.price_source,
-        business_path=business_path(event),
-        attributed_at=datetime.now(UTC),
+        pricing_version=priced.pricing_version,
+        discount=priced.discount,
+        discount_percent=priced.discount_percent,
+        business_path=enricher.paths.path_for(event),
+        attributed_at=now or datetime.now(UTC),
     )
 
 
 def attribute_raw(
     value: bytes | None,
-    catalog: PriceCatalog,
+    enricher: Enricher,
     *,
     now: datetime | None = None,
     max_future: timedelta = timedelta(days=1),
     max_bytes: int = 1_048_576,
 ) -> AttributedUsage | Rejection:
-    checked = validate(value, now=now or datetime.now(UTC), max_future=max_future, max_bytes=max_bytes)
+    now = now or datetime.now(UTC)
+    checked = validate(value, now=now, max_future=max_future, max_bytes=max_bytes)
     if isinstance(checked, Rejection):
         return checked
-    return attribute(checked, catalog)
+    return attribute(checked, enricher, now)

@@ -1,38 +1,198 @@
-"""Stage 2: the cost of a usage event, exact in ``Decimal``, at the price in force at the event's time.
+"""Stage 2: the exact cost of a usage event, in ``Decimal``, at the price in force at the event's time.
 
-Prices come from the ``genai-prices`` catalog bundled with the package (no network at run
-time). Model look-ups are cached per (provider, model): the catalog's own matcher is far too
-slow for the hot path.
+Where prices come from, first match wins:
+
+1. ``config/prices.yaml`` ``models``: custom, self-hosted or tenant-specific price lists;
+2. the ``genai-prices`` catalog bundled with the package (no network at run time): dated price
+   changes, time-of-day prices, long-context tiers, batch prices.
+
+Then a batch call without a catalog batch price gets the provider's ``batch_discount_percent``,
+and the first matching negotiated ``discounts`` entry takes its percentage off every class.
+
+Resolving a price in the catalog costs tens of microseconds, so everything resolved is cached:
+the model per (provider, model), the per-token rates per (model, price period, variant), the
+override candidates per (tenant, provider, model). Pricing an event is then a handful of dict
+look-ups and ``Decimal`` multiplications.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from functools import lru_cache
+from pathlib import Path
 
 import genai_prices
 from genai_prices import data_snapshot
 from genai_prices.types import ModelInfo, TieredPrices
+from genai_prices.types import ModelPrice as CatalogPrice
 
 from schemas.attributed import CostBreakdown
 from schemas.usage import TokenUsage, UsageEvent
+from streams.prices import Discount, ModelPrice, PerMillionTokens, PriceOverrides, load_overrides
 
-#: Stored money has 12 decimal places (ClickHouse ``Decimal(18, 12)``); prices are per million tokens.
+#: Stored money has 12 decimal places (ClickHouse ``Decimal(18, 12)``).
 MONEY_QUANTUM = Decimal("1e-12")
-_PER_MILLION = Decimal(1_000_000)
-CATALOG_SOURCE = f"genai-prices {genai_prices.__version__}"
+CATALOG_LABEL = f"genai-prices {genai_prices.__version__}"
+_MILLION = Decimal(1_000_000)
+_THOUSAND = Decimal(1_000)
+_ZERO = Decimal(0)
+_HUNDRED = Decimal(100)
+
+
+def money(amount: Decimal) -> Decimal:
+    return amount.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """USD per token of each class (per call for ``request``)."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal
+    cache_write: Decimal
+    cache_write_1h: Decimal
+    reasoning: Decimal
+    input_audio: Decimal
+    cache_audio_read: Decimal
+    input_image: Decimal
+    cache_image_read: Decimal
+    output_audio: Decimal
+    output_image: Decimal
+    request: Decimal = _ZERO
+
+    @classmethod
+    def per_million(cls, p: dict[str, Decimal | None], request: Decimal = _ZERO) -> Rates:
+        """From per-million prices; a missing class falls back to its parent class's price."""
+        input_, output = p.get("input") or _ZERO, p.get("output") or _ZERO
+        cache_read = _first(p.get("cache_read"), input_)
+        cache_write = _first(p.get("cache_write"), input_)
+        input_audio = _first(p.get("input_audio"), input_)
+        input_image = _first(p.get("input_image"), input_)
+        return cls(
+            input=input_ / _MILLION,
+            output=output / _MILLION,
+            cache_read=cache_read / _MILLION,
+            cache_write=cache_write / _MILLION,
+            cache_write_1h=_first(p.get("cache_write_1h"), cache_write) / _MILLION,
+            reasoning=_first(p.get("reasoning"), output) / _MILLION,
+            input_audio=input_audio / _MILLION,
+            cache_audio_read=_first(p.get("cache_audio_read"), cache_read) / _MILLION,
+            input_image=input_image / _MILLION,
+            cache_image_read=_first(p.get("cache_image_read"), cache_read) / _MILLION,
+            output_audio=_first(p.get("output_audio"), output) / _MILLION,
+            output_image=_first(p.get("output_image"), output) / _MILLION,
+            request=request,
+        )
+
+    def scaled(self, factor: Decimal) -> Rates:
+        return Rates(**{f.name: getattr(self, f.name) * factor for f in fields(self)})
+
+
+def _first(value: Decimal | None, fallback: Decimal) -> Decimal:
+    return fallback if value is None else value
 
 
 @dataclass(frozen=True)
-class TokenPrices:
-    """USD per million tokens of each class, for one model at one point in time."""
+class RateCard:
+    """Rates of one model in one price period; long-context tiers switch on the prompt size."""
 
-    input: Decimal
-    cache_read: Decimal
-    cache_write: Decimal
-    output: Decimal
+    base: Rates
+    #: (threshold, rates) ascending: the rates of the highest threshold the prompt exceeds apply.
+    tiers: tuple[tuple[int, Rates], ...] = ()
+
+    def for_prompt(self, input_tokens: int) -> Rates:
+        for threshold, rates in reversed(self.tiers):
+            if input_tokens > threshold:
+                return rates
+        return self.base
+
+
+# genai-prices price keys → our class names
+_CATALOG_KEYS = {
+    "input_mtok": "input",
+    "output_mtok": "output",
+    "cache_read_mtok": "cache_read",
+    "cache_write_mtok": "cache_write",
+    "cache_write_1h_mtok": "cache_write_1h",
+    "output_reasoning_mtok": "reasoning",
+    "input_audio_mtok": "input_audio",
+    "cache_audio_read_mtok": "cache_audio_read",
+    "input_image_mtok": "input_image",
+    "cache_image_read_mtok": "cache_image_read",
+    "output_audio_mtok": "output_audio",
+    "output_image_mtok": "output_image",
+}
+
+
+def card_from_catalog(price: CatalogPrice) -> RateCard:
+    values = {key: getattr(price, key, None) for key in _CATALOG_KEYS}
+    requests_k = getattr(price, "requests_kcount", None)
+    request = requests_k / _THOUSAND if isinstance(requests_k, Decimal) else _ZERO
+    thresholds = sorted({t.start for v in values.values() if isinstance(v, TieredPrices) for t in v.tiers})
+
+    def at(prompt_above: int | None) -> Rates:
+        per_million: dict[str, Decimal | None] = {}
+        for key, value in values.items():
+            if isinstance(value, TieredPrices):
+                chosen = value.base
+                if prompt_above is not None:
+                    for tier in value.tiers:
+                        if tier.start <= prompt_above:
+                            chosen = tier.price
+                value = chosen
+            per_million[_CATALOG_KEYS[key]] = value
+        return Rates.per_million(per_million, request)
+
+    return RateCard(base=at(None), tiers=tuple((t, at(t)) for t in thresholds))
+
+
+def card_from_override(entry: ModelPrice) -> RateCard:
+    prices: PerMillionTokens = entry.per_million_tokens
+    return RateCard(base=Rates.per_million(prices.model_dump(), entry.per_request))
+
+
+_BATCH = {"processing": "batch"}
+
+
+class CatalogModel:
+    """One catalog model: its dated/time-of-day price periods and batch variants, resolved lazily."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.id = info.id
+        self._periods = [(None, info.prices)] if isinstance(info.prices, CatalogPrice) else \
+            [(c.constraint, c.prices) for c in info.prices]
+        self._batch_variants = [v for v in info.price_variants or () if v.when == _BATCH]
+        self._cards: dict[tuple[int, tuple[int, ...]], RateCard] = {}
+
+    def card(self, at: datetime, batch: bool) -> tuple[RateCard, bool]:
+        """The rate card in force at ``at``, and whether it is a catalog batch price."""
+        period = 0
+        for index in range(len(self._periods) - 1, -1, -1):  # the last active period wins
+            constraint = self._periods[index][0]
+            if constraint is None or constraint.active(at):
+                period = index
+                break
+        variants: tuple[int, ...] = ()
+        if batch and self._batch_variants:
+            variants = tuple(i for i, v in enumerate(self._batch_variants)
+                             if v.constraint is None or v.constraint.active(at))
+        key = (period, variants)
+        card = self._cards.get(key)
+        if card is None:
+            price = self._periods[period][1]
+            if variants:
+                merged = CatalogPrice(**price.__dict__)
+                applied: set[str] = set()
+                for i in variants:  # first variant wins per key, as in genai-prices
+                    for name, value in self._batch_variants[i].prices.__dict__.items():
+                        if value is not None and name not in applied:
+                            setattr(merged, name, value)
+                            applied.add(name)
+                price = merged
+            card = self._cards[key] = card_from_catalog(price)
+        return card, bool(variants)
 
 
 @dataclass(frozen=True)
@@ -41,87 +201,125 @@ class Priced:
     priced: bool
     matched_model: str | None = None
     price_source: str | None = None
+    pricing_version: str | None = None
+    discount: str | None = None
+    discount_percent: Decimal = _ZERO
     unpriced_reason: str | None = None
 
 
-class UnknownModel(LookupError):
-    """The catalog has no price for this provider and model."""
+_UNPRICED = CostBreakdown()
 
 
-class PriceCatalog:
-    """Resolves (provider, model, time) to per-class token prices."""
+class Pricer:
+    """Prices events against the catalog and the overrides. Thread-compatible, not thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, overrides: PriceOverrides | None = None) -> None:
+        self.overrides = overrides or PriceOverrides()
+        self.version = f"{CATALOG_LABEL}; {self.overrides.label}"
         self._snapshot = data_snapshot.get_snapshot()
-        self.source = CATALOG_SOURCE
-        self._find = lru_cache(maxsize=65_536)(self._find_uncached)
+        self._models: dict[tuple[str, str], CatalogModel | str] = {}
+        self._override_candidates: dict[tuple[str, str, str], tuple[list[tuple[int, ModelPrice]], list[Discount]]] = {}
+        self._override_cards: dict[int, RateCard] = {}
+        self._scaled: dict[tuple[int, Decimal], Rates] = {}
 
-    def _find_uncached(self, provider: str, model: str) -> ModelInfo | str:
-        try:
-            return self._snapshot.find_provider_model(model, None, provider, None)[1]
-        except LookupError:
-            return f"no catalog price for model {model!r} of provider {provider!r}"
+    @classmethod
+    def from_file(cls, path: Path | None) -> Pricer:
+        return cls(load_overrides(path))
 
-    def prices(self, provider: str, model: str, at: datetime, input_tokens: int) -> tuple[str, TokenPrices]:
-        """The matched model id and its prices at ``at``; tiered prices pick the tier by prompt size."""
-        found = self._find(provider, model)
-        if isinstance(found, str):
-            raise UnknownModel(found)
-        price = found.get_prices(at)
+    # --- look-ups (cached) -----------------------------------------------------------------------
 
-        def per_mtok(key: str, fallback: Decimal | None = None) -> Decimal:
-            value = getattr(price, key, None)
-            if value is None:
-                return fallback if fallback is not None else Decimal(0)
-            if isinstance(value, TieredPrices):
-                return _tier_price(value, input_tokens)
-            return value
+    def catalog_model(self, provider: str, model: str) -> CatalogModel | str:
+        """The catalog model, or the reason there is none."""
+        key = (provider, model)
+        found = self._models.get(key)
+        if found is None:
+            try:
+                found = CatalogModel(self._snapshot.find_provider_model(model, None, provider, None)[1])
+            except LookupError:
+                found = f"no price for model {model!r} of provider {provider!r} in {CATALOG_LABEL} or prices.yaml"
+            self._models[key] = found
+        return found
 
-        input_price = per_mtok("input_mtok")
-        # A model without a separate cache price bills cached tokens as ordinary input.
-        return found.id, TokenPrices(
-            input=input_price,
-            cache_read=per_mtok("cache_read_mtok", input_price),
-            cache_write=per_mtok("cache_write_mtok", input_price),
-            output=per_mtok("output_mtok"),
-        )
+    def _candidates(self, tenant: str, provider: str, model: str) -> tuple[list[tuple[int, ModelPrice]], list[Discount]]:
+        key = (tenant, provider, model)
+        found = self._override_candidates.get(key)
+        if found is None:
+            o = self.overrides
+            found = (
+                [(i, m) for i, m in enumerate(o.models) if m.matches(tenant, provider, model)],
+                [d for d in o.discounts if d.matches(tenant, provider, model)],
+            )
+            self._override_candidates[key] = found
+        return found
 
+    def _rates_scaled(self, rates: Rates, factor: Decimal) -> Rates:
+        key = (id(rates), factor)
+        scaled = self._scaled.get(key)
+        if scaled is None:
+            scaled = self._scaled[key] = rates.scaled(factor)
+        return scaled
 
-def _tier_price(tiered: TieredPrices, input_tokens: int) -> Decimal:
-    for tier in reversed(tiered.tiers):
-        if input_tokens > tier.start:
-            return tier.price
-    return tiered.base
+    # --- pricing ---------------------------------------------------------------------------------
 
-
-def money(amount: Decimal) -> Decimal:
-    return amount.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
-
-
-def cost_of(usage: TokenUsage, prices: TokenPrices) -> CostBreakdown:
-    """Each token class at its own price, rounded once per class to the stored 12 places."""
-    return CostBreakdown(
-        input=money(usage.uncached_input_tokens * prices.input / _PER_MILLION),
-        cache_read=money(usage.cache_read_tokens * prices.cache_read / _PER_MILLION),
-        cache_write=money(usage.cache_write_tokens * prices.cache_write / _PER_MILLION),
-        output=money(usage.output_tokens * prices.output / _PER_MILLION),
-    )
-
-
-def price_event(event: UsageEvent, catalog: PriceCatalog) -> Priced:
-    if event.usage is None:
+    def price(self, event: UsageEvent) -> Priced:
+        usage = event.usage
+        if usage is None:  # validation normalizes raw_usage; only a bare contract object gets here
+            return Priced(cost=_UNPRICED, priced=False, unpriced_reason="the event has no usage")
+        at = event.timestamp
+        models, discounts = self._candidates(event.tenant_id, event.provider, event.model)
+        factor = Decimal(1)
+        override = next(((i, m) for i, m in models if m.active(at)), None)
+        if override is not None:
+            index, entry = override
+            card = self._override_cards.get(index)
+            if card is None:
+                card = self._override_cards[index] = card_from_override(entry)
+            matched, source, catalog_batch = entry.model, f"prices.yaml models[{index}]" + (
+                f" ({entry.name})" if entry.name else ""), False
+        else:
+            found = self.catalog_model(event.provider, event.model)
+            if isinstance(found, str):
+                return Priced(cost=_UNPRICED, priced=False, unpriced_reason=found, pricing_version=self.version)
+            card, catalog_batch = found.card(at, event.batch)
+            matched, source = found.id, CATALOG_LABEL
+        if event.batch and not catalog_batch:
+            percent = self.overrides.batch_discount_percent.get(event.provider)
+            if percent:
+                factor = factor * (_HUNDRED - percent) / _HUNDRED
+                source += f"; batch -{percent}%"
+        discount = next((d for d in discounts if d.active(at)), None)
+        if discount is not None:
+            factor = factor * (_HUNDRED - discount.percent) / _HUNDRED
+        rates = card.for_prompt(usage.input_tokens)
+        if factor != 1:
+            rates = self._rates_scaled(rates, factor)
         return Priced(
-            cost=CostBreakdown(),
-            priced=False,
-            unpriced_reason="raw_usage without normalized usage cannot be priced yet",
+            cost=cost_of(usage, rates),
+            priced=True,
+            matched_model=matched,
+            price_source=source,
+            pricing_version=self.version,
+            discount=discount.name if discount else None,
+            discount_percent=discount.percent if discount else _ZERO,
         )
-    try:
-        matched, prices = catalog.prices(event.provider, event.model, event.timestamp, event.usage.input_tokens)
-    except UnknownModel as exc:
-        return Priced(cost=CostBreakdown(), priced=False, unpriced_reason=str(exc))
-    return Priced(
-        cost=cost_of(event.usage, prices),
-        priced=True,
-        matched_model=matched,
-        price_source=catalog.source,
+
+
+def cost_of(usage: TokenUsage, r: Rates) -> CostBreakdown:
+    """Each token class at its own rate, rounded once per class to the stored 12 places."""
+    cache_write_1h = usage.cache_write_1h_tokens
+    return CostBreakdown.model_construct(
+        input=money(usage.uncached_text_input_tokens * r.input),
+        cache_read=money(usage.cache_text_read_tokens * r.cache_read
+                         + usage.cache_audio_read_tokens * r.cache_audio_read
+                         + usage.cache_image_read_tokens * r.cache_image_read),
+        cache_write=money((usage.cache_write_tokens - cache_write_1h) * r.cache_write
+                          + cache_write_1h * r.cache_write_1h),
+        output=money(usage.text_output_tokens * r.output),
+        reasoning=money(usage.reasoning_tokens * r.reasoning),
+        input_audio=money((usage.input_audio_tokens - usage.cache_audio_read_tokens) * r.input_audio),
+        input_image=money((usage.input_image_tokens - usage.cache_image_read_tokens) * r.input_image),
+        output_audio=money(usage.output_audio_tokens * r.output_audio),
+        output_image=money(usage.output_image_tokens * r.output_image),
+        request=money(r.request),
     )
+

@@ -5,6 +5,7 @@
 | KAFKA_BOOTSTRAP_SERVERS   | 127.0.0.1:9092                       |
 | CLICKHOUSE_URL            | chdb://<COSTLINE_HOME>/chdb          |
 | COSTLINE_HOME             | ./.costline                          |
+| COSTLINE_CONFIG_DIR       | the repository's config/ (prices.yaml, paths.yaml) |
 | COSTLINE_TOPIC_PREFIX     | "" (e.g. "staging." gives staging.usage.raw) |
 | COSTLINE_APP_ID           | costline (Kafka consumer group)      |
 | COSTLINE_PARTITIONS       | 4 (partitions of topics Costline creates) |
@@ -52,6 +53,7 @@ _ENV = {
     "kafka_bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS",
     "clickhouse_url": "CLICKHOUSE_URL",
     "home": "COSTLINE_HOME",
+    "config_dir": "COSTLINE_CONFIG_DIR",
     "topic_prefix": "COSTLINE_TOPIC_PREFIX",
     "app_id": "COSTLINE_APP_ID",
     "partitions": "COSTLINE_PARTITIONS",
@@ -71,6 +73,7 @@ class Settings(BaseModel):
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     clickhouse_url: str = ""
     home: Path = Path(".costline")
+    config_dir: Path = Path(__file__).resolve().parent.parent / "config"
     topic_prefix: str = ""
     app_id: str = Field(default="costline", min_length=1)
     partitions: int = Field(default=4, ge=1, le=1024)
@@ -98,6 +101,7 @@ class Settings(BaseModel):
         home = settings.home.resolve()
         return settings.model_copy(update={
             "home": home,
+            "config_dir": settings.config_dir.resolve(),
             "clickhouse_url": settings.clickhouse_url or f"chdb://{home / 'chdb'}",
         })
 

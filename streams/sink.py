@@ -23,6 +23,30 @@ log = logging.getLogger(__name__)
 
 LEDGER_TABLE = "usage_ledger"
 
+_DECIMAL = "Decimal(18, 12)"
+_TOKEN_CLASSES = [
+    "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+    "cache_write_1h_tokens", "input_audio_tokens", "cache_audio_read_tokens", "input_image_tokens",
+    "cache_image_read_tokens", "output_audio_tokens", "output_image_tokens",
+]
+_COST_CLASSES = [
+    "input", "cache_read", "cache_write", "output", "reasoning",
+    "input_audio", "input_image", "output_audio", "output_image", "request",
+]
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":")) if value else ""
+
+
+def _token(name: str) -> Callable[[AttributedUsage], object]:
+    return lambda r: getattr(r.usage, name)
+
+
+def _cost(name: str) -> Callable[[AttributedUsage], object]:
+    return lambda r: getattr(r.cost, name)
+
+
 # (column, ClickHouse type, value of a record): the insert names its types, so no DESCRIBE is needed.
 _COLUMNS: list[tuple[str, str, Callable[[AttributedUsage], object]]] = [
     ("event_id", "String", lambda r: r.event_id),
@@ -44,21 +68,19 @@ _COLUMNS: list[tuple[str, str, Callable[[AttributedUsage], object]]] = [
     ("latency_ms", "Nullable(UInt32)", lambda r: r.latency_ms),
     ("batch", "Bool", lambda r: r.batch),
     ("tags", "Map(String, String)", lambda r: r.tags),
-    ("extra", "String", lambda r: json.dumps(r.extra, separators=(",", ":")) if r.extra else ""),
-    ("input_tokens", "UInt64", lambda r: r.input_tokens),
-    ("cache_read_tokens", "UInt64", lambda r: r.cache_read_tokens),
-    ("cache_write_tokens", "UInt64", lambda r: r.cache_write_tokens),
-    ("output_tokens", "UInt64", lambda r: r.output_tokens),
-    ("reasoning_tokens", "UInt64", lambda r: r.reasoning_tokens),
-    ("cost_input", "Decimal(18, 12)", lambda r: r.cost.input),
-    ("cost_cache_read", "Decimal(18, 12)", lambda r: r.cost.cache_read),
-    ("cost_cache_write", "Decimal(18, 12)", lambda r: r.cost.cache_write),
-    ("cost_output", "Decimal(18, 12)", lambda r: r.cost.output),
-    ("cost_usd", "Decimal(18, 12)", lambda r: r.cost_usd),
+    ("extra", "String", lambda r: _json(r.extra)),
+    ("raw_usage", "String", lambda r: _json(r.raw_usage)),
+    ("raw_usage_format", "LowCardinality(String)", lambda r: r.raw_usage_format or ""),
+    *[(name, "UInt64", _token(name)) for name in _TOKEN_CLASSES],
+    *[(f"cost_{name}", _DECIMAL, _cost(name)) for name in _COST_CLASSES],
+    ("cost_usd", _DECIMAL, lambda r: r.cost_usd),
     ("currency", "LowCardinality(String)", lambda r: r.currency),
     ("priced", "Bool", lambda r: r.priced),
     ("unpriced_reason", "String", lambda r: r.unpriced_reason or ""),
     ("price_source", "LowCardinality(String)", lambda r: r.price_source or ""),
+    ("pricing_version", "LowCardinality(String)", lambda r: r.pricing_version or ""),
+    ("discount", "LowCardinality(String)", lambda r: r.discount or ""),
+    ("discount_percent", "Decimal(9, 4)", lambda r: r.discount_percent),
     ("attributed_at", "DateTime64(3, 'UTC')", lambda r: r.attributed_at),
 ]
 COLUMN_NAMES = [name for name, _, _ in _COLUMNS]

@@ -1,16 +1,120 @@
-"""Stage 3: the business path an event's cost is attributed to.
+"""Stage 3: the business path an event's cost is attributed to, by the rules of ``config/paths.yaml``.
 
-Until path rules are configured, the path is the event's ``service/feature`` (whichever of
-the two is present); an event with neither is ``unattributed``.
+    rules:
+      - path: support-bot/answer
+        when: {service: support-bot, feature: [answer, answer-v2]}
+      - path: "internal/{tags[team]}"
+        when: {tags: {team: "*"}}
+      - path: "{service}/{feature}"
+        when: {service: "*", feature: "*"}
+
+The first rule whose ``when`` matches wins; an event no rule matches is ``unattributed``.
+``when`` tests ``service``, ``route``, ``feature``, ``step``, ``provider``, ``model``, ``tenant_id``
+and ``tags``, each with a shell glob or a list of globs (case-sensitive); a field the event does
+not have never matches. ``path`` may use those fields as ``{field}`` and tags as ``{tags[name]}``.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import string
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
 from schemas.usage import UsageEvent
+from streams.prices import describe_error, load_yaml
 
 UNATTRIBUTED = "unattributed"
+FIELDS = ("service", "route", "feature", "step", "provider", "model", "tenant_id")
 
 
-def business_path(event: UsageEvent) -> str:
-    parts = [p for p in (event.service, event.feature) if p]
-    return "/".join(parts) if parts else UNATTRIBUTED
+def _as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+Globs = Annotated[list[str], BeforeValidator(_as_list), Field(min_length=1)]
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    service: Globs | None = None
+    route: Globs | None = None
+    feature: Globs | None = None
+    step: Globs | None = None
+    provider: Globs | None = None
+    model: Globs | None = None
+    tenant_id: Globs | None = None
+    tags: dict[str, Globs] = Field(default_factory=dict)
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Annotated[str, Field(min_length=1, max_length=256)]
+    when: Condition = Field(default_factory=Condition)
+
+    @field_validator("path")
+    @classmethod
+    def _known_placeholders(cls, path: str) -> str:
+        for _, name, _, _ in string.Formatter().parse(path):
+            if name is None:
+                continue
+            root = name.split("[", 1)[0]
+            if root not in (*FIELDS, "tags") or (root == "tags" and not name.startswith("tags[")):
+                raise ValueError(f"unknown placeholder {{{name}}}: use one of {', '.join(FIELDS)} or tags[name]")
+        return path
+
+
+class PathsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rules: list[Rule] = Field(default_factory=list)
+
+
+class PathRules:
+    """Evaluates the rules, caching the path per distinct combination of the tested fields."""
+
+    def __init__(self, rules: list[Rule] | None = None) -> None:
+        self.rules = list(rules or [])
+        self._cached = lru_cache(maxsize=100_000)(self._path_uncached)
+
+    @classmethod
+    def from_file(cls, path: Path | None) -> PathRules:
+        """The rules in ``path``; none (everything unattributed) when the file does not exist."""
+        if path is None or not path.exists():
+            return cls()
+        try:
+            return cls(PathsFile.model_validate(load_yaml(path)).rules)
+        except ValidationError as exc:
+            raise describe_error(path, exc) from None
+
+    def path_for(self, event: UsageEvent) -> str:
+        return self._cached(tuple(getattr(event, f) for f in FIELDS), tuple(sorted(event.tags.items())))
+
+    def _path_uncached(self, values: tuple[str | None, ...], tag_items: tuple[tuple[str, str], ...]) -> str:
+        fields = dict(zip(FIELDS, values))
+        tags = dict(tag_items)
+        present = {name: value for name, value in fields.items() if value is not None}
+        for rule in self.rules:
+            if _matches(rule.when, fields, tags):
+                try:
+                    return rule.path.format_map({**present, "tags": tags})
+                except (KeyError, IndexError):
+                    continue  # the template names a field or tag this event lacks
+        return UNATTRIBUTED
+
+
+def _matches(when: Condition, fields: dict[str, str | None], tags: dict[str, str]) -> bool:
+    for name in FIELDS:
+        globs = getattr(when, name)
+        if globs is not None and not _any(fields[name], globs):
+            return False
+    return all(_any(tags.get(key), globs) for key, globs in when.tags.items())
+
+
+def _any(value: str | None, globs: list[str]) -> bool:
+    return value is not None and any(fnmatch.fnmatchcase(value, g) for g in globs)

@@ -1,4 +1,5 @@
-"""Stage 1: raw bytes from ``usage.raw`` → a valid ``UsageEvent``, or a ``Rejection`` with its reason.
+"""Stage 1: raw bytes from ``usage.raw`` → a valid ``UsageEvent`` with normalized ``usage``
+(provider-native ``raw_usage`` is normalized here), or a ``Rejection`` with its reason.
 
 Never raises on bad input: every way a payload can be wrong maps to a dead-letter reason.
 """
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from schemas.dead_letter import Rejection
 from schemas.usage import UsageEvent
+from streams.normalize import UnrecognizedUsage, detect, normalize
 
 #: Model APIs billed per token did not exist before this; older event times are corrupt input.
 EARLIEST_EVENT_TIME = datetime(2020, 1, 1, tzinfo=UTC)
@@ -46,7 +48,21 @@ def validate(
             reason="timestamp_out_of_range",
             message=f"timestamp {event.timestamp.isoformat()} is before {EARLIEST_EVENT_TIME.date()}",
         )
+    if event.usage is None:
+        return _with_normalized_usage(event)
     return event
+
+
+def _with_normalized_usage(event: UsageEvent) -> UsageEvent | Rejection:
+    raw = event.raw_usage or {}
+    try:
+        fmt = event.raw_usage_format or detect(raw, event.provider)
+        usage = normalize(raw, event.provider, fmt)
+    except UnrecognizedUsage as exc:
+        return Rejection(reason="invalid_event", message=str(exc))
+    except ValidationError as exc:
+        return Rejection(reason="invalid_event", message=f"raw_usage ({fmt}): {exc.errors()[0]['msg']}")
+    return event.model_copy(update={"usage": usage, "raw_usage_format": fmt})
 
 
 def _rejection(exc: ValidationError) -> Rejection:

@@ -6,14 +6,23 @@ from datetime import UTC, datetime
 
 import pytest
 
-from streams.pricing import PriceCatalog
+from streams.pipeline import Enricher
+from streams.pricing import Pricer
+from streams.tagging import PathRules, Rule
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="session")
-def catalog() -> PriceCatalog:
-    return PriceCatalog()
+def pricer() -> Pricer:
+    """The bundled catalog, without overrides."""
+    return Pricer()
+
+
+@pytest.fixture(scope="session")
+def enricher(pricer: Pricer) -> Enricher:
+    return Enricher(pricer, PathRules([Rule.model_validate({"path": "{service}/{feature}",
+                                                            "when": {"service": "*", "feature": "*"}})]))
 
 
 @pytest.fixture(scope="session")

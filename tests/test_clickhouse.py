@@ -14,11 +14,11 @@ from streams.sink import Backoff, SinkStats, dedup_token, insert_batch, land
 AT = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
 
 
-def records(catalog, n, tenant, start=0):
+def records(enricher, n, tenant, start=0):
     return [
         attribute(UsageEvent(event_id=f"{tenant}-{i}", timestamp=AT + timedelta(seconds=i), tenant_id=tenant,
                              provider="openai", model="gpt-4o", usage=TokenUsage(input_tokens=1000, output_tokens=100),
-                             tags={"k": "v"}, extra_field=i), catalog)
+                             tags={"k": "v"}, extra_field=i), enricher)
         for i in range(start, start + n)
     ]
 
@@ -33,8 +33,8 @@ def test_migrations_are_recorded_and_idempotent(ch_client):
     assert migrate(ch_client) == []
 
 
-def test_batch_lands_with_exact_decimal_costs(ch_client, catalog):
-    batch = records(catalog, 3, "t-exact")
+def test_batch_lands_with_exact_decimal_costs(ch_client, enricher):
+    batch = records(enricher, 3, "t-exact")
     insert_batch(ch_client, batch, dedup_token(batch))
     # gpt-4o: 1000 × $2.50/M + 100 × $10/M = $0.0035 per call.
     assert ledger(ch_client, "t-exact") == (3, Decimal("0.0105"))
@@ -42,8 +42,8 @@ def test_batch_lands_with_exact_decimal_costs(ch_client, catalog):
     assert row.result_rows == [({"k": "v"}, '{"extra_field":1}', Decimal("0.0025"), Decimal("0.001"))]
 
 
-def test_retried_batch_is_deduplicated_at_insert(ch_client, catalog):
-    batch = records(catalog, 5, "t-retry")
+def test_retried_batch_is_deduplicated_at_insert(ch_client, enricher):
+    batch = records(enricher, 5, "t-retry")
     token = dedup_token(batch)
     insert_batch(ch_client, batch, token)
     insert_batch(ch_client, batch, token)
@@ -52,16 +52,16 @@ def test_retried_batch_is_deduplicated_at_insert(ch_client, catalog):
     assert ledger(ch_client, "t-retry") == (5, Decimal("0.0175"))
 
 
-def test_redelivered_events_count_once_in_the_deduplicated_view(ch_client, catalog):
-    first = records(catalog, 4, "t-replay")
-    again = records(catalog, 4, "t-replay")  # a replay: same events, new attribution time, new token
+def test_redelivered_events_count_once_in_the_deduplicated_view(ch_client, enricher):
+    first = records(enricher, 4, "t-replay")
+    again = records(enricher, 4, "t-replay")  # a replay: same events, new attribution time, new token
     insert_batch(ch_client, first, dedup_token(first))
     insert_batch(ch_client, again, dedup_token(again))
     assert ledger(ch_client, "t-replay") == (4, Decimal("0.014"))
 
 
-def test_land_retries_a_failing_insert_with_the_same_token(ch_client, catalog):
-    batch = records(catalog, 2, "t-flaky")
+def test_land_retries_a_failing_insert_with_the_same_token(ch_client, enricher):
+    batch = records(enricher, 2, "t-flaky")
     tokens = []
 
     def flaky_insert(client, rows, token):
