@@ -3,6 +3,7 @@ and stored in the ClickHouse ledger. Money is ``Decimal`` (a decimal string in J
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -17,15 +18,15 @@ _ZERO = Decimal(0)
 Money = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")]
 
 
-class CostBreakdown(BaseModel):
+@dataclass(frozen=True, slots=True)
+class CostBreakdown:
     """Cost of each class in USD, each rounded to 12 places; ``total`` is their exact sum.
 
     ``input``, ``cache_read`` … follow ``TokenUsage``: ``input`` is uncached text input,
     ``output`` is text output without reasoning, ``reasoning`` the reasoning part of the output,
-    ``request`` a per-call fee where the model has one.
+    ``request`` a per-call fee where the model has one. (A plain dataclass: the pricing hot path
+    builds one per event.)
     """
-
-    model_config = ConfigDict(frozen=True)
 
     input: Money = _ZERO
     cache_read: Money = _ZERO
@@ -42,6 +43,9 @@ class CostBreakdown(BaseModel):
     def total(self) -> Decimal:
         return (self.input + self.cache_read + self.cache_write + self.output + self.reasoning + self.input_audio
                 + self.input_image + self.output_audio + self.output_image + self.request)
+
+    def as_dict(self) -> dict[str, Decimal]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class AttributedUsage(BaseModel):

@@ -57,8 +57,9 @@ def _raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
     )
 
 
-def create_app(settings: Settings, enricher: Enricher, client: Client, query_client: Client | None = None) -> faust.App:
-    """The worker app. ``client`` writes the ledger; ``query_client`` serves read-only queries."""
+def create_app(settings: Settings, enricher: Enricher, client: Client, query_client: Client) -> faust.App:
+    """The worker app. ``client`` writes the ledger; ``query_client`` (from ``connect_readonly``)
+    serves queries: chDB keeps settings per session, so the two must never be the same client."""
     datadir = settings.home / "worker" / settings.app_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -155,7 +156,7 @@ def create_app(settings: Settings, enricher: Enricher, client: Client, query_cli
                 return self.json({"error": 'send a JSON object {"sql": "SELECT ..."}'}, status=400)
             loop = asyncio.get_running_loop()
             try:
-                result = await loop.run_in_executor(query_executor, run_readonly, query_client or client, sql)
+                result = await loop.run_in_executor(query_executor, run_readonly, query_client, sql)
             except QueryError as exc:
                 return self.json({"error": str(exc)}, status=400)
             return self.json(result.to_json())

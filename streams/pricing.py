@@ -306,20 +306,28 @@ class Pricer:
 
 def cost_of(usage: TokenUsage, r: Rates) -> CostBreakdown:
     """Each token class at its own rate, rounded once per class to the stored 12 places."""
-    cache_write_1h = usage.cache_write_1h_tokens
-    return CostBreakdown.model_construct(
-        input=money(usage.uncached_text_input_tokens * r.input),
-        cache_read=money(usage.cache_text_read_tokens * r.cache_read
-                         + usage.cache_audio_read_tokens * r.cache_audio_read
-                         + usage.cache_image_read_tokens * r.cache_image_read),
-        cache_write=money((usage.cache_write_tokens - cache_write_1h) * r.cache_write
-                          + cache_write_1h * r.cache_write_1h),
-        output=money(usage.text_output_tokens * r.output),
-        reasoning=money(usage.reasoning_tokens * r.reasoning),
-        input_audio=money((usage.input_audio_tokens - usage.cache_audio_read_tokens) * r.input_audio),
-        input_image=money((usage.input_image_tokens - usage.cache_image_read_tokens) * r.input_image),
-        output_audio=money(usage.output_audio_tokens * r.output_audio),
-        output_image=money(usage.output_image_tokens * r.output_image),
-        request=money(r.request),
+    u = usage
+    cache_write_1h = u.cache_write_1h_tokens
+    input_audio, cache_audio = u.input_audio_tokens, u.cache_audio_read_tokens
+    input_image, cache_image = u.input_image_tokens, u.cache_image_read_tokens
+    output_audio, output_image = u.output_audio_tokens, u.output_image_tokens
+    uncached = u.input_tokens - u.cache_read_tokens - u.cache_write_tokens
+    multimodal = input_audio or input_image or output_audio or output_image
+    return CostBreakdown(
+        input=_q(uncached - (input_audio - cache_audio) - (input_image - cache_image), r.input),
+        cache_read=money((u.cache_read_tokens - cache_audio - cache_image) * r.cache_read
+                         + cache_audio * r.cache_audio_read + cache_image * r.cache_image_read),
+        cache_write=money((u.cache_write_tokens - cache_write_1h) * r.cache_write + cache_write_1h * r.cache_write_1h)
+        if u.cache_write_tokens else _ZERO,
+        output=_q(u.output_tokens - u.reasoning_tokens - output_audio - output_image, r.output),
+        reasoning=_q(u.reasoning_tokens, r.reasoning),
+        input_audio=_q(input_audio - cache_audio, r.input_audio) if multimodal else _ZERO,
+        input_image=_q(input_image - cache_image, r.input_image) if multimodal else _ZERO,
+        output_audio=_q(output_audio, r.output_audio) if multimodal else _ZERO,
+        output_image=_q(output_image, r.output_image) if multimodal else _ZERO,
+        request=money(r.request) if r.request else _ZERO,
     )
 
+
+def _q(tokens: int, rate: Decimal) -> Decimal:
+    return (tokens * rate).quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN) if tokens else _ZERO

@@ -43,9 +43,17 @@ class QueryResult:
         return cls(columns=payload["columns"], types=types, rows=rows)
 
 
+def connect_readonly(url: str) -> Client:
+    """A client that can only read: ``readonly=1`` is a setting of its session, not of one query."""
+    client = connect(url)
+    client.set_client_setting("readonly", "1")
+    return client
+
+
 def run_readonly(client: Client, sql: str) -> QueryResult:
+    """Runs ``sql`` on a client from ``connect_readonly``."""
     try:
-        result = client.query(sql, settings={"readonly": 1})
+        result = client.query(sql)
     except ClickHouseError as exc:
         raise QueryError(str(exc).strip().splitlines()[0][:500]) from None
     return QueryResult(
@@ -88,7 +96,7 @@ def remote_query(settings: Settings, sql: str, timeout_s: float = 60.0) -> Query
 def query(settings: Settings, sql: str) -> QueryResult:
     if is_embedded(settings.clickhouse_url) and worker_owns_database(settings):
         return remote_query(settings, sql)
-    client = connect(settings.clickhouse_url)
+    client = connect_readonly(settings.clickhouse_url)
     try:
         return run_readonly(client, sql)
     finally:

@@ -10,6 +10,7 @@ from streams.app import create_app
 from streams.clickhouse import connect
 from streams.migrations import migrate
 from streams.pipeline import Enricher
+from streams.query import connect_readonly
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -23,7 +24,7 @@ def run_worker(settings: Settings) -> None:
     client = connect(settings.clickhouse_url)
     for migration in migrate(client):
         log.info("applied migration %04d_%s", migration.version, migration.name)
-    query_client = connect(settings.clickhouse_url)
+    query_client = connect_readonly(settings.clickhouse_url)
     app = create_app(settings, enricher, client, query_client)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

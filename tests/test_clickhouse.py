@@ -8,7 +8,7 @@ import pytest
 from schemas.usage import TokenUsage, UsageEvent
 from streams.migrations import applied_versions, discover, migrate
 from streams.pipeline import attribute
-from streams.query import QueryError, run_readonly
+from streams.query import QueryError, connect_readonly, run_readonly
 from streams.sink import Backoff, SinkStats, dedup_token, insert_batch, land
 
 AT = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
@@ -77,7 +77,73 @@ def test_land_retries_a_failing_insert_with_the_same_token(ch_client, enricher):
     assert ledger(ch_client, "t-flaky") == (2, Decimal("0.007"))
 
 
-def test_queries_through_the_endpoint_path_are_read_only(ch_client):
-    assert run_readonly(ch_client, "SELECT 1 + 1 AS two").rows == [[2]]
+def test_query_clients_are_read_only_and_leave_the_writer_alone(ch_client, enricher):
+    reader = connect_readonly(ch_client.path and f"chdb://{ch_client.path}")
+    assert run_readonly(reader, "SELECT 1 + 1 AS two").rows == [[2]]
     with pytest.raises(QueryError, match="readonly"):
-        run_readonly(ch_client, "DROP TABLE usage_ledger")
+        run_readonly(reader, "DROP TABLE usage_ledger")
+    batch = records(enricher, 1, "t-after-readonly")
+    insert_batch(ch_client, batch, dedup_token(batch))  # the writer on the same engine still writes
+    assert ledger(ch_client, "t-after-readonly") == (1, Decimal("0.0035"))
+    reader.close()
+
+
+def test_reprice_writes_new_versions_and_keeps_the_old_figures(ch_client, enricher, tmp_path):
+    from streams.pipeline import Enricher
+    from streams.pricing import Pricer
+    from streams.reprice import reprice
+
+    batch = records(enricher, 6, "t-reprice")  # gpt-4o at catalog price: $0.0035 a call
+    insert_batch(ch_client, batch, dedup_token(batch))
+    assert ledger(ch_client, "t-reprice") == (6, Decimal("0.021"))
+
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("revision: 2\nmodels:\n  - {tenant: t-reprice, provider: openai, model: gpt-4o,\n"
+                      "     effective_from: 2026-06-01T09:30:03Z,\n"
+                      "     per_million_tokens: {input: 2.00, output: 8.00}}\n")
+    contract = Enricher(Pricer.from_file(prices), enricher.paths)
+    # Events 3..5 fall under the contract price: 1000 × 2 + 100 × 8 per million = $0.0028.
+    result = reprice(ch_client, contract, since=AT, tenant="t-reprice")
+    assert (result.events, result.changed) == (6, 3)
+    assert (result.old_cost_usd, result.new_cost_usd) == (Decimal("0.021"), Decimal("0.0189"))
+    assert ledger(ch_client, "t-reprice") == (6, Decimal("0.0189"))
+    versions = ch_client.query("SELECT DISTINCT pricing_version FROM usage WHERE tenant_id = 't-reprice'")
+    assert versions.result_rows == [("genai-prices 0.2.3; prices.yaml r2",)]
+
+    audit = ch_client.query(
+        "SELECT event_id, cost_usd, new_cost_usd, pricing_version FROM attribution_audit "
+        f"WHERE reprice_id = '{result.reprice_id}' AND cost_usd != new_cost_usd ORDER BY event_id").result_rows
+    assert audit == [(f"t-reprice-{i}", Decimal("0.0035"), Decimal("0.0028"), "genai-prices 0.2.3; prices.yaml r0")
+                     for i in (3, 4, 5)]
+    run = ch_client.query(f"SELECT events, changed, new_cost_usd FROM reprice_runs "
+                          f"WHERE reprice_id = '{result.reprice_id}'").result_rows
+    assert run == [(6, 3, Decimal("0.0189"))]
+
+    # Re-pricing again with the same prices changes no figure and still counts every event once.
+    again = reprice(ch_client, contract, since=AT, until=AT + timedelta(seconds=4), tenant="t-reprice")
+    assert (again.events, again.changed) == (4, 0)
+    assert ledger(ch_client, "t-reprice") == (6, Decimal("0.0189"))
+
+
+def test_views_roll_up_traces_paths_and_steps(ch_client, enricher):
+    calls = [("tr-1", "retrieval", 2_000, 10), ("tr-1", "generation", 1_000, 500), ("tr-1", "refinement", 500, 200),
+             ("tr-2", "generation", 1_000, 100)]
+    batch = [attribute(UsageEvent(event_id=f"v-{i}", timestamp=AT, tenant_id="t-views", provider="openai",
+                                  model="gpt-4o", usage=TokenUsage(input_tokens=tin, output_tokens=tout),
+                                  service="support-bot", feature="answer", step=step, trace_id=trace), enricher)
+             for i, (trace, step, tin, tout) in enumerate(calls)]
+    insert_batch(ch_client, batch, dedup_token(batch))
+    insert_batch(ch_client, batch, dedup_token(batch) + "-replayed")  # a replay must not count twice
+    traces = ch_client.query("SELECT trace_id, calls, business_paths, cost_by_step, cost_usd FROM cost_by_trace "
+                             "WHERE tenant_id = 't-views' ORDER BY trace_id").result_rows
+    # gpt-4o 2.50 in / 10 out: retrieval 0.0051, generation 0.0075, refinement 0.00325
+    assert traces == [
+        ("tr-1", 3, ["support-bot/answer"],
+         {"generation": Decimal("0.0075"), "refinement": Decimal("0.00325"), "retrieval": Decimal("0.0051")},
+         Decimal("0.01585")),
+        ("tr-2", 1, ["support-bot/answer"], {"generation": Decimal("0.0035")}, Decimal("0.0035")),
+    ]
+    steps = ch_client.query("SELECT step, calls, cost_usd FROM cost_by_step WHERE business_path = 'support-bot/answer' "
+                            "ORDER BY step").result_rows
+    assert steps == [("generation", 2, Decimal("0.011")), ("refinement", 1, Decimal("0.00325")),
+                     ("retrieval", 1, Decimal("0.0051"))]

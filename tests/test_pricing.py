@@ -32,7 +32,7 @@ def raw_event(provider, model, raw, at="2026-06-01T12:00:00Z", **extra):
 
 
 def cost_dict(priced):
-    return {k: v for k, v in priced.cost.model_dump().items() if v}
+    return {k: v for k, v in priced.cost.as_dict().items() if v}
 
 
 # --- provider-native usage ------------------------------------------------------------------------

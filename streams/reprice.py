@@ -1,0 +1,141 @@
+"""Re-attribution of stored usage after a price change, a new override or new path rules.
+
+Reads the latest attribution of each event in the range from the deduplicated ledger, rebuilds
+the event from its stored usage and context, runs it through the same ``attribute`` as the
+stream, and writes the result as a new version (a later ``attributed_at``), which the ledger's
+``ReplacingMergeTree`` then serves. Every superseded figure goes to ``attribution_audit`` and
+the run itself to ``reprice_runs``, so the old numbers stay auditable.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from schemas.attributed import AttributedUsage
+from schemas.usage import TokenUsage, UsageEvent
+from streams.pipeline import Enricher, attribute
+from streams.sink import dedup_token, insert_batch
+
+_TOKENS = list(TokenUsage.model_fields)
+_CONTEXT = ["user_id", "service", "route", "feature", "step", "trace_id", "span_id", "parent_span_id"]
+_SELECT = [
+    "event_id", "event_time", "tenant_id", "provider", "model", "status", "latency_ms", "batch", "tags", "extra",
+    "raw_usage", "raw_usage_format", "cost_usd", "priced", "price_source", "pricing_version", "attributed_at",
+    *_CONTEXT, *_TOKENS,
+]
+
+
+@dataclass
+class RepriceResult:
+    reprice_id: str
+    events: int = 0
+    changed: int = 0
+    old_cost_usd: Decimal = Decimal(0)
+    new_cost_usd: Decimal = Decimal(0)
+    pricing_version: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reprice_id": self.reprice_id, "events": self.events, "changed": self.changed,
+                "old_cost_usd": format(self.old_cost_usd, "f"), "new_cost_usd": format(self.new_cost_usd, "f"),
+                "pricing_version": self.pricing_version}
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def rebuild_event(row: dict[str, Any]) -> UsageEvent:
+    """The usage event as it was received, from its ledger row."""
+    extra = json.loads(row["extra"]) if row["extra"] else {}
+    return UsageEvent(
+        event_id=row["event_id"],
+        timestamp=_utc(row["event_time"]),
+        tenant_id=row["tenant_id"],
+        provider=row["provider"],
+        model=row["model"],
+        usage=TokenUsage(**{name: row[name] for name in _TOKENS}),
+        raw_usage=json.loads(row["raw_usage"]) if row["raw_usage"] else None,
+        raw_usage_format=row["raw_usage_format"] or None,
+        batch=bool(row["batch"]),
+        status=row["status"],
+        latency_ms=row["latency_ms"],
+        tags=dict(row["tags"]),
+        **{name: row[name] or None for name in _CONTEXT},
+        **extra,
+    )
+
+
+def reprice(
+    client: Client,
+    enricher: Enricher,
+    since: datetime,
+    until: datetime | None = None,
+    tenant: str | None = None,
+    page_size: int = 10_000,
+) -> RepriceResult:
+    started = datetime.now(UTC)
+    result = RepriceResult(reprice_id=uuid.uuid4().hex, pricing_version=enricher.pricer.version)
+    where = ["event_time >= {since:DateTime64(3, 'UTC')}"]
+    params: dict[str, Any] = {"since": since}
+    if until is not None:
+        where.append("event_time < {until:DateTime64(3, 'UTC')}")
+        params["until"] = until
+    if tenant is not None:
+        where.append("tenant_id = {tenant:String}")
+        params["tenant"] = tenant
+    after = None
+    while True:
+        page_where = list(where)
+        if after is not None:
+            page_where.append("(tenant_id, event_time, event_id) > "
+                              "({t:String}, {ts:DateTime64(3, 'UTC')}, {e:String})")
+            params.update(t=after[0], ts=after[1], e=after[2])
+        rows = client.query(
+            f"SELECT {', '.join(_SELECT)} FROM usage_ledger FINAL WHERE {' AND '.join(page_where)} "
+            f"ORDER BY tenant_id, event_time, event_id LIMIT {int(page_size)}",
+            parameters=params,
+        ).named_results()
+        page = list(rows)
+        if not page:
+            break
+        # The new version must sort after the one it replaces, even within the same millisecond.
+        now = max(datetime.now(UTC), max(_utc(r["attributed_at"]) for r in page) + timedelta(milliseconds=1))
+        fresh = [attribute(rebuild_event(row), enricher, now) for row in page]
+        _audit(client, result, page, fresh, now)
+        insert_batch(client, fresh, dedup_token(fresh))
+        last = page[-1]
+        after = (last["tenant_id"], _utc(last["event_time"]), last["event_id"])
+    client.insert(
+        "reprice_runs",
+        [[result.reprice_id, started, since, until, tenant, result.events, result.changed, result.old_cost_usd,
+          result.new_cost_usd, result.pricing_version]],
+        column_names=["reprice_id", "started_at", "since", "until", "tenant_id", "events", "changed",
+                      "old_cost_usd", "new_cost_usd", "pricing_version"],
+    )
+    return result
+
+
+def _audit(client: Client, result: RepriceResult, old: list[dict[str, Any]], new: list[AttributedUsage],
+           now: datetime) -> None:
+    rows = []
+    for before, after in zip(old, new):
+        result.events += 1
+        result.old_cost_usd += before["cost_usd"]
+        result.new_cost_usd += after.cost_usd
+        result.changed += before["cost_usd"] != after.cost_usd
+        rows.append([result.reprice_id, now, before["event_id"], before["event_time"], before["tenant_id"],
+                     before["attributed_at"], before["cost_usd"], after.cost_usd, before["priced"],
+                     before["price_source"], before["pricing_version"], after.pricing_version])
+    client.insert(
+        "attribution_audit",
+        rows,
+        column_names=["reprice_id", "superseded_at", "event_id", "event_time", "tenant_id", "attributed_at",
+                      "cost_usd", "new_cost_usd", "priced", "price_source", "pricing_version", "new_pricing_version"],
+    )
