@@ -14,8 +14,13 @@ from schemas.usage import TokenUsage
 
 _ZERO = Decimal(0)
 
-#: Decimal written in fixed-point notation ("0.000000075", never "7.5E-8") in JSON.
-Money = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")]
+_MONEY_PLACES = Decimal("1e-12")
+
+#: USD, written in JSON with exactly 12 decimal places ("0.000000075000", never "7.5E-8").
+Money = Annotated[Decimal, PlainSerializer(lambda d: format(d.quantize(_MONEY_PLACES), "f"), return_type=str,
+                                           when_used="json")]
+#: A percentage, written in fixed-point notation in JSON.
+Percent = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +95,7 @@ class AttributedUsage(BaseModel):
     #: Catalog version and override revision in force (``genai-prices 0.2.3; prices.yaml r4``).
     pricing_version: str | None = None
     discount: str | None = None
-    discount_percent: Money = _ZERO
+    discount_percent: Percent = _ZERO
 
     business_path: str = "unattributed"
     #: When this attribution was computed; a later one (re-pricing) supersedes an earlier one.

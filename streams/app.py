@@ -28,6 +28,7 @@ from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection, dead_letter_headers
 from streams.pipeline import Enricher, attribute_raw
 from streams.query import QueryError, run_readonly
+from streams.reprice import RepriceWindow, reprice
 from streams.settings import Settings
 from streams.sink import SinkStats, land
 
@@ -144,7 +145,8 @@ def create_app(settings: Settings, enricher: Enricher, client: Client, query_cli
     class Health(faust.web.View):
         async def get(self, request: faust.web.Request) -> faust.web.Response:
             status = "ok" if counters.sink.failing_since is None else "degraded"
-            body = {"status": status, "clickhouse_url": settings.clickhouse_url, **asdict(counters)}
+            body = {"status": status, "clickhouse_url": settings.clickhouse_url,
+                    "pricing_version": enricher.pricer.version, **asdict(counters)}
             return self.json(body, status=200 if status == "ok" else 503)
 
     @app.page("/v1/query")
@@ -159,6 +161,23 @@ def create_app(settings: Settings, enricher: Enricher, client: Client, query_cli
                 result = await loop.run_in_executor(query_executor, run_readonly, query_client, sql)
             except QueryError as exc:
                 return self.json({"error": str(exc)}, status=400)
+            return self.json(result.to_json())
+
+    @app.page("/v1/reprice")
+    class Reprice(faust.web.View):
+        """Re-prices stored usage with the configuration on disk now (see ``costline reprice``)."""
+
+        async def post(self, request: faust.web.Request) -> faust.web.Response:
+            try:
+                body = await request.json()
+                window = RepriceWindow.model_validate(body)
+                fresh = Enricher.from_config_dir(settings.config_dir)
+            except (ValueError, TypeError) as exc:
+                return self.json({"error": str(exc).splitlines()[0]}, status=400)
+            loop = asyncio.get_running_loop()
+            # On the sink's executor: the writer client is used by one thread at a time.
+            result = await loop.run_in_executor(
+                ch_executor, lambda: reprice(client, fresh, window.since, window.until, window.tenant))
             return self.json(result.to_json())
 
     @app.on_before_shutdown.connect

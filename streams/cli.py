@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +25,10 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err = Console(stderr=True)
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class CommandFailed(Exception):
+    """A command could not do its job for a reason its message explains."""
 
 
 def _settings() -> Settings:
@@ -160,6 +165,52 @@ def price() -> None:
         out.flush()
 
 
+@cli.command()
+def reprice(
+    since: Annotated[str, typer.Option(help="event time from (inclusive): 2026-06-01 or 2026-06-01T12:00:00Z")],
+    until: Annotated[str | None, typer.Option(help="event time until (exclusive)")] = None,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
+) -> None:
+    """Re-price stored usage with the current prices.yaml and path rules; old figures stay in attribution_audit."""
+    from pydantic import ValidationError
+
+    from streams.clickhouse import connect, is_embedded
+    from streams.migrations import migrate
+    from streams.pipeline import Enricher
+    from streams.query import post_to_worker, worker_health
+    from streams.reprice import RepriceWindow
+    from streams.reprice import reprice as run_reprice
+
+    settings = _settings()
+    try:
+        window = RepriceWindow(since=_instant(since), until=_instant(until) if until else None, tenant=tenant)
+    except ValidationError as exc:
+        raise CommandFailed(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    enricher = Enricher.from_config_dir(settings.config_dir)  # validates the files before anything runs
+    health = worker_health(settings) if is_embedded(settings.clickhouse_url) else None
+    if health and health.get("clickhouse_url") == settings.clickhouse_url:
+        if health.get("pricing_version") != enricher.pricer.version:
+            err.print(f"note: the running worker prices new events with {health.get('pricing_version')}, "
+                      f"the files say {enricher.pricer.version}: restart the worker to price new events alike")
+        result = post_to_worker(settings, "/v1/reprice", window.model_dump(mode="json"))
+    else:
+        client = connect(settings.clickhouse_url)
+        migrate(client)
+        result = run_reprice(client, enricher, window.since, window.until, window.tenant).to_json()
+    console.print(f"re-priced {result['events']:,} events ({result['changed']:,} changed) with "
+                  f"{result['pricing_version']}: {result['old_cost_usd']} → {result['new_cost_usd']} USD "
+                  f"(run {result['reprice_id']})")
+
+
+def _instant(text: str) -> datetime:
+    """A date (UTC midnight) or an ISO 8601 time; without a zone, UTC."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CommandFailed(f"{text!r} is not a date or time: use 2026-06-01 or 2026-06-01T12:00:00Z") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def _event_id_of(line: bytes) -> str | None:
     try:
         value = json.loads(line)
@@ -267,10 +318,6 @@ def _print_summary(settings: Settings, where: str) -> None:
 
 
 # --- entry point ------------------------------------------------------------------------------------
-
-
-class CommandFailed(Exception):
-    """A command could not do its job for a reason its message explains."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

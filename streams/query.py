@@ -63,26 +63,37 @@ def run_readonly(client: Client, sql: str) -> QueryResult:
     )
 
 
-def worker_owns_database(settings: Settings, timeout_s: float = 2.0) -> bool:
-    """True when a worker answers on the web port and has this settings' database open."""
+def worker_health(settings: Settings, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """The health of the worker on this settings' web port, or None when none answers."""
     try:
         with urllib.request.urlopen(f"{settings.web_url}/v1/health", timeout=timeout_s) as resp:
-            health = json.load(resp)
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:  # 503 while degraded still carries the health document
+        try:
+            return json.load(exc)
+        except ValueError:
+            return None
     except (OSError, ValueError):
-        return False
-    return health.get("clickhouse_url") == settings.clickhouse_url
+        return None
 
 
-def remote_query(settings: Settings, sql: str, timeout_s: float = 60.0) -> QueryResult:
+def worker_owns_database(settings: Settings) -> bool:
+    """True when a worker answers on the web port and has this settings' database open."""
+    health = worker_health(settings)
+    return health is not None and health.get("clickhouse_url") == settings.clickhouse_url
+
+
+def post_to_worker(settings: Settings, path: str, payload: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
+    """POSTs JSON to the worker's endpoint; its error answers become ``QueryError``."""
     request = urllib.request.Request(
-        f"{settings.web_url}/v1/query",
-        data=json.dumps({"sql": sql}).encode(),
+        f"{settings.web_url}{path}",
+        data=json.dumps(payload).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            return QueryResult.from_json(json.load(resp))
+            return json.load(resp)
     except urllib.error.HTTPError as exc:
         try:
             detail = json.load(exc).get("error", exc.reason)
@@ -91,6 +102,10 @@ def remote_query(settings: Settings, sql: str, timeout_s: float = 60.0) -> Query
         raise QueryError(str(detail)) from None
     except OSError as exc:
         raise QueryError(f"the worker at {settings.web_url} did not answer: {exc}") from None
+
+
+def remote_query(settings: Settings, sql: str, timeout_s: float = 60.0) -> QueryResult:
+    return QueryResult.from_json(post_to_worker(settings, "/v1/query", {"sql": sql}, timeout_s))
 
 
 def query(settings: Settings, sql: str) -> QueryResult:

@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
+from pydantic import AwareDatetime, BaseModel, ConfigDict, model_validator
 
 from schemas.attributed import AttributedUsage
 from schemas.usage import TokenUsage, UsageEvent
@@ -30,6 +31,22 @@ _SELECT = [
     "raw_usage", "raw_usage_format", "cost_usd", "priced", "price_source", "pricing_version", "attributed_at",
     *_CONTEXT, *_TOKENS,
 ]
+
+
+class RepriceWindow(BaseModel):
+    """Which stored events to re-price: event time in [since, until), optionally one tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since: AwareDatetime
+    until: AwareDatetime | None = None
+    tenant: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RepriceWindow:
+        if self.until is not None and self.until <= self.since:
+            raise ValueError("--until must be after --since")
+        return self
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,6 +93,8 @@ class Worker:
 def pipeline(kafka_servers: str, tmp_path: Path) -> Iterator[Worker]:
     """An isolated pipeline: its own topics, consumer group, embedded database and web port."""
     tag = uuid.uuid4().hex[:10]
+    config_dir = tmp_path / "config"
+    shutil.copytree(ROOT / "config", config_dir)
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": kafka_servers,
@@ -101,6 +104,7 @@ def pipeline(kafka_servers: str, tmp_path: Path) -> Iterator[Worker]:
         "COSTLINE_WEB_PORT": str(free_port()),
         "COSTLINE_PARTITIONS": "4",
         "COSTLINE_LOG_LEVEL": "warning",
+        "COSTLINE_CONFIG_DIR": str(config_dir),
     }
     env.pop("CLICKHOUSE_URL", None)
     settings = Settings.from_env(env)
