@@ -38,6 +38,7 @@ _MILLION = Decimal(1_000_000)
 _THOUSAND = Decimal(1_000)
 _ZERO = Decimal(0)
 _HUNDRED = Decimal(100)
+_ONE = Decimal(1)
 
 
 def money(amount: Decimal) -> Decimal:
@@ -195,7 +196,7 @@ class CatalogModel:
         return card, bool(variants)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Priced:
     cost: CostBreakdown
     priced: bool
@@ -267,15 +268,19 @@ class Pricer:
             return Priced(cost=_UNPRICED, priced=False, unpriced_reason="the event has no usage")
         at = event.timestamp
         models, discounts = self._candidates(event.tenant_id, event.provider, event.model)
-        factor = Decimal(1)
-        override = next(((i, m) for i, m in models if m.active(at)), None)
+        factor = _ONE
+        override = None
+        for index, entry in models:
+            if entry.active(at):
+                override = index, entry
+                break
         if override is not None:
             index, entry = override
             card = self._override_cards.get(index)
             if card is None:
                 card = self._override_cards[index] = card_from_override(entry)
-            matched, source, catalog_batch = entry.model, f"prices.yaml models[{index}]" + (
-                f" ({entry.name})" if entry.name else ""), False
+            matched, catalog_batch = entry.model, False
+            source = f"prices.yaml models[{index}]" + (f" ({entry.name})" if entry.name else "")
         else:
             found = self.catalog_model(event.provider, event.model)
             if isinstance(found, str):
@@ -287,11 +292,14 @@ class Pricer:
             if percent:
                 factor = factor * (_HUNDRED - percent) / _HUNDRED
                 source += f"; batch -{percent}%"
-        discount = next((d for d in discounts if d.active(at)), None)
-        if discount is not None:
-            factor = factor * (_HUNDRED - discount.percent) / _HUNDRED
+        discount = None
+        for candidate in discounts:
+            if candidate.active(at):
+                discount = candidate
+                factor = factor * (_HUNDRED - candidate.percent) / _HUNDRED
+                break
         rates = card.for_prompt(usage.input_tokens)
-        if factor != 1:
+        if factor is not _ONE:
             rates = self._rates_scaled(rates, factor)
         return Priced(
             cost=cost_of(usage, rates),
