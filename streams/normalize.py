@@ -47,29 +47,27 @@ def _sub(obj: Mapping[str, Any], *keys: str) -> Mapping[str, Any] | None:
     return None
 
 
-def openai_chat(raw: Mapping[str, Any]) -> TokenUsage:
-    prompt_details = _sub(raw, "prompt_tokens_details")
-    completion_details = _sub(raw, "completion_tokens_details")
+def _openai(raw: Mapping[str, Any], prompt: str, completion: str) -> TokenUsage:
+    """Both OpenAI formats: totals include the cached and reasoning parts given in ``*_details``."""
+    prompt_details = _sub(raw, f"{prompt}_details")
+    completion_details = _sub(raw, f"{completion}_details")
     return TokenUsage(
-        input_tokens=_count(raw, "prompt_tokens"),
+        input_tokens=_count(raw, prompt),
         cache_read_tokens=_count(prompt_details, "cached_tokens"),
         input_audio_tokens=_count(prompt_details, "audio_tokens"),
         input_image_tokens=_count(prompt_details, "image_tokens"),
-        output_tokens=_count(raw, "completion_tokens"),
+        output_tokens=_count(raw, completion),
         reasoning_tokens=_count(completion_details, "reasoning_tokens"),
         output_audio_tokens=_count(completion_details, "audio_tokens"),
     )
 
 
+def openai_chat(raw: Mapping[str, Any]) -> TokenUsage:
+    return _openai(raw, "prompt_tokens", "completion_tokens")
+
+
 def openai_responses(raw: Mapping[str, Any]) -> TokenUsage:
-    input_details = _sub(raw, "input_tokens_details")
-    output_details = _sub(raw, "output_tokens_details")
-    return TokenUsage(
-        input_tokens=_count(raw, "input_tokens"),
-        cache_read_tokens=_count(input_details, "cached_tokens"),
-        output_tokens=_count(raw, "output_tokens"),
-        reasoning_tokens=_count(output_details, "reasoning_tokens"),
-    )
+    return _openai(raw, "input_tokens", "output_tokens")
 
 
 def anthropic_messages(raw: Mapping[str, Any]) -> TokenUsage:
