@@ -1,0 +1,72 @@
+"""Quota contracts for enforcers: alerts on ``quota.alerts`` and state on ``quota.state``.
+
+``quota.alerts`` (key = tenant): one ``QuotaAlert`` per threshold crossed per window. Its
+``alert_id`` is a function of (tenant, limit, scope, window, threshold) only, so a re-delivery
+after a crash carries the same id: consumers keep the first and ignore the rest.
+
+``quota.state`` (compacted, key = ``QuotaState.key``): the latest usage of each tenant × limit ×
+scope, so an enforcer starts from the current picture without replaying history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, PlainSerializer
+
+Amount = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")]
+Status = Literal["ok", "warning", "soft_cap", "hard_cap"]
+
+
+def alert_id(tenant: str, limit_id: str, scope_value: str, window_start: datetime, threshold: Decimal) -> str:
+    text = "\x1f".join([tenant, limit_id, scope_value, window_start.isoformat(), format(threshold.normalize(), "f")])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def state_key(tenant: str, limit_id: str, scope_value: str) -> str:
+    return f"{tenant}/{limit_id}/{scope_value}"
+
+
+class QuotaAlert(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    alert_id: str
+    tenant_id: str
+    limit_id: str
+    metric: str
+    scope: str
+    scope_value: str
+    window_start: datetime
+    window_end: datetime
+    threshold_percent: Amount
+    level: Literal["warning", "soft_cap", "hard_cap"]
+    usage: Amount
+    limit: Amount
+    #: Event time of the event that crossed the threshold, and its id.
+    crossed_at: datetime
+    event_id: str
+
+
+class QuotaState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    tenant_id: str
+    limit_id: str
+    metric: str
+    scope: str
+    scope_value: str
+    window_start: datetime
+    window_end: datetime
+    usage: Amount
+    limit: Amount
+    remaining: Amount
+    status: Status
+    #: Event time of the latest event counted.
+    as_of: datetime
+
+    @property
+    def key(self) -> str:
+        return state_key(self.tenant_id, self.limit_id, self.scope_value)

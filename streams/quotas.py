@@ -1,0 +1,151 @@
+"""Stage 4: per-tenant usage windows, threshold alerts and quota state.
+
+Counted by event time, in calendar windows keyed explicitly by (tenant, limit, scope value,
+window start): Faust's own windowed tables expire on the wall clock and drop old windows,
+so they are not used. Two mappings hold the state — in the worker they are Faust tables
+(changelogged, restored on restart or rebalance), in tests plain dicts:
+
+- ``windows[window key]``: the running usage of one window, the last source offset counted
+  into it, and the thresholds crossed so far;
+- ``tenants[tenant]``: the tenant's watermark (latest event time seen) and its open windows.
+
+Exactly once per window, across restarts, rebalances and replays: the source partition is
+keyed by tenant, so one worker owns a tenant's windows and sees its events in offset order.
+An event at or below a window's last counted offset was counted before the restart and is
+skipped; if it is the event that crossed a threshold, its alert is sent again with the same
+``alert_id`` (the first sending may not have reached Kafka), which consumers deduplicate.
+
+A late event counts toward its own window while the window is within the grace period
+(window end + grace > the tenant's watermark); later than that it is flagged ``late`` and
+counted in the ledger only. Windows past their grace period are deleted as the watermark moves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from schemas.attributed import AttributedUsage
+from schemas.quota import QuotaAlert, QuotaState, Status, alert_id
+from streams.plans import Limit, Plans, window_bounds
+
+_ONE = Decimal(1)
+
+
+@dataclass
+class QuotaOutcome:
+    late: bool = False
+    alerts: list[QuotaAlert] = field(default_factory=list)
+    states: list[QuotaState] = field(default_factory=list)
+
+
+def scope_value(record: AttributedUsage, limit: Limit) -> str:
+    if limit.scope == "tenant":
+        return "*"
+    if limit.scope == "user":
+        return record.user_id or "(no user)"
+    if limit.scope == "model":
+        return record.model
+    return record.business_path
+
+
+def metric_amount(record: AttributedUsage, limit: Limit) -> Decimal:
+    if limit.metric == "cost_usd":
+        return record.cost_usd
+    if limit.metric == "tokens":
+        return Decimal(record.usage.input_tokens + record.usage.output_tokens)
+    return _ONE
+
+
+def status_of(limit: Limit, usage: Decimal) -> Status:
+    if limit.hard_cap is not None and usage >= limit.limit * limit.hard_cap / 100:
+        return "hard_cap"
+    if usage >= limit.limit:
+        return "soft_cap"
+    if limit.levels and usage >= limit.levels[0][2]:
+        return "warning"
+    return "ok"
+
+
+class QuotaEngine:
+    def __init__(
+        self,
+        plans: Plans,
+        windows: MutableMapping[str, dict[str, Any]],
+        tenants: MutableMapping[str, dict[str, Any]],
+    ) -> None:
+        self.plans = plans
+        self.windows = windows
+        self.tenants = tenants
+
+    def apply(self, record: AttributedUsage, partition: int, offset: int) -> QuotaOutcome:
+        limits, zone = self.plans.for_tenant(record.tenant_id)
+        outcome = QuotaOutcome()
+        if not limits:
+            return outcome
+        tenant = record.tenant_id
+        at = record.event_time
+        grace = self.plans.grace
+        tenant_state = self.tenants.get(tenant) or {"watermark": at.isoformat(), "windows": {}}
+        watermark = max(datetime.fromisoformat(tenant_state["watermark"]), at)
+        open_windows: dict[str, str] = dict(tenant_state["windows"])
+
+        for limit in limits:
+            scope = scope_value(record, limit)
+            start, end = window_bounds(limit.window, at, zone)
+            if end + grace <= watermark:
+                outcome.late = True
+                continue
+            key = json.dumps([tenant, limit.id, scope, start.isoformat()])
+            window = self.windows.get(key)
+            if window is None:
+                window = {"usage": "0", "partition": partition, "offset": -1, "crossed": {}}
+            if window["partition"] == partition and offset <= window["offset"]:
+                outcome.alerts.extend(self._replayed_alerts(record, limit, scope, start, end, window, offset))
+                continue
+            usage = Decimal(window["usage"]) + metric_amount(record, limit)
+            crossed = dict(window["crossed"])
+            for percent, level, amount in limit.levels:
+                name = format(percent.normalize(), "f")
+                if usage >= amount and name not in crossed:
+                    crossed[name] = {"offset": offset, "at": at.isoformat(), "usage": str(usage),
+                                     "event_id": record.event_id}
+                    outcome.alerts.append(_alert(record.tenant_id, limit, scope, start, end, percent, level,
+                                                 usage, at, record.event_id))
+            self.windows[key] = {"usage": str(usage), "partition": partition, "offset": offset, "crossed": crossed,
+                                 "as_of": at.isoformat()}
+            open_windows[key] = end.isoformat()
+            outcome.states.append(QuotaState(
+                tenant_id=tenant, limit_id=limit.id, metric=limit.metric, scope=limit.scope, scope_value=scope,
+                window_start=start, window_end=end, usage=usage, limit=limit.limit,
+                remaining=max(limit.limit - usage, Decimal(0)), status=status_of(limit, usage), as_of=at))
+
+        for key, end_text in list(open_windows.items()):
+            if datetime.fromisoformat(end_text) + grace <= watermark:
+                self.windows.pop(key, None)
+                del open_windows[key]
+        self.tenants[tenant] = {"watermark": watermark.isoformat(), "windows": open_windows}
+        return outcome
+
+    def _replayed_alerts(self, record: AttributedUsage, limit: Limit, scope: str, start: datetime, end: datetime,
+                         window: dict[str, Any], offset: int) -> list[QuotaAlert]:
+        again = []
+        for percent, level, _ in limit.levels:
+            crossing = window["crossed"].get(format(percent.normalize(), "f"))
+            if crossing and crossing["offset"] == offset:
+                again.append(_alert(record.tenant_id, limit, scope, start, end, percent, level,
+                                    Decimal(crossing["usage"]), datetime.fromisoformat(crossing["at"]),
+                                    crossing["event_id"]))
+        return again
+
+
+def _alert(tenant: str, limit: Limit, scope: str, start: datetime, end: datetime, percent: Decimal, level: str,
+           usage: Decimal, at: datetime, event_id: str) -> QuotaAlert:
+    return QuotaAlert(
+        alert_id=alert_id(tenant, limit.id, scope, start, percent), tenant_id=tenant, limit_id=limit.id,
+        metric=limit.metric, scope=limit.scope, scope_value=scope, window_start=start, window_end=end,
+        threshold_percent=percent, level=level, usage=usage, limit=limit.limit, crossed_at=at, event_id=event_id)

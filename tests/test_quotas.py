@@ -1,0 +1,163 @@
+"""The quota engine on plain dicts: windows by event time, alerts once per threshold, replays, lateness."""
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from schemas.attributed import AttributedUsage
+from schemas.usage import TokenUsage
+from streams.plans import Plans, window_bounds
+from streams.prices import ConfigError
+from streams.quotas import QuotaEngine
+
+PLANS = """
+grace_seconds: 600
+default_plan: starter
+tenants:
+  tokyo-co: {plan: starter, time_zone: Asia/Tokyo}
+  big: {plan: scale}
+plans:
+  starter:
+    limits:
+      - {id: daily-spend, metric: cost_usd, window: day, limit: 10, thresholds: [50, 80, 100]}
+  scale:
+    limits:
+      - {id: daily-spend, metric: cost_usd, window: day, limit: 100, thresholds: [80], hard_cap: 100}
+      - {id: user-hourly-tokens, metric: tokens, window: hour, limit: 1000, thresholds: [100], scope: user}
+      - {id: minute-requests, metric: requests, window: minute, limit: 3, thresholds: [100]}
+"""
+DAY = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(tmp_path):
+    path = tmp_path / "plans.yaml"
+    path.write_text(PLANS)
+    return QuotaEngine(Plans.from_file(path), {}, {})
+
+
+def rec(tenant, at, cost, event_id, user=None, tokens=0):
+    return AttributedUsage.model_construct(
+        event_id=event_id, event_time=at, tenant_id=tenant, user_id=user, provider="openai", model="gpt-4o",
+        usage=TokenUsage(input_tokens=tokens), cost_usd=Decimal(cost), priced=True, business_path="unattributed")
+
+
+def feed(engine, tenant, costs, start=DAY + timedelta(hours=9), first_offset=0, partition=0):
+    outcomes = []
+    for i, cost in enumerate(costs):
+        outcomes.append(engine.apply(rec(tenant, start + timedelta(minutes=i), cost, f"{tenant}-{first_offset + i}"),
+                                     partition, first_offset + i))
+    return outcomes
+
+
+def alerts_of(outcomes):
+    return [(a.threshold_percent, a.level, a.usage, a.event_id) for o in outcomes for a in o.alerts]
+
+
+def test_crossing_50_80_100_percent_gives_three_alerts_in_order(engine):
+    outcomes = feed(engine, "acme", ["2", "2", "2", "2.5", "1", "0.5", "3"])
+    assert alerts_of(outcomes) == [
+        (Decimal(50), "warning", Decimal("6"), "acme-2"),
+        (Decimal(80), "warning", Decimal("8.5"), "acme-3"),
+        (Decimal(100), "soft_cap", Decimal("10.0"), "acme-5"),
+    ]
+    last = outcomes[-1].states[0]
+    assert (last.usage, last.remaining, last.status) == (Decimal("13.0"), Decimal(0), "soft_cap")
+    assert outcomes[-1].alerts == []
+
+
+def test_one_event_crossing_two_thresholds_sends_both_in_order(engine):
+    outcomes = feed(engine, "acme", ["4.9", "5"])
+    assert alerts_of(outcomes) == [(Decimal(50), "warning", Decimal("9.9"), "acme-1"),
+                                   (Decimal(80), "warning", Decimal("9.9"), "acme-1")]
+
+
+def test_hard_cap_fires_on_the_first_event_that_crosses_it(engine):
+    outcomes = feed(engine, "big", ["79.99", "0.01", "19.99", "0.01", "0.01"])
+    assert alerts_of(outcomes) == [(Decimal(80), "warning", Decimal("80.00"), "big-1"),
+                                   (Decimal(100), "hard_cap", Decimal("100.00"), "big-3")]
+    assert [o.states[0].status for o in outcomes] == ["ok", "warning", "warning", "hard_cap", "hard_cap"]
+
+
+def test_replayed_events_are_not_counted_again_and_crossings_resend_the_same_alert(engine):
+    first = feed(engine, "acme", ["3", "3", "3"])            # offsets 0..2: 50% crossed at 1, 80% at 2
+    replay = feed(engine, "acme", ["3", "3", "3"])           # the same offsets again, after a restart
+    assert [o.states for o in replay] == [[], [], []]
+    assert alerts_of(replay) == alerts_of(first) == [(Decimal(50), "warning", Decimal(6), "acme-1"),
+                                                     (Decimal(80), "warning", Decimal(9), "acme-2")]
+    assert [a.alert_id for o in replay for a in o.alerts] == [a.alert_id for o in first for a in o.alerts]
+    more = feed(engine, "acme", ["1"], first_offset=3)
+    assert more[0].states[0].usage == Decimal(10)             # 9 + 1: nothing was counted twice
+
+
+def test_late_events_inside_the_grace_period_count_in_their_own_window(engine):
+    feed(engine, "acme", ["1"], start=DAY + timedelta(days=1, minutes=5))             # watermark: day 2, 00:05
+    inside = engine.apply(rec("acme", DAY + timedelta(hours=23, minutes=59), "4", "late-1"), 0, 1)
+    assert (inside.late, inside.states[0].window_start, inside.states[0].usage) == (False, DAY, Decimal(4))
+    feed(engine, "acme", ["1"], start=DAY + timedelta(days=1, minutes=11), first_offset=2)  # grace over
+    beyond = engine.apply(rec("acme", DAY + timedelta(hours=23, minutes=59), "4", "late-2"), 0, 3)
+    assert (beyond.late, beyond.states, beyond.alerts) == (True, [], [])
+    assert not any(DAY.isoformat() in key for key in engine.windows), "expired windows are cleaned up"
+    assert list(engine.tenants["acme"]["windows"]) == [k for k in engine.windows if k.startswith('["acme"')]
+
+
+def test_out_of_order_events_land_in_the_right_windows(engine):
+    d1, d2 = DAY + timedelta(hours=23, minutes=50), DAY + timedelta(days=1, minutes=5)  # 10-minute grace
+    for offset, (at, cost) in enumerate([(d2, "1"), (d1, "2"), (d2, "4"), (d1, "8")]):
+        engine.apply(rec("acme", at, cost, f"e{offset}"), 0, offset)
+    usage = {key: w["usage"] for key, w in engine.windows.items()}
+    assert sorted(usage.values()) == ["10", "5"]
+
+
+def test_tenants_never_share_windows(engine):
+    feed(engine, "acme", ["6"])
+    other = feed(engine, "globex", ["1"])
+    assert other[0].states[0].usage == Decimal(1) and other[0].alerts == []
+
+
+def test_windows_follow_the_tenant_time_zone(engine):
+    # 2026-06-01 16:00 UTC is 2026-06-02 01:00 in Tokyo: a new day there, the same day in UTC.
+    out = engine.apply(rec("tokyo-co", datetime(2026, 6, 1, 16, tzinfo=UTC), "1", "t"), 0, 0)
+    assert out.states[0].window_start == datetime(2026, 6, 1, 15, tzinfo=UTC)
+    assert out.states[0].window_end == datetime(2026, 6, 2, 15, tzinfo=UTC)
+
+
+def test_per_user_scope_and_other_metrics(engine):
+    at = DAY + timedelta(hours=3)
+    outs = [engine.apply(rec("big", at + timedelta(seconds=i), "0", f"e{i}", user=user, tokens=400), 0, i)
+            for i, user in enumerate(["ann", "bob", "ann", "ann"])]
+    user_states = [(s.scope_value, s.usage) for o in outs for s in o.states if s.limit_id == "user-hourly-tokens"]
+    assert user_states == [("ann", 400), ("bob", 400), ("ann", 800), ("ann", 1200)]
+    requests = [s.usage for o in outs for s in o.states if s.limit_id == "minute-requests"]
+    assert requests == [1, 2, 3, 4]
+    assert [(a.limit_id, a.scope_value, a.event_id) for o in outs for a in o.alerts] == [
+        ("minute-requests", "*", "e2"), ("user-hourly-tokens", "ann", "e3")]
+
+
+@pytest.mark.parametrize(("kind", "zone", "at", "start", "end"), [
+    ("month", "UTC", "2026-02-14T10:00:00+00:00", "2026-02-01T00:00:00+00:00", "2026-03-01T00:00:00+00:00"),
+    ("day", "America/New_York", "2026-03-08T12:00:00+00:00",   # a 23-hour day (DST starts)
+     "2026-03-08T05:00:00+00:00", "2026-03-09T04:00:00+00:00"),
+    ("hour", "Asia/Kolkata", "2026-06-01T10:10:00+00:00", "2026-06-01T09:30:00+00:00", "2026-06-01T10:30:00+00:00"),
+    ("minute", "UTC", "2026-06-01T10:10:59.999+00:00", "2026-06-01T10:10:00+00:00", "2026-06-01T10:11:00+00:00"),
+])
+def test_calendar_window_bounds(kind, zone, at, start, end):
+    assert window_bounds(kind, datetime.fromisoformat(at), ZoneInfo(zone)) == (
+        datetime.fromisoformat(start), datetime.fromisoformat(end))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("plans: {p: {limits: [{id: x, metric: dollars, window: day, limit: 1}]}}", "plans.p.limits.0.metric"),
+    ("plans: {p: {limits: [{id: x, metric: tokens, window: day, limit: 1, thresholds: [80, 50]}]}}",
+     "thresholds must be distinct and ascending"),
+    ("default_plan: gold\nplans: {}", "default_plan 'gold' is not one of the plans"),
+    ("plans: {p: {}}\ntenants: {acme: {plan: p, time_zone: Mars/Olympus}}", "unknown time zone 'Mars/Olympus'"),
+    ("plans: {p: {limits: [{id: x, metric: tokens, window: day, limit: 0}]}}", "greater than 0"),
+])
+def test_bad_plans_are_one_clear_line(tmp_path, text, message):
+    path = tmp_path / "plans.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        Plans.from_file(path)
