@@ -98,5 +98,7 @@ class AttributedUsage(BaseModel):
     discount_percent: Percent = _ZERO
 
     business_path: str = "unattributed"
+    #: Arrived after its quota windows' grace period: in the ledger, but in no quota window.
+    late: bool = False
     #: When this attribution was computed; a later one (re-pricing) supersedes an earlier one.
     attributed_at: datetime

@@ -1,7 +1,9 @@
 """The Faust worker: thin agents around the plain functions of each pipeline stage.
 
-    usage.raw ──attribute──▶ usage.attributed ──land──▶ ClickHouse ledger
-        └──────(rejected)──▶ usage.dlq  (original key, bytes and timestamp; reason in headers)
+    usage.raw ──attribute──▶ usage.attributed ──land──▶ ClickHouse usage_ledger
+        │  └─(rejected)──▶ usage.dlq  (original key, bytes and timestamp; reason in headers)
+        └─ quota windows (Faust tables) ──▶ quota.alerts ──land_alerts──▶ ClickHouse quota_alerts
+                                        └─(every 250 ms)─▶ quota.state (compacted)
 
 Values are raw bytes on every topic: decoding happens inside the agents, because a Faust
 codec that raises makes Faust acknowledge and silently drop the message. Agents run with
@@ -26,11 +28,14 @@ from pydantic import ValidationError
 
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection, dead_letter_headers
+from schemas.quota import QuotaAlert, QuotaState
 from streams.pipeline import Enricher, attribute_raw
 from streams.query import QueryError, run_readonly
 from streams.reprice import RepriceWindow, reprice
 from streams.settings import Settings
-from streams.sink import SinkStats, land
+from streams.plans import Plans
+from streams.quotas import QUOTA_TABLES, QuotaEngine
+from streams.sink import ALERTS, LEDGER, SinkStats, TableSpec, land
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,11 @@ class Counters:
     attributed: int = 0
     unpriced: int = 0
     dead_lettered: int = 0
-    sink: SinkStats = field(default_factory=SinkStats)
+    late: int = 0
+    alerts: int = 0
+    quota_errors: int = 0
+    #: Per ClickHouse table.
+    sinks: dict[str, SinkStats] = field(default_factory=dict)
 
 
 def _raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
@@ -58,7 +67,10 @@ def _raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
     )
 
 
-def create_app(settings: Settings, enricher: Enricher, client: Client, query_client: Client) -> faust.App:
+STATE_FLUSH_S = 0.25
+
+
+def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Client, query_client: Client) -> faust.App:
     """The worker app. ``client`` writes the ledger; ``query_client`` (from ``connect_readonly``)
     serves queries: chDB keeps settings per session, so the two must never be the same client."""
     datadir = settings.home / "worker" / settings.app_id
@@ -77,11 +89,21 @@ def create_app(settings: Settings, enricher: Enricher, client: Client, query_cli
         web_host=settings.web_host,
         web_port=settings.web_port,
         web_in_thread=False,
+        store="rocksdb://",
     )
     topics = settings.topics
     raw = _raw_topic(app, topics.raw, settings.partitions)
     attributed = _raw_topic(app, topics.attributed, settings.partitions)
     dlq = _raw_topic(app, topics.dlq, settings.partitions)
+    alerts = _raw_topic(app, topics.alerts, settings.partitions)
+    state = _raw_topic(app, topics.state, settings.partitions)
+    windows, tenants = (
+        app.Table(name, partitions=settings.partitions,
+                  schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"))
+        for name in QUOTA_TABLES
+    )
+    quotas = QuotaEngine(plans, windows, tenants)
+    pending_states: dict[str, QuotaState] = {}
     counters = Counters()
     ch_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-sink")
     query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-query")
@@ -115,36 +137,70 @@ def create_app(settings: Settings, enricher: Enricher, client: Client, query_cli
                 continue
             counters.attributed += 1
             counters.unpriced += not out.priced
+            try:
+                quota = quotas.apply(out, message.partition, message.offset)
+            except Exception:  # noqa: BLE001 - the event still reaches the ledger; the error is counted
+                counters.quota_errors += 1
+                log.exception("quota update failed for %s[%s]@%s", message.topic, message.partition, message.offset)
+            else:
+                if quota.late:
+                    counters.late += 1
+                    out = out.model_copy(update={"late": True})
+                for alert in quota.alerts:
+                    counters.alerts += 1
+                    await alerts.send(key=alert.tenant_id.encode(), value=alert.model_dump_json().encode())
+                for quota_state in quota.states:
+                    pending_states[quota_state.key] = quota_state
             await attributed.send(key=out.tenant_id.encode(), value=out.model_dump_json().encode(),
                                   timestamp=message.timestamp)
 
-    @app.agent(attributed, name="land", concurrency=1)
-    async def land_in_clickhouse(stream: faust.StreamT) -> None:
+    @app.timer(interval=STATE_FLUSH_S)
+    async def publish_quota_state() -> None:
+        """The latest state of every window that changed since the last flush (coalesced)."""
+        if not pending_states:
+            return
+        latest = list(pending_states.values())
+        pending_states.clear()
+        for quota_state in latest:
+            await state.send(key=quota_state.key.encode(), value=quota_state.model_dump_json().encode())
+
+    async def land_batches(stream: faust.StreamT, table: TableSpec[Any], parse: Any) -> None:
+        """Batches a topic into a ClickHouse table; a record that does not parse is dead-lettered."""
         loop = asyncio.get_running_loop()
+        sink_stats = counters.sinks.setdefault(table.name, SinkStats())
         async for events in stream.take_events(settings.sink_batch, within=settings.sink_within_s):
             records = []
             for event in events:
                 try:
-                    records.append(AttributedUsage.model_validate_json(event.message.value))
+                    records.append(parse(event.message.value))
                 except ValidationError as exc:
                     await dead_letter(event.message, Rejection(
-                        reason="invalid_event", message=f"not an attributed record: {exc.errors()[0]['msg']}"))
+                        reason="invalid_event", message=f"not a {table.name} record: {exc.errors()[0]['msg']}"))
             if not records:
                 continue
             # Blocks this agent, and so the offset commit of the batch, until the batch lands.
             landed = await loop.run_in_executor(
-                ch_executor, lambda: land(client, records, counters.sink, stopping=stopping))
+                ch_executor, lambda: land(client, table, records, sink_stats, stopping=stopping))
             if not landed:
                 # Shutting down while ClickHouse refuses the batch. Returning would acknowledge
                 # it, so leave without committing: the batch is consumed again on restart.
-                log.error("stopping with %d unlanded events; exiting without committing their offsets",
-                          len(records))
+                log.error("stopping with %d unlanded %s rows; exiting without committing their offsets",
+                          len(records), table.name)
                 os._exit(EXIT_UNLANDED)
+
+    @app.agent(attributed, name="land", concurrency=1)
+    async def land_usage(stream: faust.StreamT) -> None:
+        await land_batches(stream, LEDGER, AttributedUsage.model_validate_json)
+
+    @app.agent(alerts, name="land_alerts", concurrency=1)
+    async def land_alerts(stream: faust.StreamT) -> None:
+        await land_batches(stream, ALERTS, QuotaAlert.model_validate_json)
 
     @app.page("/v1/health")
     class Health(faust.web.View):
         async def get(self, request: faust.web.Request) -> faust.web.Response:
-            status = "ok" if counters.sink.failing_since is None else "degraded"
+            failing = any(sink.failing_since is not None for sink in counters.sinks.values())
+            status = "degraded" if failing else "ok"
             body = {"status": status, "clickhouse_url": settings.clickhouse_url,
                     "pricing_version": enricher.pricer.version, **asdict(counters)}
             return self.json(body, status=200 if status == "ok" else 503)

@@ -30,7 +30,7 @@ class Enricher:
         return cls(Pricer.from_file(config_dir / "prices.yaml"), PathRules.from_file(config_dir / "paths.yaml"))
 
 
-def attribute(event: UsageEvent, enricher: Enricher, now: datetime | None = None) -> AttributedUsage:
+def attribute(event: UsageEvent, enricher: Enricher, now: datetime | None = None, late: bool = False) -> AttributedUsage:
     priced = enricher.pricer.price(event)
     return AttributedUsage.model_construct(
         schema_version=1,
@@ -66,6 +66,7 @@ def attribute(event: UsageEvent, enricher: Enricher, now: datetime | None = None
         discount=priced.discount,
         discount_percent=priced.discount_percent,
         business_path=enricher.paths.path_for(event),
+        late=late,
         attributed_at=now or datetime.now(UTC),
     )
 

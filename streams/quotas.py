@@ -34,6 +34,8 @@ from schemas.quota import QuotaAlert, QuotaState, Status, alert_id
 from streams.plans import Limit, Plans, window_bounds
 
 _ONE = Decimal(1)
+#: The Faust tables the worker keeps the state in: window key → window, tenant → watermark and open windows.
+QUOTA_TABLES = ("quota_windows", "quota_tenants")
 
 
 @dataclass

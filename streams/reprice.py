@@ -22,13 +22,13 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, model_validator
 from schemas.attributed import AttributedUsage
 from schemas.usage import TokenUsage, UsageEvent
 from streams.pipeline import Enricher, attribute
-from streams.sink import dedup_token, insert_batch
+from streams.sink import LEDGER
 
 _TOKENS = list(TokenUsage.model_fields)
 _CONTEXT = ["user_id", "service", "route", "feature", "step", "trace_id", "span_id", "parent_span_id"]
 _SELECT = [
     "event_id", "event_time", "tenant_id", "provider", "model", "status", "latency_ms", "batch", "tags", "extra",
-    "raw_usage", "raw_usage_format", "cost_usd", "priced", "price_source", "pricing_version", "attributed_at",
+    "raw_usage", "raw_usage_format", "cost_usd", "priced", "price_source", "pricing_version", "attributed_at", "late",
     *_CONTEXT, *_TOKENS,
 ]
 
@@ -124,9 +124,9 @@ def reprice(
             break
         # The new version must sort after the one it replaces, even within the same millisecond.
         now = max(datetime.now(UTC), max(_utc(r["attributed_at"]) for r in page) + timedelta(milliseconds=1))
-        fresh = [attribute(rebuild_event(row), enricher, now) for row in page]
+        fresh = [attribute(rebuild_event(row), enricher, now, late=row["late"]) for row in page]
         _audit(client, result, page, fresh, now)
-        insert_batch(client, fresh, dedup_token(fresh))
+        LEDGER.insert(client, fresh, LEDGER.dedup_token(fresh))
         last = page[-1]
         after = (last["tenant_id"], _utc(last["event_time"]), last["event_id"])
     client.insert(

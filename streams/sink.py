@@ -1,4 +1,5 @@
-"""Stage 5: attributed records → the ClickHouse ledger, in column-oriented batches.
+"""Stage 5: records → ClickHouse, in column-oriented batches: attributed usage into the ledger,
+quota alerts into ``quota_alerts``.
 
 A batch is retried, identically and with the same ``insert_deduplication_token``, until
 ClickHouse takes it: the consumer offsets behind a batch are committed only after this
@@ -15,13 +16,55 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from typing import Any, Generic, TypeVar
+
 from clickhouse_connect.driver.client import Client
 
 from schemas.attributed import AttributedUsage
+from schemas.quota import QuotaAlert
 
 log = logging.getLogger(__name__)
 
-LEDGER_TABLE = "usage_ledger"
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class TableSpec(Generic[R]):
+    """A ClickHouse table, its columns with their types (so no insert needs a DESCRIBE), how to get
+    each column's value from a record, and the identity of a record (for the deduplication token)."""
+
+    name: str
+    columns: list[tuple[str, str, Callable[[R], Any]]]
+    identity: Callable[[R], str]
+
+    @property
+    def column_names(self) -> list[str]:
+        return [name for name, _, _ in self.columns]
+
+    @property
+    def column_types(self) -> list[str]:
+        return [ch_type for _, ch_type, _ in self.columns]
+
+    def to_columns(self, records: Sequence[R]) -> list[list[Any]]:
+        return [[get(r) for r in records] for _, _, get in self.columns]
+
+    def dedup_token(self, records: Sequence[R]) -> str:
+        """Identical for a retry of the same batch, different for any other batch."""
+        digest = hashlib.sha256()
+        for r in records:
+            digest.update(self.identity(r).encode())
+            digest.update(b"\x01")
+        return digest.hexdigest()
+
+    def insert(self, client: Client, records: Sequence[R], token: str) -> None:
+        client.insert(
+            self.name,
+            self.to_columns(records),
+            column_names=self.column_names,
+            column_type_names=self.column_types,
+            column_oriented=True,
+            settings={"insert_deduplication_token": token},
+        )
 
 _DECIMAL = "Decimal(18, 12)"
 _TOKEN_CLASSES = [
@@ -47,8 +90,7 @@ def _cost(name: str) -> Callable[[AttributedUsage], object]:
     return lambda r: getattr(r.cost, name)
 
 
-# (column, ClickHouse type, value of a record): the insert names its types, so no DESCRIBE is needed.
-_COLUMNS: list[tuple[str, str, Callable[[AttributedUsage], object]]] = [
+LEDGER: TableSpec[AttributedUsage] = TableSpec("usage_ledger", identity=lambda r: f"{r.event_id}\x00{r.attributed_at.isoformat()}", columns=[
     ("event_id", "String", lambda r: r.event_id),
     ("event_time", "DateTime64(3, 'UTC')", lambda r: r.event_time),
     ("tenant_id", "LowCardinality(String)", lambda r: r.tenant_id),
@@ -81,35 +123,26 @@ _COLUMNS: list[tuple[str, str, Callable[[AttributedUsage], object]]] = [
     ("pricing_version", "LowCardinality(String)", lambda r: r.pricing_version or ""),
     ("discount", "LowCardinality(String)", lambda r: r.discount or ""),
     ("discount_percent", "Decimal(9, 4)", lambda r: r.discount_percent),
+    ("late", "Bool", lambda r: r.late),
     ("attributed_at", "DateTime64(3, 'UTC')", lambda r: r.attributed_at),
-]
-COLUMN_NAMES = [name for name, _, _ in _COLUMNS]
-COLUMN_TYPES = [ch_type for _, ch_type, _ in _COLUMNS]
+])
 
-
-def to_columns(records: Sequence[AttributedUsage]) -> list[list[object]]:
-    return [[get(r) for r in records] for _, _, get in _COLUMNS]
-
-
-def dedup_token(records: Sequence[AttributedUsage]) -> str:
-    """Identical for a retry of the same batch, different for any other batch."""
-    digest = hashlib.sha256()
-    for r in records:
-        digest.update(f"{r.event_id}\x00{r.attributed_at.isoformat()}\x01".encode())
-    return digest.hexdigest()
-
-
-def insert_batch(client: Client, records: Sequence[AttributedUsage], token: str) -> None:
-    client.insert(
-        LEDGER_TABLE,
-        to_columns(records),
-        column_names=COLUMN_NAMES,
-        column_type_names=COLUMN_TYPES,
-        column_oriented=True,
-        settings={"insert_deduplication_token": token},
-    )
-
-
+ALERTS: TableSpec[QuotaAlert] = TableSpec("quota_alerts", identity=lambda a: a.alert_id, columns=[
+    ("alert_id", "String", lambda a: a.alert_id),
+    ("tenant_id", "LowCardinality(String)", lambda a: a.tenant_id),
+    ("limit_id", "LowCardinality(String)", lambda a: a.limit_id),
+    ("metric", "LowCardinality(String)", lambda a: a.metric),
+    ("scope", "LowCardinality(String)", lambda a: a.scope),
+    ("scope_value", "String", lambda a: a.scope_value),
+    ("window_start", "DateTime64(3, 'UTC')", lambda a: a.window_start),
+    ("window_end", "DateTime64(3, 'UTC')", lambda a: a.window_end),
+    ("threshold_percent", "Decimal(9, 4)", lambda a: a.threshold_percent),
+    ("level", "LowCardinality(String)", lambda a: a.level),
+    ("usage", "Decimal(38, 12)", lambda a: a.usage),
+    ("limit_value", "Decimal(38, 12)", lambda a: a.limit),
+    ("crossed_at", "DateTime64(3, 'UTC')", lambda a: a.crossed_at),
+    ("event_id", "String", lambda a: a.event_id),
+])
 @dataclass
 class SinkStats:
     landed: int = 0
@@ -130,15 +163,17 @@ class Backoff:
 
 def land(
     client: Client,
-    records: Sequence[AttributedUsage],
+    table: TableSpec[R],
+    records: Sequence[R],
     stats: SinkStats,
     *,
     backoff: Backoff = Backoff(),
     stopping: threading.Event | None = None,
-    insert: Callable[[Client, Sequence[AttributedUsage], str], None] = insert_batch,
+    insert: Callable[[Client, Sequence[R], str], None] | None = None,
 ) -> bool:
     """Inserts the batch, retrying until it lands. Returns False only if ``stopping`` was set first."""
-    token = dedup_token(records)
+    insert = insert or table.insert
+    token = table.dedup_token(records)
     attempt = 0
     while True:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from streams.quotas import QUOTA_TABLES
 from streams.settings import Settings
 
 
@@ -32,13 +33,15 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
     check_reachable(settings)
     client = admin(settings)
     t = settings.topics
-    wanted = {
+    wanted: dict[str, dict[str, str]] = {
         t.raw: {},
         t.attributed: {},
         t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000)},
         t.alerts: {},
         t.state: {"cleanup.policy": "compact"},
     }
+    for changelog in table_changelogs(settings):
+        wanted[changelog] = {"cleanup.policy": "compact"}
     existing = set(client.list_topics(timeout=timeout_s).topics)
     missing = [
         NewTopic(name, num_partitions=settings.partitions, replication_factor=-1, config=config)
@@ -56,6 +59,11 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise KafkaUnavailable(f"could not create topic {name}: {exc.args[0].str()}") from None
     return created
+
+
+def table_changelogs(settings: Settings) -> list[str]:
+    """The changelog topics of the worker's Faust tables (Faust's naming: app id, table, "changelog")."""
+    return [f"{settings.app_id}-{table}-changelog" for table in QUOTA_TABLES]
 
 
 class _SilentLogger:

@@ -10,6 +10,7 @@ from streams.app import create_app
 from streams.clickhouse import connect
 from streams.migrations import migrate
 from streams.pipeline import Enricher
+from streams.plans import Plans
 from streams.query import connect_readonly
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -19,12 +20,14 @@ log = logging.getLogger(__name__)
 
 def run_worker(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT. The worker owns an embedded database path while it runs."""
-    enricher = Enricher.from_config_dir(settings.config_dir)  # configuration errors stop the start here
+    # Configuration errors stop the start here, before anything connects.
+    enricher = Enricher.from_config_dir(settings.config_dir)
+    plans = Plans.from_file(settings.config_dir / "plans.yaml")
     ensure_topics(settings)
     client = connect(settings.clickhouse_url)
     for migration in migrate(client):
         log.info("applied migration %04d_%s", migration.version, migration.name)
     query_client = connect_readonly(settings.clickhouse_url)
-    app = create_app(settings, enricher, client, query_client)
+    app = create_app(settings, enricher, plans, client, query_client)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -9,7 +9,7 @@ from schemas.usage import TokenUsage, UsageEvent
 from streams.migrations import applied_versions, discover, migrate
 from streams.pipeline import attribute
 from streams.query import QueryError, connect_readonly, run_readonly
-from streams.sink import Backoff, SinkStats, dedup_token, insert_batch, land
+from streams.sink import LEDGER, Backoff, SinkStats, land
 
 AT = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
 
@@ -35,7 +35,7 @@ def test_migrations_are_recorded_and_idempotent(ch_client):
 
 def test_batch_lands_with_exact_decimal_costs(ch_client, enricher):
     batch = records(enricher, 3, "t-exact")
-    insert_batch(ch_client, batch, dedup_token(batch))
+    LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
     # gpt-4o: 1000 × $2.50/M + 100 × $10/M = $0.0035 per call.
     assert ledger(ch_client, "t-exact") == (3, Decimal("0.0105"))
     row = ch_client.query("SELECT tags, extra, cost_input, cost_output FROM usage WHERE event_id = 't-exact-1'")
@@ -44,9 +44,9 @@ def test_batch_lands_with_exact_decimal_costs(ch_client, enricher):
 
 def test_retried_batch_is_deduplicated_at_insert(ch_client, enricher):
     batch = records(enricher, 5, "t-retry")
-    token = dedup_token(batch)
-    insert_batch(ch_client, batch, token)
-    insert_batch(ch_client, batch, token)
+    token = LEDGER.dedup_token(batch)
+    LEDGER.insert(ch_client, batch, token)
+    LEDGER.insert(ch_client, batch, token)
     raw = ch_client.query("SELECT count() FROM usage_ledger WHERE tenant_id = 't-retry'").result_rows[0][0]
     assert raw == 5
     assert ledger(ch_client, "t-retry") == (5, Decimal("0.0175"))
@@ -55,8 +55,8 @@ def test_retried_batch_is_deduplicated_at_insert(ch_client, enricher):
 def test_redelivered_events_count_once_in_the_deduplicated_view(ch_client, enricher):
     first = records(enricher, 4, "t-replay")
     again = records(enricher, 4, "t-replay")  # a replay: same events, new attribution time, new token
-    insert_batch(ch_client, first, dedup_token(first))
-    insert_batch(ch_client, again, dedup_token(again))
+    LEDGER.insert(ch_client, first, LEDGER.dedup_token(first))
+    LEDGER.insert(ch_client, again, LEDGER.dedup_token(again))
     assert ledger(ch_client, "t-replay") == (4, Decimal("0.014"))
 
 
@@ -68,10 +68,10 @@ def test_land_retries_a_failing_insert_with_the_same_token(ch_client, enricher):
         tokens.append(token)
         if len(tokens) < 3:
             raise ConnectionError("ClickHouse is down")
-        insert_batch(client, rows, token)
+        LEDGER.insert(client, rows, token)
 
     stats = SinkStats()
-    assert land(ch_client, batch, stats, backoff=Backoff(first_s=0.01), insert=flaky_insert)
+    assert land(ch_client, LEDGER, batch, stats, backoff=Backoff(first_s=0.01), insert=flaky_insert)
     assert len(tokens) == 3 and len(set(tokens)) == 1
     assert (stats.errors, stats.landed, stats.failing_since) == (2, 2, None)
     assert ledger(ch_client, "t-flaky") == (2, Decimal("0.007"))
@@ -83,7 +83,7 @@ def test_query_clients_are_read_only_and_leave_the_writer_alone(ch_client, enric
     with pytest.raises(QueryError, match="readonly"):
         run_readonly(reader, "DROP TABLE usage_ledger")
     batch = records(enricher, 1, "t-after-readonly")
-    insert_batch(ch_client, batch, dedup_token(batch))  # the writer on the same engine still writes
+    LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))  # the writer on the same engine still writes
     assert ledger(ch_client, "t-after-readonly") == (1, Decimal("0.0035"))
     reader.close()
 
@@ -94,7 +94,7 @@ def test_reprice_writes_new_versions_and_keeps_the_old_figures(ch_client, enrich
     from streams.reprice import reprice
 
     batch = records(enricher, 6, "t-reprice")  # gpt-4o at catalog price: $0.0035 a call
-    insert_batch(ch_client, batch, dedup_token(batch))
+    LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
     assert ledger(ch_client, "t-reprice") == (6, Decimal("0.021"))
 
     prices = tmp_path / "prices.yaml"
@@ -132,8 +132,8 @@ def test_views_roll_up_traces_paths_and_steps(ch_client, enricher):
                                   model="gpt-4o", usage=TokenUsage(input_tokens=tin, output_tokens=tout),
                                   service="support-bot", feature="answer", step=step, trace_id=trace), enricher)
              for i, (trace, step, tin, tout) in enumerate(calls)]
-    insert_batch(ch_client, batch, dedup_token(batch))
-    insert_batch(ch_client, batch, dedup_token(batch) + "-replayed")  # a replay must not count twice
+    LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
+    LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch) + "-replayed")  # a replay must not count twice
     traces = ch_client.query("SELECT trace_id, calls, business_paths, cost_by_step, cost_usd FROM cost_by_trace "
                              "WHERE tenant_id = 't-views' ORDER BY trace_id").result_rows
     # gpt-4o 2.50 in / 10 out: retrieval 0.0051, generation 0.0075, refinement 0.00325

@@ -101,7 +101,7 @@ def test_valid_events_land_exactly_once_and_malformed_ones_are_dead_lettered(pip
 
     health = pipeline.health()
     assert (health["events_in"], health["attributed"], health["dead_lettered"]) == (VALID + 100, VALID, 100)
-    assert health["sink"]["landed"] == VALID
+    assert health["sinks"]["usage_ledger"]["landed"] == VALID
 
 
 def test_per_tenant_sums_match_and_unknown_models_are_kept_unpriced(pipeline, kafka_servers):
