@@ -103,7 +103,8 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
         for name in QUOTA_TABLES
     )
     quotas = QuotaEngine(plans, windows, tenants)
-    pending_states: dict[str, QuotaState] = {}
+    # Latest state per window since the last flush; the topic's key is per tenant × limit × scope.
+    pending_states: dict[tuple[str, datetime], QuotaState] = {}
     counters = Counters()
     ch_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-sink")
     query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-query")
@@ -150,7 +151,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
                     counters.alerts += 1
                     await alerts.send(key=alert.tenant_id.encode(), value=alert.model_dump_json().encode())
                 for quota_state in quota.states:
-                    pending_states[quota_state.key] = quota_state
+                    pending_states[(quota_state.key, quota_state.window_start)] = quota_state
             await attributed.send(key=out.tenant_id.encode(), value=out.model_dump_json().encode(),
                                   timestamp=message.timestamp)
 

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -46,6 +47,28 @@ def worker() -> None:
     from streams.worker import run_worker
 
     run_worker(_settings())
+
+
+@cli.command()
+def enforcer() -> None:
+    """Serve allow / warn / block decisions per tenant from quota.state and quota.alerts, until Ctrl-C."""
+    from streams.enforcer import Enforcer, make_server
+    from streams.topics import check_reachable
+
+    settings = _settings()
+    check_reachable(settings)
+    running = Enforcer(settings).start()
+    server = make_server(running, settings.enforcer_host, settings.enforcer_port, settings.enforcer_token)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    err.print(f"enforcer serving on http://{settings.enforcer_host}:{settings.enforcer_port}/v1/decisions/{{tenant}}"
+              + (" (bearer token required)" if settings.enforcer_token else ""))
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        running.stop()
 
 
 @cli.command("migrate")

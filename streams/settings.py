@@ -15,6 +15,8 @@
 | COSTLINE_MAX_FUTURE_S     | 86400 (events further in the future are dead-lettered) |
 | COSTLINE_MAX_EVENT_BYTES  | 1048576 (larger payloads are dead-lettered) |
 | COSTLINE_LOG_LEVEL        | info                                 |
+| COSTLINE_ENFORCER_HOST / _PORT | 127.0.0.1 / 6067 (costline enforcer) |
+| COSTLINE_ENFORCER_TOKEN   | empty (decisions need this bearer token when set) |
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ _ENV = {
     "max_future_s": "COSTLINE_MAX_FUTURE_S",
     "max_event_bytes": "COSTLINE_MAX_EVENT_BYTES",
     "log_level": "COSTLINE_LOG_LEVEL",
+    "enforcer_host": "COSTLINE_ENFORCER_HOST",
+    "enforcer_port": "COSTLINE_ENFORCER_PORT",
+    "enforcer_token": "COSTLINE_ENFORCER_TOKEN",
 }
 
 
@@ -84,6 +89,9 @@ class Settings(BaseModel):
     max_future_s: int = Field(default=86_400, ge=0)
     max_event_bytes: int = Field(default=1_048_576, ge=1024)
     log_level: str = "info"
+    enforcer_host: str = "127.0.0.1"
+    enforcer_port: int = Field(default=6067, ge=1, le=65535)
+    enforcer_token: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
