@@ -20,6 +20,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import faust
@@ -30,11 +31,11 @@ from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection, dead_letter_headers
 from schemas.quota import QuotaAlert, QuotaState
 from streams.pipeline import Enricher, attribute_raw
+from streams.plans import Plans
 from streams.query import QueryError, run_readonly
+from streams.quotas import QUOTA_TABLES, QuotaEngine
 from streams.reprice import RepriceWindow, reprice
 from streams.settings import Settings
-from streams.plans import Plans
-from streams.quotas import QUOTA_TABLES, QuotaEngine
 from streams.sink import ALERTS, LEDGER, SinkStats, TableSpec, land
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
                 continue
             # Blocks this agent, and so the offset commit of the batch, until the batch lands.
             landed = await loop.run_in_executor(
-                ch_executor, lambda: land(client, table, records, sink_stats, stopping=stopping))
+                ch_executor, partial(land, client, table, records, sink_stats, stopping=stopping))
             if not landed:
                 # Shutting down while ClickHouse refuses the batch. Returning would acknowledge
                 # it, so leave without committing: the batch is consumed again on restart.
@@ -234,7 +235,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
             loop = asyncio.get_running_loop()
             # On the sink's executor: the writer client is used by one thread at a time.
             result = await loop.run_in_executor(
-                ch_executor, lambda: reprice(client, fresh, window.since, window.until, window.tenant))
+                ch_executor, partial(reprice, client, fresh, window.since, window.until, window.tenant))
             return self.json(result.to_json())
 
     @app.on_before_shutdown.connect

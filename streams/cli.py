@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -253,6 +254,7 @@ def demo(
     timeout: Annotated[float, typer.Option(help="seconds to wait for every event to land")] = 180,
 ) -> None:
     """Start local Kafka if needed, run a worker, send a simulated workload and print costs from ClickHouse."""
+    from streams.processes import WorkerProcess, wait_for
     from streams.query import query as run_query
     from streams.query import worker_owns_database
     from streams.topics import KafkaUnavailable, check_reachable, ensure_topics
@@ -267,52 +269,28 @@ def demo(
         subprocess.run([str(ROOT / "scripts" / "kafka"), "start"], check=True)
     ensure_topics(settings)
 
-    worker_proc = None
+    worker = None
     if not worker_owns_database(settings):
         err.print("Starting a worker (costline worker)...")
-        log_path = settings.home / "demo-worker.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        worker_proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"],
-                                       stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-        _wait_for(lambda: worker_owns_database(settings), 90, f"the worker did not start; see {log_path}",
-                  alive=worker_proc)
+        worker = WorkerProcess(os.environ, settings.home / "demo-worker.log").start()
     try:
         run_id = f"demo-{int(time.time())}"
         _simulate(settings, events, tenants, 0, int(time.time()), run_id)
         where = f"startsWith(event_id, '{run_id}-')"
 
-        def landed() -> int:
-            return int(run_query(settings, f"SELECT count() FROM usage WHERE {where}").rows[0][0])
-
         with _progress() as bar:
             task = bar.add_task("landing in ClickHouse", total=events)
 
             def all_landed() -> bool:
-                n = landed()
+                n = int(run_query(settings, f"SELECT count() FROM usage WHERE {where}").rows[0][0])
                 bar.update(task, completed=n)
                 return n >= events
 
-            _wait_for(all_landed, timeout, "not every event landed in time", alive=worker_proc)
+            wait_for(all_landed, timeout, "every event to land in ClickHouse", alive=worker, interval_s=0.25)
         _print_summary(settings, where)
     finally:
-        if worker_proc is not None:
-            worker_proc.send_signal(signal.SIGTERM)
-            try:
-                worker_proc.wait(30)
-            except subprocess.TimeoutExpired:
-                worker_proc.kill()
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float, message: str,
-              alive: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if alive is not None and alive.poll() is not None:
-            raise CommandFailed(f"{message} (the worker exited with status {alive.returncode})")
-        time.sleep(0.25)
-    raise CommandFailed(message)
+        if worker is not None:
+            worker.stop(timeout_s=30)
 
 
 def _print_summary(settings: Settings, where: str) -> None:
@@ -338,6 +316,15 @@ def _print_summary(settings: Settings, where: str) -> None:
     for path, step, calls, cost in paths.rows:
         by_path.add_row(path, step, f"{calls:,}", f"{cost:.6f}")
     console.print(by_path)
+    alerts = run_query(settings, """
+        SELECT tenant_id, limit_id, threshold_percent, level, usage, limit_value, crossed_at
+        FROM quota_alert_history WHERE window_end > now64(3) ORDER BY tenant_id, limit_id, threshold_percent""")
+    table = Table("tenant", "limit", "threshold", "level", "usage / limit", "crossed at",
+                  title="Quota alerts in open windows (config/plans.yaml)")
+    for tenant, limit_id, threshold, level, usage, limit, crossed_at in alerts.rows:
+        table.add_row(tenant, limit_id, f"{threshold:.0f}%", level, f"{usage:.2f} / {limit:.2f}",
+                      str(crossed_at)[11:19])
+    console.print(table if alerts.rows else "No quota alerts in open windows.")
 
 
 # --- entry point ------------------------------------------------------------------------------------
@@ -346,12 +333,13 @@ def _print_summary(settings: Settings, where: str) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from streams.clickhouse import ClickHouseUnavailable
     from streams.prices import ConfigError
+    from streams.processes import ProcessFailed
     from streams.producer import DeliveryFailed
     from streams.query import QueryError
     from streams.topics import KafkaUnavailable
 
     return (SettingsError, ConfigError, KafkaUnavailable, ClickHouseUnavailable, QueryError, DeliveryFailed,
-            CommandFailed)
+            CommandFailed, ProcessFailed)
 
 
 def main(argv: Iterable[str] | None = None) -> None:

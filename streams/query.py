@@ -19,6 +19,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from streams.clickhouse import connect, is_embedded
+from streams.processes import get_json
 from streams.settings import Settings
 
 
@@ -63,18 +64,9 @@ def run_readonly(client: Client, sql: str) -> QueryResult:
     )
 
 
-def worker_health(settings: Settings, timeout_s: float = 2.0) -> dict[str, Any] | None:
+def worker_health(settings: Settings) -> dict[str, Any] | None:
     """The health of the worker on this settings' web port, or None when none answers."""
-    try:
-        with urllib.request.urlopen(f"{settings.web_url}/v1/health", timeout=timeout_s) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as exc:  # 503 while degraded still carries the health document
-        try:
-            return json.load(exc)
-        except ValueError:
-            return None
-    except (OSError, ValueError):
-        return None
+    return get_json(f"{settings.web_url}/v1/health")
 
 
 def worker_owns_database(settings: Settings) -> bool:

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
 from typing import Any, Generic, TypeVar
 
 from clickhouse_connect.driver.client import Client

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -17,9 +15,10 @@ from aiokafka.partitioner import murmur2
 
 from schemas.quota import QuotaAlert, QuotaState
 from schemas.usage import TokenUsage, UsageEvent
+from streams.processes import EnforcerProcess
 from streams.producer import UsageProducer
 from streams.query import query
-from tests.integration.conftest import ROOT, free_port, read_topic, wait_until
+from tests.integration.conftest import read_topic, wait_until
 
 # gpt-4o: 10,000 input tokens × $2.50/M + 1,000 output tokens × $10/M = $0.035 a call.
 CALL = TokenUsage(input_tokens=10_000, output_tokens=1_000)
@@ -76,23 +75,10 @@ def first_crossing(costs: list[Decimal], amount: Decimal) -> int:
 
 @pytest.fixture
 def enforcer(pipeline):
-    port = free_port()
-    env = {**pipeline.env, "COSTLINE_ENFORCER_PORT": str(port), "COSTLINE_ENFORCER_TOKEN": "s3cret"}
-    log = (pipeline.log_path.parent / "enforcer.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "streams.cli", "enforcer"], env=env, cwd=ROOT,
-                               stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            with urllib.request.urlopen(f"{url}/v1/health", timeout=1) as resp:
-                return json.load(resp)["status"] == "ok"
-        except (OSError, ValueError):
-            return False
-
-    yield url, ready
-    process.terminate()
-    process.wait(30)
+    process = EnforcerProcess({**pipeline.env, "COSTLINE_ENFORCER_TOKEN": "s3cret"},
+                              pipeline.log_path.parent / "enforcer.log")
+    yield process
+    process.stop()
 
 
 def decision(url, tenant, token="s3cret"):
@@ -105,8 +91,7 @@ def test_crossing_50_80_100_percent_gives_three_alerts_in_order_and_the_enforcer
         pipeline, kafka_servers, enforcer):
     use_plans(pipeline)
     pipeline.start()
-    url, enforcer_ready = enforcer
-    wait_until(enforcer_ready, 60, "the enforcer to be ready")
+    url = enforcer.start().url
     now = datetime.now(UTC)
     start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     assert decision(url, "acme")["decision"] == "allow"
@@ -186,7 +171,7 @@ def test_late_and_out_of_order_events_inside_the_grace_period_land_in_their_own_
         return query(pipeline.settings, "SELECT count() FROM usage WHERE tenant_id = 'late-co'").rows[0][0] == 5
     wait_until(settled, 60, "5 rows")
     wait_for_window_usage(pipeline, kafka_servers, "late-co", Decimal("0.025"))
-    windows = {k[3]: s.usage for k, s in latest_states(pipeline, kafka_servers, 4).items() if k[0] == "late-co"}
+    windows = {k[3]: s.usage for k, s in latest_states(pipeline, kafka_servers, 2).items() if k[0] == "late-co"}
     # $2.50 per million input tokens: day 1 = a + c = 5,000 tokens, day 2 = b + d = 10,000 tokens.
     assert windows == {day1: Decimal("0.0125"), day2: Decimal("0.025")}
     flags = query(pipeline.settings, "SELECT event_id, late FROM usage WHERE tenant_id = 'late-co' "

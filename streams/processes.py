@@ -1,0 +1,144 @@
+"""Costline processes run as children — by ``costline demo``, the integration tests and the
+benchmarks: start one, wait until it serves its health endpoint, stop it with a signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from streams.settings import Settings
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ProcessFailed(RuntimeError):
+    """A child process exited, or a condition was not met in time."""
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, what: str, *, alive: Child | None = None,
+             interval_s: float = 0.2) -> T:
+    """Polls ``condition`` until it returns something truthy, and returns that."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if alive is not None and not alive.running:
+            raise ProcessFailed(f"{alive.name} exited with status {alive.process.returncode} while waiting for "
+                                f"{what}; its log ends:\n{alive.log_tail()}")
+        if time.monotonic() > deadline:
+            raise ProcessFailed(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout_s: float = 2.0, headers: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The JSON body of a GET (error statuses included), or None when nothing answers."""
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.load(exc)
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+
+
+def isolated_env(home: Path, kafka_servers: str, config_dir: Path, **extra: str) -> dict[str, str]:
+    """An environment for a pipeline of its own: topics, consumer group, database and ports."""
+    tag = uuid.uuid4().hex[:10]
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_servers,
+        "COSTLINE_HOME": str(home),
+        "COSTLINE_TOPIC_PREFIX": f"run-{tag}.",
+        "COSTLINE_APP_ID": f"costline-{tag}",
+        "COSTLINE_WEB_PORT": str(free_port()),
+        "COSTLINE_ENFORCER_PORT": str(free_port()),
+        "COSTLINE_CONFIG_DIR": str(config_dir),
+        "COSTLINE_LOG_LEVEL": "warning",
+        **extra,
+    }
+    env.pop("CLICKHOUSE_URL", None)
+    return env
+
+
+class Child:
+    """A ``costline <command>`` child process with its output in a log file."""
+
+    def __init__(self, command: str, env: Mapping[str, str], log_path: Path) -> None:
+        self.name = f"costline {command}"
+        self.command = command
+        self.env = dict(env)
+        self.settings = Settings.from_env(self.env)
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def health(self) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def start(self, timeout_s: float = 90) -> Child:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", self.command], env=self.env,
+                                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: (self.health() or {}).get("status") == "ok", timeout_s, f"{self.name} to be ready",
+                 alive=self)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        """Signals the process and waits for it; returns its exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+
+class WorkerProcess(Child):
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        super().__init__("worker", env, log_path)
+
+    def health(self) -> dict[str, Any] | None:
+        return get_json(f"{self.settings.web_url}/v1/health")
+
+
+class EnforcerProcess(Child):
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        super().__init__("enforcer", env, log_path)
+        self.url = f"http://{self.settings.enforcer_host}:{self.settings.enforcer_port}"
+
+    def health(self) -> dict[str, Any] | None:
+        return get_json(f"{self.url}/v1/health")
