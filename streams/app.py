@@ -51,6 +51,7 @@ class Counters:
     unpriced: int = 0
     dead_lettered: int = 0
     late: int = 0
+    duplicates: int = 0
     alerts: int = 0
     quota_errors: int = 0
     #: Per ClickHouse table.
@@ -98,12 +99,12 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
     dlq = _raw_topic(app, topics.dlq, settings.partitions)
     alerts = _raw_topic(app, topics.alerts, settings.partitions)
     state = _raw_topic(app, topics.state, settings.partitions)
-    windows, tenants = (
+    windows, tenants, seen = (
         app.Table(name, partitions=settings.partitions,
                   schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"))
         for name in QUOTA_TABLES
     )
-    quotas = QuotaEngine(plans, windows, tenants)
+    quotas = QuotaEngine(plans, windows, tenants, seen)
     # Latest state per window since the last flush; the topic's key is per tenant × limit × scope.
     pending_states: dict[tuple[str, datetime], QuotaState] = {}
     counters = Counters()
@@ -145,6 +146,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
                 counters.quota_errors += 1
                 log.exception("quota update failed for %s[%s]@%s", message.topic, message.partition, message.offset)
             else:
+                counters.duplicates += quota.duplicate
                 if quota.late:
                     counters.late += 1
                     out = out.model_copy(update={"late": True})
@@ -237,6 +239,10 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
             result = await loop.run_in_executor(
                 ch_executor, partial(reprice, client, fresh, window.since, window.until, window.tenant))
             return self.json(result.to_json())
+
+    @app.on_partitions_revoked.connect
+    async def _partitions_moved(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        quotas.forget_partitions()
 
     @app.on_before_shutdown.connect
     async def _stop_sink(sender: Any, **kwargs: Any) -> None:

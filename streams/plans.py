@@ -1,6 +1,7 @@
 """``config/plans.yaml``: plans, their limits, and which tenant is on which plan.
 
     grace_seconds: 300            # late events within this long after their window count in it
+    dedup_seconds: 900            # a copy of an event re-sent within this long counts once
     default_plan: free
     tenants:
       acme: {plan: enterprise, time_zone: America/New_York}
@@ -101,6 +102,8 @@ class TenantAssignment(_Strict):
 
 class Plans(_Strict):
     grace_seconds: Annotated[int, Field(ge=0, le=31 * 86_400)] = 300
+    #: How long an event id is remembered to count a re-sent copy once (wall clock).
+    dedup_seconds: Annotated[int, Field(ge=0, le=7 * 86_400)] = 900
     default_plan: str | None = None
     default_time_zone: str = "UTC"
     plans: dict[str, Plan] = Field(default_factory=dict)

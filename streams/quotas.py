@@ -15,6 +15,12 @@ An event at or below a window's last counted offset was counted before the resta
 skipped; if it is the event that crossed a threshold, its alert is sent again with the same
 ``alert_id`` (the first sending may not have reached Kafka), which consumers deduplicate.
 
+A usage event sent twice by its producer (the same tenant and ``event_id`` at another offset)
+counts once: ``seen[tenant, event_id]`` remembers where each event was first counted for
+``dedup_seconds`` (plans.yaml, wall clock), and a later copy is reported as a duplicate and not
+counted. The keys expire in arrival order from a per-partition queue, which is rebuilt from the
+table the first time a partition is processed after a start or a rebalance.
+
 A late event counts toward its own window while the window is within the grace period
 (window end + grace > the tenant's watermark); later than that it is flagged ``late`` and
 counted in the ledger only. Windows past their grace period are deleted as the watermark moves.
@@ -23,7 +29,9 @@ counted in the ledger only. Windows past their grace period are deleted as the w
 from __future__ import annotations
 
 import json
-from collections.abc import MutableMapping
+import time
+from collections import deque
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -35,12 +43,13 @@ from streams.plans import Limit, Plans, window_bounds
 
 _ONE = Decimal(1)
 #: The Faust tables the worker keeps the state in: window key → window, tenant → watermark and open windows.
-QUOTA_TABLES = ("quota_windows", "quota_tenants")
+QUOTA_TABLES = ("quota_windows", "quota_tenants", "quota_seen")
 
 
 @dataclass
 class QuotaOutcome:
     late: bool = False
+    duplicate: bool = False
     alerts: list[QuotaAlert] = field(default_factory=list)
     states: list[QuotaState] = field(default_factory=list)
 
@@ -79,15 +88,27 @@ class QuotaEngine:
         plans: Plans,
         windows: MutableMapping[str, dict[str, Any]],
         tenants: MutableMapping[str, dict[str, Any]],
+        seen: MutableMapping[str, dict[str, Any]],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.plans = plans
         self.windows = windows
         self.tenants = tenants
+        self.seen = seen
+        self.clock = clock
+        self._expiry: dict[int, deque[tuple[float, str]]] = {}
+
+    def forget_partitions(self) -> None:
+        """After a rebalance: rebuild each partition's expiry queue from the table when next needed."""
+        self._expiry.clear()
 
     def apply(self, record: AttributedUsage, partition: int, offset: int) -> QuotaOutcome:
         limits, zone = self.plans.for_tenant(record.tenant_id)
         outcome = QuotaOutcome()
         if not limits:
+            return outcome
+        if self._is_duplicate(record, partition, offset):
+            outcome.duplicate = True
             return outcome
         tenant = record.tenant_id
         at = record.event_time
@@ -132,6 +153,23 @@ class QuotaEngine:
                 del open_windows[key]
         self.tenants[tenant] = {"watermark": watermark.isoformat(), "windows": open_windows}
         return outcome
+
+    def _is_duplicate(self, record: AttributedUsage, partition: int, offset: int) -> bool:
+        now = self.clock()
+        queue = self._expiry.get(partition)
+        if queue is None:
+            queue = self._expiry[partition] = deque(sorted(
+                (value["t"], key) for key, value in self.seen.items() if value["p"] == partition))
+        horizon = now - self.plans.dedup_seconds
+        while queue and queue[0][0] < horizon:
+            self.seen.pop(queue.popleft()[1], None)
+        key = f"{record.tenant_id}\x1f{record.event_id}"
+        first = self.seen.get(key)
+        if first is not None:
+            return (first["p"], first["o"]) != (partition, offset)  # the same record again is a replay
+        self.seen[key] = {"p": partition, "o": offset, "t": now}
+        queue.append((now, key))
+        return False
 
     def _replayed_alerts(self, record: AttributedUsage, limit: Limit, scope: str, start: datetime, end: datetime,
                          window: dict[str, Any], offset: int) -> list[QuotaAlert]:

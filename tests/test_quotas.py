@@ -35,7 +35,7 @@ DAY = datetime(2026, 6, 1, tzinfo=UTC)
 def engine(tmp_path):
     path = tmp_path / "plans.yaml"
     path.write_text(PLANS)
-    return QuotaEngine(Plans.from_file(path), {}, {})
+    return QuotaEngine(Plans.from_file(path), {}, {}, {})
 
 
 def rec(tenant, at, cost, event_id, user=None, tokens=0):
@@ -161,3 +161,25 @@ def test_bad_plans_are_one_clear_line(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         Plans.from_file(path)
+
+
+def test_a_copy_of_an_event_sent_again_is_counted_once(tmp_path):
+    path = tmp_path / "plans.yaml"
+    path.write_text(PLANS.replace("grace_seconds: 600", "grace_seconds: 600\ndedup_seconds: 60"))
+    now = [1_000.0]
+    seen: dict = {}
+    engine = QuotaEngine(Plans.from_file(path), {}, {}, seen, clock=lambda: now[0])
+    at = DAY + timedelta(hours=9)
+    first = engine.apply(rec("acme", at, "6", "dup-1"), 0, 0)
+    copy = engine.apply(rec("acme", at, "6", "dup-1"), 0, 7)           # the producer sent it again
+    replay = engine.apply(rec("acme", at, "6", "dup-1"), 0, 0)         # the same record after a restart
+    assert (first.duplicate, copy.duplicate, replay.duplicate) == (False, True, False)
+    assert len(first.alerts) == 1 and copy.alerts == [] and len(replay.alerts) == 1  # replay re-sends, same id
+    other = engine.apply(rec("globex", at, "1", "dup-1"), 1, 0)        # another tenant's id is its own
+    assert not other.duplicate
+    assert next(iter(engine.windows.values()))["usage"] == "6"
+
+    now[0] += 61                                                       # the id is forgotten after 60 s
+    engine.forget_partitions()                                         # ... also across a rebalance
+    engine.apply(rec("acme", at, "1", "later-1"), 0, 8)
+    assert sorted(seen) == ["acme\x1flater-1", "globex\x1fdup-1"]
