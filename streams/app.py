@@ -18,7 +18,6 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -30,6 +29,8 @@ from pydantic import ValidationError
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection, dead_letter_headers
 from schemas.quota import QuotaAlert, QuotaState
+from streams.faults import ClickHouseFaults
+from streams.metrics import Counters, render
 from streams.pipeline import Enricher, attribute_raw
 from streams.plans import Plans
 from streams.query import QueryError, run_readonly
@@ -42,20 +43,6 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a worker stopped while a batch could not be written (nothing was committed).
 EXIT_UNLANDED = 75
-
-
-@dataclass
-class Counters:
-    events_in: int = 0
-    attributed: int = 0
-    unpriced: int = 0
-    dead_lettered: int = 0
-    late: int = 0
-    duplicates: int = 0
-    alerts: int = 0
-    quota_errors: int = 0
-    #: Per ClickHouse table.
-    sinks: dict[str, SinkStats] = field(default_factory=dict)
 
 
 def _raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
@@ -111,6 +98,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
     ch_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-sink")
     query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-query")
     stopping = threading.Event()
+    faults = ClickHouseFaults() if settings.fault_injection else None
     max_future = timedelta(seconds=settings.max_future_s)
 
     async def dead_letter(message: Any, rejection: Rejection) -> None:
@@ -129,6 +117,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
         async for event in stream.events():
             message = event.message
             counters.events_in += 1
+            counters.processed(message.topic, message.partition, message.offset)
             try:
                 out = attribute_raw(message.value, enricher, now=datetime.now(UTC), max_future=max_future,
                                     max_bytes=settings.max_event_bytes)
@@ -172,6 +161,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
         """Batches a topic into a ClickHouse table; a record that does not parse is dead-lettered."""
         loop = asyncio.get_running_loop()
         sink_stats = counters.sinks.setdefault(table.name, SinkStats())
+        insert = faults.wrap(table.insert) if faults else table.insert
         async for events in stream.take_events(settings.sink_batch, within=settings.sink_within_s):
             records = []
             for event in events:
@@ -183,14 +173,25 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
             if not records:
                 continue
             # Blocks this agent, and so the offset commit of the batch, until the batch lands.
-            landed = await loop.run_in_executor(
-                ch_executor, partial(land, client, table, records, sink_stats, stopping=stopping))
-            if not landed:
-                # Shutting down while ClickHouse refuses the batch. Returning would acknowledge
-                # it, so leave without committing: the batch is consumed again on restart.
-                log.error("stopping with %d unlanded %s rows; exiting without committing their offsets",
-                          len(records), table.name)
+            # take_events() acknowledges the batch when this body ends, even when it ends by
+            # cancellation (shutdown), so the write is shielded from cancellation: on SIGTERM the
+            # batch in flight lands before its offsets can be committed, or, if ClickHouse refuses
+            # it, the process leaves without committing them.
+            write = loop.run_in_executor(ch_executor, partial(land, client, table, records, sink_stats,
+                                                              stopping=stopping, insert=insert))
+            try:
+                landed = await asyncio.shield(write)
+            except asyncio.CancelledError:
+                stopping.set()  # a failing write stops retrying; one in progress finishes
+                if not await write:
+                    log.error("stopping with %d unlanded %s rows; exiting without committing their offsets",
+                              len(records), table.name)
+                    os._exit(EXIT_UNLANDED)
+                raise
+            if not landed:  # only when stopping, which only the branch above sets
                 os._exit(EXIT_UNLANDED)
+            for event in events:
+                counters.processed(event.message.topic, event.message.partition, event.message.offset)
 
     @app.agent(attributed, name="land", concurrency=1)
     async def land_usage(stream: faust.StreamT) -> None:
@@ -206,8 +207,26 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
             failing = any(sink.failing_since is not None for sink in counters.sinks.values())
             status = "degraded" if failing else "ok"
             body = {"status": status, "clickhouse_url": settings.clickhouse_url,
-                    "pricing_version": enricher.pricer.version, **asdict(counters)}
+                    "pricing_version": enricher.pricer.version, **counters.health()}
             return self.json(body, status=200 if status == "ok" else 503)
+
+    @app.page("/metrics")
+    class Metrics(faust.web.View):
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            consumer = app.consumer
+            sources = {topics.raw, topics.attributed, topics.alerts}
+            highwaters = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()
+                          if tp.topic in sources}
+            return self.text(render(counters, highwaters), content_type="text/plain; version=0.0.4")
+
+    @app.page("/v1/faults/clickhouse")
+    class Faults(faust.web.View):
+        async def post(self, request: faust.web.Request) -> faust.web.Response:
+            if faults is None:
+                return self.json({"error": "fault injection is off (COSTLINE_FAULT_INJECTION=1)"}, status=404)
+            body = await request.json()
+            faults.fail_for(float(body["fail_for_s"]))
+            return self.json({"failing_for_s": float(body["fail_for_s"])})
 
     @app.page("/v1/query")
     class Query(faust.web.View):
@@ -244,9 +263,4 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
     async def _partitions_moved(sender: Any, revoked: Any, **kwargs: Any) -> None:
         quotas.forget_partitions()
 
-    @app.on_before_shutdown.connect
-    async def _stop_sink(sender: Any, **kwargs: Any) -> None:
-        stopping.set()
-
-    app.costline_counters = counters  # type: ignore[attr-defined]
     return app

@@ -17,6 +17,8 @@
 | COSTLINE_LOG_LEVEL        | info                                 |
 | COSTLINE_ENFORCER_HOST / _PORT | 127.0.0.1 / 6067 (costline enforcer) |
 | COSTLINE_ENFORCER_TOKEN   | empty (decisions need this bearer token when set) |
+| COSTLINE_LOG_FORMAT       | text, or json (one JSON object per line) |
+| COSTLINE_FAULT_INJECTION  | 0 (1 enables the worker's fault-injection endpoint, for fault tests) |
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -69,6 +72,8 @@ _ENV = {
     "enforcer_host": "COSTLINE_ENFORCER_HOST",
     "enforcer_port": "COSTLINE_ENFORCER_PORT",
     "enforcer_token": "COSTLINE_ENFORCER_TOKEN",
+    "fault_injection": "COSTLINE_FAULT_INJECTION",
+    "log_format": "COSTLINE_LOG_FORMAT",
 }
 
 
@@ -92,6 +97,9 @@ class Settings(BaseModel):
     enforcer_host: str = "127.0.0.1"
     enforcer_port: int = Field(default=6067, ge=1, le=65535)
     enforcer_token: str | None = None
+    #: Enables POST /v1/faults/clickhouse on the worker (fault tests only).
+    fault_injection: bool = False
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -149,6 +149,9 @@ class SinkStats:
     errors: int = 0
     last_error: str | None = None
     failing_since: float | None = None
+    #: Time from a batch's first insert attempt until it landed, retries included.
+    batch_seconds_sum: float = 0.0
+    batch_seconds_max: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ def land(
     """Inserts the batch, retrying until it lands. Returns False only if ``stopping`` was set first."""
     insert = insert or table.insert
     token = table.dedup_token(records)
+    started = time.monotonic()
     attempt = 0
     while True:
         try:
@@ -191,7 +195,10 @@ def land(
             else:
                 time.sleep(wait)
             continue
+        elapsed = time.monotonic() - started
         stats.landed += len(records)
         stats.batches += 1
+        stats.batch_seconds_sum += elapsed
+        stats.batch_seconds_max = max(stats.batch_seconds_max, elapsed)
         stats.failing_since = None
         return True

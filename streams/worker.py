@@ -8,6 +8,7 @@ import faust
 
 from streams.app import create_app
 from streams.clickhouse import connect
+from streams.logs import logging_config
 from streams.migrations import migrate
 from streams.pipeline import Enricher
 from streams.plans import Plans
@@ -29,5 +30,6 @@ def run_worker(settings: Settings) -> None:
         log.info("applied migration %04d_%s", migration.version, migration.name)
     query_client = connect_readonly(settings.clickhouse_url)
     app = create_app(settings, enricher, plans, client, query_client)
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
+                          logging_config=logging_config(settings.log_level, settings.log_format))
     worker.execute_from_commandline()

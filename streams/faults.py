@@ -1,0 +1,42 @@
+"""Deliberate ClickHouse write failures, for proving the delivery guarantees.
+
+Off unless ``COSTLINE_FAULT_INJECTION=1``. Then ``POST /v1/faults/clickhouse`` with
+``{"fail_for_s": 30}`` makes every insert of the worker fail for that long, at the client
+boundary, the way an unreachable server or a timed-out write fails — with the embedded engine
+too, which cannot otherwise be taken down while the worker holds it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+
+class InjectedOutage(ConnectionError):
+    """The failure an injected outage raises in place of an insert."""
+
+
+class ClickHouseFaults:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fail_until = 0.0
+
+    def fail_for(self, seconds: float) -> None:
+        with self._lock:
+            self._fail_until = time.monotonic() + seconds
+
+    @property
+    def active(self) -> bool:
+        return time.monotonic() < self._fail_until
+
+    def wrap(self, insert: Callable[[Client, Sequence[Any], str], None]) -> Callable[[Client, Sequence[Any], str], None]:
+        def insert_unless_failing(client: Client, records: Sequence[Any], token: str) -> None:
+            if self.active:
+                raise InjectedOutage("injected ClickHouse outage (COSTLINE_FAULT_INJECTION)")
+            insert(client, records, token)
+
+        return insert_unless_failing
