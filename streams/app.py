@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -59,13 +60,43 @@ def _raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
 STATE_FLUSH_S = 0.25
 
 
-def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Client, query_client: Client) -> faust.App:
-    """The worker app. ``client`` writes the ledger; ``query_client`` (from ``connect_readonly``)
-    serves queries: chDB keeps settings per session, so the two must never be the same client."""
-    datadir = settings.home / "worker" / settings.app_id
+@dataclass(frozen=True)
+class Sink:
+    """The sink's ClickHouse clients: ``writer`` lands batches; ``reader`` (from ``connect_readonly``)
+    serves queries. chDB keeps settings per session, so the two are never the same client."""
+
+    writer: Client
+    reader: Client
+
+
+@dataclass
+class _Shared:
+    """What the stream and sink halves of a worker share."""
+
+    settings: Settings
+    counters: Counters
+    dlq: faust.TopicT
+
+    async def dead_letter(self, message: Any, rejection: Rejection) -> None:
+        self.counters.dead_lettered += 1
+        log.info("dead-lettered %s[%s]@%s: %s: %s", message.topic, message.partition, message.offset,
+                 rejection.reason, rejection.message)
+        await self.dlq.send(
+            key=message.key,
+            value=message.value if message.value is not None else b"",
+            timestamp=message.timestamp,
+            headers=dead_letter_headers(rejection, message.topic, message.partition, message.offset),
+        )
+
+
+def create_app(settings: Settings, enricher: Enricher, plans: Plans, sink: Sink | None) -> faust.App:
+    """The worker app for ``settings.role``: ``stream`` (validate, price, tag, quotas), ``sink``
+    (ClickHouse; needs ``sink``) or ``all``. A sink-only worker has its own consumer group."""
+    app_id = f"{settings.app_id}-sink" if settings.role == "sink" else settings.app_id
+    datadir = settings.home / "worker" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        settings.app_id,
+        app_id,
         broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
         datadir=str(datadir),
         topic_partitions=settings.partitions,
@@ -80,10 +111,22 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
         web_in_thread=False,
         store="rocksdb://",
     )
-    topics = settings.topics
+    shared = _Shared(settings, Counters(), _raw_topic(app, settings.topics.dlq, settings.partitions))
+    sources = []
+    if settings.role in ("all", "stream"):
+        sources += _add_stream(app, shared, enricher, plans)
+    if settings.role in ("all", "sink"):
+        if sink is None:
+            raise ValueError("a sink worker needs ClickHouse clients")
+        sources += _add_sink(app, shared, sink, enricher)
+    _add_health(app, shared, enricher, sink is not None, set(sources))
+    return app
+
+
+def _add_stream(app: faust.App, shared: _Shared, enricher: Enricher, plans: Plans) -> list[str]:
+    settings, counters, topics = shared.settings, shared.counters, shared.settings.topics
     raw = _raw_topic(app, topics.raw, settings.partitions)
     attributed = _raw_topic(app, topics.attributed, settings.partitions)
-    dlq = _raw_topic(app, topics.dlq, settings.partitions)
     alerts = _raw_topic(app, topics.alerts, settings.partitions)
     state = _raw_topic(app, topics.state, settings.partitions)
     windows, tenants, seen = (
@@ -94,23 +137,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
     quotas = QuotaEngine(plans, windows, tenants, seen)
     # Latest state per window since the last flush; the topic's key is per tenant × limit × scope.
     pending_states: dict[tuple[str, datetime], QuotaState] = {}
-    counters = Counters()
-    ch_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-sink")
-    query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-query")
-    stopping = threading.Event()
-    faults = ClickHouseFaults() if settings.fault_injection else None
     max_future = timedelta(seconds=settings.max_future_s)
-
-    async def dead_letter(message: Any, rejection: Rejection) -> None:
-        counters.dead_lettered += 1
-        log.info("dead-lettered %s[%s]@%s: %s: %s", message.topic, message.partition, message.offset,
-                 rejection.reason, rejection.message)
-        await dlq.send(
-            key=message.key,
-            value=message.value if message.value is not None else b"",
-            timestamp=message.timestamp,
-            headers=dead_letter_headers(rejection, message.topic, message.partition, message.offset),
-        )
 
     @app.agent(raw, name="attribute", concurrency=1)
     async def attribute(stream: faust.StreamT) -> None:
@@ -125,7 +152,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
                 log.exception("processing failed for %s[%s]@%s", message.topic, message.partition, message.offset)
                 out = Rejection(reason="processing_error", message=f"{type(exc).__name__}: {exc}"[:500])
             if isinstance(out, Rejection):
-                await dead_letter(message, out)
+                await shared.dead_letter(message, out)
                 continue
             counters.attributed += 1
             counters.unpriced += not out.priced
@@ -157,6 +184,22 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
         for quota_state in latest:
             await state.send(key=quota_state.key.encode(), value=quota_state.model_dump_json().encode())
 
+    @app.on_partitions_revoked.connect
+    async def _partitions_moved(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        quotas.forget_partitions()
+
+    return [topics.raw]
+
+
+def _add_sink(app: faust.App, shared: _Shared, sink: Sink, enricher: Enricher) -> list[str]:
+    settings, counters, topics = shared.settings, shared.counters, shared.settings.topics
+    attributed = _raw_topic(app, topics.attributed, settings.partitions)
+    alerts = _raw_topic(app, topics.alerts, settings.partitions)
+    ch_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-sink")
+    query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-query")
+    stopping = threading.Event()
+    faults = ClickHouseFaults() if settings.fault_injection else None
+
     async def land_batches(stream: faust.StreamT, table: TableSpec[Any], parse: Any) -> None:
         """Batches a topic into a ClickHouse table; a record that does not parse is dead-lettered."""
         loop = asyncio.get_running_loop()
@@ -168,7 +211,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
                 try:
                     records.append(parse(event.message.value))
                 except ValidationError as exc:
-                    await dead_letter(event.message, Rejection(
+                    await shared.dead_letter(event.message, Rejection(
                         reason="invalid_event", message=f"not a {table.name} record: {exc.errors()[0]['msg']}"))
             if not records:
                 continue
@@ -177,7 +220,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
             # cancellation (shutdown), so the write is shielded from cancellation: on SIGTERM the
             # batch in flight lands before its offsets can be committed, or, if ClickHouse refuses
             # it, the process leaves without committing them.
-            write = loop.run_in_executor(ch_executor, partial(land, client, table, records, sink_stats,
+            write = loop.run_in_executor(ch_executor, partial(land, sink.writer, table, records, sink_stats,
                                                               stopping=stopping, insert=insert))
             try:
                 landed = await asyncio.shield(write)
@@ -201,24 +244,6 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
     async def land_alerts(stream: faust.StreamT) -> None:
         await land_batches(stream, ALERTS, QuotaAlert.model_validate_json)
 
-    @app.page("/v1/health")
-    class Health(faust.web.View):
-        async def get(self, request: faust.web.Request) -> faust.web.Response:
-            failing = any(sink.failing_since is not None for sink in counters.sinks.values())
-            status = "degraded" if failing else "ok"
-            body = {"status": status, "clickhouse_url": settings.clickhouse_url,
-                    "pricing_version": enricher.pricer.version, **counters.health()}
-            return self.json(body, status=200 if status == "ok" else 503)
-
-    @app.page("/metrics")
-    class Metrics(faust.web.View):
-        async def get(self, request: faust.web.Request) -> faust.web.Response:
-            consumer = app.consumer
-            sources = {topics.raw, topics.attributed, topics.alerts}
-            highwaters = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()
-                          if tp.topic in sources}
-            return self.text(render(counters, highwaters), content_type="text/plain; version=0.0.4")
-
     @app.page("/v1/faults/clickhouse")
     class Faults(faust.web.View):
         async def post(self, request: faust.web.Request) -> faust.web.Response:
@@ -237,7 +262,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
                 return self.json({"error": 'send a JSON object {"sql": "SELECT ..."}'}, status=400)
             loop = asyncio.get_running_loop()
             try:
-                result = await loop.run_in_executor(query_executor, run_readonly, query_client, sql)
+                result = await loop.run_in_executor(query_executor, run_readonly, sink.reader, sql)
             except QueryError as exc:
                 return self.json({"error": str(exc)}, status=400)
             return self.json(result.to_json())
@@ -256,11 +281,30 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, client: Cli
             loop = asyncio.get_running_loop()
             # On the sink's executor: the writer client is used by one thread at a time.
             result = await loop.run_in_executor(
-                ch_executor, partial(reprice, client, fresh, window.since, window.until, window.tenant))
+                ch_executor, partial(reprice, sink.writer, fresh, window.since, window.until, window.tenant))
             return self.json(result.to_json())
 
-    @app.on_partitions_revoked.connect
-    async def _partitions_moved(sender: Any, revoked: Any, **kwargs: Any) -> None:
-        quotas.forget_partitions()
+    return [topics.attributed, topics.alerts]
 
-    return app
+
+def _add_health(app: faust.App, shared: _Shared, enricher: Enricher, owns_database: bool, sources: set[str]) -> None:
+    settings, counters = shared.settings, shared.counters
+
+    @app.page("/v1/health")
+    class Health(faust.web.View):
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            failing = any(sink.failing_since is not None for sink in counters.sinks.values())
+            status = "degraded" if failing else "ok"
+            body = {"status": status, "role": settings.role, "pricing_version": enricher.pricer.version,
+                    # Only the worker that has the database open says which: queries are routed by it.
+                    "clickhouse_url": settings.clickhouse_url if owns_database else None,
+                    **counters.health()}
+            return self.json(body, status=200 if status == "ok" else 503)
+
+    @app.page("/metrics")
+    class Metrics(faust.web.View):
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            consumer = app.consumer
+            highwaters = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()
+                          if tp.topic in sources}
+            return self.text(render(counters, highwaters), content_type="text/plain; version=0.0.4")

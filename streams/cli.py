@@ -226,6 +226,38 @@ def reprice(
                   f"(run {result['reprice_id']})")
 
 
+@cli.command()
+def replay(
+    from_dlq: Annotated[bool, typer.Option("--from-dlq", help="re-submit the dead letters not replayed yet")] = False,
+    reason: Annotated[str | None, typer.Option(help="only dead letters with this reason")] = None,
+) -> None:
+    """Re-submit dead letters to usage.raw after a fix (each once; still-invalid ones return to the DLQ)."""
+    from streams.replay import replay_dead_letters
+
+    if not from_dlq:
+        raise CommandFailed("say what to replay: costline replay --from-dlq [--reason invalid_event]")
+    result = replay_dead_letters(_settings(), reason=reason)
+    console.print(f"read {result.read:,} dead letters, re-submitted {result.resubmitted:,}"
+                  + (f", left {result.skipped:,} with other reasons" if result.skipped else ""))
+
+
+@cli.command()
+def backfill(
+    since: Annotated[str, typer.Option(help="event time from (inclusive)")],
+    until: Annotated[str | None, typer.Option(help="event time until (exclusive)")] = None,
+) -> None:
+    """Re-attribute the usage.raw records of a time range into the ledger (quota windows are left as counted)."""
+    from streams.pipeline import Enricher
+    from streams.replay import backfill as run_backfill
+
+    settings = _settings()
+    result = run_backfill(settings, Enricher.from_config_dir(settings.config_dir), _instant(since),
+                          _instant(until) if until else None)
+    rejected = sum(result.rejected.values())
+    console.print(f"read {result.read:,} records, re-attributed {result.resubmitted:,}"
+                  + (f", {rejected:,} invalid ({dict(result.rejected)}; they are in usage.dlq)" if rejected else ""))
+
+
 def _instant(text: str) -> datetime:
     """A date (UTC midnight) or an ISO 8601 time; without a zone, UTC."""
     try:

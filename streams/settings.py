@@ -18,6 +18,7 @@
 | COSTLINE_ENFORCER_HOST / _PORT | 127.0.0.1 / 6067 (costline enforcer) |
 | COSTLINE_ENFORCER_TOKEN   | empty (decisions need this bearer token when set) |
 | COSTLINE_LOG_FORMAT       | text, or json (one JSON object per line) |
+| COSTLINE_ROLE             | all; or stream (validate → quotas, no database) / sink (ClickHouse only) |
 | COSTLINE_FAULT_INJECTION  | 0 (1 enables the worker's fault-injection endpoint, for fault tests) |
 """
 
@@ -73,6 +74,7 @@ _ENV = {
     "enforcer_port": "COSTLINE_ENFORCER_PORT",
     "enforcer_token": "COSTLINE_ENFORCER_TOKEN",
     "fault_injection": "COSTLINE_FAULT_INJECTION",
+    "role": "COSTLINE_ROLE",
     "log_format": "COSTLINE_LOG_FORMAT",
 }
 
@@ -100,6 +102,8 @@ class Settings(BaseModel):
     #: Enables POST /v1/faults/clickhouse on the worker (fault tests only).
     fault_injection: bool = False
     log_format: Literal["text", "json"] = "text"
+    #: What a worker runs: everything, only the stream (validate → quotas), or only the ClickHouse sink.
+    role: Literal["all", "stream", "sink"] = "all"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -6,7 +6,7 @@ import logging
 
 import faust
 
-from streams.app import create_app
+from streams.app import Sink, create_app
 from streams.clickhouse import connect
 from streams.logs import logging_config
 from streams.migrations import migrate
@@ -25,11 +25,13 @@ def run_worker(settings: Settings) -> None:
     enricher = Enricher.from_config_dir(settings.config_dir)
     plans = Plans.from_file(settings.config_dir / "plans.yaml")
     ensure_topics(settings)
-    client = connect(settings.clickhouse_url)
-    for migration in migrate(client):
-        log.info("applied migration %04d_%s", migration.version, migration.name)
-    query_client = connect_readonly(settings.clickhouse_url)
-    app = create_app(settings, enricher, plans, client, query_client)
+    sink = None
+    if settings.role in ("all", "sink"):  # a stream-only worker never opens the database
+        writer = connect(settings.clickhouse_url)
+        for migration in migrate(writer):
+            log.info("applied migration %04d_%s", migration.version, migration.name)
+        sink = Sink(writer=writer, reader=connect_readonly(settings.clickhouse_url))
+    app = create_app(settings, enricher, plans, sink)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
                           logging_config=logging_config(settings.log_level, settings.log_format))
     worker.execute_from_commandline()
