@@ -13,6 +13,8 @@ with partitions and more worker processes in the same consumer group.
 
 from __future__ import annotations
 
+import streams.faust_patches  # noqa: F401 - must precede every import of faust
+
 import asyncio
 import logging
 import os
@@ -26,7 +28,6 @@ from typing import Any
 import faust
 from clickhouse_connect.driver.client import Client
 from pydantic import ValidationError
-
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection, dead_letter_headers
 from schemas.quota import QuotaAlert, QuotaState
@@ -89,11 +90,24 @@ class _Shared:
         )
 
 
+def group_id(settings: Settings) -> str:
+    """The Faust app id, which is also the Kafka consumer group: a sink-only worker has its own."""
+    return f"{settings.app_id}-sink" if settings.role == "sink" else settings.app_id
+
+
+def source_topics(settings: Settings) -> list[str]:
+    """The topics a worker of ``settings.role`` consumes."""
+    t = settings.topics
+    return {"stream": [t.raw], "sink": [t.attributed, t.alerts], "all": [t.raw, t.attributed, t.alerts]}[
+        settings.role]
+
+
 def create_app(settings: Settings, enricher: Enricher, plans: Plans, sink: Sink | None) -> faust.App:
     """The worker app for ``settings.role``: ``stream`` (validate, price, tag, quotas), ``sink``
     (ClickHouse; needs ``sink``) or ``all``. A sink-only worker has its own consumer group."""
     app_id = f"{settings.app_id}-sink" if settings.role == "sink" else settings.app_id
-    datadir = settings.home / "worker" / app_id
+    # Table stores (RocksDB) are locked by their process: two workers on one host need two folders.
+    datadir = settings.home / "worker" / f"{app_id}-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
@@ -112,18 +126,17 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, sink: Sink 
         store="rocksdb://",
     )
     shared = _Shared(settings, Counters(), _raw_topic(app, settings.topics.dlq, settings.partitions))
-    sources = []
     if settings.role in ("all", "stream"):
-        sources += _add_stream(app, shared, enricher, plans)
+        _add_stream(app, shared, enricher, plans)
     if settings.role in ("all", "sink"):
         if sink is None:
             raise ValueError("a sink worker needs ClickHouse clients")
-        sources += _add_sink(app, shared, sink, enricher)
-    _add_health(app, shared, enricher, sink is not None, set(sources))
+        _add_sink(app, shared, sink, enricher)
+    _add_health(app, shared, enricher, sink is not None, set(source_topics(settings)))
     return app
 
 
-def _add_stream(app: faust.App, shared: _Shared, enricher: Enricher, plans: Plans) -> list[str]:
+def _add_stream(app: faust.App, shared: _Shared, enricher: Enricher, plans: Plans) -> None:
     settings, counters, topics = shared.settings, shared.counters, shared.settings.topics
     raw = _raw_topic(app, topics.raw, settings.partitions)
     attributed = _raw_topic(app, topics.attributed, settings.partitions)
@@ -139,11 +152,20 @@ def _add_stream(app: faust.App, shared: _Shared, enricher: Enricher, plans: Plan
     pending_states: dict[tuple[str, datetime], QuotaState] = {}
     max_future = timedelta(seconds=settings.max_future_s)
 
+    last_seen: dict[int, int] = {}
+
     @app.agent(raw, name="attribute", concurrency=1)
     async def attribute(stream: faust.StreamT) -> None:
         async for event in stream.events():
             message = event.message
             counters.events_in += 1
+            last = last_seen.get(message.partition)
+            if last is not None and message.offset > last + 1:
+                # Records skipped: transaction markers do this harmlessly; anything else is a bug.
+                counters.offset_gaps += 1
+                log.warning("offset gap on %s[%s]: %s after %s", message.topic, message.partition,
+                            message.offset, last)
+            last_seen[message.partition] = message.offset  # going back (a rebalance re-read) is expected
             counters.processed(message.topic, message.partition, message.offset)
             try:
                 out = attribute_raw(message.value, enricher, now=datetime.now(UTC), max_future=max_future,
@@ -188,10 +210,8 @@ def _add_stream(app: faust.App, shared: _Shared, enricher: Enricher, plans: Plan
     async def _partitions_moved(sender: Any, revoked: Any, **kwargs: Any) -> None:
         quotas.forget_partitions()
 
-    return [topics.raw]
 
-
-def _add_sink(app: faust.App, shared: _Shared, sink: Sink, enricher: Enricher) -> list[str]:
+def _add_sink(app: faust.App, shared: _Shared, sink: Sink, enricher: Enricher) -> None:
     settings, counters, topics = shared.settings, shared.counters, shared.settings.topics
     attributed = _raw_topic(app, topics.attributed, settings.partitions)
     alerts = _raw_topic(app, topics.alerts, settings.partitions)
@@ -283,8 +303,6 @@ def _add_sink(app: faust.App, shared: _Shared, sink: Sink, enricher: Enricher) -
             result = await loop.run_in_executor(
                 ch_executor, partial(reprice, sink.writer, fresh, window.since, window.until, window.tenant))
             return self.json(result.to_json())
-
-    return [topics.attributed, topics.alerts]
 
 
 def _add_health(app: faust.App, shared: _Shared, enricher: Enricher, owns_database: bool, sources: set[str]) -> None:

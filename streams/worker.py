@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import streams.faust_patches  # noqa: F401 - must precede every import of faust
+
 import logging
 
 import faust
 
-from streams.app import Sink, create_app
+from streams.app import Sink, create_app, group_id, source_topics
 from streams.clickhouse import connect
 from streams.logs import logging_config
 from streams.migrations import migrate
@@ -14,7 +16,7 @@ from streams.pipeline import Enricher
 from streams.plans import Plans
 from streams.query import connect_readonly
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics, seed_group_offsets
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,9 @@ def run_worker(settings: Settings) -> None:
     enricher = Enricher.from_config_dir(settings.config_dir)
     plans = Plans.from_file(settings.config_dir / "plans.yaml")
     ensure_topics(settings)
+    seeded = seed_group_offsets(settings, group_id(settings), source_topics(settings))
+    if seeded:
+        log.info("committed the earliest offset of %d partitions new to group %s", seeded, group_id(settings))
     sink = None
     if settings.role in ("all", "sink"):  # a stream-only worker never opens the database
         writer = connect(settings.clickhouse_url)

@@ -1,0 +1,95 @@
+"""Faults on the real broker: every case must end with lost=0 and duplicated=0 against exact
+expected totals, in the ledger and in the quota windows."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from streams.processes import ROOT, get_json, wait_for
+from tests.faults.conftest import FULL, Pipeline
+
+
+def assert_exact(figures: dict, pipeline: Pipeline, sent: int) -> None:
+    assert (figures["lost"], figures["duplicated"]) == (0, 0), figures
+    assert figures["cost"] == figures["expected_cost"]
+    assert figures["quota"] == pipeline.expected_quota(sent), "quota windows count every event exactly once"
+
+
+def test_kill_9_of_the_worker_at_random_points(pipeline: Pipeline):
+    kills, total, rate = (8, 12_000, 400) if FULL else (3, 2_400, 300)
+    worker = pipeline.worker().start()
+    load = pipeline.load(total, rate).start()
+    rng = random.Random(5)
+    for _ in range(kills):
+        time.sleep(rng.uniform(1.0, 3.0))
+        assert worker.stop(signal.SIGKILL) == -signal.SIGKILL
+        worker.start()
+    load.wait()
+    assert_exact(pipeline.reconcile(load.sent), pipeline, load.sent)
+
+
+def test_broker_restart_mid_stream(pipeline: Pipeline):
+    if not (ROOT / ".costline" / "kafka" / "kafka.pid").exists():
+        pytest.skip("needs the local broker of scripts/kafka, which this case restarts")
+    total, rate = (6_000, 300) if FULL else (1_800, 300)
+    pipeline.worker().start()
+    load = pipeline.load(total, rate).start()
+    time.sleep(2)
+    subprocess.run([str(ROOT / "scripts" / "kafka"), "stop"], check=True, capture_output=True)
+    time.sleep(3 if FULL else 1)
+    subprocess.run([str(ROOT / "scripts" / "kafka"), "start"], check=True, capture_output=True)
+    load.wait()
+    assert_exact(pipeline.reconcile(load.sent), pipeline, load.sent)
+
+
+def test_clickhouse_writes_failing(pipeline: Pipeline):
+    outage_s, total, rate = (30, 9_000, 250) if FULL else (8, 3_000, 250)
+    worker = pipeline.worker().start()
+    load = pipeline.load(total, rate).start()
+    time.sleep(2)
+    request = urllib.request.Request(f"{worker.settings.web_url}/v1/faults/clickhouse", method="POST",
+                                     data=json.dumps({"fail_for_s": outage_s}).encode())
+    urllib.request.urlopen(request, timeout=5).close()
+    degraded = wait_for(lambda: (h := worker.health()) and h["status"] == "degraded" and h, 30,
+                        "the worker to report degraded health")
+    assert degraded["sinks"]["usage_ledger"]["errors"] >= 1
+    assert "injected ClickHouse outage" in degraded["sinks"]["usage_ledger"]["last_error"]
+    metrics = urllib.request.urlopen(f"{worker.settings.web_url}/metrics", timeout=5).read().decode()
+    assert 'costline_clickhouse_errors_total{table="usage_ledger"}' in metrics
+    load.wait()
+    wait_for(lambda: (worker.health() or {}).get("status") == "ok", outage_s + 60, "the sink to recover")
+    assert_exact(pipeline.reconcile(load.sent), pipeline, load.sent)
+
+
+def test_every_event_produced_twice(pipeline: Pipeline):
+    total, rate = (8_000, 400) if FULL else (2_000, 400)
+    worker = pipeline.worker().start()
+    load = pipeline.load(total, rate, twice=True).start()
+    load.wait()
+    assert load.copies == total
+    figures = pipeline.reconcile(load.sent)
+    assert_exact(figures, pipeline, load.sent)
+    wait_for(lambda: (worker.health() or {}).get("duplicates") == total, 60, "every copy to be recognised")
+
+
+def test_two_workers_share_the_partitions_with_rebalances_mid_stream(pipeline: Pipeline):
+    total, rate = (8_000, 300) if FULL else (2_400, 300)
+    pipeline.worker("sink", "sink").start()
+    first = pipeline.worker("stream", "stream-1").start()
+    load = pipeline.load(total, rate).start()
+    time.sleep(2)
+    second = pipeline.worker("stream", "stream-2").start()       # partitions move to the newcomer
+    wait_for(lambda: (second.health() or {}).get("events_in", 0) > 0, 60, "the second worker to take partitions")
+    time.sleep(1.5)
+    assert first.stop() == 0                                       # and back when the first leaves
+    load.wait()
+    assert_exact(pipeline.reconcile(load.sent), pipeline, load.sent)
+    health = get_json(f"{second.settings.web_url}/v1/health")
+    assert health["events_in"] > 0 and health["offset_gaps"] == 0
