@@ -40,6 +40,7 @@ from streams.quotas import QUOTA_TABLES, QuotaEngine
 from streams.reprice import RepriceWindow, reprice
 from streams.settings import Settings
 from streams.sink import ALERTS, LEDGER, SinkStats, TableSpec, land
+from streams.topics import MAX_RECORD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, sink: Sink 
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_max_request_size=MAX_RECORD_BYTES + 65_536,  # dead-letters an oversized record whole
         web_enabled=True,
         web_bind=settings.web_host,
         web_host=settings.web_host,

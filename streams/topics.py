@@ -8,6 +8,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from streams.quotas import QUOTA_TABLES
 from streams.settings import Settings
 
+#: The largest record usage.raw and usage.dlq accept (8 MiB).
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+
 
 class KafkaUnavailable(RuntimeError):
     """The Kafka cluster did not answer; the message says how to fix it."""
@@ -33,10 +36,13 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
     check_reachable(settings)
     client = admin(settings)
     t = settings.topics
+    # usage.raw and usage.dlq take records far above the 1 MiB event limit, so that an oversized
+    # event reaches the worker and lands in the dead-letter topic instead of bouncing at the producer.
+    big = {"max.message.bytes": str(MAX_RECORD_BYTES)}
     wanted: dict[str, dict[str, str]] = {
-        t.raw: {},
+        t.raw: big,
         t.attributed: {},
-        t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000)},
+        t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000), **big},
         t.alerts: {},
         t.state: {"cleanup.policy": "compact"},
     }

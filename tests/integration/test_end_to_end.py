@@ -118,3 +118,31 @@ def test_per_tenant_sums_match_and_unknown_models_are_kept_unpriced(pipeline, ka
                            "GROUP BY tenant_id ORDER BY tenant_id").rows
     # gpt-4o: 1,000 × 2.50 + 1,000 × 1.25 + 300 × 10 per million = $0.00675 a call; 9 priced calls a tenant.
     assert rows == [[f"t{n}", 10, 1, Decimal("0.06075")] for n in range(3)]
+
+
+def test_poison_records_are_dead_lettered_and_the_worker_keeps_going(pipeline, kafka_servers):
+    now = datetime.now(UTC)
+    good = {"event_id": "ok-1", "timestamp": now.isoformat(), "tenant_id": "t", "provider": "openai",
+            "model": "gpt-4o", "usage": {"input_tokens": 1000, "output_tokens": 100}}
+    poison = {
+        "invalid_utf8": b'{"event_id": "\xff\xfe"}',
+        "payload_too_large": b'{"pad": "' + b"x" * (5 * 1024 * 1024) + b'"}',
+        "invalid_json": b"[" * 100_000 + b"]" * 100_000,
+        "invalid_event": json.dumps({**good, "usage": {"input_tokens": "lots"}}).encode(),
+        "unsupported_schema_version": json.dumps({**good, "schema_version": 7}).encode(),
+        "timestamp_out_of_range": json.dumps({**good, "timestamp": "2099-01-01T00:00:00Z"}).encode(),
+    }
+    absurd = json.dumps({**good, "usage": {"input_tokens": 10**15}}).encode()
+    pipeline.start()
+    with UsageProducer(kafka_servers, pipeline.settings.topics.raw, config={"message.max.bytes": 8_000_000}) as p:
+        for value in [*poison.values(), absurd]:
+            p.send_raw(value, key=b"t")
+        p.send(good)
+    wait_until(lambda: query(pipeline.settings, "SELECT count() FROM usage").rows[0][0] == 1, 60, "the good event")
+    dead = [DeadLetter.from_record(m.key(), m.value(), m.headers())
+            for m in read_topic(kafka_servers, pipeline.settings.topics.dlq, 7, 60)]
+    assert sorted(d.reason for d in dead) == sorted([*poison, "invalid_event"])
+    by_reason = {d.reason: d for d in dead if d.value != absurd}
+    assert {reason: by_reason[reason].value for reason in poison} == poison, "each kept whole, as sent"
+    assert by_reason["payload_too_large"].message == "5242891 bytes exceeds the 1048576-byte limit"
+    assert pipeline.health()["dead_lettered"] == 7 and pipeline.running
