@@ -30,10 +30,11 @@ def state_key(tenant: str, limit_id: str, scope_value: str) -> str:
     return f"{tenant}/{limit_id}/{scope_value}"
 
 
-class QuotaAlert(BaseModel):
+class QuotaWindow(BaseModel):
+    """Which tenant × limit × scope window a record is about."""
+
     model_config = ConfigDict(frozen=True)
 
-    alert_id: str
     tenant_id: str
     limit_id: str
     metric: str
@@ -41,6 +42,10 @@ class QuotaAlert(BaseModel):
     scope_value: str
     window_start: datetime
     window_end: datetime
+
+
+class QuotaAlert(QuotaWindow):
+    alert_id: str
     threshold_percent: Amount
     level: Literal["warning", "soft_cap", "hard_cap"]
     usage: Amount
@@ -50,16 +55,7 @@ class QuotaAlert(BaseModel):
     event_id: str
 
 
-class QuotaState(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    tenant_id: str
-    limit_id: str
-    metric: str
-    scope: str
-    scope_value: str
-    window_start: datetime
-    window_end: datetime
+class QuotaState(QuotaWindow):
     usage: Amount
     limit: Amount
     remaining: Amount

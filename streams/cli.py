@@ -363,6 +363,8 @@ def _print_summary(settings: Settings, where: str) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from confluent_kafka import KafkaException
+
     from streams.clickhouse import ClickHouseUnavailable
     from streams.prices import ConfigError
     from streams.processes import ProcessFailed
@@ -371,7 +373,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from streams.topics import KafkaUnavailable
 
     return (SettingsError, ConfigError, KafkaUnavailable, ClickHouseUnavailable, QueryError, DeliveryFailed,
-            CommandFailed, ProcessFailed)
+            CommandFailed, ProcessFailed, KafkaException)
 
 
 def main(argv: Iterable[str] | None = None) -> None:

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from streams.prices import describe_error, load_yaml
+from streams.prices import load_model
 
 Metric = Literal["cost_usd", "tokens", "requests"]
 WindowKind = Literal["minute", "hour", "day", "month"]
@@ -134,12 +134,7 @@ class Plans(_Strict):
     @classmethod
     def from_file(cls, path: Path | None) -> Plans:
         """The plans in ``path``; none (no quotas) when the file does not exist."""
-        if path is None or not path.exists():
-            return cls()
-        try:
-            return cls.model_validate(load_yaml(path))
-        except ValidationError as exc:
-            raise describe_error(path, exc) from None
+        return load_model(path, cls)
 
 
 _ZONES: dict[str, ZoneInfo] = {}

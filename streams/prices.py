@@ -10,7 +10,7 @@ import fnmatch
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -130,11 +130,20 @@ def describe_error(path: Path, exc: ValidationError) -> ConfigError:
     return ConfigError(f"{path}: {where}: {e['msg']}")
 
 
-def load_overrides(path: Path | None) -> PriceOverrides:
-    """The overrides in ``path``; none when the file does not exist."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(path: Path | None, model: type[M]) -> M:
+    """``model`` validated from the YAML file at ``path``; its defaults when the file does not exist.
+    Every mistake becomes one ``ConfigError`` line naming the file and the entry."""
     if path is None or not path.exists():
-        return PriceOverrides()
+        return model()
     try:
-        return PriceOverrides.model_validate(load_yaml(path))
+        return model.model_validate(load_yaml(path))
     except ValidationError as exc:
         raise describe_error(path, exc) from None
+
+
+def load_overrides(path: Path | None) -> PriceOverrides:
+    """The overrides in ``path``; none when the file does not exist."""
+    return load_model(path, PriceOverrides)

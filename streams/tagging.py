@@ -22,10 +22,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from schemas.usage import UsageEvent
-from streams.prices import describe_error, load_yaml
+from streams.prices import load_model
 
 UNATTRIBUTED = "unattributed"
 FIELDS = ("service", "route", "feature", "step", "provider", "model", "tenant_id")
@@ -85,12 +85,7 @@ class PathRules:
     @classmethod
     def from_file(cls, path: Path | None) -> PathRules:
         """The rules in ``path``; none (everything unattributed) when the file does not exist."""
-        if path is None or not path.exists():
-            return cls()
-        try:
-            return cls(PathsFile.model_validate(load_yaml(path)).rules)
-        except ValidationError as exc:
-            raise describe_error(path, exc) from None
+        return cls(load_model(path, PathsFile).rules)
 
     def path_for(self, event: UsageEvent) -> str:
         return self._cached(tuple(getattr(event, f) for f in FIELDS), tuple(sorted(event.tags.items())))

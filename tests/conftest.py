@@ -8,7 +8,9 @@ import pytest
 
 from streams.pipeline import Enricher
 from streams.pricing import Pricer
+from streams.settings import Settings
 from streams.tagging import PathRules, Rule
+from streams.topics import KafkaUnavailable, check_reachable
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -35,3 +37,14 @@ def ch_client(tmp_path_factory):
     migrate(client)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_servers() -> str:
+    """The broker of the integration and fault tests; scripts/test starts one on 127.0.0.1:9092."""
+    settings = Settings.from_env()
+    try:
+        check_reachable(settings, timeout_s=10)
+    except KafkaUnavailable as exc:
+        pytest.fail(f"{exc} (scripts/test starts it for the test run)")
+    return settings.kafka_bootstrap_servers

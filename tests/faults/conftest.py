@@ -25,7 +25,7 @@ from streams.processes import ROOT, WorkerProcess, free_port, isolated_env, wait
 from streams.producer import UsageProducer
 from streams.query import query
 from streams.settings import Settings
-from streams.topics import KafkaUnavailable, check_reachable, ensure_topics
+from streams.topics import ensure_topics
 from tests.integration.conftest import read_topic
 
 FULL = os.environ.get("COSTLINE_FAULTS_FULL") == "1"
@@ -192,16 +192,6 @@ class Pipeline:
     def close(self) -> None:
         for worker in self.workers:
             worker.stop()
-
-
-@pytest.fixture(scope="session")
-def kafka_servers() -> str:
-    settings = Settings.from_env()
-    try:
-        check_reachable(settings, timeout_s=10)
-    except KafkaUnavailable as exc:
-        pytest.fail(f"{exc} (scripts/test starts it for the test run)")
-    return settings.kafka_bootstrap_servers
 
 
 @pytest.fixture

@@ -13,18 +13,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from streams.processes import ROOT, WorkerProcess, isolated_env
 from streams.processes import wait_for as wait_until  # noqa: F401 - the tests' name for it
-from streams.settings import Settings
-from streams.topics import KafkaUnavailable, check_reachable, ensure_topics
-
-
-@pytest.fixture(scope="session")
-def kafka_servers() -> str:
-    settings = Settings.from_env()
-    try:
-        check_reachable(settings, timeout_s=10)
-    except KafkaUnavailable as exc:
-        pytest.fail(f"{exc} (scripts/test starts it for the test run)")
-    return settings.kafka_bootstrap_servers
+from streams.topics import ensure_topics
 
 
 @pytest.fixture
