@@ -8,7 +8,9 @@
 Values are raw bytes on every topic: decoding happens inside the agents, because a Faust
 codec that raises makes Faust acknowledge and silently drop the message. Agents run with
 concurrency 1 (higher values can commit offsets past in-flight events); the worker scales
-with partitions and more worker processes in the same consumer group.
+with partitions and more worker processes in the same consumer group. ``COSTLINE_ROLE`` splits
+the worker in two: ``stream`` runs the attribute agent and the quota tables, ``sink`` the two
+ClickHouse agents and the query endpoints (its own consumer group); ``all`` runs both.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import faust
 from clickhouse_connect.driver.client import Client
 from pydantic import ValidationError
+
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection, dead_letter_headers
 from schemas.quota import QuotaAlert, QuotaState
