@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.quotas import QUOTA_TABLES
 from streams.settings import Settings
+
+T = TypeVar("T")
 
 #: The largest record usage.raw and usage.dlq accept (8 MiB).
 MAX_RECORD_BYTES = 8 * 1024 * 1024
@@ -83,7 +89,7 @@ def seed_group_offsets(settings: Settings, group: str, topics: list[str], timeou
         metadata = consumer.list_topics(timeout=timeout_s)
         partitions = [TopicPartition(t, p) for t in topics if t in metadata.topics
                       for p in metadata.topics[t].partitions]
-        missing = [tp for tp in consumer.committed(partitions, timeout=timeout_s) if tp.offset < 0]
+        missing = [tp for tp in _retrying(lambda: consumer.committed(partitions, timeout=timeout_s)) if tp.offset < 0]
         seeds = [TopicPartition(tp.topic, tp.partition, consumer.get_watermark_offsets(tp, timeout=timeout_s)[0])
                  for tp in missing]
         if seeds:
@@ -94,6 +100,25 @@ def seed_group_offsets(settings: Settings, group: str, topics: list[str], timeou
         return len(seeds)
     finally:
         consumer.close()
+
+
+_COORDINATOR_STARTING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                         KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._TIMED_OUT}
+
+
+def _retrying(call: Callable[[], T], timeout_s: float = 60.0) -> T:
+    """Retries ``call`` while Kafka answers with a retriable error, as a new broker does while it
+    creates and loads the group coordinator (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            transient = isinstance(error, KafkaError) and (error.retriable() or error.code() in _COORDINATOR_STARTING)
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def table_changelogs(settings: Settings) -> list[str]:
