@@ -95,11 +95,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--tenants", type=int, default=1_000)
+    parser.add_argument("--plans", type=Path, help="a plans.yaml to use instead of config/plans.yaml")
     args = parser.parse_args()
     servers = Settings.from_env().kafka_bootstrap_servers
     work = Path(tempfile.mkdtemp(prefix="costline-bench-"))
     config = work / "config"
     shutil.copytree(ROOT / "config", config)
+    if args.plans:
+        shutil.copy(args.plans, config / "plans.yaml")
     env = isolated_env(work / "home", servers, config)
     worker = WorkerProcess(env, work / "worker.log")
     settings = worker.settings
