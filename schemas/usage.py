@@ -142,5 +142,10 @@ class UsageEvent(BaseModel):
         return self.tenant_id.encode()
 
     def timestamp_ms(self) -> int:
-        """Event time in epoch milliseconds (exact integer arithmetic, no float rounding)."""
-        return (self.timestamp - _EPOCH) // _MILLISECOND
+        return epoch_ms(self.timestamp)
+
+
+def epoch_ms(at: datetime) -> int:
+    """Epoch milliseconds of an aware time, in exact integer arithmetic (no float rounding), as
+    Kafka record timestamps are."""
+    return (at - _EPOCH) // _MILLISECOND

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from schemas.dead_letter import HEADER_REASON, Rejection
+from schemas.usage import epoch_ms
 from streams.pipeline import Enricher, attribute_raw
 from streams.producer import UsageProducer
 from streams.settings import Settings
@@ -118,7 +119,7 @@ def backfill(settings: Settings, enricher: Enricher, since: datetime, until: dat
         found = consumer.offsets_for_times(wanted, timeout=timeout_s)
         return [tp for tp in found if tp.offset >= 0]
 
-    since_ms, until_ms = _ms(since), _ms(until) if until else None
+    since_ms, until_ms = epoch_ms(since), epoch_ms(until) if until else None
 
     def reattribute(msg: Message) -> None:
         result.read += 1
@@ -149,6 +150,3 @@ def backfill(settings: Settings, enricher: Enricher, since: datetime, until: dat
         consumer.close()
     return result
 
-
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
