@@ -157,20 +157,11 @@ def _add_stream(app: faust.App, shared: _Shared, enricher: Enricher, plans: Plan
     pending_states: dict[tuple[str, datetime], QuotaState] = {}
     max_future = timedelta(seconds=settings.max_future_s)
 
-    last_seen: dict[int, int] = {}
-
     @app.agent(raw, name="attribute", concurrency=1)
     async def attribute(stream: faust.StreamT) -> None:
         async for event in stream.events():
             message = event.message
             counters.events_in += 1
-            last = last_seen.get(message.partition)
-            if last is not None and message.offset > last + 1:
-                # Records skipped: transaction markers do this harmlessly; anything else is a bug.
-                counters.offset_gaps += 1
-                log.warning("offset gap on %s[%s]: %s after %s", message.topic, message.partition,
-                            message.offset, last)
-            last_seen[message.partition] = message.offset  # going back (a rebalance re-read) is expected
             counters.processed(message.topic, message.partition, message.offset)
             try:
                 out = attribute_raw(message.value, enricher, now=datetime.now(UTC), max_future=max_future,

@@ -18,7 +18,6 @@ class Counters:
     duplicates: int = 0
     alerts: int = 0
     quota_errors: int = 0
-    offset_gaps: int = 0
     #: Per ClickHouse table.
     sinks: dict[str, SinkStats] = field(default_factory=dict)
     #: Next offset to process per (topic, partition), for the consumer lag.
@@ -33,7 +32,7 @@ class Counters:
         return {
             "events_in": self.events_in, "attributed": self.attributed, "unpriced": self.unpriced,
             "dead_lettered": self.dead_lettered, "late": self.late, "duplicates": self.duplicates,
-            "alerts": self.alerts, "quota_errors": self.quota_errors, "offset_gaps": self.offset_gaps,
+            "alerts": self.alerts, "quota_errors": self.quota_errors,
             "sinks": {name: vars(stats) for name, stats in self.sinks.items()},
         }
 
@@ -47,7 +46,6 @@ _COUNTERS = [
     ("duplicates", "Re-sent copies of events, not counted again in quota windows"),
     ("alerts", "Quota alerts sent"),
     ("quota_errors", "Events whose quota update failed"),
-    ("offset_gaps", "Forward jumps in usage.raw offsets (records not seen by this worker)"),
 ]
 
 
