@@ -1,16 +1,15 @@
-"""The Faust worker: thin agents around the plain functions of each pipeline stage.
+"""The Faust worker: hosts the batch engine, the sink agents and the HTTP endpoints.
 
-    usage.raw ──attribute──▶ usage.attributed ──land──▶ ClickHouse usage_ledger
-        │  └─(rejected)──▶ usage.dlq  (original key, bytes and timestamp; reason in headers)
-        └─ quota windows (Faust tables) ──▶ quota.alerts ──land_alerts──▶ ClickHouse quota_alerts
-                                        └─(every 250 ms)─▶ quota.state (compacted)
+    usage.raw ──engine (streams.engine)──▶ ClickHouse usage_ledger, quota_alerts       role all
+        │         └─ one Kafka transaction per batch: usage.dlq, quota.alerts, quota.state,
+        │            the quota changelog and the batch's offsets
+        └─ role stream: the same engine, publishing usage.attributed instead of writing ClickHouse;
+           role sink: Faust agents land usage.attributed and quota.alerts in ClickHouse.
 
 Values are raw bytes on every topic: decoding happens inside the agents, because a Faust
 codec that raises makes Faust acknowledge and silently drop the message. Agents run with
 concurrency 1 (higher values can commit offsets past in-flight events); the worker scales
-with partitions and more worker processes in the same consumer group. ``COSTLINE_ROLE`` splits
-the worker in two: ``stream`` runs the attribute agent and the quota tables, ``sink`` the two
-ClickHouse agents and the query endpoints (its own consumer group); ``all`` runs both.
+with partitions and more worker processes in the same consumer group.
 """
 
 from __future__ import annotations
@@ -23,32 +22,28 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 import faust
-from clickhouse_connect.driver.client import Client
+import mode
 from pydantic import ValidationError
 
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection, dead_letter_headers
-from schemas.quota import QuotaAlert, QuotaState
+from schemas.quota import QuotaAlert
 from streams.faults import ClickHouseFaults
 from streams.metrics import Counters, render
-from streams.pipeline import Enricher, attribute_raw
+from streams.engine import EXIT_UNLANDED, BatchEngine
+from streams.pipeline import Enricher
 from streams.plans import Plans
 from streams.query import QueryError, run_readonly
-from streams.quotas import QUOTA_TABLES, QuotaEngine
 from streams.reprice import RepriceWindow, reprice
 from streams.settings import Settings
-from streams.sink import ALERTS, LEDGER, SinkStats, TableSpec, land
+from streams.sink import ALERTS, LEDGER, Sink, SinkStats, TableSpec, land
 from streams.topics import MAX_RECORD_BYTES
 
 log = logging.getLogger(__name__)
-
-#: Exit status of a worker stopped while a batch could not be written (nothing was committed).
-EXIT_UNLANDED = 75
 
 
 def _raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
@@ -60,18 +55,6 @@ def _raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
         value_serializer="raw",
         partitions=partitions,
     )
-
-
-STATE_FLUSH_S = 0.25
-
-
-@dataclass(frozen=True)
-class Sink:
-    """The sink's ClickHouse clients: ``writer`` lands batches; ``reader`` (from ``connect_readonly``)
-    serves queries. chDB keeps settings per session, so the two are never the same client."""
-
-    writer: Client
-    reader: Client
 
 
 @dataclass
@@ -95,21 +78,24 @@ class _Shared:
 
 
 def group_id(settings: Settings) -> str:
-    """The Faust app id, which is also the Kafka consumer group: a sink-only worker has its own."""
+    """The consumer group of the worker's source topics: the sink role has its own."""
     return f"{settings.app_id}-sink" if settings.role == "sink" else settings.app_id
 
 
 def source_topics(settings: Settings) -> list[str]:
     """The topics a worker of ``settings.role`` consumes."""
     t = settings.topics
-    return {"stream": [t.raw], "sink": [t.attributed, t.alerts], "all": [t.raw, t.attributed, t.alerts]}[
-        settings.role]
+    return {"stream": [t.raw], "sink": [t.attributed, t.alerts], "all": [t.raw]}[settings.role]
 
 
 def create_app(settings: Settings, enricher: Enricher, plans: Plans, sink: Sink | None) -> faust.App:
-    """The worker app for ``settings.role``: ``stream`` (validate, price, tag, quotas), ``sink``
-    (ClickHouse; needs ``sink``) or ``all``. A sink-only worker has its own consumer group."""
-    app_id = f"{settings.app_id}-sink" if settings.role == "sink" else settings.app_id
+    """The worker app for ``settings.role``: ``all`` (the batch engine, writing ClickHouse),
+    ``stream`` (the engine, publishing usage.attributed) or ``sink`` (ClickHouse agents)."""
+    if settings.role in ("all", "sink") and sink is None:
+        raise ValueError(f"a worker of role {settings.role} needs ClickHouse clients")
+    # The engine's consumer group is the app id; the Faust app that hosts it gets its own, so
+    # that the two never join the same group.
+    app_id = group_id(settings) if settings.role == "sink" else f"{settings.app_id}-host"
     # Table stores (RocksDB) are locked by their process: two workers on one host need two folders.
     datadir = settings.home / "worker" / f"{app_id}-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
@@ -131,90 +117,40 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, sink: Sink 
         store="rocksdb://",
     )
     shared = _Shared(settings, Counters(), _raw_topic(app, settings.topics.dlq, settings.partitions))
+    faults = ClickHouseFaults() if settings.fault_injection else None
+    engine = None
     if settings.role in ("all", "stream"):
-        _add_stream(app, shared, enricher, plans)
-    if settings.role in ("all", "sink"):
-        if sink is None:
-            raise ValueError("a sink worker needs ClickHouse clients")
-        _add_sink(app, shared, sink, enricher)
-    _add_health(app, shared, enricher, sink is not None, set(source_topics(settings)))
+        engine = BatchEngine(settings, enricher, plans, shared.counters, sink,
+                             insert_wrapper=faults.wrap if faults else None)
+        _add_engine(app, engine)
+        app.producer_only = True  # no Faust consumer: the engine consumes usage.raw itself
+    if sink is not None:
+        _add_queries(app, settings, sink, faults)
+    if settings.role == "sink":
+        _add_sink(app, shared, sink, faults)
+    _add_health(app, shared, enricher, engine, sink is not None, set(source_topics(settings)))
     return app
 
 
-def _add_stream(app: faust.App, shared: _Shared, enricher: Enricher, plans: Plans) -> None:
-    settings, counters, topics = shared.settings, shared.counters, shared.settings.topics
-    raw = _raw_topic(app, topics.raw, settings.partitions)
-    attributed = _raw_topic(app, topics.attributed, settings.partitions)
-    alerts = _raw_topic(app, topics.alerts, settings.partitions)
-    state = _raw_topic(app, topics.state, settings.partitions)
-    windows, tenants, seen = (
-        app.Table(name, partitions=settings.partitions,
-                  schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"))
-        for name in QUOTA_TABLES
-    )
-    quotas = QuotaEngine(plans, windows, tenants, seen)
-    # Latest state per window since the last flush; the topic's key is per tenant × limit × scope.
-    pending_states: dict[tuple[str, datetime], QuotaState] = {}
-    max_future = timedelta(seconds=settings.max_future_s)
+def _add_engine(app: faust.App, engine: BatchEngine) -> None:
+    @app.service
+    class Engine(mode.Service):
+        """Runs the batch engine's thread for as long as the worker runs."""
 
-    @app.agent(raw, name="attribute", concurrency=1)
-    async def attribute(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            message = event.message
-            counters.events_in += 1
-            counters.processed(message.topic, message.partition, message.offset)
-            try:
-                out = attribute_raw(message.value, enricher, now=datetime.now(UTC), max_future=max_future,
-                                    max_bytes=settings.max_event_bytes)
-            except Exception as exc:  # noqa: BLE001 - a bug on one event must not stop the stream
-                log.exception("processing failed for %s[%s]@%s", message.topic, message.partition, message.offset)
-                out = Rejection(reason="processing_error", message=f"{type(exc).__name__}: {exc}"[:500])
-            if isinstance(out, Rejection):
-                await shared.dead_letter(message, out)
-                continue
-            counters.attributed += 1
-            counters.unpriced += not out.priced
-            try:
-                quota = quotas.apply(out, message.partition, message.offset)
-            except Exception:  # noqa: BLE001 - the event still reaches the ledger; the error is counted
-                counters.quota_errors += 1
-                log.exception("quota update failed for %s[%s]@%s", message.topic, message.partition, message.offset)
-            else:
-                counters.duplicates += quota.duplicate
-                if quota.late:
-                    counters.late += 1
-                    out = out.model_copy(update={"late": True})
-                for alert in quota.alerts:
-                    counters.alerts += 1
-                    await alerts.send(key=alert.tenant_id.encode(), value=alert.model_dump_json().encode())
-                for quota_state in quota.states:
-                    pending_states[(quota_state.key, quota_state.window_start)] = quota_state
-            await attributed.send(key=out.tenant_id.encode(), value=out.model_dump_json().encode(),
-                                  timestamp=message.timestamp)
+        async def on_start(self) -> None:
+            engine.start()
 
-    @app.timer(interval=STATE_FLUSH_S)
-    async def publish_quota_state() -> None:
-        """The latest state of every window that changed since the last flush (coalesced)."""
-        if not pending_states:
-            return
-        latest = list(pending_states.values())
-        pending_states.clear()
-        for quota_state in latest:
-            await state.send(key=quota_state.key.encode(), value=quota_state.model_dump_json().encode())
-
-    @app.on_partitions_revoked.connect
-    async def _partitions_moved(sender: Any, revoked: Any, **kwargs: Any) -> None:
-        quotas.forget_partitions()
+        async def on_stop(self) -> None:
+            # Lets the batch in flight land and commit (or the process exits 75 when it cannot).
+            await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
 
-def _add_sink(app: faust.App, shared: _Shared, sink: Sink, enricher: Enricher) -> None:
+def _add_sink(app: faust.App, shared: _Shared, sink: Sink, faults: ClickHouseFaults | None) -> None:
+    """Role ``sink``: Faust agents that land usage.attributed and quota.alerts in ClickHouse."""
     settings, counters, topics = shared.settings, shared.counters, shared.settings.topics
     attributed = _raw_topic(app, topics.attributed, settings.partitions)
     alerts = _raw_topic(app, topics.alerts, settings.partitions)
-    ch_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-sink")
-    query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-query")
     stopping = threading.Event()
-    faults = ClickHouseFaults() if settings.fault_injection else None
 
     async def land_batches(stream: faust.StreamT, table: TableSpec[Any], parse: Any) -> None:
         """Batches a topic into a ClickHouse table; a record that does not parse is dead-lettered."""
@@ -236,8 +172,8 @@ def _add_sink(app: faust.App, shared: _Shared, sink: Sink, enricher: Enricher) -
             # cancellation (shutdown), so the write is shielded from cancellation: on SIGTERM the
             # batch in flight lands before its offsets can be committed, or, if ClickHouse refuses
             # it, the process leaves without committing them.
-            write = loop.run_in_executor(ch_executor, partial(land, sink.writer, table, records, sink_stats,
-                                                              stopping=stopping, insert=insert))
+            write = loop.run_in_executor(sink.executor, partial(land, sink.writer, table, records, sink_stats,
+                                                                stopping=stopping, insert=insert))
             try:
                 landed = await asyncio.shield(write)
             except asyncio.CancelledError:
@@ -259,6 +195,11 @@ def _add_sink(app: faust.App, shared: _Shared, sink: Sink, enricher: Enricher) -
     @app.agent(alerts, name="land_alerts", concurrency=1)
     async def land_alerts(stream: faust.StreamT) -> None:
         await land_batches(stream, ALERTS, QuotaAlert.model_validate_json)
+
+
+def _add_queries(app: faust.App, settings: Settings, sink: Sink, faults: ClickHouseFaults | None) -> None:
+    """The endpoints of the worker that has the database open: queries, re-pricing, fault injection."""
+    query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-query")
 
     @app.page("/v1/faults/clickhouse")
     class Faults(faust.web.View):
@@ -295,13 +236,14 @@ def _add_sink(app: faust.App, shared: _Shared, sink: Sink, enricher: Enricher) -
             except (ValueError, TypeError) as exc:
                 return self.json({"error": str(exc).splitlines()[0]}, status=400)
             loop = asyncio.get_running_loop()
-            # On the sink's executor: the writer client is used by one thread at a time.
+            # On the writer's executor: the writer client is used by one thread at a time.
             result = await loop.run_in_executor(
-                ch_executor, partial(reprice, sink.writer, fresh, window.since, window.until, window.tenant))
+                sink.executor, partial(reprice, sink.writer, fresh, window.since, window.until, window.tenant))
             return self.json(result.to_json())
 
 
-def _add_health(app: faust.App, shared: _Shared, enricher: Enricher, owns_database: bool, sources: set[str]) -> None:
+def _add_health(app: faust.App, shared: _Shared, enricher: Enricher, engine: BatchEngine | None,
+                owns_database: bool, sources: set[str]) -> None:
     settings, counters = shared.settings, shared.counters
 
     @app.page("/v1/health")
@@ -318,7 +260,10 @@ def _add_health(app: faust.App, shared: _Shared, enricher: Enricher, owns_databa
     @app.page("/metrics")
     class Metrics(faust.web.View):
         async def get(self, request: faust.web.Request) -> faust.web.Response:
-            consumer = app.consumer
-            highwaters = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()
-                          if tp.topic in sources}
+            if engine is not None:
+                highwaters = dict(engine.highwaters)
+            else:
+                consumer = app.consumer
+                highwaters = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()
+                              if tp.topic in sources}
             return self.text(render(counters, highwaters), content_type="text/plain; version=0.0.4")

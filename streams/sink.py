@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from clickhouse_connect.driver.client import Client
@@ -25,6 +26,18 @@ from schemas.quota import QuotaAlert
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Sink:
+    """The sink's ClickHouse clients: ``writer`` lands batches; ``reader`` (from ``connect_readonly``)
+    serves queries. chDB keeps settings per session, so the two are never the same client."""
+
+    writer: Client
+    reader: Client
+    #: The one thread that uses ``writer`` (chDB clients are not shared between threads).
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-writer"))
 
 
 @dataclass(frozen=True)

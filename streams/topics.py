@@ -9,8 +9,8 @@ from typing import TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.quotas import QUOTA_TABLES
 from streams.settings import Settings
+from streams.state import changelog_topic
 
 T = TypeVar("T")
 
@@ -52,8 +52,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
         t.alerts: {},
         t.state: {"cleanup.policy": "compact"},
     }
-    for changelog in table_changelogs(settings):
-        wanted[changelog] = {"cleanup.policy": "compact"}
+    wanted[changelog_topic(settings)] = {"cleanup.policy": "compact"}
     existing = set(client.list_topics(timeout=timeout_s).topics)
     missing = [
         NewTopic(name, num_partitions=settings.partitions, replication_factor=-1, config=config)
@@ -119,11 +118,6 @@ def _retrying(call: Callable[[], T], timeout_s: float = 60.0) -> T:
             if not transient or time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-
-
-def table_changelogs(settings: Settings) -> list[str]:
-    """The changelog topics of the worker's Faust tables (Faust's naming: app id, table, "changelog")."""
-    return [f"{settings.app_id}-{table}-changelog" for table in QUOTA_TABLES]
 
 
 class _SilentLogger:

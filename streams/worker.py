@@ -8,7 +8,7 @@ import logging
 
 import faust
 
-from streams.app import Sink, create_app, group_id, source_topics
+from streams.app import create_app, group_id, source_topics
 from streams.clickhouse import connect
 from streams.logs import logging_config
 from streams.migrations import migrate
@@ -16,6 +16,7 @@ from streams.pipeline import Enricher
 from streams.plans import Plans
 from streams.query import connect_readonly
 from streams.settings import Settings
+from streams.sink import Sink
 from streams.topics import ensure_topics, seed_group_offsets
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,153 @@
+"""The quota stage's state: in-memory tables, changelogged to a compacted Kafka topic.
+
+The engine (``streams.engine``) owns the tables of the source partitions assigned to it. Every
+key written while an event of partition *p* is applied belongs to partition *p* of the changelog
+(the source topic is keyed by tenant, and so are the quota keys), and the keys changed by a
+batch are written once each, at the end of the batch, inside the Kafka transaction that also
+commits the batch's source offsets. A worker that takes over a partition reads that partition
+of the changelog up to its last committed record (``read_committed``) and has exactly the state
+that belongs with the committed offset: nothing of a batch that was not committed.
+
+Record key ``<table>|<key>``, value the JSON of the entry, or a tombstone for a deleted key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, MutableMapping
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from streams.quotas import QUOTA_TABLES
+from streams.settings import Settings
+
+_SEP = "|"
+
+
+def changelog_topic(settings: Settings) -> str:
+    """The compacted topic of the quota tables, partitioned like usage.raw."""
+    return f"{settings.app_id}-quota-changelog"
+
+
+class TrackedTable(MutableMapping[str, Any]):
+    """A dict that remembers which keys changed, and for which partition, since the last drain."""
+
+    def __init__(self, name: str, owner: ChangelogTables) -> None:
+        self.name = name
+        self.data: dict[str, Any] = {}
+        self._owner = owner
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self._owner.dirty[(self.name, key)] = self._owner.partition
+
+    def __delitem__(self, key: str) -> None:
+        del self.data[key]
+        self._owner.dirty[(self.name, key)] = self._owner.partition
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.data
+
+
+class ChangelogTables:
+    """The three quota tables (``QUOTA_TABLES``) of one worker, and their changelog topic."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        #: The source partition whose event is being applied; set by the engine before each event.
+        self.partition = -1
+        self.dirty: dict[tuple[str, str], int] = {}
+        self.tables = {name: TrackedTable(name, self) for name in QUOTA_TABLES}
+        #: Which partition each key belongs to, to drop a partition's keys when it is revoked.
+        self._owner_of: dict[tuple[str, str], int] = {}
+
+    def table(self, name: str) -> TrackedTable:
+        return self.tables[name]
+
+    def drain(self) -> list[tuple[int, bytes, bytes | None]]:
+        """The changelog records of the keys changed since the last drain: (partition, key, value)."""
+        records = []
+        for (name, key), partition in self.dirty.items():
+            data = self.tables[name].data
+            value = json.dumps(data[key], separators=(",", ":")).encode() if key in data else None
+            records.append((partition, f"{name}{_SEP}{key}".encode(), value))
+            if value is None:
+                self._owner_of.pop((name, key), None)
+            else:
+                self._owner_of[(name, key)] = partition
+        self.dirty.clear()
+        return records
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Drops the keys of ``partitions`` (revoked, or about to be restored again)."""
+        gone = set(partitions)
+        for (name, key), partition in list(self._owner_of.items()):
+            if partition in gone:
+                self.tables[name].data.pop(key, None)
+                del self._owner_of[(name, key)]
+        self.dirty = {k: p for k, p in self.dirty.items() if p not in gone}
+
+    def restore(self, servers: str, partitions: Iterable[int], timeout_s: float = 120.0) -> int:
+        """Reads ``partitions`` of the changelog up to their last committed record; returns the count."""
+        wanted = sorted(set(partitions))
+        self.forget(wanted)
+        if not wanted:
+            return 0
+        consumer = Consumer({"bootstrap.servers": servers, "group.id": "costline-restore", "enable.auto.commit": False,
+                             "isolation.level": "read_committed", "enable.partition.eof": True,
+                             "log_level": 0, "logger": _Silent()})
+        read = 0
+        try:
+            pending = set()
+            for p in wanted:  # an empty partition (a new worker) needs no reading
+                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)
+                if high > low:
+                    pending.add(p)
+            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(pending)])
+            deadline = time.monotonic() + timeout_s
+            while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"restoring {self.topic} partitions {sorted(pending)} took over {timeout_s:.0f}s")
+                for msg in consumer.consume(10_000, timeout=0.5):
+                    error = msg.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            pending.discard(msg.partition())
+                            continue
+                        if error.fatal() or not error.retriable():
+                            raise KafkaException(error)
+                        continue
+                    name, _, key = msg.key().decode().partition(_SEP)
+                    table = self.tables.get(name)
+                    if table is None:
+                        continue
+                    value = msg.value()
+                    if value is None:
+                        table.data.pop(key, None)
+                        self._owner_of.pop((name, key), None)
+                    else:
+                        table.data[key] = json.loads(value)
+                        self._owner_of[(name, key)] = msg.partition()
+                    read += 1
+        finally:
+            consumer.close()
+        return read
+
+
+class _Silent:
+    def log(self, *args: object, **kwargs: object) -> None:
+        pass
