@@ -77,15 +77,16 @@ class _Shared:
         )
 
 
-def group_id(settings: Settings) -> str:
-    """The consumer group of the worker's source topics: the sink role has its own."""
-    return f"{settings.app_id}-sink" if settings.role == "sink" else settings.app_id
+def faust_group(settings: Settings) -> str:
+    """The Faust app id, which is also its consumer group. The engine's group is the plain app
+    id; the Faust app that hosts it has its own, so that the two never join the same group."""
+    return f"{settings.app_id}-sink" if settings.role == "sink" else f"{settings.app_id}-host"
 
 
-def source_topics(settings: Settings) -> list[str]:
-    """The topics a worker of ``settings.role`` consumes."""
+def faust_topics(settings: Settings) -> list[str]:
+    """The topics the Faust agents of ``settings.role`` consume (the engine consumes usage.raw)."""
     t = settings.topics
-    return {"stream": [t.raw], "sink": [t.attributed, t.alerts], "all": [t.raw]}[settings.role]
+    return {"stream": [], "sink": [t.attributed, t.alerts], "all": [t.attributed]}[settings.role]
 
 
 def create_app(settings: Settings, enricher: Enricher, plans: Plans, sink: Sink | None) -> faust.App:
@@ -93,9 +94,7 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, sink: Sink 
     ``stream`` (the engine, publishing usage.attributed) or ``sink`` (ClickHouse agents)."""
     if settings.role in ("all", "sink") and sink is None:
         raise ValueError(f"a worker of role {settings.role} needs ClickHouse clients")
-    # The engine's consumer group is the app id; the Faust app that hosts it gets its own, so
-    # that the two never join the same group.
-    app_id = group_id(settings) if settings.role == "sink" else f"{settings.app_id}-host"
+    app_id = faust_group(settings)
     # Table stores (RocksDB) are locked by their process: two workers on one host need two folders.
     datadir = settings.home / "worker" / f"{app_id}-{settings.web_port}"
     datadir.mkdir(parents=True, exist_ok=True)
@@ -123,12 +122,15 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, sink: Sink 
         engine = BatchEngine(settings, enricher, plans, shared.counters, sink,
                              insert_wrapper=faults.wrap if faults else None)
         _add_engine(app, engine)
-        app.producer_only = True  # no Faust consumer: the engine consumes usage.raw itself
     if sink is not None:
         _add_queries(app, settings, sink, faults)
-    if settings.role == "sink":
-        _add_sink(app, shared, sink, faults)
-    _add_health(app, shared, enricher, engine, sink is not None, set(source_topics(settings)))
+    if sink is not None:
+        # Role all lands what ``costline backfill`` publishes to usage.attributed; its engine
+        # lands the alerts itself.
+        _add_sink(app, shared, sink, faults, alerts=settings.role == "sink")
+    else:
+        app.producer_only = True  # no Faust consumer: the engine consumes usage.raw itself
+    _add_health(app, shared, enricher, engine, sink is not None, set(faust_topics(settings)))
     return app
 
 
@@ -145,11 +147,9 @@ def _add_engine(app: faust.App, engine: BatchEngine) -> None:
             await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
 
-def _add_sink(app: faust.App, shared: _Shared, sink: Sink, faults: ClickHouseFaults | None) -> None:
-    """Role ``sink``: Faust agents that land usage.attributed and quota.alerts in ClickHouse."""
+def _add_sink(app: faust.App, shared: _Shared, sink: Sink, faults: ClickHouseFaults | None, alerts: bool) -> None:
+    """Faust agents that land usage.attributed (and, with ``alerts``, quota.alerts) in ClickHouse."""
     settings, counters, topics = shared.settings, shared.counters, shared.settings.topics
-    attributed = _raw_topic(app, topics.attributed, settings.partitions)
-    alerts = _raw_topic(app, topics.alerts, settings.partitions)
     stopping = threading.Event()
 
     async def land_batches(stream: faust.StreamT, table: TableSpec[Any], parse: Any) -> None:
@@ -188,13 +188,14 @@ def _add_sink(app: faust.App, shared: _Shared, sink: Sink, faults: ClickHouseFau
             for event in events:
                 counters.processed(event.message.topic, event.message.partition, event.message.offset)
 
-    @app.agent(attributed, name="land", concurrency=1)
+    @app.agent(_raw_topic(app, topics.attributed, settings.partitions), name="land", concurrency=1)
     async def land_usage(stream: faust.StreamT) -> None:
         await land_batches(stream, LEDGER, AttributedUsage.model_validate_json)
 
-    @app.agent(alerts, name="land_alerts", concurrency=1)
-    async def land_alerts(stream: faust.StreamT) -> None:
-        await land_batches(stream, ALERTS, QuotaAlert.model_validate_json)
+    if alerts:
+        @app.agent(_raw_topic(app, topics.alerts, settings.partitions), name="land_alerts", concurrency=1)
+        async def land_alerts(stream: faust.StreamT) -> None:
+            await land_batches(stream, ALERTS, QuotaAlert.model_validate_json)
 
 
 def _add_queries(app: faust.App, settings: Settings, sink: Sink, faults: ClickHouseFaults | None) -> None:
@@ -260,10 +261,9 @@ def _add_health(app: faust.App, shared: _Shared, enricher: Enricher, engine: Bat
     @app.page("/metrics")
     class Metrics(faust.web.View):
         async def get(self, request: faust.web.Request) -> faust.web.Response:
-            if engine is not None:
-                highwaters = dict(engine.highwaters)
-            else:
+            highwaters = dict(engine.highwaters) if engine is not None else {}
+            if sources:
                 consumer = app.consumer
-                highwaters = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()
-                              if tp.topic in sources}
+                highwaters.update({(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()
+                                   if tp.topic in sources})
             return self.text(render(counters, highwaters), content_type="text/plain; version=0.0.4")

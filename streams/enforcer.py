@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import ValidationError
 
 from schemas.quota import QuotaAlert, QuotaState, Status, state_key
@@ -151,6 +151,10 @@ class Enforcer:
             "group.id": f"costline-enforcer-{uuid.uuid4().hex}",  # offsets are never committed
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 50,
+            # The worker writes both topics in transactions: read what was committed, and learn
+            # the end of a partition from the consumer (its last offset can be a transaction marker).
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
         })
         try:
             metadata = consumer.list_topics(timeout=10)
@@ -169,11 +173,14 @@ class Enforcer:
                 self.ready.set()
             while not self._stop.is_set():
                 msg = consumer.poll(0.1)
-                if msg is None or msg.error():
+                if msg is None:
                     continue
-                self._apply(msg.topic(), msg.value())
+                if msg.error() is None:
+                    self._apply(msg.topic(), msg.value())
+                elif msg.error().code() != KafkaError._PARTITION_EOF:
+                    continue
                 if not self.ready.is_set() and msg.topic() == topics.state:
-                    if msg.offset() + 1 >= behind.get(msg.partition(), 0):
+                    if msg.error() is not None or msg.offset() + 1 >= behind.get(msg.partition(), 0):
                         behind.pop(msg.partition(), None)
                     if not behind:
                         self.ready.set()

@@ -17,6 +17,10 @@ correction: a message that no stream took into processing (not ``tracked``) is n
 acknowledged. Such a message is fetched again after the rebalance, from the committed offset,
 and processed then. Faust's Cython stream iterator acknowledges inline, where no patch can
 reach, so the pure-Python iterator is selected (``NO_CYTHON``).
+
+3. The batch engine writes usage.attributed and quota.alerts in Kafka transactions; Faust's
+consumer reads ``read_committed`` only under its own exactly-once mode, so the sink agents
+would land records of aborted transactions. Faust's worker consumer reads ``read_committed``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ os.environ["NO_CYTHON"] = "1"
 import faust.streams  # noqa: E402
 from aiokafka import AIOKafkaConsumer  # noqa: E402
 from faust.events import Event  # noqa: E402
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread  # noqa: E402
 
 if faust.streams._CStreamIterator is not None:  # pragma: no cover - faust was imported before this module
     raise ImportError("import streams.faust_patches before faust: the Cython stream iterator is already in use")
@@ -58,3 +63,15 @@ async def _seek_to_committed_including_zero(self: AIOKafkaConsumer, *partitions:
 
 
 AIOKafkaConsumer.seek_to_committed = _seek_to_committed_including_zero  # type: ignore[method-assign]
+
+
+_original_create_worker_consumer = AIOKafkaConsumerThread._create_worker_consumer
+
+
+def _create_read_committed_consumer(self: AIOKafkaConsumerThread, transport: object) -> AIOKafkaConsumer:
+    consumer = _original_create_worker_consumer(self, transport)
+    consumer._isolation_level = "read_committed"  # read when the fetcher is created, at start()
+    return consumer
+
+
+AIOKafkaConsumerThread._create_worker_consumer = _create_read_committed_consumer  # type: ignore[method-assign]

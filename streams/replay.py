@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas.dead_letter import HEADER_REASON, Rejection
 from schemas.usage import epoch_ms
@@ -41,6 +41,11 @@ class ReplayResult:
     rejected: Counter[str] = field(default_factory=Counter)
 
 
+#: The worker writes usage.dlq in transactions: read only committed records, and take the end of
+#: a partition from the consumer (its last offsets can be transaction markers, never delivered).
+READ_TRANSACTIONAL = {"isolation.level": "read_committed", "enable.partition.eof": True}
+
+
 def _read_range(
     consumer: Consumer,
     topic: str,
@@ -48,9 +53,11 @@ def _read_range(
     until_ms: int | None,
     on_message: Callable[[Message], None],
     timeout_s: float,
-) -> None:
+) -> list[TopicPartition]:
     """Reads each partition of ``topic`` from its start offset up to the end seen at the start
-    (or up to ``until_ms``), calling ``on_message`` in offset order per partition."""
+    (or up to ``until_ms``), calling ``on_message`` in offset order per partition. Returns the
+    offset after the last record handed over, per partition, for the caller to commit (records
+    that arrived after the start are read past but not handed over, and not committed)."""
     metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
     if metadata is None or metadata.error is not None:
         raise KafkaException(f"topic {topic} does not exist")
@@ -61,26 +68,31 @@ def _read_range(
         ends = {tp.partition: tp.offset if tp.offset >= 0 else ends[tp.partition] for tp in stops}
     assignment = [tp for tp in starts(partitions) if tp.offset < ends[tp.partition]]
     remaining = {tp.partition for tp in assignment}
+    done: dict[int, int] = {}
     if not remaining:
-        return
+        return []
     consumer.assign(assignment)
     while remaining:
         msg = consumer.poll(timeout_s)
         if msg is None:
             raise KafkaException(f"no record from {topic} within {timeout_s:.0f}s before reaching its end")
         if msg.error():
+            if msg.error().code() == KafkaError._PARTITION_EOF:  # the rest are transaction markers
+                remaining.discard(msg.partition())
             continue
         if msg.offset() < ends[msg.partition()]:
             on_message(msg)
+            done[msg.partition()] = msg.offset() + 1
         if msg.offset() + 1 >= ends[msg.partition()]:
             remaining.discard(msg.partition())
+    return [TopicPartition(topic, p, offset) for p, offset in sorted(done.items())]
 
 
 def replay_dead_letters(settings: Settings, reason: str | None = None, timeout_s: float = 10.0) -> ReplayResult:
     result = ReplayResult()
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
                          "group.id": f"{settings.app_id}-{DLQ_REPLAY_GROUP}", "enable.auto.commit": False,
-                         "auto.offset.reset": "earliest"})
+                         "auto.offset.reset": "earliest", **READ_TRANSACTIONAL})
 
     def committed_starts(partitions: list[TopicPartition]) -> list[TopicPartition]:
         starts = consumer.committed(partitions, timeout=timeout_s)
@@ -97,9 +109,10 @@ def replay_dead_letters(settings: Settings, reason: str | None = None, timeout_s
                 producer.send_raw(msg.value() or b"", key=msg.key(), timestamp_ms=msg.timestamp()[1])
                 result.resubmitted += 1
 
-            _read_range(consumer, settings.topics.dlq, committed_starts, None, resubmit, timeout_s)
+            handled = _read_range(consumer, settings.topics.dlq, committed_starts, None, resubmit, timeout_s)
             producer.flush()
-        consumer.commit(asynchronous=False)
+        if handled:
+            consumer.commit(offsets=handled, asynchronous=False)
     finally:
         consumer.close()
     return result
@@ -109,7 +122,8 @@ def backfill(settings: Settings, enricher: Enricher, since: datetime, until: dat
              timeout_s: float = 10.0) -> ReplayResult:
     result = ReplayResult()
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
-                         "group.id": f"costline-backfill-{uuid.uuid4().hex}", "enable.auto.commit": False})
+                         "group.id": f"costline-backfill-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                         **READ_TRANSACTIONAL})
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "enable.idempotence": True,
                          "acks": "all", "partitioner": "murmur2_random", "linger.ms": 20})
     failures: list[str] = []

@@ -8,7 +8,7 @@ import logging
 
 import faust
 
-from streams.app import create_app, group_id, source_topics
+from streams.app import create_app, faust_group, faust_topics
 from streams.clickhouse import connect
 from streams.logs import logging_config
 from streams.migrations import migrate
@@ -28,9 +28,9 @@ def run_worker(settings: Settings) -> None:
     enricher = Enricher.from_config_dir(settings.config_dir)
     plans = Plans.from_file(settings.config_dir / "plans.yaml")
     ensure_topics(settings)
-    seeded = seed_group_offsets(settings, group_id(settings), source_topics(settings))
+    seeded = seed_group_offsets(settings, faust_group(settings), faust_topics(settings))
     if seeded:
-        log.info("committed the earliest offset of %d partitions new to group %s", seeded, group_id(settings))
+        log.info("committed the earliest offset of %d partitions new to group %s", seeded, faust_group(settings))
     sink = None
     if settings.role in ("all", "sink"):  # a stream-only worker never opens the database
         writer = connect(settings.clickhouse_url)

@@ -33,7 +33,7 @@ def read_topic(servers: str, topic: str, expected: int, timeout_s: float) -> lis
     """Reads ``topic`` from the beginning until ``expected`` records arrived, then a little longer
     to catch any surplus; returns every record read."""
     consumer = Consumer({"bootstrap.servers": servers, "group.id": f"reader-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics[topic]
         consumer.assign([TopicPartition(topic, p, 0) for p in metadata.partitions])
