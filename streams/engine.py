@@ -8,12 +8,16 @@ transactional producer. Each batch of up to ``sink_batch`` records (or whatever 
    ``usage.attributed`` (role ``stream``, for a separate sink worker);
 2. in one Kafka transaction: its dead letters, alerts, latest quota state per window, the
    changelog of the quota keys it changed, the attributed records (role ``stream``), and the
-   consumer offsets of the batch.
+   next source offset of each partition (in the changelog too).
 
-The transaction makes the quota state, the alerts and the offsets move together: a worker that
-dies mid-batch leaves nothing of that batch visible to ``read_committed`` readers, and whoever
-takes its partitions restores the quota tables as of the last committed batch
-(``streams.state``) and re-reads the batch. ClickHouse rows of a batch that landed but was not
+The transaction makes the quota state, the alerts and the positions move together: a worker
+that dies mid-batch leaves nothing of that batch visible to ``read_committed`` readers, and
+whoever takes its partitions restores the quota tables as of the last committed batch
+(``streams.state``) and reads on from the position committed with them. The consumer group's
+offsets are committed after each transaction, for lag monitoring and as the start of a
+partition that has no position in the changelog yet. (The offsets are not committed through
+the transaction: librdkafka's ``send_offsets_to_transaction`` can block forever once the group
+coordinator's broker has restarted, confluentinc/librdkafka#5456 and #5511.) ClickHouse rows of a batch that landed but was not
 committed are written again and collapse by ``event_id`` (the ledger is a ReplacingMergeTree).
 
 Why not a Faust agent: Faust hands each record through its consumer thread, conductor and
@@ -146,6 +150,10 @@ class BatchEngine:
         started = time.monotonic()
         read = self.state.restore(self.settings.kafka_bootstrap_servers, numbers)
         self.quotas.forget_partitions()
+        for tp in partitions:  # start where the restored state ends (else the group's committed offset)
+            if tp.partition in self.state.offsets:
+                tp.offset = self.state.offsets[tp.partition]
+        consumer.assign(partitions)
         log.info("assigned %s[%s]: restored %d quota records in %.2fs", self.topics.raw, numbers, read,
                  time.monotonic() - started)
 
@@ -162,7 +170,9 @@ class BatchEngine:
         self.state.restore(self.settings.kafka_bootstrap_servers, self.assigned)
         self.quotas.forget_partitions()
         for tp in self.consumer.committed(partitions, timeout=30):
-            if tp.offset >= 0:
+            if tp.partition in self.state.offsets:
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, self.state.offsets[tp.partition]))
+            elif tp.offset >= 0:
                 self.consumer.seek(tp)
             else:
                 self.consumer.seek(TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING))  # nothing committed
@@ -266,10 +276,8 @@ class BatchEngine:
                 for record in batch.records:
                     self._produce(t.attributed, record.tenant_id.encode(), record.model_dump_json().encode(),
                                   timestamp=int(record.event_time.timestamp() * 1000))
-            for partition, key, value in self.state.drain():
+            for partition, key, value in self.state.drain(batch.offsets):
                 self._produce(self.state.topic, key, value, partition=partition)
-            offsets = [TopicPartition(t.raw, partition, offset) for partition, offset in batch.offsets.items()]
-            p.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
             self._commit_transaction()
         except KafkaException as exc:
             error = exc.args[0]
@@ -279,6 +287,11 @@ class BatchEngine:
             self.state.dirty.clear()
             p.abort_transaction(30)
             raise Rewind from exc
+        offsets = [TopicPartition(t.raw, partition, offset) for partition, offset in batch.offsets.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:  # the group's offset only trails the committed position
+            log.info("consumer offset commit failed: %s", exc.args[0])
 
     def _commit_transaction(self) -> None:
         while True:

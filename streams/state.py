@@ -9,6 +9,9 @@ of the changelog up to its last committed record (``read_committed``) and has ex
 that belongs with the committed offset: nothing of a batch that was not committed.
 
 Record key ``<table>|<key>``, value the JSON of the entry, or a tombstone for a deleted key.
+Each batch also writes ``_offset|<partition>``: the next source offset to read. It is the
+worker's position, committed atomically with the state it belongs to, and a worker that takes
+over a partition starts reading there (the consumer group's own committed offset trails it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from streams.quotas import QUOTA_TABLES
 from streams.settings import Settings
 
 _SEP = "|"
+_OFFSET = "_offset"
 
 
 def changelog_topic(settings: Settings) -> str:
@@ -74,12 +78,15 @@ class ChangelogTables:
         self.tables = {name: TrackedTable(name, self) for name in QUOTA_TABLES}
         #: Which partition each key belongs to, to drop a partition's keys when it is revoked.
         self._owner_of: dict[tuple[str, str], int] = {}
+        #: The next source offset per partition, as of the state held (from the changelog).
+        self.offsets: dict[int, int] = {}
 
     def table(self, name: str) -> TrackedTable:
         return self.tables[name]
 
-    def drain(self) -> list[tuple[int, bytes, bytes | None]]:
-        """The changelog records of the keys changed since the last drain: (partition, key, value)."""
+    def drain(self, offsets: dict[int, int]) -> list[tuple[int, bytes, bytes | None]]:
+        """The changelog records of the keys changed since the last drain, and of the next source
+        ``offsets`` of the batch they belong to: (partition, key, value)."""
         records = []
         for (name, key), partition in self.dirty.items():
             data = self.tables[name].data
@@ -90,6 +97,9 @@ class ChangelogTables:
             else:
                 self._owner_of[(name, key)] = partition
         self.dirty.clear()
+        for partition, offset in offsets.items():
+            self.offsets[partition] = offset
+            records.append((partition, f"{_OFFSET}{_SEP}{partition}".encode(), str(offset).encode()))
         return records
 
     def forget(self, partitions: Iterable[int]) -> None:
@@ -100,6 +110,8 @@ class ChangelogTables:
                 self.tables[name].data.pop(key, None)
                 del self._owner_of[(name, key)]
         self.dirty = {k: p for k, p in self.dirty.items() if p not in gone}
+        for partition in gone:
+            self.offsets.pop(partition, None)
 
     def restore(self, servers: str, partitions: Iterable[int], timeout_s: float = 120.0) -> int:
         """Reads ``partitions`` of the changelog up to their last committed record; returns the count."""
@@ -132,6 +144,9 @@ class ChangelogTables:
                             raise KafkaException(error)
                         continue
                     name, _, key = msg.key().decode().partition(_SEP)
+                    if name == _OFFSET:
+                        self.offsets[msg.partition()] = int(msg.value())
+                        continue
                     table = self.tables.get(name)
                     if table is None:
                         continue
