@@ -264,6 +264,8 @@ def _add_health(app: faust.App, shared: _Shared, enricher: Enricher, engine: Bat
             highwaters = dict(engine.highwaters) if engine is not None else {}
             if sources:
                 consumer = app.consumer
-                highwaters.update({(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()
-                                   if tp.topic in sources})
+                for tp in consumer.assignment():
+                    highwater = consumer.highwater(tp)  # None until the partition's first fetch
+                    if tp.topic in sources and highwater is not None:
+                        highwaters[(tp.topic, tp.partition)] = highwater
             return self.text(render(counters, highwaters), content_type="text/plain; version=0.0.4")
