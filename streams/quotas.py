@@ -97,6 +97,7 @@ class QuotaEngine:
         self.seen = seen
         self.clock = clock
         self._expiry: dict[int, deque[tuple[float, str]]] = {}
+        self._keys: dict[tuple[str, str, str, datetime], str] = {}
 
     def forget_partitions(self) -> None:
         """After a rebalance: rebuild each partition's expiry queue from the table when next needed."""
@@ -123,7 +124,7 @@ class QuotaEngine:
             if end + grace <= watermark:
                 outcome.late = True
                 continue
-            key = json.dumps([tenant, limit.id, scope, start.isoformat()])
+            key = self._window_key(tenant, limit.id, scope, start)
             window = self.windows.get(key)
             if window is None:
                 window = {"usage": "0", "partition": partition, "offset": -1, "crossed": {}}
@@ -142,7 +143,8 @@ class QuotaEngine:
             self.windows[key] = {"usage": str(usage), "partition": partition, "offset": offset, "crossed": crossed,
                                  "as_of": at.isoformat()}
             open_windows[key] = end.isoformat()
-            outcome.states.append(QuotaState(
+            # Every value is computed here with its final type: no validation needed.
+            outcome.states.append(QuotaState.model_construct(
                 tenant_id=tenant, limit_id=limit.id, metric=limit.metric, scope=limit.scope, scope_value=scope,
                 window_start=start, window_end=end, usage=usage, limit=limit.limit,
                 remaining=max(limit.limit - usage, Decimal(0)), status=status_of(limit, usage), as_of=at))
@@ -153,6 +155,16 @@ class QuotaEngine:
                 del open_windows[key]
         self.tenants[tenant] = {"watermark": watermark.isoformat(), "windows": open_windows}
         return outcome
+
+    def _window_key(self, tenant: str, limit_id: str, scope: str, start: datetime) -> str:
+        """The window's table key (JSON, so that it reads back unambiguously), memoized."""
+        ident = (tenant, limit_id, scope, start)
+        key = self._keys.get(ident)
+        if key is None:
+            if len(self._keys) >= 200_000:
+                self._keys.clear()
+            key = self._keys[ident] = json.dumps([tenant, limit_id, scope, start.isoformat()])
+        return key
 
     def _is_duplicate(self, record: AttributedUsage, partition: int, offset: int) -> bool:
         now = self.clock()
