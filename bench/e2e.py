@@ -1,0 +1,265 @@
+"""End to end: one worker's throughput and latency, against the ceiling of a minimal loop.
+
+    scripts/kafka start && .venv/bin/python bench/e2e.py [--events 100000] [--tenants 1000]
+
+1. Throughput. Empty topics and an empty embedded ClickHouse (isolated prefix and home), N
+   simulated events (the ``costline simulate`` mix) produced to usage.raw first; then one worker
+   (role ``all``) starts, and the clock runs from its start (minus its start-up, until its health
+   endpoint answers) until all N rows are queryable in ClickHouse. Also: the worker's peak RSS
+   and CPU seconds per 100k events.
+2. Latency, at a fixed rate of half the measured maximum for ``--latency-s`` seconds, on the same
+   worker: event produced → row visible in ClickHouse (the n-th event produced is taken as
+   visible when the ledger first holds n rows of this phase: rows land in batches in about the
+   order they were produced; polled every 50 ms), and event produced → quota state on
+   quota.state (each state record against the production time of the newest event it counts).
+3. The ceiling: a confluent-kafka consumer reads the same N records, parses the JSON and inserts
+   them column-oriented into an embedded ClickHouse table, in batches of the worker's size.
+
+Prints the figures, then one JSON object on the last line. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # noqa: E402
+
+from schemas.usage import UsageEvent  # noqa: E402
+from streams.processes import ROOT, WorkerProcess, isolated_env, wait_for  # noqa: E402
+from streams.query import query  # noqa: E402
+from streams.settings import Settings  # noqa: E402
+from streams.simulate import Workload  # noqa: E402
+from streams.topics import ensure_topics  # noqa: E402
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(peak RSS in MB, CPU seconds) of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    peak_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return peak_kb / 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def producer(servers: str) -> Producer:
+    return Producer({"bootstrap.servers": servers, "enable.idempotence": True, "acks": "all",
+                     "partitioner": "murmur2_random", "linger.ms": 5, "compression.type": "lz4"})
+
+
+def send(p: Producer, topic: str, event: UsageEvent, value: bytes) -> None:
+    while True:
+        try:
+            p.produce(topic, key=event.kafka_key(), value=value, timestamp=event.timestamp_ms())
+            break
+        except BufferError:
+            p.poll(0.05)
+    p.poll(0)
+
+
+def events(count: int, tenants: int, seed: int, start: datetime, distinct: bool) -> list[UsageEvent]:
+    """The simulate mix; with ``distinct``, tenants round-robin so that every one of them occurs."""
+    generated = list(Workload(count, tenants=tenants, seed=seed, start=start).generate())
+    if distinct:
+        generated = [e.model_copy(update={"tenant_id": f"tenant-{i % tenants:06d}"}) for i, e in enumerate(generated)]
+    return generated
+
+
+def fill(servers: str, topic: str, batch: list[UsageEvent]) -> None:
+    p = producer(servers)
+    for event in batch:
+        send(p, topic, event, event.model_dump_json(exclude_none=True).encode())
+    assert p.flush(60) == 0
+
+
+def ledger_rows(settings: Settings) -> int:
+    return int(query(settings, "SELECT count() FROM usage_ledger").rows[0][0])
+
+
+def latency_phase(settings: Settings, rate: int, seconds: float, tenants: int, distinct: bool,
+                  rows_before: int) -> tuple[list[float], list[float]]:
+    """Produces at ``rate`` events/s; returns (event → queryable, event → quota state) latencies in ms."""
+    servers = settings.kafka_bootstrap_servers
+    count = int(rate * seconds)
+    start = datetime.now(UTC) + timedelta(seconds=5)  # event times are the planned send times
+    planned = events(count, tenants, 29, start, distinct)
+    step = 1 / rate
+    for i, event in enumerate(planned):
+        planned[i] = event.model_copy(update={"timestamp": start + timedelta(seconds=i * step)})
+    values = [e.model_dump_json(exclude_none=True).encode() for e in planned]
+
+    state_lag: list[float] = []
+    stop = threading.Event()
+
+    def read_states() -> None:
+        consumer = Consumer({"bootstrap.servers": servers, "group.id": f"bench-{time.time_ns()}",
+                             "enable.auto.commit": False, "isolation.level": "read_committed",
+                             "fetch.wait.max.ms": 10})
+        parts = consumer.list_topics(settings.topics.state, timeout=10).topics[settings.topics.state].partitions
+        ends = [consumer.get_watermark_offsets(TopicPartition(settings.topics.state, p), timeout=10)[1] for p in parts]
+        consumer.assign([TopicPartition(settings.topics.state, p, end) for p, end in zip(parts, ends, strict=True)])
+        while not stop.is_set():
+            for msg in consumer.consume(1000, timeout=0.05):
+                if msg.error() is None and msg.value():
+                    as_of = datetime.fromisoformat(json.loads(msg.value())["as_of"])
+                    if as_of >= start:
+                        state_lag.append((time.time() - as_of.timestamp()) * 1000)
+        consumer.close()
+
+    counts: list[tuple[float, int]] = []  # (when, rows of this phase in the ledger), every 50 ms
+
+    def poll_ledger() -> None:
+        while not stop.is_set():
+            counts.append((time.time(), ledger_rows(settings) - rows_before))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=read_states, daemon=True), threading.Thread(target=poll_ledger, daemon=True)]
+    for thread in threads:
+        thread.start()
+    sent_at: list[float] = []
+    p = producer(servers)
+    begin = start.timestamp()
+    while time.time() < begin:
+        time.sleep(0.001)
+    for i, (event, value) in enumerate(zip(planned, values, strict=True)):
+        due = begin + i * step
+        delay = due - time.time()
+        if delay > 0.002:
+            time.sleep(delay)
+        sent_at.append(time.time())
+        send(p, settings.topics.raw, event, value)
+    p.flush(30)
+    deadline = time.monotonic() + 120
+    while (not counts or counts[-1][1] < count) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    if counts[-1][1] < count:
+        raise SystemExit(f"only {counts[-1][1]} of {count} latency events became queryable within 120s")
+    visible_at: list[float] = []  # the n-th event counts as visible at the first poll that saw n rows
+    for when, landed in counts:
+        visible_at.extend([when] * (min(landed, count) - len(visible_at)))
+    return [(v - s) * 1000 for s, v in zip(sent_at, visible_at, strict=True)], state_lag
+
+
+def ceiling(servers: str, topic: str, events: int, batch: int, path: Path) -> float:
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(interface="chdb", path=str(path))
+    client.command("CREATE TABLE t (event_id String, tenant_id String, model String, input UInt64, output UInt64, "
+                   "ts DateTime64(3, 'UTC')) ENGINE = MergeTree ORDER BY (tenant_id, event_id)")
+    consumer = Consumer({"bootstrap.servers": servers, "group.id": f"ceiling-{time.time_ns()}",
+                         "enable.auto.commit": False})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    names = ["event_id", "tenant_id", "model", "input", "output", "ts"]
+    types = ["String", "String", "String", "UInt64", "UInt64", "DateTime64(3, 'UTC')"]
+    done = 0
+    started = time.perf_counter()
+    while done < events:
+        rows: list[list[object]] = [[] for _ in names]
+        for msg in consumer.consume(batch, timeout=1.0):
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    raise SystemExit(f"ceiling consumer: {msg.error()}")
+                continue
+            e = json.loads(msg.value())
+            for column, value in zip(rows, (e["event_id"], e["tenant_id"], e["model"], e["usage"]["input_tokens"],
+                                            e["usage"]["output_tokens"], datetime.fromisoformat(e["timestamp"])),
+                                     strict=True):
+                column.append(value)
+        if rows[0]:
+            client.insert("t", rows, column_names=names, column_type_names=types, column_oriented=True)
+            done += len(rows[0])
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    client.close()
+    return events / elapsed
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--tenants", type=int, default=1_000)
+    parser.add_argument("--distinct-tenants", action="store_true",
+                        help="spread events round-robin over all --tenants (every tenant occurs)")
+    parser.add_argument("--latency-s", type=float, default=10.0, help="length of the latency phase (0 skips it)")
+    parser.add_argument("--plans", type=Path, help="a plans.yaml to use instead of config/plans.yaml")
+    args = parser.parse_args()
+    servers = Settings.from_env().kafka_bootstrap_servers
+    work = Path(tempfile.mkdtemp(prefix="costline-bench-"))
+    config = work / "config"
+    shutil.copytree(ROOT / "config", config)
+    if args.plans:
+        shutil.copy(args.plans, config / "plans.yaml")
+    env = isolated_env(work / "home", servers, config)
+    worker = WorkerProcess(env, work / "worker.log")
+    settings = worker.settings
+    ensure_topics(settings)
+    rows_lag: list[float] = []
+    state_lag: list[float] = []
+    try:
+        backlog = events(args.events, args.tenants, 11, datetime.now(UTC) - timedelta(hours=1), args.distinct_tenants)
+        fill(servers, settings.topics.raw, backlog)
+        del backlog
+        started = time.perf_counter()
+        worker.start()
+        ready = time.perf_counter() - started
+        wait_for(lambda: ledger_rows(settings) >= args.events, 1800, f"{args.events} rows", alive=worker,
+                 interval_s=0.2)
+        elapsed = time.perf_counter() - started - ready
+        rss_mb, cpu_s = proc_stats(worker.process.pid)
+        eps = args.events / elapsed
+        if args.latency_s > 0:
+            rows_lag, state_lag = latency_phase(settings, max(int(eps / 2), 1), args.latency_s, args.tenants,
+                                                args.distinct_tenants, args.events)
+            rss_mb = max(rss_mb, proc_stats(worker.process.pid)[0])
+        worker.stop()
+        ceiling_eps = ceiling(servers, settings.topics.raw, args.events, settings.sink_batch, work / "ceiling")
+    finally:
+        worker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"events                      {args.events:>12,}")
+    print(f"tenants                     {args.tenants:>12,}{' (all occur)' if args.distinct_tenants else ''}")
+    print(f"worker start-up s           {ready:>12.1f}")
+    print(f"costline events/s           {eps:>12,.0f}")
+    print(f"ceiling events/s            {ceiling_eps:>12,.0f}")
+    print(f"ratio                       {eps / ceiling_eps:>12.3f}")
+    print(f"worker peak RSS MB          {rss_mb:>12.0f}")
+    print(f"CPU s per 100k events       {cpu_s * 100_000 / args.events:>12.1f}")
+    if rows_lag:
+        print(f"latency phase               {len(rows_lag):>12,} events at {int(eps / 2):,}/s")
+        print(f"event → queryable ms        p50 {pct(rows_lag, .5):,.0f}  p95 {pct(rows_lag, .95):,.0f}  "
+              f"p99 {pct(rows_lag, .99):,.0f}  max {max(rows_lag):,.0f}")
+    if state_lag:
+        print(f"event → quota state ms      p50 {pct(state_lag, .5):,.0f}  p95 {pct(state_lag, .95):,.0f}  "
+              f"p99 {pct(state_lag, .99):,.0f}  ({len(state_lag):,} state records, mean "
+              f"{statistics.fmean(state_lag):,.0f})")
+    print(json.dumps({"events": args.events, "eps": round(eps), "ceiling_eps": round(ceiling_eps),
+                      "ratio": round(eps / ceiling_eps, 3),
+                      "p99_ms": round(pct(rows_lag, .99)) if rows_lag else None,
+                      "state_p99_ms": round(pct(state_lag, .99)) if state_lag else None,
+                      "rss_mb": round(rss_mb), "cpu_s_per_100k": round(cpu_s * 100_000 / args.events, 1)}))
+
+
+if __name__ == "__main__":
+    main()
