@@ -2,8 +2,8 @@
 
 Counted by event time, in calendar windows keyed explicitly by (tenant, limit, scope value,
 window start): Faust's own windowed tables expire on the wall clock and drop old windows,
-so they are not used. Two mappings hold the state — in the worker they are Faust tables
-(changelogged, restored on restart or rebalance), in tests plain dicts:
+so they are not used. Three mappings hold the state — in the worker the changelogged tables of
+``streams.state`` (restored on restart or rebalance), in tests plain dicts:
 
 - ``windows[window key]``: the running usage of one window, the last source offset counted
   into it, and the thresholds crossed so far;
@@ -42,7 +42,7 @@ from schemas.quota import QuotaAlert, QuotaState, Status, alert_id
 from streams.plans import Limit, Plans, window_bounds
 
 _ONE = Decimal(1)
-#: The Faust tables the worker keeps the state in: window key → window, tenant → watermark and open windows.
+#: The tables the state is kept in: window key → window, tenant → watermark and open windows, seen events.
 QUOTA_TABLES = ("quota_windows", "quota_tenants", "quota_seen")
 
 
