@@ -106,8 +106,11 @@ class BatchEngine:
         self.consumer = Consumer({
             "bootstrap.servers": servers, "group.id": settings.app_id, "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "isolation.level": "read_committed",
-            "fetch.max.bytes": 64 * 1024 * 1024, "max.partition.fetch.bytes": MAX_RECORD_BYTES + 65_536,
-            "queued.max.messages.kbytes": 256 * 1024, "log_level": 3, "logger": logging.getLogger("librdkafka"),
+            "fetch.max.bytes": 32 * 1024 * 1024, "max.partition.fetch.bytes": MAX_RECORD_BYTES + 65_536,
+            # Prefetch: a few batches' worth, not librdkafka's 64 MB per partition (RSS counts).
+            "queued.max.messages.kbytes": 16 * 1024,
+            # Eager rebalancing (every partition revoked, then the new set assigned and restored).
+            "partition.assignment.strategy": "range", "log_level": 3, "logger": logging.getLogger("librdkafka"),
         })
         self.producer = Producer({
             "bootstrap.servers": servers, "transactional.id": transactional_id(settings),
@@ -160,7 +163,7 @@ class BatchEngine:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
         self.assigned.difference_update(numbers)
-        self.state.forget(numbers)
+        self.state.clear()  # eager rebalancing: every partition is revoked, the next assignment restored
         self.quotas.forget_partitions()
         log.info("revoked %s[%s]", self.topics.raw, numbers)
 

@@ -161,7 +161,7 @@ class QuotaEngine:
         ident = (tenant, limit_id, scope, start)
         key = self._keys.get(ident)
         if key is None:
-            if len(self._keys) >= 200_000:
+            if len(self._keys) >= 50_000:
                 self._keys.clear()
             key = self._keys[ident] = json.dumps([tenant, limit_id, scope, start.isoformat()])
         return key

@@ -76,8 +76,6 @@ class ChangelogTables:
         self.partition = -1
         self.dirty: dict[tuple[str, str], int] = {}
         self.tables = {name: TrackedTable(name, self) for name in QUOTA_TABLES}
-        #: Which partition each key belongs to, to drop a partition's keys when it is revoked.
-        self._owner_of: dict[tuple[str, str], int] = {}
         #: The next source offset per partition, as of the state held (from the changelog).
         self.offsets: dict[int, int] = {}
 
@@ -92,31 +90,25 @@ class ChangelogTables:
             data = self.tables[name].data
             value = json.dumps(data[key], separators=(",", ":")).encode() if key in data else None
             records.append((partition, f"{name}{_SEP}{key}".encode(), value))
-            if value is None:
-                self._owner_of.pop((name, key), None)
-            else:
-                self._owner_of[(name, key)] = partition
         self.dirty.clear()
         for partition, offset in offsets.items():
             self.offsets[partition] = offset
             records.append((partition, f"{_OFFSET}{_SEP}{partition}".encode(), str(offset).encode()))
         return records
 
-    def forget(self, partitions: Iterable[int]) -> None:
-        """Drops the keys of ``partitions`` (revoked, or about to be restored again)."""
-        gone = set(partitions)
-        for (name, key), partition in list(self._owner_of.items()):
-            if partition in gone:
-                self.tables[name].data.pop(key, None)
-                del self._owner_of[(name, key)]
-        self.dirty = {k: p for k, p in self.dirty.items() if p not in gone}
-        for partition in gone:
-            self.offsets.pop(partition, None)
+    def clear(self) -> None:
+        """Drops all state. The engine's consumer rebalances eagerly: a rebalance revokes every
+        partition, and the new assignment is restored whole, so no key needs to know its partition."""
+        for table in self.tables.values():
+            table.data.clear()
+        self.dirty.clear()
+        self.offsets.clear()
 
     def restore(self, servers: str, partitions: Iterable[int], timeout_s: float = 120.0) -> int:
-        """Reads ``partitions`` of the changelog up to their last committed record; returns the count."""
+        """Reads ``partitions`` of the changelog up to their last committed record into the (cleared)
+        tables; returns the count."""
         wanted = sorted(set(partitions))
-        self.forget(wanted)
+        self.clear()
         if not wanted:
             return 0
         consumer = Consumer({"bootstrap.servers": servers, "group.id": "costline-restore", "enable.auto.commit": False,
@@ -153,10 +145,8 @@ class ChangelogTables:
                     value = msg.value()
                     if value is None:
                         table.data.pop(key, None)
-                        self._owner_of.pop((name, key), None)
                     else:
                         table.data[key] = json.loads(value)
-                        self._owner_of[(name, key)] = msg.partition()
                     read += 1
         finally:
             consumer.close()
