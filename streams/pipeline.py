@@ -32,7 +32,7 @@ class Enricher:
 
 def attribute(event: UsageEvent, enricher: Enricher, now: datetime | None = None, late: bool = False) -> AttributedUsage:
     priced = enricher.pricer.price(event)
-    return AttributedUsage.model_construct(
+    return AttributedUsage.from_trusted(dict(
         schema_version=1,
         event_id=event.event_id,
         event_time=event.timestamp,
@@ -68,7 +68,7 @@ def attribute(event: UsageEvent, enricher: Enricher, now: datetime | None = None
         business_path=enricher.paths.path_for(event),
         late=late,
         attributed_at=now or datetime.now(UTC),
-    )
+    ))
 
 
 def attribute_raw(

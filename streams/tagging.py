@@ -81,6 +81,12 @@ class PathRules:
     def __init__(self, rules: list[Rule] | None = None) -> None:
         self.rules = list(rules or [])
         self._cached = lru_cache(maxsize=100_000)(self._path_uncached)
+        # The cache key holds only what some rule looks at, so that, say, every tenant of a route
+        # shares one entry when no rule names tenant_id.
+        used = {f for r in self.rules for f in FIELDS if getattr(r.when, f) is not None or "{" + f in r.path}
+        self._key_fields = tuple(f for f in FIELDS if f in used)
+        self._all_tags = any("{tags" in r.path for r in self.rules)
+        self._tag_keys = {key for r in self.rules for key in r.when.tags}
 
     @classmethod
     def from_file(cls, path: Path | None) -> PathRules:
@@ -88,7 +94,11 @@ class PathRules:
         return cls(load_model(path, PathsFile).rules)
 
     def path_for(self, event: UsageEvent) -> str:
-        return self._cached(tuple(getattr(event, f) for f in FIELDS), tuple(sorted(event.tags.items())))
+        values = tuple(getattr(event, f) if f in self._key_fields else None for f in FIELDS)
+        tags = event.tags
+        if tags and not self._all_tags:
+            tags = {k: v for k, v in tags.items() if k in self._tag_keys}
+        return self._cached(values, tuple(sorted(tags.items())) if tags else ())
 
     def _path_uncached(self, values: tuple[str | None, ...], tag_items: tuple[tuple[str, str], ...]) -> str:
         fields = dict(zip(FIELDS, values))
