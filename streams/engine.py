@@ -45,6 +45,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection, dead_letter_headers
 from schemas.quota import QuotaAlert, QuotaState
+from schemas.usage import epoch_ms
 from streams.metrics import Counters
 from streams.pipeline import Enricher, attribute_raw
 from streams.plans import Plans
@@ -263,7 +264,6 @@ class BatchEngine:
         try:
             p.begin_transaction()
             for message, rejection in batch.dead:
-                self.counters.dead_lettered += 1
                 log.info("dead-lettered %s[%s]@%s: %s: %s", message.topic(), message.partition(), message.offset(),
                          rejection.reason, rejection.message)
                 self._produce(t.dlq, message.key(), message.value() or b"", partition=None,
@@ -271,14 +271,13 @@ class BatchEngine:
                               headers=dead_letter_headers(rejection, message.topic(), message.partition(),
                                                           message.offset()))
             for alert in batch.alerts:
-                self.counters.alerts += 1
                 self._produce(t.alerts, alert.tenant_id.encode(), alert.model_dump_json().encode())
             for quota_state in batch.states.values():
                 self._produce(t.state, quota_state.key.encode(), quota_state.model_dump_json().encode())
             if self.settings.role == "stream":
                 for record in batch.records:
                     self._produce(t.attributed, record.tenant_id.encode(), record.model_dump_json().encode(),
-                                  timestamp=int(record.event_time.timestamp() * 1000))
+                                  timestamp=epoch_ms(record.event_time))
             for partition, key, value in self.state.drain(batch.offsets):
                 self._produce(self.state.topic, key, value, partition=partition)
             self._commit_transaction()
@@ -290,6 +289,8 @@ class BatchEngine:
             self.state.dirty.clear()
             p.abort_transaction(30)
             raise Rewind from exc
+        self.counters.dead_lettered += len(batch.dead)  # counted once committed (an aborted batch is redone)
+        self.counters.alerts += len(batch.alerts)
         offsets = [TopicPartition(t.raw, partition, offset) for partition, offset in batch.offsets.items()]
         try:
             self.consumer.commit(offsets=offsets, asynchronous=True)
