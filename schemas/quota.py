@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer
+
+from schemas.trusted import construct
 
 Amount = Annotated[Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")]
 Status = Literal["ok", "warning", "soft_cap", "hard_cap"]
@@ -66,3 +68,8 @@ class QuotaState(QuotaWindow):
     @property
     def key(self) -> str:
         return state_key(self.tenant_id, self.limit_id, self.scope_value)
+
+    @classmethod
+    def from_trusted(cls, values: dict[str, Any]) -> QuotaState:
+        """An instance from every field's value, already of its type (see ``schemas.trusted``)."""
+        return construct(cls, values)

@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -158,6 +159,10 @@ class Enforcer:
         })
         try:
             metadata = consumer.list_topics(timeout=10)
+            deadline = time.monotonic() + 10  # a topic created a moment ago can be missing from metadata
+            while not {topics.state, topics.alerts} <= set(metadata.topics) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                metadata = consumer.list_topics(timeout=10)
             assignment, behind = [], {}
             for topic, start in ((topics.state, OFFSET_BEGINNING), (topics.alerts, OFFSET_END)):
                 if topic not in metadata.topics:

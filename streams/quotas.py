@@ -42,6 +42,7 @@ from schemas.quota import QuotaAlert, QuotaState, Status, alert_id
 from streams.plans import Limit, Plans, window_bounds
 
 _ONE = Decimal(1)
+_ZERO = Decimal(0)
 #: The tables the state is kept in: window key → window, tenant → watermark and open windows, seen events.
 QUOTA_TABLES = ("quota_windows", "quota_tenants", "quota_seen")
 
@@ -114,9 +115,14 @@ class QuotaEngine:
         tenant = record.tenant_id
         at = record.event_time
         grace = self.plans.grace
-        tenant_state = self.tenants.get(tenant) or {"watermark": at.isoformat(), "windows": {}}
-        watermark = max(datetime.fromisoformat(tenant_state["watermark"]), at)
-        open_windows: dict[str, str] = dict(tenant_state["windows"])
+        # In memory the values keep their types (Decimal, datetime); the changelog stores them as
+        # text (``streams.state``), and a restored entry is read back here through Decimal()/_time().
+        tenant_state = self.tenants.get(tenant)
+        if tenant_state is None:
+            tenant_state = {"watermark": at, "windows": {}, "next_expiry": None}
+        watermark = max(_time(tenant_state["watermark"]), at)
+        open_windows: dict[str, Any] = tenant_state["windows"]
+        next_expiry = _time(tenant_state.get("next_expiry"))
 
         for limit in limits:
             scope = scope_value(record, limit)
@@ -127,33 +133,42 @@ class QuotaEngine:
             key = self._window_key(tenant, limit.id, scope, start)
             window = self.windows.get(key)
             if window is None:
-                window = {"usage": "0", "partition": partition, "offset": -1, "crossed": {}}
+                window = {"usage": _ZERO, "partition": partition, "offset": -1, "crossed": {}}
             if window["partition"] == partition and offset <= window["offset"]:
                 outcome.alerts.extend(self._replayed_alerts(record, limit, scope, start, end, window, offset))
                 continue
             usage = Decimal(window["usage"]) + metric_amount(record, limit)
-            crossed = dict(window["crossed"])
+            crossed = window["crossed"]
             for percent, level, amount in limit.levels:
-                name = format(percent.normalize(), "f")
-                if usage >= amount and name not in crossed:
-                    crossed[name] = {"offset": offset, "at": at.isoformat(), "usage": str(usage),
-                                     "event_id": record.event_id}
-                    outcome.alerts.append(_alert(record.tenant_id, limit, scope, start, end, percent, level,
-                                                 usage, at, record.event_id))
-            self.windows[key] = {"usage": str(usage), "partition": partition, "offset": offset, "crossed": crossed,
-                                 "as_of": at.isoformat()}
-            open_windows[key] = end.isoformat()
-            # Every value is computed here with its final type: no validation needed.
-            outcome.states.append(QuotaState.model_construct(
+                if usage >= amount:
+                    name = format(percent.normalize(), "f")
+                    if name not in crossed:
+                        crossed[name] = {"offset": offset, "at": at.isoformat(), "usage": str(usage),
+                                         "event_id": record.event_id}
+                        outcome.alerts.append(_alert(record.tenant_id, limit, scope, start, end, percent, level,
+                                                     usage, at, record.event_id))
+            window.update(usage=usage, partition=partition, offset=offset, as_of=at)
+            self.windows[key] = window
+            if key not in open_windows:
+                open_windows[key] = end
+                if next_expiry is None or end + grace < next_expiry:
+                    next_expiry = end + grace
+            outcome.states.append(QuotaState.from_trusted(dict(
                 tenant_id=tenant, limit_id=limit.id, metric=limit.metric, scope=limit.scope, scope_value=scope,
                 window_start=start, window_end=end, usage=usage, limit=limit.limit,
-                remaining=max(limit.limit - usage, Decimal(0)), status=status_of(limit, usage), as_of=at))
+                remaining=max(limit.limit - usage, _ZERO), status=status_of(limit, usage), as_of=at)))
 
-        for key, end_text in list(open_windows.items()):
-            if datetime.fromisoformat(end_text) + grace <= watermark:
-                self.windows.pop(key, None)
-                del open_windows[key]
-        self.tenants[tenant] = {"watermark": watermark.isoformat(), "windows": open_windows}
+        if next_expiry is not None and next_expiry <= watermark:  # some window is past its grace period
+            next_expiry = None
+            for key, end_value in list(open_windows.items()):
+                expires = _time(end_value) + grace
+                if expires <= watermark:
+                    self.windows.pop(key, None)
+                    del open_windows[key]
+                elif next_expiry is None or expires < next_expiry:
+                    next_expiry = expires
+        tenant_state.update(watermark=watermark, next_expiry=next_expiry)
+        self.tenants[tenant] = tenant_state
         return outcome
 
     def _window_key(self, tenant: str, limit_id: str, scope: str, start: datetime) -> str:
@@ -193,6 +208,11 @@ class QuotaEngine:
                                     Decimal(crossing["usage"]), datetime.fromisoformat(crossing["at"]),
                                     crossing["event_id"]))
         return again
+
+
+def _time(value: datetime | str | None) -> datetime | None:
+    """A time kept in memory as datetime, or read back from the changelog as ISO text."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
 def _alert(tenant: str, limit: Limit, scope: str, start: datetime, end: datetime, percent: Decimal, level: str,

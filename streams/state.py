@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator, MutableMapping
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -88,7 +90,7 @@ class ChangelogTables:
         records = []
         for (name, key), partition in self.dirty.items():
             data = self.tables[name].data
-            value = json.dumps(data[key], separators=(",", ":")).encode() if key in data else None
+            value = json.dumps(data[key], separators=(",", ":"), default=_text).encode() if key in data else None
             records.append((partition, f"{name}{_SEP}{key}".encode(), value))
         self.dirty.clear()
         for partition, offset in offsets.items():
@@ -151,6 +153,15 @@ class ChangelogTables:
         finally:
             consumer.close()
         return read
+
+
+def _text(value: object) -> str:
+    """Decimals and datetimes of the quota tables, as text (read back by ``streams.quotas``)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot store a {type(value).__name__} in the quota changelog")
 
 
 class _Silent:

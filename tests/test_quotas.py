@@ -108,7 +108,7 @@ def test_out_of_order_events_land_in_the_right_windows(engine):
     for offset, (at, cost) in enumerate([(d2, "1"), (d1, "2"), (d2, "4"), (d1, "8")]):
         engine.apply(rec("acme", at, cost, f"e{offset}"), 0, offset)
     usage = {key: w["usage"] for key, w in engine.windows.items()}
-    assert sorted(usage.values()) == ["10", "5"]
+    assert sorted(usage.values()) == [Decimal(5), Decimal(10)]
 
 
 def test_tenants_never_share_windows(engine):
@@ -177,7 +177,7 @@ def test_a_copy_of_an_event_sent_again_is_counted_once(tmp_path):
     assert len(first.alerts) == 1 and copy.alerts == [] and len(replay.alerts) == 1  # replay re-sends, same id
     other = engine.apply(rec("globex", at, "1", "dup-1"), 1, 0)        # another tenant's id is its own
     assert not other.duplicate
-    assert next(iter(engine.windows.values()))["usage"] == "6"
+    assert next(iter(engine.windows.values()))["usage"] == Decimal(6)
 
     now[0] += 61                                                       # the id is forgotten after 60 s
     engine.forget_partitions()                                         # ... also across a rebalance
