@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,23 +43,35 @@ class Sink:
 
 @dataclass(frozen=True)
 class TableSpec(Generic[R]):
-    """A ClickHouse table, its columns with their types (so no insert needs a DESCRIBE), how to get
-    each column's value from a record, and the identity of a record (for the deduplication token)."""
+    """A ClickHouse table, its columns with their types (so no insert needs a DESCRIBE), the record
+    attribute each column holds (a dotted path) with an optional conversion of its value, and the
+    identity of a record (for the deduplication token)."""
 
     name: str
-    columns: list[tuple[str, str, Callable[[R], Any]]]
+    columns: list[tuple[str, str, str, Callable[[Any], Any] | None]]
     identity: Callable[[R], str]
+
+    def __post_init__(self) -> None:
+        # One C-level getter reads a record's whole row while the record is in cache; the rows are
+        # then turned into columns (about twice as fast as one pass over the batch per column).
+        object.__setattr__(self, "_row", operator.attrgetter(*(path for _, _, path, _ in self.columns)))
 
     @property
     def column_names(self) -> list[str]:
-        return [name for name, _, _ in self.columns]
+        return [name for name, _, _, _ in self.columns]
 
     @property
     def column_types(self) -> list[str]:
-        return [ch_type for _, ch_type, _ in self.columns]
+        return [ch_type for _, ch_type, _, _ in self.columns]
 
     def to_columns(self, records: Sequence[R]) -> list[list[Any]]:
-        return [[get(r) for r in records] for _, _, get in self.columns]
+        if not records:
+            return [[] for _ in self.columns]
+        columns = list(map(list, zip(*map(self._row, records), strict=True)))
+        for i, (_, _, _, convert) in enumerate(self.columns):
+            if convert is not None:
+                columns[i] = list(map(convert, columns[i]))
+        return columns
 
     def dedup_token(self, records: Sequence[R]) -> str:
         """Identical for a retry of the same batch, different for any other batch."""
@@ -94,66 +107,63 @@ def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":")) if value else ""
 
 
-def _token(name: str) -> Callable[[AttributedUsage], object]:
-    return lambda r: getattr(r.usage, name)
-
-
-def _cost(name: str) -> Callable[[AttributedUsage], object]:
-    return lambda r: getattr(r.cost, name)
+def _text(value: str | None) -> str:
+    """An optional text attribute in a non-nullable String column."""
+    return "" if value is None else value
 
 
 LEDGER: TableSpec[AttributedUsage] = TableSpec("usage_ledger", identity=lambda r: f"{r.event_id}\x00{r.attributed_at.isoformat()}", columns=[
-    ("event_id", "String", lambda r: r.event_id),
-    ("event_time", "DateTime64(3, 'UTC')", lambda r: r.event_time),
-    ("tenant_id", "LowCardinality(String)", lambda r: r.tenant_id),
-    ("user_id", "String", lambda r: r.user_id or ""),
-    ("provider", "LowCardinality(String)", lambda r: r.provider),
-    ("model", "LowCardinality(String)", lambda r: r.model),
-    ("matched_model", "LowCardinality(String)", lambda r: r.matched_model or ""),
-    ("service", "LowCardinality(String)", lambda r: r.service or ""),
-    ("route", "LowCardinality(String)", lambda r: r.route or ""),
-    ("feature", "LowCardinality(String)", lambda r: r.feature or ""),
-    ("step", "LowCardinality(String)", lambda r: r.step or ""),
-    ("business_path", "LowCardinality(String)", lambda r: r.business_path),
-    ("trace_id", "String", lambda r: r.trace_id or ""),
-    ("span_id", "String", lambda r: r.span_id or ""),
-    ("parent_span_id", "String", lambda r: r.parent_span_id or ""),
-    ("status", "LowCardinality(String)", lambda r: r.status),
-    ("latency_ms", "Nullable(UInt32)", lambda r: r.latency_ms),
-    ("batch", "Bool", lambda r: r.batch),
-    ("tags", "Map(String, String)", lambda r: r.tags),
-    ("extra", "String", lambda r: _json(r.extra)),
-    ("raw_usage", "String", lambda r: _json(r.raw_usage)),
-    ("raw_usage_format", "LowCardinality(String)", lambda r: r.raw_usage_format or ""),
-    *[(name, "UInt64", _token(name)) for name in _TOKEN_CLASSES],
-    *[(f"cost_{name}", _DECIMAL, _cost(name)) for name in _COST_CLASSES],
-    ("cost_usd", _DECIMAL, lambda r: r.cost_usd),
-    ("currency", "LowCardinality(String)", lambda r: r.currency),
-    ("priced", "Bool", lambda r: r.priced),
-    ("unpriced_reason", "String", lambda r: r.unpriced_reason or ""),
-    ("price_source", "LowCardinality(String)", lambda r: r.price_source or ""),
-    ("pricing_version", "LowCardinality(String)", lambda r: r.pricing_version or ""),
-    ("discount", "LowCardinality(String)", lambda r: r.discount or ""),
-    ("discount_percent", "Decimal(9, 4)", lambda r: r.discount_percent),
-    ("late", "Bool", lambda r: r.late),
-    ("attributed_at", "DateTime64(3, 'UTC')", lambda r: r.attributed_at),
+    ("event_id", "String", "event_id", None),
+    ("event_time", "DateTime64(3, 'UTC')", "event_time", None),
+    ("tenant_id", "LowCardinality(String)", "tenant_id", None),
+    ("user_id", "String", "user_id", _text),
+    ("provider", "LowCardinality(String)", "provider", None),
+    ("model", "LowCardinality(String)", "model", None),
+    ("matched_model", "LowCardinality(String)", "matched_model", _text),
+    ("service", "LowCardinality(String)", "service", _text),
+    ("route", "LowCardinality(String)", "route", _text),
+    ("feature", "LowCardinality(String)", "feature", _text),
+    ("step", "LowCardinality(String)", "step", _text),
+    ("business_path", "LowCardinality(String)", "business_path", None),
+    ("trace_id", "String", "trace_id", _text),
+    ("span_id", "String", "span_id", _text),
+    ("parent_span_id", "String", "parent_span_id", _text),
+    ("status", "LowCardinality(String)", "status", None),
+    ("latency_ms", "Nullable(UInt32)", "latency_ms", None),
+    ("batch", "Bool", "batch", None),
+    ("tags", "Map(String, String)", "tags", None),
+    ("extra", "String", "extra", _json),
+    ("raw_usage", "String", "raw_usage", _json),
+    ("raw_usage_format", "LowCardinality(String)", "raw_usage_format", _text),
+    *[(name, "UInt64", f"usage.{name}", None) for name in _TOKEN_CLASSES],
+    *[(f"cost_{name}", _DECIMAL, f"cost.{name}", None) for name in _COST_CLASSES],
+    ("cost_usd", _DECIMAL, "cost_usd", None),
+    ("currency", "LowCardinality(String)", "currency", None),
+    ("priced", "Bool", "priced", None),
+    ("unpriced_reason", "String", "unpriced_reason", _text),
+    ("price_source", "LowCardinality(String)", "price_source", _text),
+    ("pricing_version", "LowCardinality(String)", "pricing_version", _text),
+    ("discount", "LowCardinality(String)", "discount", _text),
+    ("discount_percent", "Decimal(9, 4)", "discount_percent", None),
+    ("late", "Bool", "late", None),
+    ("attributed_at", "DateTime64(3, 'UTC')", "attributed_at", None),
 ])
 
 ALERTS: TableSpec[QuotaAlert] = TableSpec("quota_alerts", identity=lambda a: a.alert_id, columns=[
-    ("alert_id", "String", lambda a: a.alert_id),
-    ("tenant_id", "LowCardinality(String)", lambda a: a.tenant_id),
-    ("limit_id", "LowCardinality(String)", lambda a: a.limit_id),
-    ("metric", "LowCardinality(String)", lambda a: a.metric),
-    ("scope", "LowCardinality(String)", lambda a: a.scope),
-    ("scope_value", "String", lambda a: a.scope_value),
-    ("window_start", "DateTime64(3, 'UTC')", lambda a: a.window_start),
-    ("window_end", "DateTime64(3, 'UTC')", lambda a: a.window_end),
-    ("threshold_percent", "Decimal(9, 4)", lambda a: a.threshold_percent),
-    ("level", "LowCardinality(String)", lambda a: a.level),
-    ("usage", "Decimal(38, 12)", lambda a: a.usage),
-    ("limit_value", "Decimal(38, 12)", lambda a: a.limit),
-    ("crossed_at", "DateTime64(3, 'UTC')", lambda a: a.crossed_at),
-    ("event_id", "String", lambda a: a.event_id),
+    ("alert_id", "String", "alert_id", None),
+    ("tenant_id", "LowCardinality(String)", "tenant_id", None),
+    ("limit_id", "LowCardinality(String)", "limit_id", None),
+    ("metric", "LowCardinality(String)", "metric", None),
+    ("scope", "LowCardinality(String)", "scope", None),
+    ("scope_value", "String", "scope_value", None),
+    ("window_start", "DateTime64(3, 'UTC')", "window_start", None),
+    ("window_end", "DateTime64(3, 'UTC')", "window_end", None),
+    ("threshold_percent", "Decimal(9, 4)", "threshold_percent", None),
+    ("level", "LowCardinality(String)", "level", None),
+    ("usage", "Decimal(38, 12)", "usage", None),
+    ("limit_value", "Decimal(38, 12)", "limit", None),
+    ("crossed_at", "DateTime64(3, 'UTC')", "crossed_at", None),
+    ("event_id", "String", "event_id", None),
 ])
 @dataclass
 class SinkStats:
