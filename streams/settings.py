@@ -90,7 +90,7 @@ class Settings(BaseModel):
     app_id: str = Field(default="costline", min_length=1)
     partitions: int = Field(default=4, ge=1, le=1024)
     sink_batch: int = Field(default=5000, ge=1, le=1_000_000)
-    sink_within_s: float = Field(default=0.25, gt=0, le=60)
+    sink_within_s: float = Field(default=0.1, gt=0, le=60)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=1, le=65535)
     max_future_s: int = Field(default=86_400, ge=0)
