@@ -124,7 +124,6 @@ def create_app(settings: Settings, enricher: Enricher, plans: Plans, sink: Sink 
         _add_engine(app, engine)
     if sink is not None:
         _add_queries(app, settings, sink, faults)
-    if sink is not None:
         # Role all lands what ``costline backfill`` publishes to usage.attributed; its engine
         # lands the alerts itself.
         _add_sink(app, shared, sink, faults, alerts=settings.role == "sink")

@@ -26,15 +26,10 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from streams.quotas import QUOTA_TABLES
-from streams.settings import Settings
+from streams.topics import SilentLogger
 
 _SEP = "|"
 _OFFSET = "_offset"
-
-
-def changelog_topic(settings: Settings) -> str:
-    """The compacted topic of the quota tables, partitioned like usage.raw."""
-    return f"{settings.app_id}-quota-changelog"
 
 
 class TrackedTable(MutableMapping[str, Any]):
@@ -115,7 +110,7 @@ class ChangelogTables:
             return 0
         consumer = Consumer({"bootstrap.servers": servers, "group.id": "costline-restore", "enable.auto.commit": False,
                              "isolation.level": "read_committed", "enable.partition.eof": True,
-                             "log_level": 0, "logger": _Silent()})
+                             "log_level": 0, "logger": SilentLogger()})
         read = 0
         try:
             pending = set()
@@ -162,8 +157,3 @@ def _text(value: object) -> str:
     if isinstance(value, Decimal):
         return str(value)
     raise TypeError(f"cannot store a {type(value).__name__} in the quota changelog")
-
-
-class _Silent:
-    def log(self, *args: object, **kwargs: object) -> None:
-        pass

@@ -10,7 +10,6 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.settings import Settings
-from streams.state import changelog_topic
 
 T = TypeVar("T")
 
@@ -24,7 +23,7 @@ class KafkaUnavailable(RuntimeError):
 
 def admin(settings: Settings) -> AdminClient:
     return AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0,
-                        "logger": _SilentLogger()})
+                        "logger": SilentLogger()})
 
 
 def check_reachable(settings: Settings, timeout_s: float = 5.0) -> None:
@@ -83,7 +82,7 @@ def seed_group_offsets(settings: Settings, group: str, topics: list[str], timeou
     (its first member seeded it) are ignored.
     """
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
-                         "enable.auto.commit": False, "log_level": 0, "logger": _SilentLogger()})
+                         "enable.auto.commit": False, "log_level": 0, "logger": SilentLogger()})
     try:
         metadata = consumer.list_topics(timeout=timeout_s)
         partitions = [TopicPartition(t, p) for t in topics if t in metadata.topics
@@ -120,7 +119,12 @@ def _retrying(call: Callable[[], T], timeout_s: float = 60.0) -> T:
             time.sleep(0.5)
 
 
-class _SilentLogger:
+def changelog_topic(settings: Settings) -> str:
+    """The compacted topic of the worker's quota tables and positions, partitioned like usage.raw."""
+    return f"{settings.app_id}-quota-changelog"
+
+
+class SilentLogger:
     """librdkafka logs connection refusals itself; errors are raised to callers instead."""
 
     def log(self, *args: object, **kwargs: object) -> None:
