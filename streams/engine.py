@@ -52,8 +52,8 @@ from streams.plans import Plans
 from streams.quotas import QuotaEngine
 from streams.settings import Settings
 from streams.sink import ALERTS, LEDGER, Sink, SinkStats, land
-from streams.state import ChangelogTables, changelog_topic
-from streams.topics import MAX_RECORD_BYTES
+from streams.state import ChangelogTables
+from streams.topics import MAX_RECORD_BYTES, changelog_topic
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,13 @@ class BatchEngine:
             # Eager rebalancing (every partition revoked, then the new set assigned and restored).
             "partition.assignment.strategy": "range", "log_level": 3, "logger": logging.getLogger("librdkafka"),
         })
-        self.producer = Producer({
-            "bootstrap.servers": servers, "transactional.id": transactional_id(settings),
+        self.producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        """The transactional producer (``init_transactions`` is called before its first use)."""
+        return Producer({
+            "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+            "transactional.id": transactional_id(self.settings),
             "transaction.timeout.ms": 30_000, "linger.ms": 5, "compression.type": "lz4",
             "partitioner": "murmur2_random", "message.max.bytes": MAX_RECORD_BYTES + 65_536,
             "log_level": 3, "logger": logging.getLogger("librdkafka"),
@@ -282,12 +287,8 @@ class BatchEngine:
                 self._produce(self.state.topic, key, value, partition=partition)
             self._commit_transaction()
         except KafkaException as exc:
-            error = exc.args[0]
-            if error.fatal():
-                raise
-            log.warning("aborting the batch's transaction (%s); re-reading from the committed offsets", error)
-            self.state.dirty.clear()
-            p.abort_transaction(30)
+            log.warning("aborting the batch's transaction (%s); re-reading from the committed offsets", exc.args[0])
+            self._abort()
             raise Rewind from exc
         self.counters.dead_lettered += len(batch.dead)  # counted once committed (an aborted batch is redone)
         self.counters.alerts += len(batch.alerts)
@@ -296,6 +297,24 @@ class BatchEngine:
             self.consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # the group's offset only trails the committed position
             log.info("consumer offset commit failed: %s", exc.args[0])
+
+    def _abort(self) -> None:
+        """Aborts the open transaction; a producer in a fatal state (a broker restart can leave it
+        so: INVALID_TXN_STATE after a timed-out record) is replaced by a new one with the same
+        transactional id, whose ``init_transactions`` aborts whatever the old one left open."""
+        try:
+            self.producer.abort_transaction(30)
+            return
+        except KafkaException as exc:
+            log.warning("the transactional producer cannot abort (%s); starting a new one", exc.args[0])
+        self.producer = self._new_producer()  # the old one only holds records of the aborted batch
+        while True:
+            try:
+                self.producer.init_transactions(30)
+                return
+            except KafkaException as exc:
+                if not exc.args[0].retriable():
+                    raise
 
     def _commit_transaction(self) -> None:
         while True:
