@@ -29,27 +29,29 @@ start-up and shutdown); this loop runs as a service of the Faust app.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
+from decimal import Decimal
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection, dead_letter_headers
-from schemas.quota import QuotaAlert, QuotaState
+from schemas.quota import QuotaAlert
 from schemas.usage import epoch_ms
 from streams.metrics import Counters
 from streams.pipeline import Enricher, attribute_raw
 from streams.plans import Plans
-from streams.quotas import QuotaEngine
+from streams.quotas import QuotaEngine, WindowRef
 from streams.settings import Settings
 from streams.sink import ALERTS, LEDGER, Sink, SinkStats, land
 from streams.state import ChangelogTables
@@ -69,15 +71,32 @@ def transactional_id(settings: Settings) -> str:
     return f"{settings.app_id}-engine-{socket.gethostname()}-{settings.web_port}"
 
 
+def tune_gc() -> None:
+    """Keeps Python's cycle collector from taking a fifth of the hot path's time.
+
+    The batch loop allocates a few hundred objects per event, and the default thresholds then run
+    a collection every 700 net allocations, walking the younger generations each time and, every
+    100 of those, the whole heap (every quota window and memo). Almost nothing here is freed by the
+    collector (records and rows are freed by reference counting), so: what exists once the worker
+    has started moves to the permanent generation (``gc.freeze``), and collections run 10 and
+    100 times less often. Measured on 20,000 events: 53 µs of processing per event → 46 µs.
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, 100, 100)
+
+
 @dataclass
 class Batch:
     """What one batch produced, before it is landed and committed."""
 
     records: list[AttributedUsage] = field(default_factory=list)
     alerts: list[QuotaAlert] = field(default_factory=list)
-    states: dict[tuple[str, datetime], QuotaState] = field(default_factory=dict)
+    #: The latest (usage, as of) of each quota window the batch counted into, by window key.
+    windows: dict[str, tuple[WindowRef, Decimal, datetime]] = field(default_factory=dict)
     dead: list[tuple[Message, Rejection]] = field(default_factory=list)
     offsets: dict[int, int] = field(default_factory=dict)
+    #: The changelog records of the quota keys the batch changed, and of its next offsets.
+    changelog: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
 
 
 class Rewind(Exception):
@@ -103,6 +122,8 @@ class BatchEngine:
         #: Latest high watermark per (topic, partition), for the consumer-lag metric.
         self.highwaters: dict[tuple[str, int], int] = {}
         self._thread: threading.Thread | None = None
+        #: The batch processed last, landing but not committed yet, and its landing.
+        self._pending: tuple[Batch, Future[bool] | None] | None = None
         servers = settings.kafka_bootstrap_servers
         self.consumer = Consumer({
             "bootstrap.servers": servers, "group.id": settings.app_id, "enable.auto.commit": False,
@@ -128,6 +149,7 @@ class BatchEngine:
     # ---- lifecycle (called from the Faust service) ------------------------------------------
 
     def start(self) -> None:
+        tune_gc()
         self._thread = threading.Thread(target=self._run, name="costline-engine", daemon=True)
         self._thread.start()
 
@@ -143,8 +165,18 @@ class BatchEngine:
                                     on_lost=self._on_revoke)
             while not self.stopping.is_set():
                 messages = self.consumer.consume(self.settings.sink_batch, timeout=self.settings.sink_within_s)
-                if messages:
-                    self._process(messages)
+                # Batch N+1 is processed while batch N lands (ClickHouse runs without the GIL).
+                batch = self.apply(messages) if messages else None
+                try:
+                    self._finish()
+                except Rewind:
+                    self._rewind()  # batch N+1 is dropped with it: it is read again
+                    continue
+                if batch is not None:
+                    self._pending = (batch, self._start_landing(batch))
+            self._finish()
+        except Rewind:
+            pass  # stopping: whatever was not committed is read again by the next owner
         except Exception:  # noqa: BLE001 - the worker must not go on half alive
             log.exception("the batch loop failed; exiting so that a supervisor restarts the worker")
             os._exit(EXIT_FAILED)
@@ -168,6 +200,10 @@ class BatchEngine:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
+        try:
+            self._finish()  # the batch landing now still belongs to this worker: commit it first
+        except Rewind:
+            pass  # not committed: the partitions' next owner reads it again
         self.assigned.difference_update(numbers)
         self.state.clear()  # eager rebalancing: every partition is revoked, the next assignment restored
         self.quotas.forget_partitions()
@@ -188,15 +224,16 @@ class BatchEngine:
 
     # ---- one batch ---------------------------------------------------------------------------
 
-    def _process(self, messages: list[Message]) -> None:
-        batch = self.apply(messages)
-        if not self._land(batch):
-            self._abandon(batch)
-        try:
-            self._commit(batch)
-        except Rewind:
-            self._rewind()
+    def _finish(self) -> None:
+        """Waits for the pending batch to land, then commits it (raises ``Rewind`` if the commit
+        was aborted). A stop while the batch cannot land exits the process (``EXIT_UNLANDED``)."""
+        if self._pending is None:
             return
+        batch, landing = self._pending
+        self._pending = None
+        if landing is not None and not landing.result():
+            self._abandon(batch)
+        self._commit(batch)
         c = self.counters
         for partition, offset in batch.offsets.items():
             c.processed(self.topics.raw, partition, offset - 1)
@@ -243,20 +280,22 @@ class BatchEngine:
                     c.late += 1
                     out = out.model_copy(update={"late": True})
                 batch.alerts.extend(quota.alerts)
-                for quota_state in quota.states:
-                    batch.states[(quota_state.key, quota_state.window_start)] = quota_state
+                for counted in quota.counted:
+                    batch.windows[counted[0].key] = counted
             batch.records.append(out)
+        batch.changelog = self.state.drain(batch.offsets)  # this batch's changes only
         return batch
 
+    def _start_landing(self, batch: Batch) -> Future[bool] | None:
+        """Lands the batch on the writer's own thread, which every user of the writer client goes
+        through; None when this role does not write ClickHouse."""
+        return None if self.sink is None else self.sink.executor.submit(self._land, batch)
+
     def _land(self, batch: Batch) -> bool:
-        if self.sink is None:
-            return True
         for table, rows in ((LEDGER, batch.records), (ALERTS, batch.alerts)):
             stats = self.counters.sinks.setdefault(table.name, SinkStats())
-            # On the writer's own thread, which every user of the writer client goes through.
-            write = partial(land, self.sink.writer, table, rows, stats, stopping=self.stopping,
-                            insert=self.wrap(table.insert))
-            if rows and not self.sink.executor.submit(write).result():
+            if rows and not land(self.sink.writer, table, rows, stats, stopping=self.stopping,
+                                 insert=self.wrap(table.insert)):
                 return False
         return True
 
@@ -277,13 +316,14 @@ class BatchEngine:
                                                           message.offset()))
             for alert in batch.alerts:
                 self._produce(t.alerts, alert.tenant_id.encode(), alert.model_dump_json().encode())
-            for quota_state in batch.states.values():
+            for ref, usage, as_of in batch.windows.values():
+                quota_state = ref.state(usage, as_of)
                 self._produce(t.state, quota_state.key.encode(), quota_state.model_dump_json().encode())
             if self.settings.role == "stream":
                 for record in batch.records:
                     self._produce(t.attributed, record.tenant_id.encode(), record.model_dump_json().encode(),
                                   timestamp=epoch_ms(record.event_time))
-            for partition, key, value in self.state.drain(batch.offsets):
+            for partition, key, value in batch.changelog:
                 self._produce(self.state.topic, key, value, partition=partition)
             self._commit_transaction()
         except KafkaException as exc:

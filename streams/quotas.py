@@ -36,15 +36,37 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from schemas.attributed import AttributedUsage
 from schemas.quota import QuotaAlert, QuotaState, Status, alert_id
-from streams.plans import Limit, Plans, window_bounds
+from streams.plans import Limit, Plans, WindowKind, window_bounds
 
 _ONE = Decimal(1)
 _ZERO = Decimal(0)
 #: The tables the state is kept in: window key → window, tenant → watermark and open windows, seen events.
 QUOTA_TABLES = ("quota_windows", "quota_tenants", "quota_seen")
+#: Entries kept by each of the engine's look-up memos (tenant → plan, window → reference).
+_MEMO_SIZE = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class WindowRef:
+    """One tenant × limit × scope window, and its table key."""
+
+    key: str
+    tenant: str
+    limit: Limit
+    scope_value: str
+    start: datetime
+    end: datetime
+
+    def state(self, usage: Decimal, as_of: datetime) -> QuotaState:
+        limit = self.limit
+        return QuotaState.from_trusted(dict(
+            tenant_id=self.tenant, limit_id=limit.id, metric=limit.metric, scope=limit.scope,
+            scope_value=self.scope_value, window_start=self.start, window_end=self.end, usage=usage,
+            limit=limit.limit, remaining=max(limit.limit - usage, _ZERO), status=status_of(limit, usage), as_of=as_of))
 
 
 @dataclass
@@ -52,7 +74,14 @@ class QuotaOutcome:
     late: bool = False
     duplicate: bool = False
     alerts: list[QuotaAlert] = field(default_factory=list)
-    states: list[QuotaState] = field(default_factory=list)
+    #: Each window the event was counted into, with the window's usage and ``as_of`` right after it.
+    counted: list[tuple[WindowRef, Decimal, datetime]] = field(default_factory=list)
+
+    @property
+    def states(self) -> list[QuotaState]:
+        """The quota state of each window the event was counted into, as of this event. (The
+        engine publishes only the latest per window and batch, built from ``counted``.)"""
+        return [ref.state(usage, as_of) for ref, usage, as_of in self.counted]
 
 
 def scope_value(record: AttributedUsage, limit: Limit) -> str:
@@ -97,24 +126,27 @@ class QuotaEngine:
         self.tenants = tenants
         self.seen = seen
         self.clock = clock
+        self.grace = plans.grace
         self._expiry: dict[int, deque[tuple[float, str]]] = {}
-        self._keys: dict[tuple[str, str, str, datetime], str] = {}
+        self._plans: dict[str, tuple[list[Limit], ZoneInfo]] = {}
+        self._last_bounds: dict[tuple[str, ZoneInfo], tuple[datetime, datetime]] = {}
+        self._refs: dict[tuple[str, str, str, datetime], WindowRef] = {}
 
     def forget_partitions(self) -> None:
         """After a rebalance: rebuild each partition's expiry queue from the table when next needed."""
         self._expiry.clear()
 
     def apply(self, record: AttributedUsage, partition: int, offset: int) -> QuotaOutcome:
-        limits, zone = self.plans.for_tenant(record.tenant_id)
+        tenant = record.tenant_id
+        limits, zone = self._plan_of(tenant)
         outcome = QuotaOutcome()
         if not limits:
             return outcome
         if self._is_duplicate(record, partition, offset):
             outcome.duplicate = True
             return outcome
-        tenant = record.tenant_id
         at = record.event_time
-        grace = self.plans.grace
+        grace = self.grace
         # In memory the values keep their types (Decimal, datetime); the changelog stores them as
         # text (``streams.state``), and a restored entry is read back here through Decimal()/_time().
         tenant_state = self.tenants.get(tenant)
@@ -125,38 +157,38 @@ class QuotaEngine:
         next_expiry = _time(tenant_state.get("next_expiry"))
 
         for limit in limits:
-            scope = scope_value(record, limit)
-            start, end = window_bounds(limit.window, at, zone)
+            start, end = self._bounds(limit.window, at, zone)
             if end + grace <= watermark:
                 outcome.late = True
                 continue
-            key = self._window_key(tenant, limit.id, scope, start)
+            ref = self._ref(tenant, limit, scope_value(record, limit), start, end)
+            key = ref.key
             window = self.windows.get(key)
             if window is None:
                 window = {"usage": _ZERO, "partition": partition, "offset": -1, "crossed": {}}
-            if window["partition"] == partition and offset <= window["offset"]:
-                outcome.alerts.extend(self._replayed_alerts(record, limit, scope, start, end, window, offset))
+            elif window["partition"] == partition and offset <= window["offset"]:
+                outcome.alerts.extend(self._replayed_alerts(ref, window, offset))
                 continue
             usage = Decimal(window["usage"]) + metric_amount(record, limit)
             crossed = window["crossed"]
-            for percent, level, amount in limit.levels:
-                if usage >= amount:
-                    name = format(percent.normalize(), "f")
-                    if name not in crossed:
-                        crossed[name] = {"offset": offset, "at": at.isoformat(), "usage": str(usage),
-                                         "event_id": record.event_id}
-                        outcome.alerts.append(_alert(record.tenant_id, limit, scope, start, end, percent, level,
-                                                     usage, at, record.event_id))
-            window.update(usage=usage, partition=partition, offset=offset, as_of=at)
+            for percent, level, amount in limit.levels:  # ascending
+                if usage < amount:
+                    break
+                name = format(percent.normalize(), "f")
+                if name not in crossed:
+                    crossed[name] = {"offset": offset, "at": at.isoformat(), "usage": str(usage),
+                                     "event_id": record.event_id}
+                    outcome.alerts.append(_alert(ref, percent, level, usage, at, record.event_id))
+            window["usage"] = usage
+            window["partition"] = partition
+            window["offset"] = offset
+            window["as_of"] = at
             self.windows[key] = window
             if key not in open_windows:
                 open_windows[key] = end
                 if next_expiry is None or end + grace < next_expiry:
                     next_expiry = end + grace
-            outcome.states.append(QuotaState.from_trusted(dict(
-                tenant_id=tenant, limit_id=limit.id, metric=limit.metric, scope=limit.scope, scope_value=scope,
-                window_start=start, window_end=end, usage=usage, limit=limit.limit,
-                remaining=max(limit.limit - usage, _ZERO), status=status_of(limit, usage), as_of=at)))
+            outcome.counted.append((ref, usage, at))
 
         if next_expiry is not None and next_expiry <= watermark:  # some window is past its grace period
             next_expiry = None
@@ -167,19 +199,38 @@ class QuotaEngine:
                     del open_windows[key]
                 elif next_expiry is None or expires < next_expiry:
                     next_expiry = expires
-        tenant_state.update(watermark=watermark, next_expiry=next_expiry)
+        tenant_state["watermark"] = watermark
+        tenant_state["next_expiry"] = next_expiry
         self.tenants[tenant] = tenant_state
         return outcome
 
-    def _window_key(self, tenant: str, limit_id: str, scope: str, start: datetime) -> str:
-        """The window's table key (JSON, so that it reads back unambiguously), memoized."""
-        ident = (tenant, limit_id, scope, start)
-        key = self._keys.get(ident)
-        if key is None:
-            if len(self._keys) >= 50_000:
-                self._keys.clear()
-            key = self._keys[ident] = json.dumps([tenant, limit_id, scope, start.isoformat()])
-        return key
+    def _plan_of(self, tenant: str) -> tuple[list[Limit], ZoneInfo]:
+        found = self._plans.get(tenant)
+        if found is None:
+            if len(self._plans) >= _MEMO_SIZE:
+                self._plans.clear()
+            found = self._plans[tenant] = self.plans.for_tenant(tenant)
+        return found
+
+    def _bounds(self, kind: WindowKind, at: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+        """``window_bounds``, remembering the last window per kind and zone: windows do not overlap,
+        so an event time inside it is in that window."""
+        last = self._last_bounds.get((kind, zone))
+        if last is not None and last[0] <= at < last[1]:
+            return last
+        bounds = self._last_bounds[(kind, zone)] = window_bounds(kind, at, zone)
+        return bounds
+
+    def _ref(self, tenant: str, limit: Limit, scope: str, start: datetime, end: datetime) -> WindowRef:
+        """The window's reference; its key is JSON, so that it reads back unambiguously. Memoized."""
+        ident = (tenant, limit.id, scope, start)
+        ref = self._refs.get(ident)
+        if ref is None:
+            if len(self._refs) >= _MEMO_SIZE:
+                self._refs.clear()
+            key = json.dumps([tenant, limit.id, scope, start.isoformat()])
+            ref = self._refs[ident] = WindowRef(key, tenant, limit, scope, start, end)
+        return ref
 
     def _is_duplicate(self, record: AttributedUsage, partition: int, offset: int) -> bool:
         now = self.clock()
@@ -198,15 +249,13 @@ class QuotaEngine:
         queue.append((now, key))
         return False
 
-    def _replayed_alerts(self, record: AttributedUsage, limit: Limit, scope: str, start: datetime, end: datetime,
-                         window: dict[str, Any], offset: int) -> list[QuotaAlert]:
+    def _replayed_alerts(self, ref: WindowRef, window: dict[str, Any], offset: int) -> list[QuotaAlert]:
         again = []
-        for percent, level, _ in limit.levels:
+        for percent, level, _ in ref.limit.levels:
             crossing = window["crossed"].get(format(percent.normalize(), "f"))
             if crossing and crossing["offset"] == offset:
-                again.append(_alert(record.tenant_id, limit, scope, start, end, percent, level,
-                                    Decimal(crossing["usage"]), datetime.fromisoformat(crossing["at"]),
-                                    crossing["event_id"]))
+                again.append(_alert(ref, percent, level, Decimal(crossing["usage"]),
+                                    datetime.fromisoformat(crossing["at"]), crossing["event_id"]))
         return again
 
 
@@ -215,9 +264,10 @@ def _time(value: datetime | str | None) -> datetime | None:
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-def _alert(tenant: str, limit: Limit, scope: str, start: datetime, end: datetime, percent: Decimal, level: str,
-           usage: Decimal, at: datetime, event_id: str) -> QuotaAlert:
+def _alert(ref: WindowRef, percent: Decimal, level: str, usage: Decimal, at: datetime, event_id: str) -> QuotaAlert:
+    limit = ref.limit
     return QuotaAlert(
-        alert_id=alert_id(tenant, limit.id, scope, start, percent), tenant_id=tenant, limit_id=limit.id,
-        metric=limit.metric, scope=limit.scope, scope_value=scope, window_start=start, window_end=end,
-        threshold_percent=percent, level=level, usage=usage, limit=limit.limit, crossed_at=at, event_id=event_id)
+        alert_id=alert_id(ref.tenant, limit.id, ref.scope_value, ref.start, percent), tenant_id=ref.tenant,
+        limit_id=limit.id, metric=limit.metric, scope=limit.scope, scope_value=ref.scope_value,
+        window_start=ref.start, window_end=ref.end, threshold_percent=percent, level=level, usage=usage,
+        limit=limit.limit, crossed_at=at, event_id=event_id)

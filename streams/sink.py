@@ -55,6 +55,7 @@ class TableSpec(Generic[R]):
         # One C-level getter reads a record's whole row while the record is in cache; the rows are
         # then turned into columns (about twice as fast as one pass over the batch per column).
         object.__setattr__(self, "_row", operator.attrgetter(*(path for _, _, path, _ in self.columns)))
+        object.__setattr__(self, "_wire", [_wire(ch_type, convert) for _, ch_type, _, convert in self.columns])
 
     @property
     def column_names(self) -> list[str]:
@@ -64,11 +65,17 @@ class TableSpec(Generic[R]):
     def column_types(self) -> list[str]:
         return [ch_type for _, ch_type, _, _ in self.columns]
 
+    @property
+    def wire_types(self) -> list[str]:
+        """The types the columns are sent as (see ``_wire``)."""
+        return [wire_type for wire_type, _ in self._wire]
+
     def to_columns(self, records: Sequence[R]) -> list[list[Any]]:
+        """The batch as columns of the wire types."""
         if not records:
             return [[] for _ in self.columns]
         columns = list(map(list, zip(*map(self._row, records), strict=True)))
-        for i, (_, _, _, convert) in enumerate(self.columns):
+        for i, (_, convert) in enumerate(self._wire):
             if convert is not None:
                 columns[i] = list(map(convert, columns[i]))
         return columns
@@ -86,10 +93,23 @@ class TableSpec(Generic[R]):
             self.name,
             self.to_columns(records),
             column_names=self.column_names,
-            column_type_names=self.column_types,
+            column_type_names=self.wire_types,
             column_oriented=True,
-            settings={"insert_deduplication_token": token},
+            settings={"insert_deduplication_token": token, "input_format_native_allow_types_conversion": 1},
         )
+
+def _wire(ch_type: str, convert: Callable[[Any], Any] | None) -> tuple[str, Callable[[Any], Any] | None]:
+    """How a column is sent: decimals as their exact text and low-cardinality strings as plain
+    strings, which ClickHouse converts to the table's type on insert (exactly: a decimal string is
+    parsed, never rounded through a float). The client would otherwise encode each decimal through
+    str → Decimal → scaled int, and build each dictionary, in Python on the worker's busy thread;
+    the conversion runs in ClickHouse instead. Other types are sent as they are."""
+    if ch_type.startswith("Decimal("):
+        return "String", str if convert is None else (lambda value: str(convert(value)))
+    if ch_type == "LowCardinality(String)":
+        return "String", convert
+    return ch_type, convert
+
 
 _DECIMAL = "Decimal(18, 12)"
 _TOKEN_CLASSES = [

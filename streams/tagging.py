@@ -17,6 +17,7 @@ not have never matches. ``path`` may use those fields as ``{field}`` and tags as
 from __future__ import annotations
 
 import fnmatch
+import operator
 import string
 from functools import lru_cache
 from pathlib import Path
@@ -85,6 +86,8 @@ class PathRules:
         # shares one entry when no rule names tenant_id.
         used = {f for r in self.rules for f in FIELDS if getattr(r.when, f) is not None or "{" + f in r.path}
         self._key_fields = tuple(f for f in FIELDS if f in used)
+        # One C-level read of the used fields (always a tuple, whatever their number).
+        self._values = operator.attrgetter(*self._key_fields, "tags") if self._key_fields else None
         self._all_tags = any("{tags" in r.path for r in self.rules)
         self._tag_keys = {key for r in self.rules for key in r.when.tags}
 
@@ -94,14 +97,18 @@ class PathRules:
         return cls(load_model(path, PathsFile).rules)
 
     def path_for(self, event: UsageEvent) -> str:
-        values = tuple(getattr(event, f) if f in self._key_fields else None for f in FIELDS)
-        tags = event.tags
+        if self._values is None:
+            values: tuple[str | None, ...] = ()
+            tags = event.tags
+        else:
+            *values, tags = self._values(event)
+            values = tuple(values)
         if tags and not self._all_tags:
             tags = {k: v for k, v in tags.items() if k in self._tag_keys}
         return self._cached(values, tuple(sorted(tags.items())) if tags else ())
 
     def _path_uncached(self, values: tuple[str | None, ...], tag_items: tuple[tuple[str, str], ...]) -> str:
-        fields = dict(zip(FIELDS, values))
+        fields = dict.fromkeys(FIELDS) | dict(zip(self._key_fields, values))
         tags = dict(tag_items)
         present = {name: value for name, value in fields.items() if value is not None}
         for rule in self.rules:
