@@ -16,9 +16,12 @@ skipped; if it is the event that crossed a threshold, its alert is sent again wi
 ``alert_id`` (the first sending may not have reached Kafka), which consumers deduplicate.
 
 A usage event sent twice by its producer (the same tenant and ``event_id`` at another offset)
-counts once: ``seen[tenant, event_id]`` remembers where each event was first counted for
-``dedup_seconds`` (plans.yaml, wall clock), and a later copy is reported as a duplicate and not
-counted. The keys expire in arrival order from a per-partition queue, which is rebuilt from the
+counts once: ``seen`` remembers where each event was first counted for ``dedup_seconds``
+(plans.yaml, wall clock), and a later copy is reported as a duplicate and not counted. ``seen``
+holds the events of one partition and one wall-clock second together, as one entry
+``"<partition>:<second>"`` → ``{"p", "t", "events": {"tenant\x1fevent id": offset}}``, so the
+changelog carries one record per group and batch, not one per event; groups expire whole, in
+arrival order, from a per-partition queue. The queue and an index by event are rebuilt from the
 table the first time a partition is processed after a start or a rebalance.
 
 A late event counts toward its own window while the window is within the grace period
@@ -128,13 +131,17 @@ class QuotaEngine:
         self.clock = clock
         self.grace = plans.grace
         self._expiry: dict[int, deque[tuple[float, str]]] = {}
+        #: "tenant\x1fevent id" → (partition, offset) of every event in ``seen``, for look-ups.
+        self._seen_index: dict[str, tuple[int, int]] = {}
         self._plans: dict[str, tuple[list[Limit], ZoneInfo]] = {}
         self._last_bounds: dict[tuple[str, ZoneInfo], tuple[datetime, datetime]] = {}
         self._refs: dict[tuple[str, str, str, datetime], WindowRef] = {}
 
     def forget_partitions(self) -> None:
-        """After a rebalance: rebuild each partition's expiry queue from the table when next needed."""
+        """After a rebalance or a restore: rebuild each partition's dedup index and expiry queue from
+        the table when next needed."""
         self._expiry.clear()
+        self._seen_index.clear()
 
     def apply(self, record: AttributedUsage, partition: int, offset: int) -> QuotaOutcome:
         tenant = record.tenant_id
@@ -236,18 +243,35 @@ class QuotaEngine:
         now = self.clock()
         queue = self._expiry.get(partition)
         if queue is None:
-            queue = self._expiry[partition] = deque(sorted(
-                (value["t"], key) for key, value in self.seen.items() if value["p"] == partition))
+            queue = self._expiry[partition] = self._rebuild_seen(partition)
         horizon = now - self.plans.dedup_seconds
         while queue and queue[0][0] < horizon:
-            self.seen.pop(queue.popleft()[1], None)
+            group_key = queue.popleft()[1]
+            group = self.seen.pop(group_key, None)
+            for key in _events(group_key, group) if group else ():
+                self._seen_index.pop(key, None)
         key = f"{record.tenant_id}\x1f{record.event_id}"
-        first = self.seen.get(key)
+        first = self._seen_index.get(key)
         if first is not None:
-            return (first["p"], first["o"]) != (partition, offset)  # the same record again is a replay
-        self.seen[key] = {"p": partition, "o": offset, "t": now}
-        queue.append((now, key))
+            return first != (partition, offset)  # the same record again is a replay
+        self._seen_index[key] = (partition, offset)
+        second = int(now)
+        group_key = f"{partition}:{second}"
+        group = self.seen.get(group_key)
+        if group is None:
+            group = {"p": partition, "t": second, "events": {}}
+            queue.append((second, group_key))
+        group["events"][key] = offset
+        self.seen[group_key] = group  # (marks the group changed: one changelog record per group and batch)
         return False
+
+    def _rebuild_seen(self, partition: int) -> deque[tuple[float, str]]:
+        """The partition's expiry queue, and its events in the index, from the (restored) table."""
+        groups = sorted((group["t"], key) for key, group in self.seen.items() if group["p"] == partition)
+        for _, key in groups:
+            for event, offset in _events(key, self.seen[key]).items():
+                self._seen_index[event] = (partition, offset)
+        return deque(groups)
 
     def _replayed_alerts(self, ref: WindowRef, window: dict[str, Any], offset: int) -> list[QuotaAlert]:
         again = []
@@ -257,6 +281,12 @@ class QuotaEngine:
                 again.append(_alert(ref, percent, level, Decimal(crossing["usage"]),
                                     datetime.fromisoformat(crossing["at"]), crossing["event_id"]))
         return again
+
+
+def _events(key: str, group: dict[str, Any]) -> dict[str, int]:
+    """A ``seen`` entry's events; an entry written before events were grouped is one event."""
+    events = group.get("events")
+    return {key: group["o"]} if events is None else events
 
 
 def _time(value: datetime | str | None) -> datetime | None:

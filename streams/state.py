@@ -85,7 +85,7 @@ class ChangelogTables:
         records = []
         for (name, key), partition in self.dirty.items():
             data = self.tables[name].data
-            value = json.dumps(data[key], separators=(",", ":"), default=_text).encode() if key in data else None
+            value = _encode(data[key]).encode() if key in data else None
             records.append((partition, f"{name}{_SEP}{key}".encode(), value))
         self.dirty.clear()
         for partition, offset in offsets.items():
@@ -157,3 +157,7 @@ def _text(value: object) -> str:
     if isinstance(value, Decimal):
         return str(value)
     raise TypeError(f"cannot store a {type(value).__name__} in the quota changelog")
+
+
+#: One encoder for every changelog value (``json.dumps`` with options builds a new one per call).
+_encode = json.JSONEncoder(separators=(",", ":"), default=_text).encode

@@ -182,4 +182,23 @@ def test_a_copy_of_an_event_sent_again_is_counted_once(tmp_path):
     now[0] += 61                                                       # the id is forgotten after 60 s
     engine.forget_partitions()                                         # ... also across a rebalance
     engine.apply(rec("acme", at, "1", "later-1"), 0, 8)
-    assert sorted(seen) == ["acme\x1flater-1", "globex\x1fdup-1"]
+    # One group per partition and second: partition 0's group of second 1000 expired whole.
+    assert seen == {"0:1061": {"p": 0, "t": 1061, "events": {"acme\x1flater-1": 8}},
+                    "1:1000": {"p": 1, "t": 1000, "events": {"globex\x1fdup-1": 0}}}
+    again = engine.apply(rec("globex", at, "1", "dup-1"), 1, 9)         # partition 1 expires its own groups
+    assert not again.duplicate and sorted(seen) == ["0:1061", "1:1061"]
+
+
+def test_dedup_entries_written_one_per_event_are_still_read(tmp_path):
+    """A changelog written before events were grouped per second holds one entry per event."""
+    path = tmp_path / "plans.yaml"
+    path.write_text(PLANS.replace("grace_seconds: 600", "grace_seconds: 600\ndedup_seconds: 60"))
+    seen: dict = {"acme\x1fold-1": {"p": 0, "o": 3, "t": 990.0}}
+    now = [1_000.0]
+    engine = QuotaEngine(Plans.from_file(path), {}, {}, seen, clock=lambda: now[0])
+    at = DAY + timedelta(hours=9)
+    assert engine.apply(rec("acme", at, "1", "old-1"), 0, 5).duplicate
+    assert not engine.apply(rec("acme", at, "1", "old-1"), 0, 3).duplicate   # the record itself, replayed
+    now[0] += 60                                                              # 990 + 60 < 1060: expired
+    assert not engine.apply(rec("acme", at, "1", "old-1"), 0, 6).duplicate
+    assert "acme\x1fold-1" not in seen
