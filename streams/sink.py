@@ -89,14 +89,22 @@ class TableSpec(Generic[R]):
         return digest.hexdigest()
 
     def insert(self, client: Client, records: Sequence[R], token: str) -> None:
-        client.insert(
-            self.name,
-            self.to_columns(records),
-            column_names=self.column_names,
-            column_type_names=self.wire_types,
-            column_oriented=True,
-            settings={"insert_deduplication_token": token, "input_format_native_allow_types_conversion": 1},
-        )
+        columns = self.to_columns(records)
+        try:
+            client.insert(
+                self.name,
+                columns,
+                column_names=self.column_names,
+                column_type_names=self.wire_types,
+                column_oriented=True,
+                settings={"insert_deduplication_token": token, "input_format_native_allow_types_conversion": 1},
+            )
+        finally:
+            # The client's insert context is a reference cycle that holds the columns until the
+            # cycle collector runs (rarely, in the worker: ``streams.engine.tune_gc``); emptied here,
+            # a batch's columns are freed at once (bench/e2e.py peak RSS 783–788 → 678–692 MB).
+            for column in columns:
+                column.clear()
 
 def _wire(ch_type: str, convert: Callable[[Any], Any] | None) -> tuple[str, Callable[[Any], Any] | None]:
     """How a column is sent: decimals as their exact text and low-cardinality strings as plain
