@@ -71,6 +71,18 @@ def transactional_id(settings: Settings) -> str:
     return f"{settings.app_id}-engine-{socket.gethostname()}-{settings.web_port}"
 
 
+def _while_retriable(call: Callable[[float], None]) -> None:
+    """Calls a transactional producer method (with a 30 s timeout) until it succeeds or fails with
+    an error that retrying cannot fix."""
+    while True:
+        try:
+            call(30)
+            return
+        except KafkaException as exc:
+            if not exc.args[0].retriable():
+                raise
+
+
 def tune_gc() -> None:
     """Keeps Python's cycle collector from taking a fifth of the hot path's time.
 
@@ -325,7 +337,7 @@ class BatchEngine:
                                   timestamp=epoch_ms(record.event_time))
             for partition, key, value in batch.changelog:
                 self._produce(self.state.topic, key, value, partition=partition)
-            self._commit_transaction()
+            _while_retriable(self.producer.commit_transaction)
         except KafkaException as exc:
             log.warning("aborting the batch's transaction (%s); re-reading from the committed offsets", exc.args[0])
             self._abort()
@@ -348,22 +360,7 @@ class BatchEngine:
         except KafkaException as exc:
             log.warning("the transactional producer cannot abort (%s); starting a new one", exc.args[0])
         self.producer = self._new_producer()  # the old one only holds records of the aborted batch
-        while True:
-            try:
-                self.producer.init_transactions(30)
-                return
-            except KafkaException as exc:
-                if not exc.args[0].retriable():
-                    raise
-
-    def _commit_transaction(self) -> None:
-        while True:
-            try:
-                self.producer.commit_transaction(30)
-                return
-            except KafkaException as exc:
-                if not exc.args[0].retriable():
-                    raise
+        _while_retriable(self.producer.init_transactions)
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, *, partition: int | None = None,
                  timestamp: int | None = None, headers: Any = None) -> None:
