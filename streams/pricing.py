@@ -155,6 +155,8 @@ def card_from_override(entry: ModelPrice) -> RateCard:
 
 
 _BATCH = {"processing": "batch"}
+#: Entries kept by the per-tenant override look-up before it starts over.
+_MEMO_SIZE = 100_000
 
 
 class CatalogModel:
@@ -220,6 +222,7 @@ class Pricer:
         self._snapshot = data_snapshot.get_snapshot()
         self._models: dict[tuple[str, str], CatalogModel | str] = {}
         self._override_candidates: dict[tuple[str, str, str], tuple[list[tuple[int, ModelPrice]], list[Discount]]] = {}
+        self._by_tenant = any(o.tenant is not None for o in (*self.overrides.models, *self.overrides.discounts))
         self._override_cards: dict[int, RateCard] = {}
         self._scaled: dict[tuple[int, Decimal], Rates] = {}
 
@@ -242,9 +245,12 @@ class Pricer:
         return found
 
     def _candidates(self, tenant: str, provider: str, model: str) -> tuple[list[tuple[int, ModelPrice]], list[Discount]]:
-        key = (tenant, provider, model)
+        # Keyed by tenant only when some override names tenants (else one entry serves all tenants).
+        key = (tenant if self._by_tenant else "", provider, model)
         found = self._override_candidates.get(key)
         if found is None:
+            if len(self._override_candidates) >= _MEMO_SIZE:
+                self._override_candidates.clear()
             o = self.overrides
             found = (
                 [(i, m) for i, m in enumerate(o.models) if m.matches(tenant, provider, model)],
