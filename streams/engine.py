@@ -10,6 +10,10 @@ transactional producer. Each batch of up to ``sink_batch`` records (or whatever 
    changelog of the quota keys it changed, the attributed records (role ``stream``), and the
    next source offset of each partition (in the changelog too).
 
+Step 1 runs on the ClickHouse writer's thread while this thread processes the next batch (chDB
+runs without the GIL); step 2 follows once the batch has landed, before the next batch starts
+landing. A rebalance commits the batch in flight before it gives the partitions up.
+
 The transaction makes the quota state, the alerts and the positions move together: a worker
 that dies mid-batch leaves nothing of that batch visible to ``read_committed`` readers, and
 whoever takes its partitions restores the quota tables as of the last committed batch
@@ -222,7 +226,21 @@ class BatchEngine:
         log.info("revoked %s[%s]", self.topics.raw, numbers)
 
     def _rewind(self) -> None:
-        """After an aborted transaction: the state and positions as of the last committed batch."""
+        """After an aborted transaction: the state and positions as of the last committed batch.
+        Tried again while the cluster cannot answer (an abort usually means a broker went away)."""
+        attempt = 0
+        while True:
+            try:
+                self._restore_positions()
+                return
+            except KafkaException as exc:
+                wait = min(5.0, 0.5 * 2 ** attempt)
+                log.warning("restoring the last committed state failed (%s); retrying in %.1fs", exc.args[0], wait)
+                attempt += 1
+                if self.stopping.wait(wait):
+                    raise Rewind from exc  # stopping: nothing of this is committed; the next owner reads it
+
+    def _restore_positions(self) -> None:
         partitions = [TopicPartition(self.topics.raw, p) for p in sorted(self.assigned)]
         self.state.restore(self.settings.kafka_bootstrap_servers, self.assigned)
         self.quotas.forget_partitions()

@@ -113,13 +113,13 @@ class ChangelogTables:
                              "log_level": 0, "logger": SilentLogger()})
         read = 0
         try:
+            deadline = time.monotonic() + timeout_s
             pending = set()
             for p in wanted:  # an empty partition (a new worker) needs no reading
-                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)
+                low, high = _watermarks(consumer, TopicPartition(self.topic, p), deadline)
                 if high > low:
                     pending.add(p)
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(pending)])
-            deadline = time.monotonic() + timeout_s
             while pending:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"restoring {self.topic} partitions {sorted(pending)} took over {timeout_s:.0f}s")
@@ -148,6 +148,19 @@ class ChangelogTables:
         finally:
             consumer.close()
         return read
+
+
+def _watermarks(consumer: Consumer, partition: TopicPartition, deadline: float) -> tuple[int, int]:
+    """The partition's low and high offsets, asked again until ``deadline`` while the cluster
+    cannot answer (right after a broker restart: "Not leader for partition" until leaders are
+    elected again)."""
+    while True:
+        try:
+            return consumer.get_watermark_offsets(partition, timeout=max(1.0, deadline - time.monotonic()))
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _text(value: object) -> str:

@@ -100,6 +100,9 @@ class Load:
                     for i in range(max(self.total - self.copy_lag, 0), self.total):
                         producer.send(event(self.run, i))
                         self.copies += 1
+                # As patient as message.timeout.ms: a restarted broker can take longer than the
+                # default 30 s to take records again.
+                producer.flush(timeout_s=300)
         except BaseException as exc:  # noqa: BLE001 - surfaced by wait()
             self.errors.append(exc)
 
