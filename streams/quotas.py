@@ -131,8 +131,8 @@ class QuotaEngine:
         self.clock = clock
         self.grace = plans.grace
         self._expiry: dict[int, deque[tuple[float, str]]] = {}
-        #: "tenant\x1fevent id" → (partition, offset) of every event in ``seen``, for look-ups.
-        self._seen_index: dict[str, tuple[int, int]] = {}
+        #: "tenant\x1fevent id" → its group in ``seen`` (which holds its offset), for look-ups.
+        self._seen_index: dict[str, dict[str, Any]] = {}
         self._plans: dict[str, tuple[list[Limit], ZoneInfo]] = {}
         self._last_bounds: dict[tuple[str, ZoneInfo], tuple[datetime, datetime]] = {}
         self._refs: dict[tuple[str, str, str, datetime], WindowRef] = {}
@@ -252,9 +252,8 @@ class QuotaEngine:
                 self._seen_index.pop(key, None)
         key = f"{record.tenant_id}\x1f{record.event_id}"
         first = self._seen_index.get(key)
-        if first is not None:
-            return first != (partition, offset)  # the same record again is a replay
-        self._seen_index[key] = (partition, offset)
+        if first is not None:  # the same record again (same partition and offset) is a replay
+            return (first["p"], _events(key, first)[key]) != (partition, offset)
         second = int(now)
         group_key = f"{partition}:{second}"
         group = self.seen.get(group_key)
@@ -262,6 +261,7 @@ class QuotaEngine:
             group = {"p": partition, "t": second, "events": {}}
             queue.append((second, group_key))
         group["events"][key] = offset
+        self._seen_index[key] = group
         self.seen[group_key] = group  # (marks the group changed: one changelog record per group and batch)
         return False
 
@@ -269,8 +269,9 @@ class QuotaEngine:
         """The partition's expiry queue, and its events in the index, from the (restored) table."""
         groups = sorted((group["t"], key) for key, group in self.seen.items() if group["p"] == partition)
         for _, key in groups:
-            for event, offset in _events(key, self.seen[key]).items():
-                self._seen_index[event] = (partition, offset)
+            group = self.seen[key]
+            for event in _events(key, group):
+                self._seen_index[event] = group
         return deque(groups)
 
     def _replayed_alerts(self, ref: WindowRef, window: dict[str, Any], offset: int) -> list[QuotaAlert]:
