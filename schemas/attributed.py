@@ -104,7 +104,6 @@ class AttributedUsage(BaseModel):
     #: When this attribution was computed; a later one (re-pricing) supersedes an earlier one.
     attributed_at: datetime
 
-
     @classmethod
     def from_trusted(cls, values: dict[str, Any]) -> AttributedUsage:
         """An instance from every field's value, already of its type (see ``schemas.trusted``)."""

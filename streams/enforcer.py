@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from schemas.quota import QuotaAlert, QuotaState, Status, state_key
 from streams.settings import Settings
+from streams.topics import READ_TRANSACTIONAL
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,7 @@ class Enforcer:
             "group.id": f"costline-enforcer-{uuid.uuid4().hex}",  # offsets are never committed
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 50,
-            # The worker writes both topics in transactions: read what was committed, and learn
-            # the end of a partition from the consumer (its last offset can be a transaction marker).
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
+            **READ_TRANSACTIONAL,  # the worker writes both topics in transactions
         })
         try:
             metadata = consumer.list_topics(timeout=10)

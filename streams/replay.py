@@ -29,6 +29,7 @@ from schemas.usage import epoch_ms
 from streams.pipeline import Enricher, attribute_raw
 from streams.producer import UsageProducer
 from streams.settings import Settings
+from streams.topics import READ_TRANSACTIONAL
 
 DLQ_REPLAY_GROUP = "costline-dlq-replay"
 
@@ -39,11 +40,6 @@ class ReplayResult:
     resubmitted: int = 0
     skipped: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
-
-
-#: The worker writes usage.dlq in transactions: read only committed records, and take the end of
-#: a partition from the consumer (its last offsets can be transaction markers, never delivered).
-READ_TRANSACTIONAL = {"isolation.level": "read_committed", "enable.partition.eof": True}
 
 
 def _read_range(

@@ -62,10 +62,6 @@ class TableSpec(Generic[R]):
         return [name for name, _, _, _ in self.columns]
 
     @property
-    def column_types(self) -> list[str]:
-        return [ch_type for _, ch_type, _, _ in self.columns]
-
-    @property
     def wire_types(self) -> list[str]:
         """The types the columns are sent as (see ``_wire``)."""
         return [wire_type for wire_type, _ in self._wire]

@@ -26,7 +26,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from streams.quotas import QUOTA_TABLES
-from streams.topics import SilentLogger
+from streams.topics import READ_TRANSACTIONAL, SilentLogger, retrying
 
 _SEP = "|"
 _OFFSET = "_offset"
@@ -109,14 +109,16 @@ class ChangelogTables:
         if not wanted:
             return 0
         consumer = Consumer({"bootstrap.servers": servers, "group.id": "costline-restore", "enable.auto.commit": False,
-                             "isolation.level": "read_committed", "enable.partition.eof": True,
+                             **READ_TRANSACTIONAL,
                              "log_level": 0, "logger": SilentLogger()})
         read = 0
         try:
             deadline = time.monotonic() + timeout_s
             pending = set()
             for p in wanted:  # an empty partition (a new worker) needs no reading
-                low, high = _watermarks(consumer, TopicPartition(self.topic, p), deadline)
+                tp = TopicPartition(self.topic, p)
+                low, high = retrying(lambda tp=tp: consumer.get_watermark_offsets(tp, timeout=10),
+                                     timeout_s=max(0.0, deadline - time.monotonic()))
                 if high > low:
                     pending.add(p)
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(pending)])
@@ -148,19 +150,6 @@ class ChangelogTables:
         finally:
             consumer.close()
         return read
-
-
-def _watermarks(consumer: Consumer, partition: TopicPartition, deadline: float) -> tuple[int, int]:
-    """The partition's low and high offsets, asked again until ``deadline`` while the cluster
-    cannot answer (right after a broker restart: "Not leader for partition" until leaders are
-    elected again)."""
-    while True:
-        try:
-            return consumer.get_watermark_offsets(partition, timeout=max(1.0, deadline - time.monotonic()))
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def _text(value: object) -> str:

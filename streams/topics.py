@@ -87,7 +87,7 @@ def seed_group_offsets(settings: Settings, group: str, topics: list[str], timeou
         metadata = consumer.list_topics(timeout=timeout_s)
         partitions = [TopicPartition(t, p) for t in topics if t in metadata.topics
                       for p in metadata.topics[t].partitions]
-        missing = [tp for tp in _retrying(lambda: consumer.committed(partitions, timeout=timeout_s)) if tp.offset < 0]
+        missing = [tp for tp in retrying(lambda: consumer.committed(partitions, timeout=timeout_s)) if tp.offset < 0]
         seeds = [TopicPartition(tp.topic, tp.partition, consumer.get_watermark_offsets(tp, timeout=timeout_s)[0])
                  for tp in missing]
         if seeds:
@@ -100,20 +100,28 @@ def seed_group_offsets(settings: Settings, group: str, topics: list[str], timeou
         consumer.close()
 
 
-_COORDINATOR_STARTING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-                         KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._TIMED_OUT}
+#: What a (re)starting broker answers until it has loaded its group coordinator and elected its
+#: partition leaders; librdkafka does not always mark these retriable.
+_STARTING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+             KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._TIMED_OUT,
+             KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
+
+#: Consumer settings for topics the worker writes in transactions: read only what was committed,
+#: and learn the end of a partition from the consumer (its last offsets can be transaction markers,
+#: which are never delivered).
+READ_TRANSACTIONAL = {"isolation.level": "read_committed", "enable.partition.eof": True}
 
 
-def _retrying(call: Callable[[], T], timeout_s: float = 60.0) -> T:
-    """Retries ``call`` while Kafka answers with a retriable error, as a new broker does while it
-    creates and loads the group coordinator (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS)."""
+def retrying(call: Callable[[], T], timeout_s: float = 60.0) -> T:
+    """Retries ``call`` for up to ``timeout_s`` while Kafka answers with a retriable error, as a
+    broker does while it starts (or restarts) and loads its coordinator and partition leaders."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return call()
         except KafkaException as exc:
             error = exc.args[0]
-            transient = isinstance(error, KafkaError) and (error.retriable() or error.code() in _COORDINATOR_STARTING)
+            transient = isinstance(error, KafkaError) and (error.retriable() or error.code() in _STARTING)
             if not transient or time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
