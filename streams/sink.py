@@ -9,12 +9,13 @@ returns, so a failed insert never loses events and a retried one never doubles t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import operator
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -45,11 +46,11 @@ class Sink:
 class TableSpec(Generic[R]):
     """A ClickHouse table, its columns with their types (so no insert needs a DESCRIBE), the record
     attribute each column holds (a dotted path) with an optional conversion of its value, and the
-    identity of a record (for the deduplication token)."""
+    identity of a batch (for the deduplication token): text parts that tell it from any other batch."""
 
     name: str
     columns: list[tuple[str, str, str, Callable[[Any], Any] | None]]
-    identity: Callable[[R], str]
+    identity: Callable[[Sequence[R]], Iterable[str]]
 
     def __post_init__(self) -> None:
         # One C-level getter reads a record's whole row while the record is in cache; the rows are
@@ -78,11 +79,7 @@ class TableSpec(Generic[R]):
 
     def dedup_token(self, records: Sequence[R]) -> str:
         """Identical for a retry of the same batch, different for any other batch."""
-        digest = hashlib.sha256()
-        for r in records:
-            digest.update(self.identity(r).encode())
-            digest.update(b"\x01")
-        return digest.hexdigest()
+        return hashlib.sha256("\x01".join(self.identity(records)).encode()).hexdigest()
 
     def insert(self, client: Client, records: Sequence[R], token: str) -> None:
         columns = self.to_columns(records)
@@ -136,7 +133,20 @@ def _text(value: str | None) -> str:
     return "" if value is None else value
 
 
-LEDGER: TableSpec[AttributedUsage] = TableSpec("usage_ledger", identity=lambda r: f"{r.event_id}\x00{r.attributed_at.isoformat()}", columns=[
+def _ledger_identity(records: Sequence[AttributedUsage]) -> Iterable[str]:
+    """Each record's ``event_id``, in order, then its ``attributed_at`` as runs of one value
+    ("time*count"): a batch attributed at one time has a single run, so the token costs no per-row
+    time formatting, and any other pairing of ids and times still gives other parts."""
+    yield from map(_EVENT_ID, records)
+    for at, run in itertools.groupby(map(_ATTRIBUTED_AT, records)):
+        yield f"{at.isoformat()}*{sum(1 for _ in run)}"
+
+
+_EVENT_ID = operator.attrgetter("event_id")
+_ALERT_ID = operator.attrgetter("alert_id")
+_ATTRIBUTED_AT = operator.attrgetter("attributed_at")
+
+LEDGER: TableSpec[AttributedUsage] = TableSpec("usage_ledger", identity=_ledger_identity, columns=[
     ("event_id", "String", "event_id", None),
     ("event_time", "DateTime64(3, 'UTC')", "event_time", None),
     ("tenant_id", "LowCardinality(String)", "tenant_id", None),
@@ -173,7 +183,7 @@ LEDGER: TableSpec[AttributedUsage] = TableSpec("usage_ledger", identity=lambda r
     ("attributed_at", "DateTime64(3, 'UTC')", "attributed_at", None),
 ])
 
-ALERTS: TableSpec[QuotaAlert] = TableSpec("quota_alerts", identity=lambda a: a.alert_id, columns=[
+ALERTS: TableSpec[QuotaAlert] = TableSpec("quota_alerts", identity=lambda alerts: map(_ALERT_ID, alerts), columns=[
     ("alert_id", "String", "alert_id", None),
     ("tenant_id", "LowCardinality(String)", "tenant_id", None),
     ("limit_id", "LowCardinality(String)", "limit_id", None),

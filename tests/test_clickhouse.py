@@ -52,6 +52,22 @@ def test_retried_batch_is_deduplicated_at_insert(ch_client, enricher):
     assert ledger(ch_client, "t-retry") == (5, Decimal("0.0175"))
 
 
+def test_the_dedup_token_tells_batches_apart_by_ids_order_and_attribution_time(enricher):
+    batch = records(enricher, 4, "t-token")
+    token = LEDGER.dedup_token(batch)
+    assert LEDGER.dedup_token(list(batch)) == token
+    assert LEDGER.dedup_token(batch[::-1]) != token
+    assert LEDGER.dedup_token(batch[:3]) != token
+    later = batch[2].attributed_at + timedelta(seconds=1)
+    one_repriced = [*batch[:2], batch[2].model_copy(update={"attributed_at": later}), batch[3]]
+    assert LEDGER.dedup_token(one_repriced) != token
+    # the same ids and times, paired otherwise
+    first, second = batch[0].attributed_at, later
+    a = [r.model_copy(update={"attributed_at": first if i < 2 else second}) for i, r in enumerate(batch)]
+    b = [r.model_copy(update={"attributed_at": first if i < 3 else second}) for i, r in enumerate(batch)]
+    assert LEDGER.dedup_token(a) != LEDGER.dedup_token(b)
+
+
 def test_redelivered_events_count_once_in_the_deduplicated_view(ch_client, enricher):
     first = records(enricher, 4, "t-replay")
     again = records(enricher, 4, "t-replay")  # a replay: same events, new attribution time, new token
