@@ -65,7 +65,7 @@ class TokenUsage(BaseModel):
     def _parts_within_totals(self) -> TokenUsage:
         # Reads each count once (this runs for every event; the properties below would re-read them).
         (inp, cache_read, cache_write, out, reasoning, cache_write_1h, input_audio, cache_audio, input_image,
-         cache_image, output_audio, output_image) = _COUNTS(self)
+         cache_image, output_audio, output_image) = token_counts(self)
         if cache_read + cache_write > inp:
             raise ValueError(
                 "cache_read_tokens + cache_write_tokens exceed input_tokens "
@@ -108,7 +108,8 @@ class TokenUsage(BaseModel):
         return self.output_tokens - self.reasoning_tokens - self.output_audio_tokens - self.output_image_tokens
 
 
-_COUNTS = operator.attrgetter(*TokenUsage.model_fields)
+#: Every count of a ``TokenUsage``, in field order, in one C-level call.
+token_counts = operator.attrgetter(*TokenUsage.model_fields)
 
 RawUsageFormat = Literal["openai_chat", "openai_responses", "anthropic_messages", "gemini", "bedrock_converse"]
 

@@ -28,7 +28,7 @@ from genai_prices.types import ModelInfo, TieredPrices
 from genai_prices.types import ModelPrice as CatalogPrice
 
 from schemas.attributed import CostBreakdown
-from schemas.usage import TokenUsage, UsageEvent
+from schemas.usage import TokenUsage, UsageEvent, token_counts
 from streams.prices import Discount, ModelPrice, PerMillionTokens, PriceOverrides, load_overrides
 
 #: Stored money has 12 decimal places (ClickHouse ``Decimal(18, 12)``).
@@ -42,7 +42,7 @@ _ONE = Decimal(1)
 
 
 def money(amount: Decimal) -> Decimal:
-    return amount.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
+    return amount.quantize(MONEY_QUANTUM, ROUND_HALF_EVEN)  # (positional: a keyword costs 130 ns a call)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +210,6 @@ class Priced:
     unpriced_reason: str | None = None
 
 
-_UNPRICED = CostBreakdown()
-
-
 class Pricer:
     """Prices events against the catalog and the overrides. Thread-compatible, not thread-safe."""
 
@@ -271,7 +268,7 @@ class Pricer:
     def price(self, event: UsageEvent) -> Priced:
         usage = event.usage
         if usage is None:  # validation normalizes raw_usage; only a bare contract object gets here
-            return Priced(cost=_UNPRICED, priced=False, unpriced_reason="the event has no usage")
+            return Priced(cost=CostBreakdown(), priced=False, unpriced_reason="the event has no usage")
         at = event.timestamp
         models, discounts = self._candidates(event.tenant_id, event.provider, event.model)
         factor = _ONE
@@ -290,7 +287,7 @@ class Pricer:
         else:
             found = self.catalog_model(event.provider, event.model)
             if isinstance(found, str):
-                return Priced(cost=_UNPRICED, priced=False, unpriced_reason=found, pricing_version=self.version)
+                return Priced(cost=CostBreakdown(), priced=False, unpriced_reason=found, pricing_version=self.version)
             card, catalog_batch = found.card(at, event.batch)
             matched, source = found.id, CATALOG_LABEL
         if event.batch and not catalog_batch:
@@ -320,28 +317,31 @@ class Pricer:
 
 def cost_of(usage: TokenUsage, r: Rates) -> CostBreakdown:
     """Each token class at its own rate, rounded once per class to the stored 12 places."""
-    u = usage
-    cache_write_1h = u.cache_write_1h_tokens
-    input_audio, cache_audio = u.input_audio_tokens, u.cache_audio_read_tokens
-    input_image, cache_image = u.input_image_tokens, u.cache_image_read_tokens
-    output_audio, output_image = u.output_audio_tokens, u.output_image_tokens
-    uncached = u.input_tokens - u.cache_read_tokens - u.cache_write_tokens
-    multimodal = input_audio or input_image or output_audio or output_image
+    (inp, cache_read, cache_write, out, reasoning, cache_write_1h, input_audio, cache_audio, input_image,
+     cache_image, output_audio, output_image) = token_counts(usage)
+    uncached = inp - cache_read - cache_write
+    cost_cache_write = money((cache_write - cache_write_1h) * r.cache_write + cache_write_1h * r.cache_write_1h) \
+        if cache_write else _ZERO
+    request = money(r.request) if r.request else _ZERO
+    if not (input_audio or input_image or output_audio or output_image or cache_audio or cache_image):
+        # Text only (most calls): the audio and image classes are zero.
+        return CostBreakdown(_q(uncached, r.input), _q(cache_read, r.cache_read), cost_cache_write,
+                             _q(out - reasoning, r.output), _q(reasoning, r.reasoning),
+                             _ZERO, _ZERO, _ZERO, _ZERO, request)
     return CostBreakdown(
         input=_q(uncached - (input_audio - cache_audio) - (input_image - cache_image), r.input),
-        cache_read=money((u.cache_read_tokens - cache_audio - cache_image) * r.cache_read
+        cache_read=money((cache_read - cache_audio - cache_image) * r.cache_read
                          + cache_audio * r.cache_audio_read + cache_image * r.cache_image_read),
-        cache_write=money((u.cache_write_tokens - cache_write_1h) * r.cache_write + cache_write_1h * r.cache_write_1h)
-        if u.cache_write_tokens else _ZERO,
-        output=_q(u.output_tokens - u.reasoning_tokens - output_audio - output_image, r.output),
-        reasoning=_q(u.reasoning_tokens, r.reasoning),
-        input_audio=_q(input_audio - cache_audio, r.input_audio) if multimodal else _ZERO,
-        input_image=_q(input_image - cache_image, r.input_image) if multimodal else _ZERO,
-        output_audio=_q(output_audio, r.output_audio) if multimodal else _ZERO,
-        output_image=_q(output_image, r.output_image) if multimodal else _ZERO,
-        request=money(r.request) if r.request else _ZERO,
+        cache_write=cost_cache_write,
+        output=_q(out - reasoning - output_audio - output_image, r.output),
+        reasoning=_q(reasoning, r.reasoning),
+        input_audio=_q(input_audio - cache_audio, r.input_audio),
+        input_image=_q(input_image - cache_image, r.input_image),
+        output_audio=_q(output_audio, r.output_audio),
+        output_image=_q(output_image, r.output_image),
+        request=request,
     )
 
 
 def _q(tokens: int, rate: Decimal) -> Decimal:
-    return (tokens * rate).quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN) if tokens else _ZERO
+    return (tokens * rate).quantize(MONEY_QUANTUM, ROUND_HALF_EVEN) if tokens else _ZERO
