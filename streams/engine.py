@@ -313,6 +313,7 @@ class BatchEngine:
                 for counted in quota.counted:
                     batch.windows[counted[0].key] = counted
             batch.records.append(out)
+        self.quotas.end_batch()
         batch.changelog = self.state.drain(batch.offsets)  # this batch's changes only
         return batch
 

@@ -18,10 +18,10 @@ skipped; if it is the event that crossed a threshold, its alert is sent again wi
 A usage event sent twice by its producer (the same tenant and ``event_id`` at another offset)
 counts once: ``seen`` remembers where each event was first counted for ``dedup_seconds``
 (plans.yaml, wall clock), and a later copy is reported as a duplicate and not counted. ``seen``
-holds the events of one partition and one wall-clock second together, as one entry
-``"<partition>:<second>"`` → ``{"p", "t", "events": {"tenant\x1fevent id": offset}}``, so the
-changelog carries one record per group and batch, not one per event; groups expire whole, in
-arrival order, from a per-partition queue. The queue and an index by event are rebuilt from the
+holds the events of one partition, one wall-clock second and one batch together, as one entry
+``"<partition>:<second>:<first offset>"`` → ``{"p", "t", "events": {"tenant\x1fevent id": offset}}``,
+so the changelog carries one record per group, written once, not one per event; groups expire
+whole, in arrival order, from a per-partition queue. The queue and an index by event are rebuilt from the
 table the first time a partition is processed after a start or a rebalance.
 
 A late event counts toward its own window while the window is within the grace period
@@ -133,6 +133,8 @@ class QuotaEngine:
         self._expiry: dict[int, deque[tuple[float, str]]] = {}
         #: "tenant\x1fevent id" → its group in ``seen`` (which holds its offset), for look-ups.
         self._seen_index: dict[str, dict[str, Any]] = {}
+        #: The group each partition's events go into, until the second or the batch ends.
+        self._open_groups: dict[int, tuple[str, dict[str, Any]]] = {}
         self._plans: dict[str, tuple[list[Limit], ZoneInfo]] = {}
         self._last_bounds: dict[tuple[str, ZoneInfo], tuple[datetime, datetime]] = {}
         self._refs: dict[tuple[str, str, str, datetime], WindowRef] = {}
@@ -142,6 +144,12 @@ class QuotaEngine:
         the table when next needed."""
         self._expiry.clear()
         self._seen_index.clear()
+        self._open_groups.clear()
+
+    def end_batch(self) -> None:
+        """Events from here on go into new dedup groups: a group is then written to the changelog
+        once, with the batch that filled it, instead of again with each batch of its second."""
+        self._open_groups.clear()
 
     def apply(self, record: AttributedUsage, partition: int, offset: int) -> QuotaOutcome:
         tenant = record.tenant_id
@@ -255,11 +263,14 @@ class QuotaEngine:
         if first is not None:  # the same record again (same partition and offset) is a replay
             return (first["p"], _events(key, first)[key]) != (partition, offset)
         second = int(now)
-        group_key = f"{partition}:{second}"
-        group = self.seen.get(group_key)
-        if group is None:
-            group = {"p": partition, "t": second, "events": {}}
-            queue.append((second, group_key))
+        group_key, group = self._open_groups.get(partition) or ("", None)
+        if group is None or group["t"] != second:
+            group_key = f"{partition}:{second}:{offset}"
+            group = self.seen.get(group_key)
+            if group is None:
+                group = {"p": partition, "t": second, "events": {}}
+                queue.append((second, group_key))
+            self._open_groups[partition] = group_key, group
         group["events"][key] = offset
         self._seen_index[key] = group
         self.seen[group_key] = group  # (marks the group changed: one changelog record per group and batch)

@@ -182,23 +182,35 @@ def test_a_copy_of_an_event_sent_again_is_counted_once(tmp_path):
     now[0] += 61                                                       # the id is forgotten after 60 s
     engine.forget_partitions()                                         # ... also across a rebalance
     engine.apply(rec("acme", at, "1", "later-1"), 0, 8)
-    # One group per partition and second: partition 0's group of second 1000 expired whole.
-    assert seen == {"0:1061": {"p": 0, "t": 1061, "events": {"acme\x1flater-1": 8}},
-                    "1:1000": {"p": 1, "t": 1000, "events": {"globex\x1fdup-1": 0}}}
+    # One group per partition, second and batch, keyed by its first offset: partition 0's group of
+    # second 1000 expired whole.
+    assert seen == {"0:1061:8": {"p": 0, "t": 1061, "events": {"acme\x1flater-1": 8}},
+                    "1:1000:0": {"p": 1, "t": 1000, "events": {"globex\x1fdup-1": 0}}}
     again = engine.apply(rec("globex", at, "1", "dup-1"), 1, 9)         # partition 1 expires its own groups
-    assert not again.duplicate and sorted(seen) == ["0:1061", "1:1061"]
+    assert not again.duplicate and sorted(seen) == ["0:1061:8", "1:1061:9"]
+    engine.apply(rec("acme", at, "1", "later-2"), 0, 10)                # the same batch and second: same group
+    engine.end_batch()
+    engine.apply(rec("acme", at, "1", "later-3"), 0, 11)                # the next batch: a group of its own
+    assert seen["0:1061:8"]["events"] == {"acme\x1flater-1": 8, "acme\x1flater-2": 10}
+    assert seen["0:1061:11"]["events"] == {"acme\x1flater-3": 11}
+    assert engine.apply(rec("acme", at, "1", "later-2"), 0, 12).duplicate
 
 
 def test_dedup_entries_written_one_per_event_are_still_read(tmp_path):
-    """A changelog written before events were grouped per second holds one entry per event."""
+    """Changelogs of earlier versions are still read: one entry per event, or one group per second."""
     path = tmp_path / "plans.yaml"
     path.write_text(PLANS.replace("grace_seconds: 600", "grace_seconds: 600\ndedup_seconds: 60"))
-    seen: dict = {"acme\x1fold-1": {"p": 0, "o": 3, "t": 990.0}}
+    seen: dict = {"acme\x1fold-1": {"p": 0, "o": 3, "t": 990.0},
+                  "0:995": {"p": 0, "t": 995, "events": {"acme\x1fold-2": 4}}}  # grouped per second only
     now = [1_000.0]
     engine = QuotaEngine(Plans.from_file(path), {}, {}, seen, clock=lambda: now[0])
     at = DAY + timedelta(hours=9)
     assert engine.apply(rec("acme", at, "1", "old-1"), 0, 5).duplicate
     assert not engine.apply(rec("acme", at, "1", "old-1"), 0, 3).duplicate   # the record itself, replayed
+    assert engine.apply(rec("acme", at, "1", "old-2"), 0, 7).duplicate
     now[0] += 60                                                              # 990 + 60 < 1060: expired
     assert not engine.apply(rec("acme", at, "1", "old-1"), 0, 6).duplicate
     assert "acme\x1fold-1" not in seen
+    now[0] += 5                                                               # 995 + 60 < 1065: expired
+    assert not engine.apply(rec("acme", at, "1", "old-2"), 0, 8).duplicate
+    assert "0:995" not in seen
