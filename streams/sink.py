@@ -86,7 +86,7 @@ class TableSpec(Generic[R]):
         columns = list(map(list, zip(*map(self._row, records), strict=True)))
         for i, (_, convert) in enumerate(self._wire):
             if convert is not None:
-                columns[i] = list(map(convert, columns[i]))
+                columns[i] = convert(columns[i])
         return columns
 
     def dedup_token(self, records: Sequence[R]) -> str:
@@ -137,17 +137,29 @@ def _tuple_getter(getter: Callable[..., Callable[[Any], Any]], names: list[str])
     return lambda value: ()
 
 
-def _wire(ch_type: str, convert: Callable[[Any], Any] | None) -> tuple[str, Callable[[Any], Any] | None]:
-    """How a column is sent: decimals as their exact text and low-cardinality strings as plain
-    strings, which ClickHouse converts to the table's type on insert (exactly: a decimal string is
-    parsed, never rounded through a float). The client would otherwise encode each decimal through
-    str → Decimal → scaled int, and build each dictionary, in Python on the worker's busy thread;
-    the conversion runs in ClickHouse instead. Other types are sent as they are."""
+def _wire(ch_type: str, convert: Callable[[Any], Any] | None) -> tuple[str, Callable[[list[Any]], list[Any]] | None]:
+    """How a column is sent, and the conversion of the whole column: decimals as their exact text
+    and low-cardinality strings as plain strings, which ClickHouse converts to the table's type on
+    insert (exactly: a decimal string is parsed, never rounded through a float). The client would
+    otherwise encode each decimal through str → Decimal → scaled int, and build each dictionary, in
+    Python on the worker's busy thread; the conversion runs in ClickHouse instead. Other types are
+    sent as they are."""
+    per_value = (lambda column: list(map(convert, column))) if convert is not None else None
     if ch_type.startswith("Decimal("):
-        return "String", str if convert is None else (lambda value: str(convert(value)))
+        if convert is not None:
+            return "String", lambda column: _decimal_texts(list(map(convert, column)))
+        return "String", _decimal_texts
     if ch_type == "LowCardinality(String)":
-        return "String", convert
-    return ch_type, convert
+        return "String", per_value
+    return ch_type, per_value
+
+
+def _decimal_texts(column: list[Any]) -> list[str]:
+    """Decimals as text; a column of zeros (the audio, image and per-call cost classes of most
+    batches) without formatting each one (``list.count`` compares in C)."""
+    if column.count(0) == len(column):
+        return ["0"] * len(column)
+    return list(map(str, column))
 
 
 _DECIMAL = "Decimal(18, 12)"
