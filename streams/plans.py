@@ -61,10 +61,11 @@ class Limit(_Strict):
         return thresholds
 
     @cached_property
-    def levels(self) -> list[tuple[Decimal, Level, Decimal]]:
-        """(threshold percent, level, absolute amount), ascending; the hard cap is always one of them."""
+    def levels(self) -> list[tuple[Decimal, Level, Decimal, str]]:
+        """(threshold percent, level, absolute amount, the percent as the text a crossing is
+        recorded under: "80", "12.5"), ascending; the hard cap is always one of them."""
         points = sorted(set(self.thresholds) | ({self.hard_cap} if self.hard_cap else set()))
-        return [(p, self.level_of(p), self.limit * p / 100) for p in points]
+        return [(p, self.level_of(p), self.limit * p / 100, format(p.normalize(), "f")) for p in points]
 
     def level_of(self, percent: Decimal) -> Level:
         if self.hard_cap is not None and percent >= self.hard_cap:

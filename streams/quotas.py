@@ -186,10 +186,9 @@ class QuotaEngine:
                 continue
             usage = Decimal(window["usage"]) + metric_amount(record, limit)
             crossed = window["crossed"]
-            for percent, level, amount in limit.levels:  # ascending
+            for percent, level, amount, name in limit.levels:  # ascending
                 if usage < amount:
                     break
-                name = format(percent.normalize(), "f")
                 if name not in crossed:
                     crossed[name] = {"offset": offset, "at": at.isoformat(), "usage": str(usage),
                                      "event_id": record.event_id}
@@ -287,8 +286,8 @@ class QuotaEngine:
 
     def _replayed_alerts(self, ref: WindowRef, window: dict[str, Any], offset: int) -> list[QuotaAlert]:
         again = []
-        for percent, level, _ in ref.limit.levels:
-            crossing = window["crossed"].get(format(percent.normalize(), "f"))
+        for percent, level, _, name in ref.limit.levels:
+            crossing = window["crossed"].get(name)
             if crossing and crossing["offset"] == offset:
                 again.append(_alert(ref, percent, level, Decimal(crossing["usage"]),
                                     datetime.fromisoformat(crossing["at"]), crossing["event_id"]))
