@@ -57,7 +57,7 @@ from streams.pipeline import Enricher, attribute_raw
 from streams.plans import Plans
 from streams.quotas import QuotaEngine, WindowRef
 from streams.settings import Settings
-from streams.sink import ALERTS, LEDGER, Sink, SinkStats, land
+from streams.sink import ALERTS, LEDGER, RecordBatch, Sink, SinkStats, land
 from streams.state import ChangelogTables
 from streams.topics import MAX_RECORD_BYTES, changelog_topic
 
@@ -105,7 +105,7 @@ def tune_gc() -> None:
 class Batch:
     """What one batch produced, before it is landed and committed."""
 
-    records: list[AttributedUsage] = field(default_factory=list)
+    records: RecordBatch[AttributedUsage] = field(default_factory=lambda: RecordBatch(LEDGER))
     alerts: list[QuotaAlert] = field(default_factory=list)
     #: The latest (usage, as of) of each quota window the batch counted into, by window key.
     windows: dict[str, tuple[WindowRef, Decimal, datetime]] = field(default_factory=dict)
@@ -278,6 +278,8 @@ class BatchEngine:
         max_future = timedelta(seconds=self.settings.max_future_s)
         max_bytes = self.settings.max_event_bytes
         c = self.counters
+        # Role ``all`` reads each record's ledger row now, while it is in cache (see ``RecordBatch``).
+        keep = batch.records.add if self.sink is not None else batch.records.append
         for message in messages:
             error = message.error()
             if error is not None:
@@ -312,7 +314,7 @@ class BatchEngine:
                 batch.alerts.extend(quota.alerts)
                 for counted in quota.counted:
                     batch.windows[counted[0].key] = counted
-            batch.records.append(out)
+            keep(out)
         self.quotas.end_batch()
         batch.changelog = self.state.drain(batch.offsets)  # this batch's changes only
         return batch

@@ -9,7 +9,7 @@ from schemas.usage import TokenUsage, UsageEvent
 from streams.migrations import applied_versions, discover, migrate
 from streams.pipeline import attribute
 from streams.query import QueryError, connect_readonly, run_readonly
-from streams.sink import LEDGER, Backoff, SinkStats, land
+from streams.sink import LEDGER, Backoff, RecordBatch, SinkStats, land
 
 AT = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
 
@@ -40,6 +40,15 @@ def test_batch_lands_with_exact_decimal_costs(ch_client, enricher):
     assert ledger(ch_client, "t-exact") == (3, Decimal("0.0105"))
     row = ch_client.query("SELECT tags, extra, cost_input, cost_output FROM usage WHERE event_id = 't-exact-1'")
     assert row.result_rows == [({"k": "v"}, '{"extra_field":1}', Decimal("0.0025"), Decimal("0.001"))]
+
+
+def test_a_record_batch_lands_the_rows_read_as_its_records_were_added(ch_client, enricher):
+    batch = RecordBatch(LEDGER)
+    for record in records(enricher, 3, "t-rows"):
+        batch.add(record)
+    assert LEDGER.to_columns(batch) == LEDGER.to_columns(list(batch))
+    LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
+    assert ledger(ch_client, "t-rows") == (3, Decimal("0.0105"))
 
 
 def test_retried_batch_is_deduplicated_at_insert(ch_client, enricher):
