@@ -6,8 +6,9 @@ so they are not used. Three mappings hold the state — in the worker the change
 ``streams.state`` (restored on restart or rebalance), in tests plain dicts:
 
 - ``windows[window key]``: the running usage of one window, the last source offset counted
-  into it, and the thresholds crossed so far;
-- ``tenants[tenant]``: the tenant's watermark (latest event time seen) and its open windows.
+  into it, and, once one is, the thresholds crossed so far;
+- ``tenants[tenant]``: the tenant's watermark (latest event time seen), its open windows (key →
+  window end) and the earliest time one of them expires.
 
 Exactly once per window, across restarts, rebalances and replays: the source partition is
 keyed by tenant, so one worker owns a tenant's windows and sees its events in offset order.
@@ -38,7 +39,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from schemas.attributed import AttributedUsage
@@ -53,9 +54,23 @@ QUOTA_TABLES = ("quota_windows", "quota_tenants", "quota_seen")
 _MEMO_SIZE = 50_000
 
 
-@dataclass(frozen=True, slots=True)
-class WindowRef:
-    """One tenant × limit × scope window, and its table key."""
+class Bounds(NamedTuple):
+    """A calendar window's [start, end), and both as the text they are stored as."""
+
+    start: datetime
+    end: datetime
+    start_text: str
+    end_text: str
+
+    @classmethod
+    def of(cls, kind: WindowKind, at: datetime, zone: ZoneInfo) -> Bounds:
+        start, end = window_bounds(kind, at, zone)
+        return cls(start, end, start.isoformat(), end.isoformat())
+
+
+class WindowRef(NamedTuple):
+    """One tenant × limit × scope window, and its table key. (A named tuple: the quota stage
+    builds one for each new window, and a frozen dataclass takes 0.7 µs to build against 0.26.)"""
 
     key: str
     tenant: str
@@ -105,6 +120,20 @@ def metric_amount(record: AttributedUsage, limit: Limit) -> Decimal:
     return _ONE
 
 
+def window_key(tenant: str, limit_id: str, scope: str, start_text: str) -> str:
+    """A window's table key: the JSON array ``[tenant, limit id, scope value, window start]`` as
+    ``json.dumps`` writes it, so that it reads back unambiguously. Written out directly when no part
+    needs escaping (limit ids and ISO times never do), as ``json.dumps`` would write it."""
+    if _plain(tenant) and _plain(scope):
+        return f'["{tenant}", "{limit_id}", "{scope}", "{start_text}"]'
+    return json.dumps([tenant, limit_id, scope, start_text])
+
+
+def _plain(text: str) -> bool:
+    """Whether ``json.dumps`` writes the text as it is: printable ASCII without quotes or backslashes."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
 def status_of(limit: Limit, usage: Decimal) -> Status:
     if limit.hard_cap is not None and usage >= limit.limit * limit.hard_cap / 100:
         return "hard_cap"
@@ -136,7 +165,7 @@ class QuotaEngine:
         #: The group each partition's events go into, until the second or the batch ends.
         self._open_groups: dict[int, tuple[str, dict[str, Any]]] = {}
         self._plans: dict[str, tuple[list[Limit], ZoneInfo]] = {}
-        self._last_bounds: dict[tuple[str, ZoneInfo], tuple[datetime, datetime]] = {}
+        self._last_bounds: dict[tuple[str, ZoneInfo], Bounds] = {}
         self._refs: dict[tuple[str, str, str, datetime], WindowRef] = {}
 
     def forget_partitions(self) -> None:
@@ -172,23 +201,24 @@ class QuotaEngine:
         next_expiry = _time(tenant_state.get("next_expiry"))
 
         for limit in limits:
-            start, end = self._bounds(limit.window, at, zone)
-            if end + grace <= watermark:
+            bounds = self._bounds(limit.window, at, zone)
+            expires = bounds.end + grace
+            if expires <= watermark:
                 outcome.late = True
                 continue
-            ref = self._ref(tenant, limit, scope_value(record, limit), start, end)
+            ref = self._ref(tenant, limit, scope_value(record, limit), bounds)
             key = ref.key
             window = self.windows.get(key)
             if window is None:
-                window = {"usage": _ZERO, "partition": partition, "offset": -1, "crossed": {}}
+                window = {"usage": _ZERO, "partition": partition, "offset": -1}
             elif window["partition"] == partition and offset <= window["offset"]:
                 outcome.alerts.extend(self._replayed_alerts(ref, window, offset))
                 continue
             usage = Decimal(window["usage"]) + metric_amount(record, limit)
-            crossed = window["crossed"]
             for percent, level, amount, name in limit.levels:  # ascending
                 if usage < amount:
                     break
+                crossed = window.setdefault("crossed", {})  # (only once a threshold is reached)
                 if name not in crossed:
                     crossed[name] = {"offset": offset, "at": at.isoformat(), "usage": str(usage),
                                      "event_id": record.event_id}
@@ -196,12 +226,11 @@ class QuotaEngine:
             window["usage"] = usage
             window["partition"] = partition
             window["offset"] = offset
-            window["as_of"] = at
             self.windows[key] = window
             if key not in open_windows:
-                open_windows[key] = end
-                if next_expiry is None or end + grace < next_expiry:
-                    next_expiry = end + grace
+                open_windows[key] = bounds.end_text  # (one string shared by every window of these bounds)
+                if next_expiry is None or expires < next_expiry:
+                    next_expiry = expires
             outcome.counted.append((ref, usage, at))
 
         if next_expiry is not None and next_expiry <= watermark:  # some window is past its grace period
@@ -226,24 +255,24 @@ class QuotaEngine:
             found = self._plans[tenant] = self.plans.for_tenant(tenant)
         return found
 
-    def _bounds(self, kind: WindowKind, at: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
-        """``window_bounds``, remembering the last window per kind and zone: windows do not overlap,
-        so an event time inside it is in that window."""
+    def _bounds(self, kind: WindowKind, at: datetime, zone: ZoneInfo) -> Bounds:
+        """The window holding ``at``, remembering the last one per kind and zone: windows do not
+        overlap, so an event time inside it is in that window."""
         last = self._last_bounds.get((kind, zone))
-        if last is not None and last[0] <= at < last[1]:
+        if last is not None and last.start <= at < last.end:
             return last
-        bounds = self._last_bounds[(kind, zone)] = window_bounds(kind, at, zone)
+        bounds = self._last_bounds[(kind, zone)] = Bounds.of(kind, at, zone)
         return bounds
 
-    def _ref(self, tenant: str, limit: Limit, scope: str, start: datetime, end: datetime) -> WindowRef:
-        """The window's reference; its key is JSON, so that it reads back unambiguously. Memoized."""
-        ident = (tenant, limit.id, scope, start)
+    def _ref(self, tenant: str, limit: Limit, scope: str, bounds: Bounds) -> WindowRef:
+        """The window's reference (memoized)."""
+        ident = (tenant, limit.id, scope, bounds.start)
         ref = self._refs.get(ident)
         if ref is None:
             if len(self._refs) >= _MEMO_SIZE:
                 self._refs.clear()
-            key = json.dumps([tenant, limit.id, scope, start.isoformat()])
-            ref = self._refs[ident] = WindowRef(key, tenant, limit, scope, start, end)
+            ref = self._refs[ident] = WindowRef(window_key(tenant, limit.id, scope, bounds.start_text), tenant, limit,
+                                                scope, bounds.start, bounds.end)
         return ref
 
     def _is_duplicate(self, record: AttributedUsage, partition: int, offset: int) -> bool:
@@ -287,7 +316,7 @@ class QuotaEngine:
     def _replayed_alerts(self, ref: WindowRef, window: dict[str, Any], offset: int) -> list[QuotaAlert]:
         again = []
         for percent, level, _, name in ref.limit.levels:
-            crossing = window["crossed"].get(name)
+            crossing = window.get("crossed", {}).get(name)
             if crossing and crossing["offset"] == offset:
                 again.append(_alert(ref, percent, level, Decimal(crossing["usage"]),
                                     datetime.fromisoformat(crossing["at"]), crossing["event_id"]))

@@ -1,5 +1,6 @@
 """The quota engine on plain dicts: windows by event time, alerts once per threshold, replays, lateness."""
 
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -10,7 +11,7 @@ from schemas.attributed import AttributedUsage
 from schemas.usage import TokenUsage
 from streams.plans import Plans, window_bounds
 from streams.prices import ConfigError
-from streams.quotas import QuotaEngine
+from streams.quotas import QuotaEngine, window_key
 
 PLANS = """
 grace_seconds: 600
@@ -90,6 +91,29 @@ def test_replayed_events_are_not_counted_again_and_crossings_resend_the_same_ale
     assert [a.alert_id for o in replay for a in o.alerts] == [a.alert_id for o in first for a in o.alerts]
     more = feed(engine, "acme", ["1"], first_offset=3)
     assert more[0].states[0].usage == Decimal(10)             # 9 + 1: nothing was counted twice
+
+
+def test_state_restored_from_an_earlier_version_is_counted_on(engine):
+    """Entries as the previous changelog format reads back: all text, a window with ``as_of`` and an
+    empty ``crossed``, its tenant's window end as text."""
+    key = window_key("acme", "daily-spend", "*", DAY.isoformat())
+    engine.windows[key] = {"usage": "4.5", "partition": 0, "offset": 6, "crossed": {},
+                           "as_of": (DAY + timedelta(hours=9)).isoformat()}
+    engine.tenants["acme"] = {"watermark": (DAY + timedelta(hours=9)).isoformat(),
+                              "windows": {key: (DAY + timedelta(days=1)).isoformat()}, "next_expiry": None}
+    outcomes = feed(engine, "acme", ["0.4", "0.1", "4"], first_offset=5)  # offset 5 and 6 were counted
+    assert [len(o.counted) for o in outcomes] == [0, 0, 1]
+    assert alerts_of(outcomes) == [(Decimal(50), "warning", Decimal("8.5"), "acme-7"),
+                                   (Decimal(80), "warning", Decimal("8.5"), "acme-7")]
+    assert engine.windows[key]["usage"] == Decimal("8.5") and engine.windows[key]["offset"] == 7
+
+
+@pytest.mark.parametrize("tenant", ["acme", "a b-c.d_e", 'quo"te', "back\\slash", "tab\there", "caf\u00e9",
+                                    "\u6771\u4eac", "del\x7f", "emoji\U0001f600", ""])
+def test_window_keys_are_the_json_of_their_parts(tenant):
+    for scope in ("*", tenant, "/checkout/summary"):
+        assert window_key(tenant, "daily-spend", scope, DAY.isoformat()) == \
+            json.dumps([tenant, "daily-spend", scope, DAY.isoformat()])
 
 
 def test_late_events_inside_the_grace_period_count_in_their_own_window(engine):
