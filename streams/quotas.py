@@ -37,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -55,17 +55,19 @@ _MEMO_SIZE = 50_000
 
 
 class Bounds(NamedTuple):
-    """A calendar window's [start, end), and both as the text they are stored as."""
+    """A calendar window's [start, end), both as the text they are stored as, and when the window
+    expires (its end + the grace period)."""
 
     start: datetime
     end: datetime
     start_text: str
     end_text: str
+    expires: datetime
 
     @classmethod
-    def of(cls, kind: WindowKind, at: datetime, zone: ZoneInfo) -> Bounds:
+    def of(cls, kind: WindowKind, at: datetime, zone: ZoneInfo, grace: timedelta) -> Bounds:
         start, end = window_bounds(kind, at, zone)
-        return cls(start, end, start.isoformat(), end.isoformat())
+        return cls(start, end, start.isoformat(), end.isoformat(), end + grace)
 
 
 class WindowRef(NamedTuple):
@@ -202,7 +204,7 @@ class QuotaEngine:
 
         for limit in limits:
             bounds = self._bounds(limit.window, at, zone)
-            expires = bounds.end + grace
+            expires = bounds.expires
             if expires <= watermark:
                 outcome.late = True
                 continue
@@ -261,7 +263,7 @@ class QuotaEngine:
         last = self._last_bounds.get((kind, zone))
         if last is not None and last.start <= at < last.end:
             return last
-        bounds = self._last_bounds[(kind, zone)] = Bounds.of(kind, at, zone)
+        bounds = self._last_bounds[(kind, zone)] = Bounds.of(kind, at, zone, self.grace)
         return bounds
 
     def _ref(self, tenant: str, limit: Limit, scope: str, bounds: Bounds) -> WindowRef:
