@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from clickhouse_connect.driver.client import Client
 
 from schemas.attributed import AttributedUsage
 from schemas.quota import QuotaAlert
+from schemas.usage import epoch_ms
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,20 @@ def _wire(ch_type: str, convert: Callable[[Any], Any] | None) -> tuple[str, Call
         return "String", _decimal_texts
     if ch_type == "LowCardinality(String)":
         return "String", per_value
+    if ch_type.startswith("DateTime64(3,") and convert is None:
+        return ch_type, _milliseconds
     return ch_type, per_value
+
+
+def _milliseconds(column: list[datetime]) -> list[datetime] | list[int]:
+    """A column of one and the same time (``attributed_at`` of a batch) as that time's epoch
+    milliseconds, which is what a ``DateTime64(3)`` column holds (floored, as the client would):
+    the client writes integers as they are, instead of converting each time in Python (0.6 µs a
+    row). Other columns of times are left to the client."""
+    first = column[0]
+    if column[-1] is first and column.count(first) == len(column):
+        return [epoch_ms(first)] * len(column)
+    return column
 
 
 def _decimal_texts(column: list[Any]) -> list[str]:

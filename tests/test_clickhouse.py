@@ -51,6 +51,21 @@ def test_a_record_batch_lands_the_rows_read_as_its_records_were_added(ch_client,
     assert ledger(ch_client, "t-rows") == (3, Decimal("0.0105"))
 
 
+def test_times_land_to_the_millisecond_whether_a_batch_shares_one_attribution_time_or_not(ch_client, enricher):
+    at = datetime(2026, 6, 1, 10, 0, 0, 123_999, tzinfo=UTC)   # floored to .123, as ClickHouse's client does
+    shared = [r.model_copy(update={"attributed_at": at}) for r in records(enricher, 3, "t-times")]
+    each = [r.model_copy(update={"attributed_at": at + timedelta(seconds=i)})
+            for i, r in enumerate(records(enricher, 2, "t-times", start=3))]
+    for batch in (shared, each):
+        LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
+    rows = ch_client.query("SELECT event_id, event_time, attributed_at FROM usage_ledger "
+                           "WHERE tenant_id = 't-times' ORDER BY event_id").result_rows
+    millis = timedelta(microseconds=123_000)
+    assert [(e, t.replace(tzinfo=UTC), a.replace(tzinfo=UTC)) for e, t, a in rows] == [
+        (f"t-times-{i}", AT + timedelta(seconds=i), at.replace(microsecond=0) + millis + timedelta(seconds=max(i - 3, 0)))
+        for i in range(5)]
+
+
 def test_retried_batch_is_deduplicated_at_insert(ch_client, enricher):
     batch = records(enricher, 5, "t-retry")
     token = LEDGER.dedup_token(batch)
