@@ -144,9 +144,12 @@ class BatchEngine:
         self.consumer = Consumer({
             "bootstrap.servers": servers, "group.id": settings.app_id, "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "isolation.level": "read_committed",
-            "fetch.max.bytes": 32 * 1024 * 1024, "max.partition.fetch.bytes": MAX_RECORD_BYTES + 65_536,
-            # Prefetch: a few batches' worth, not librdkafka's 64 MB per partition (RSS counts).
-            "queued.max.messages.kbytes": 16 * 1024,
+            # A fetch response holds about two batches of typical events (5,000 × ~700 bytes) or any one
+            # record up to the largest accepted, and the prefetched queue about two batches. Larger
+            # buffers did not read faster, and they count in RSS: bench/e2e.py peak RSS 660-673 MB
+            # with fetch.max.bytes 32 MB and a 16 MB queue, 634-636 MB with these, at 14.8-15.0k events/s.
+            "fetch.max.bytes": MAX_RECORD_BYTES + 65_536, "max.partition.fetch.bytes": MAX_RECORD_BYTES + 65_536,
+            "queued.max.messages.kbytes": 8 * 1024,
             # Eager rebalancing (every partition revoked, then the new set assigned and restored).
             "partition.assignment.strategy": "range", "log_level": 3, "logger": logging.getLogger("librdkafka"),
         })
