@@ -15,6 +15,11 @@
 3. The ceiling: a confluent-kafka consumer reads the same N records, parses the JSON and inserts
    them column-oriented into an embedded ClickHouse table, in batches of the worker's size.
 
+``--role stream`` runs the worker that publishes usage.attributed for a separate sink instead of
+writing ClickHouse: the process then holds the quota state and Kafka clients but no database,
+as a worker writing to a ClickHouse server does. Phase 1 then runs until the worker has committed
+the offsets of all N events, and phase 2 is skipped.
+
 Prints the figures, then one JSON object on the last line. Loopback only.
 """
 
@@ -85,6 +90,19 @@ def fill(servers: str, topic: str, batch: list[UsageEvent]) -> None:
 
 def ledger_rows(settings: Settings) -> int:
     return int(query(settings, "SELECT count() FROM usage_ledger").rows[0][0])
+
+
+def committed_events(settings: Settings) -> int:
+    """Records of usage.raw (an empty topic at the start) the worker's consumer group has committed."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": settings.app_id,
+                         "enable.auto.commit": False})
+    try:
+        topic = settings.topics.raw
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(max(tp.offset, 0) for tp in consumer.committed([TopicPartition(topic, p) for p in partitions],
+                                                                  timeout=10))
+    finally:
+        consumer.close()
 
 
 def latency_phase(settings: Settings, rate: int, seconds: float, tenants: int, distinct: bool,
@@ -203,14 +221,20 @@ def main() -> None:
                         help="spread events round-robin over all --tenants (every tenant occurs)")
     parser.add_argument("--latency-s", type=float, default=10.0, help="length of the latency phase (0 skips it)")
     parser.add_argument("--plans", type=Path, help="a plans.yaml to use instead of config/plans.yaml")
+    parser.add_argument("--role", choices=["all", "stream"], default="all",
+                        help="stream: the worker publishes usage.attributed instead of writing the embedded "
+                             "ClickHouse, so its RSS holds no database; timed until its offsets are committed, "
+                             "without the latency phase")
     args = parser.parse_args()
+    if args.role == "stream":
+        args.latency_s = 0
     servers = Settings.from_env().kafka_bootstrap_servers
     work = Path(tempfile.mkdtemp(prefix="costline-bench-"))
     config = work / "config"
     shutil.copytree(ROOT / "config", config)
     if args.plans:
         shutil.copy(args.plans, config / "plans.yaml")
-    env = isolated_env(work / "home", servers, config)
+    env = isolated_env(work / "home", servers, config, COSTLINE_ROLE=args.role)
     worker = WorkerProcess(env, work / "worker.log")
     settings = worker.settings
     ensure_topics(settings)
@@ -223,8 +247,12 @@ def main() -> None:
         started = time.perf_counter()
         worker.start()
         ready = time.perf_counter() - started
-        wait_for(lambda: ledger_rows(settings) >= args.events, 1800, f"{args.events} rows", alive=worker,
-                 interval_s=0.2)
+        if args.role == "all":
+            wait_for(lambda: ledger_rows(settings) >= args.events, 1800, f"{args.events} rows", alive=worker,
+                     interval_s=0.2)
+        else:
+            wait_for(lambda: committed_events(settings) >= args.events, 1800, f"{args.events} committed events",
+                     alive=worker, interval_s=0.2)
         elapsed = time.perf_counter() - started - ready
         rss_mb, cpu_s = proc_stats(worker.process.pid)
         eps = args.events / elapsed
@@ -240,6 +268,7 @@ def main() -> None:
 
     print(f"events                      {args.events:>12,}")
     print(f"tenants                     {args.tenants:>12,}{' (all occur)' if args.distinct_tenants else ''}")
+    print(f"worker role                 {args.role:>12}")
     print(f"worker start-up s           {ready:>12.1f}")
     print(f"costline events/s           {eps:>12,.0f}")
     print(f"ceiling events/s            {ceiling_eps:>12,.0f}")
