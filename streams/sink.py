@@ -47,11 +47,11 @@ class Sink:
 @dataclass(frozen=True)
 class TableSpec(Generic[R]):
     """A ClickHouse table, its columns with their types (so no insert needs a DESCRIBE), the record
-    attribute each column holds (a dotted path) with an optional conversion of its value, and the
-    identity of a batch (for the deduplication token): text parts that tell it from any other batch."""
+    attribute each column holds (a dotted path) with an optional conversion of the whole column, and
+    the identity of a batch (for the deduplication token): text parts that tell it from any other batch."""
 
     name: str
-    columns: list[tuple[str, str, str, Callable[[Any], Any] | None]]
+    columns: list[tuple[str, str, str, Callable[[list[Any]], list[Any]] | None]]
     identity: Callable[[Sequence[R]], Iterable[str]]
 
     def __post_init__(self) -> None:
@@ -60,7 +60,7 @@ class TableSpec(Generic[R]):
         # from the model's ``__dict__`` with one C-level getter, each nested object's with one more.
         # The rows are then turned into columns (about twice as fast as one pass per column).
         direct = [c for c in self.columns if "." not in c[2]]
-        nested: dict[str, list[tuple[str, str, str, Callable[[Any], Any] | None]]] = {}
+        nested: dict[str, list[tuple[str, str, str, Callable[[list[Any]], list[Any]] | None]]] = {}
         for column in self.columns:
             if "." in column[2]:
                 nested.setdefault(column[2].split(".", 1)[0], []).append(column)
@@ -162,23 +162,23 @@ def _tuple_getter(getter: Callable[..., Callable[[Any], Any]], names: list[str])
     return lambda value: ()
 
 
-def _wire(ch_type: str, convert: Callable[[Any], Any] | None) -> tuple[str, Callable[[list[Any]], list[Any]] | None]:
+def _wire(ch_type: str, convert: Callable[[list[Any]], list[Any]] | None
+          ) -> tuple[str, Callable[[list[Any]], list[Any]] | None]:
     """How a column is sent, and the conversion of the whole column: decimals as their exact text
     and low-cardinality strings as plain strings, which ClickHouse converts to the table's type on
     insert (exactly: a decimal string is parsed, never rounded through a float). The client would
     otherwise encode each decimal through str → Decimal → scaled int, and build each dictionary, in
     Python on the worker's busy thread; the conversion runs in ClickHouse instead. Other types are
     sent as they are."""
-    per_value = (lambda column: list(map(convert, column))) if convert is not None else None
     if ch_type.startswith("Decimal("):
         if convert is not None:
-            return "String", lambda column: _decimal_texts(list(map(convert, column)))
+            return "String", lambda column: _decimal_texts(convert(column))
         return "String", _decimal_texts
     if ch_type == "LowCardinality(String)":
-        return "String", per_value
+        return "String", convert
     if ch_type.startswith("DateTime64(3,") and convert is None:
         return ch_type, _milliseconds
-    return ch_type, per_value
+    return ch_type, convert
 
 
 def _milliseconds(column: list[datetime]) -> list[datetime] | list[int]:
@@ -212,13 +212,18 @@ _COST_CLASSES = [
 ]
 
 
-def _json(value: object) -> str:
-    return json.dumps(value, separators=(",", ":")) if value else ""
+#: ``json.dumps(value, separators=(",", ":"))``, with the encoder built once.
+_to_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _text(value: str | None) -> str:
-    """An optional text attribute in a non-nullable String column."""
-    return "" if value is None else value
+def _jsons(column: list[Any]) -> list[str]:
+    """JSON objects as text, an empty or missing one as ""."""
+    return [_to_json(value) if value else "" for value in column]
+
+
+def _texts(column: list[str | None]) -> list[str]:
+    """Optional text in a non-nullable String column: a missing value as ""."""
+    return ["" if value is None else value for value in column]
 
 
 def _ledger_identity(records: Sequence[AttributedUsage]) -> Iterable[str]:
@@ -226,7 +231,11 @@ def _ledger_identity(records: Sequence[AttributedUsage]) -> Iterable[str]:
     ("time*count"): a batch attributed at one time has a single run, so the token costs no per-row
     time formatting, and any other pairing of ids and times still gives other parts."""
     yield from map(_EVENT_ID, records)
-    for at, run in itertools.groupby(map(_ATTRIBUTED_AT, records)):
+    times = list(map(_ATTRIBUTED_AT, records))
+    if times and times.count(times[0]) == len(times):  # one run (compared in C)
+        yield f"{times[0].isoformat()}*{len(times)}"
+        return
+    for at, run in itertools.groupby(times):
         yield f"{at.isoformat()}*{sum(1 for _ in run)}"
 
 
@@ -238,34 +247,34 @@ LEDGER: TableSpec[AttributedUsage] = TableSpec("usage_ledger", identity=_ledger_
     ("event_id", "String", "event_id", None),
     ("event_time", "DateTime64(3, 'UTC')", "event_time", None),
     ("tenant_id", "LowCardinality(String)", "tenant_id", None),
-    ("user_id", "String", "user_id", _text),
+    ("user_id", "String", "user_id", _texts),
     ("provider", "LowCardinality(String)", "provider", None),
     ("model", "LowCardinality(String)", "model", None),
-    ("matched_model", "LowCardinality(String)", "matched_model", _text),
-    ("service", "LowCardinality(String)", "service", _text),
-    ("route", "LowCardinality(String)", "route", _text),
-    ("feature", "LowCardinality(String)", "feature", _text),
-    ("step", "LowCardinality(String)", "step", _text),
+    ("matched_model", "LowCardinality(String)", "matched_model", _texts),
+    ("service", "LowCardinality(String)", "service", _texts),
+    ("route", "LowCardinality(String)", "route", _texts),
+    ("feature", "LowCardinality(String)", "feature", _texts),
+    ("step", "LowCardinality(String)", "step", _texts),
     ("business_path", "LowCardinality(String)", "business_path", None),
-    ("trace_id", "String", "trace_id", _text),
-    ("span_id", "String", "span_id", _text),
-    ("parent_span_id", "String", "parent_span_id", _text),
+    ("trace_id", "String", "trace_id", _texts),
+    ("span_id", "String", "span_id", _texts),
+    ("parent_span_id", "String", "parent_span_id", _texts),
     ("status", "LowCardinality(String)", "status", None),
     ("latency_ms", "Nullable(UInt32)", "latency_ms", None),
     ("batch", "Bool", "batch", None),
     ("tags", "Map(String, String)", "tags", None),
-    ("extra", "String", "extra", _json),
-    ("raw_usage", "String", "raw_usage", _json),
-    ("raw_usage_format", "LowCardinality(String)", "raw_usage_format", _text),
+    ("extra", "String", "extra", _jsons),
+    ("raw_usage", "String", "raw_usage", _jsons),
+    ("raw_usage_format", "LowCardinality(String)", "raw_usage_format", _texts),
     *[(name, "UInt64", f"usage.{name}", None) for name in _TOKEN_CLASSES],
     *[(f"cost_{name}", _DECIMAL, f"cost.{name}", None) for name in _COST_CLASSES],
     ("cost_usd", _DECIMAL, "cost_usd", None),
     ("currency", "LowCardinality(String)", "currency", None),
     ("priced", "Bool", "priced", None),
-    ("unpriced_reason", "String", "unpriced_reason", _text),
-    ("price_source", "LowCardinality(String)", "price_source", _text),
-    ("pricing_version", "LowCardinality(String)", "pricing_version", _text),
-    ("discount", "LowCardinality(String)", "discount", _text),
+    ("unpriced_reason", "String", "unpriced_reason", _texts),
+    ("price_source", "LowCardinality(String)", "price_source", _texts),
+    ("pricing_version", "LowCardinality(String)", "pricing_version", _texts),
+    ("discount", "LowCardinality(String)", "discount", _texts),
     ("discount_percent", "Decimal(9, 4)", "discount_percent", None),
     ("late", "Bool", "late", None),
     ("attributed_at", "DateTime64(3, 'UTC')", "attributed_at", None),
