@@ -22,8 +22,8 @@ counts once: ``seen`` remembers where each event was first counted for ``dedup_s
 holds the events of one partition, one wall-clock second and one batch together, as one entry
 ``"<partition>:<second>:<first offset>"`` → ``{"p", "t", "events": {"tenant\x1fevent id": offset}}``,
 so the changelog carries one record per group, written once, not one per event; groups expire
-whole, in arrival order, from a per-partition queue. The queue and an index by event are rebuilt from the
-table the first time a partition is processed after a start or a rebalance.
+whole, in arrival order, from a per-partition queue. The queue and an index by event are rebuilt
+from the table the first time a partition is processed after a start or a rebalance.
 
 A late event counts toward its own window while the window is within the grace period
 (window end + grace > the tenant's watermark); later than that it is flagged ``late`` and
@@ -293,17 +293,18 @@ class QuotaEngine:
         if first is not None:  # the same record again (same partition and offset) is a replay
             return (first["p"], _events(key, first)[key]) != (partition, offset)
         second = int(now)
-        group_key, group = self._open_groups.get(partition) or ("", None)
-        if group is None or group["t"] != second:
+        open_group = self._open_groups.get(partition)
+        if open_group is None or open_group[1]["t"] != second:
             group_key = f"{partition}:{second}:{offset}"
             group = self.seen.get(group_key)
             if group is None:
                 group = {"p": partition, "t": second, "events": {}}
                 queue.append((second, group_key))
-            self._open_groups[partition] = group_key, group
+            open_group = self._open_groups[partition] = group_key, group
+        group_key, group = open_group
         group["events"][key] = offset
         self._seen_index[key] = group
-        self.seen[group_key] = group  # (marks the group changed: one changelog record per group and batch)
+        self.seen[group_key] = group  # (marks the group changed: its one changelog record, at the batch's end)
         return False
 
     def _rebuild_seen(self, partition: int) -> deque[tuple[float, str]]:

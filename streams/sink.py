@@ -30,6 +30,8 @@ from schemas.usage import epoch_ms
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+#: A conversion of a whole column of values.
+Convert = Callable[[list[Any]], list[Any]]
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class TableSpec(Generic[R]):
     the identity of a batch (for the deduplication token): text parts that tell it from any other batch."""
 
     name: str
-    columns: list[tuple[str, str, str, Callable[[list[Any]], list[Any]] | None]]
+    columns: list[tuple[str, str, str, Convert | None]]
     identity: Callable[[Sequence[R]], Iterable[str]]
 
     def __post_init__(self) -> None:
@@ -60,7 +62,7 @@ class TableSpec(Generic[R]):
         # from the model's ``__dict__`` with one C-level getter, each nested object's with one more.
         # The rows are then turned into columns (about twice as fast as one pass per column).
         direct = [c for c in self.columns if "." not in c[2]]
-        nested: dict[str, list[tuple[str, str, str, Callable[[list[Any]], list[Any]] | None]]] = {}
+        nested: dict[str, list[tuple[str, str, str, Convert | None]]] = {}
         for column in self.columns:
             if "." in column[2]:
                 nested.setdefault(column[2].split(".", 1)[0], []).append(column)
@@ -162,8 +164,8 @@ def _tuple_getter(getter: Callable[..., Callable[[Any], Any]], names: list[str])
     return lambda value: ()
 
 
-def _wire(ch_type: str, convert: Callable[[list[Any]], list[Any]] | None
-          ) -> tuple[str, Callable[[list[Any]], list[Any]] | None]:
+def _wire(ch_type: str, convert: Convert | None
+          ) -> tuple[str, Convert | None]:
     """How a column is sent, and the conversion of the whole column: decimals as their exact text
     and low-cardinality strings as plain strings, which ClickHouse converts to the table's type on
     insert (exactly: a decimal string is parsed, never rounded through a float). The client would
