@@ -164,8 +164,7 @@ def _tuple_getter(getter: Callable[..., Callable[[Any], Any]], names: list[str])
     return lambda value: ()
 
 
-def _wire(ch_type: str, convert: Convert | None
-          ) -> tuple[str, Convert | None]:
+def _wire(ch_type: str, convert: Convert | None) -> tuple[str, Convert | None]:
     """How a column is sent, and the conversion of the whole column: decimals as their exact text
     and low-cardinality strings as plain strings, which ClickHouse converts to the table's type on
     insert (exactly: a decimal string is parsed, never rounded through a float). The client would
