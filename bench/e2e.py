@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # noqa: E402
 
 from schemas.usage import UsageEvent  # noqa: E402
-from streams.processes import ROOT, WorkerProcess, isolated_env, wait_for  # noqa: E402
+from streams.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics, wait_for  # noqa: E402
 from streams.query import query  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.simulate import Workload  # noqa: E402
@@ -264,6 +264,7 @@ def main() -> None:
         ceiling_eps = ceiling(servers, settings.topics.raw, args.events, settings.sink_batch, work / "ceiling")
     finally:
         worker.stop()
+        remove_isolated_topics(settings)
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"events                      {args.events:>12,}")

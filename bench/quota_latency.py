@@ -25,7 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.usage import TokenUsage, UsageEvent  # noqa: E402
-from streams.processes import ROOT, EnforcerProcess, WorkerProcess, get_json, isolated_env, wait_for  # noqa: E402
+from streams.processes import (  # noqa: E402
+    ROOT,
+    EnforcerProcess,
+    WorkerProcess,
+    get_json,
+    isolated_env,
+    remove_isolated_topics,
+    wait_for,
+)
 from streams.producer import UsageProducer  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
@@ -79,6 +87,7 @@ def main() -> None:
     finally:
         enforcer.stop()
         worker.stop()
+        remove_isolated_topics(worker.settings)
         shutil.rmtree(work, ignore_errors=True)
 
     latencies.sort()

@@ -17,10 +17,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from confluent_kafka import KafkaException
+
 from streams.settings import Settings
+from streams.topics import admin, pipeline_topics
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+#: The topic prefix of every pipeline ``isolated_env`` makes.
+_ISOLATED_PREFIX = "run-"
 
 
 class ProcessFailed(RuntimeError):
@@ -71,7 +76,7 @@ def isolated_env(home: Path, kafka_servers: str, config_dir: Path, **extra: str)
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": kafka_servers,
         "COSTLINE_HOME": str(home),
-        "COSTLINE_TOPIC_PREFIX": f"run-{tag}.",
+        "COSTLINE_TOPIC_PREFIX": f"{_ISOLATED_PREFIX}{tag}.",
         "COSTLINE_APP_ID": f"costline-{tag}",
         "COSTLINE_WEB_PORT": str(free_port()),
         "COSTLINE_ENFORCER_PORT": str(free_port()),
@@ -81,6 +86,20 @@ def isolated_env(home: Path, kafka_servers: str, config_dir: Path, **extra: str)
     }
     env.pop("CLICKHOUSE_URL", None)
     return env
+
+
+def remove_isolated_topics(settings: Settings, timeout_s: float = 15.0) -> None:
+    """Deletes the topics of a pipeline made by ``isolated_env`` (best effort: what the broker does
+    not delete in time stays), so that runs do not pile up thousands of topics on a local broker."""
+    if not settings.topic_prefix.startswith(_ISOLATED_PREFIX):
+        raise ValueError(f"not an isolated pipeline (topic prefix {settings.topic_prefix!r}); nothing deleted")
+    client = admin(settings)  # (kept until the deletions answer: a destroyed client fails them)
+    futures = client.delete_topics(list(pipeline_topics(settings)), operation_timeout=timeout_s)
+    for future in futures.values():
+        try:
+            future.result(timeout=timeout_s)
+        except (KafkaException, TimeoutError):  # a topic already gone, or a slow broker
+            pass
 
 
 class Child:

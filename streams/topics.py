@@ -36,22 +36,27 @@ def check_reachable(settings: Settings, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
-    """Creates missing topics; returns the names created. Existing topics are left as they are."""
-    check_reachable(settings)
-    client = admin(settings)
+def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
+    """The topics a pipeline of these settings uses, with the configuration each is created with."""
     t = settings.topics
     # usage.raw and usage.dlq take records far above the 1 MiB event limit, so that an oversized
     # event reaches the worker and lands in the dead-letter topic instead of bouncing at the producer.
     big = {"max.message.bytes": str(MAX_RECORD_BYTES)}
-    wanted: dict[str, dict[str, str]] = {
+    return {
         t.raw: big,
         t.attributed: {},
         t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000), **big},
         t.alerts: {},
         t.state: {"cleanup.policy": "compact"},
+        changelog_topic(settings): {"cleanup.policy": "compact"},
     }
-    wanted[changelog_topic(settings)] = {"cleanup.policy": "compact"}
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
+    """Creates missing topics; returns the names created. Existing topics are left as they are."""
+    check_reachable(settings)
+    client = admin(settings)
+    wanted = pipeline_topics(settings)
     existing = set(client.list_topics(timeout=timeout_s).topics)
     missing = [
         NewTopic(name, num_partitions=settings.partitions, replication_factor=-1, config=config)

@@ -21,7 +21,7 @@ import pytest
 
 from schemas.quota import QuotaState
 from schemas.usage import TokenUsage, UsageEvent
-from streams.processes import ROOT, WorkerProcess, free_port, isolated_env, wait_for
+from streams.processes import ROOT, WorkerProcess, free_port, isolated_env, remove_isolated_topics, wait_for
 from streams.producer import UsageProducer
 from streams.query import query
 from streams.settings import Settings
@@ -209,3 +209,4 @@ def pipeline(kafka_servers: str, tmp_path: Path, request: pytest.FixtureRequest)
     run = Pipeline(name, tmp_path, kafka_servers, env)
     yield run
     run.close()
+    remove_isolated_topics(Settings.from_env(env))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from streams.processes import ROOT, WorkerProcess, isolated_env
+from streams.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics
 from streams.processes import wait_for as wait_until  # noqa: F401 - the tests' name for it
 from streams.topics import ensure_topics
 
@@ -27,6 +27,7 @@ def pipeline(kafka_servers: str, tmp_path: Path) -> Iterator[WorkerProcess]:
     ensure_topics(worker.settings)
     yield worker
     worker.stop()
+    remove_isolated_topics(worker.settings)
 
 
 def read_topic(servers: str, topic: str, expected: int, timeout_s: float) -> list:

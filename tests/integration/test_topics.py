@@ -1,0 +1,23 @@
+"""Topics of an isolated pipeline: created by ensure_topics, deleted again by remove_isolated_topics."""
+
+import pytest
+
+from streams.processes import isolated_env, remove_isolated_topics, wait_for
+from streams.settings import Settings
+from streams.topics import admin, ensure_topics, pipeline_topics
+
+
+def test_an_isolated_pipelines_topics_are_created_and_deleted(kafka_servers, tmp_path):
+    settings = Settings.from_env(isolated_env(tmp_path / "home", kafka_servers, tmp_path / "config"))
+    names = set(pipeline_topics(settings))
+    assert len(names) == 6 and all(settings.topic_prefix in n or settings.app_id in n for n in names)
+    assert set(ensure_topics(settings)) == names
+    remove_isolated_topics(settings)
+    wait_for(lambda: names.isdisjoint(admin(settings).list_topics(timeout=10).topics), 30,
+             "the broker's metadata to drop the deleted topics")
+
+
+def test_topics_of_a_pipeline_not_made_by_isolated_env_are_never_deleted(tmp_path):
+    settings = Settings.from_env({"COSTLINE_HOME": str(tmp_path), "COSTLINE_TOPIC_PREFIX": "staging."})
+    with pytest.raises(ValueError, match="not an isolated pipeline"):
+        remove_isolated_topics(settings)
