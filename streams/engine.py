@@ -12,7 +12,9 @@ transactional producer. Each batch of up to ``sink_batch`` records (or whatever 
 
 Step 1 runs on the ClickHouse writer's thread while this thread processes the next batch (chDB
 runs without the GIL); step 2 follows once the batch has landed, before the next batch starts
-landing. A rebalance commits the batch in flight before it gives the partitions up.
+landing, and before the next batch is processed when it has landed by the time that batch is read
+(a stream below full speed). A rebalance commits the batch in flight before it gives the
+partitions up.
 
 The transaction makes the quota state, the alerts and the positions move together: a worker
 that dies mid-batch leaves nothing of that batch visible to ``read_committed`` readers, and
@@ -184,12 +186,14 @@ class BatchEngine:
                                     on_lost=self._on_revoke)
             while not self.stopping.is_set():
                 messages = self.consumer.consume(self.settings.sink_batch, timeout=self.settings.sink_within_s)
-                # Batch N+1 is processed while batch N lands (ClickHouse runs without the GIL).
-                batch = self.apply(messages) if messages else None
                 try:
+                    if self._landed():
+                        self._finish()  # batch N has landed already: its quota state need not wait for N+1
+                    # Else batch N+1 is processed while batch N lands (ClickHouse runs without the GIL).
+                    batch = self.apply(messages) if messages else None
                     self._finish()
                 except Rewind:
-                    self._rewind()  # batch N+1 is dropped with it: it is read again
+                    self._rewind()  # the batch read after it is dropped with it: it is read again
                     continue
                 if batch is not None:
                     self._pending = (batch, self._start_landing(batch))
@@ -256,6 +260,10 @@ class BatchEngine:
                 self.consumer.seek(TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING))  # nothing committed
 
     # ---- one batch ---------------------------------------------------------------------------
+
+    def _landed(self) -> bool:
+        """Whether a batch is pending and needs no more waiting to be committed."""
+        return self._pending is not None and (self._pending[1] is None or self._pending[1].done())
 
     def _finish(self) -> None:
         """Waits for the pending batch to land, then commits it (raises ``Rewind`` if the commit
