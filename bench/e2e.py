@@ -288,7 +288,8 @@ def main() -> None:
                       "ratio": round(eps / ceiling_eps, 3),
                       "p99_ms": round(pct(rows_lag, .99)) if rows_lag else None,
                       "state_p99_ms": round(pct(state_lag, .99)) if state_lag else None,
-                      "rss_mb": round(rss_mb), "cpu_s_per_100k": round(cpu_s * 100_000 / args.events, 1)}))
+                      "rss_mb": round(rss_mb), "cpu_s_per_100k": round(cpu_s * 100_000 / args.events, 1),
+                      "tenants": args.tenants, "distinct_tenants": args.distinct_tenants, "role": args.role}))
 
 
 if __name__ == "__main__":
