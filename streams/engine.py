@@ -59,12 +59,14 @@ from streams.pipeline import Enricher, attribute_raw
 from streams.plans import Plans
 from streams.quotas import QuotaEngine, WindowRef
 from streams.settings import Settings
-from streams.sink import ALERTS, LEDGER, RecordBatch, Sink, SinkStats, land
+from streams.sink import ALERTS, LEDGER, Backoff, RecordBatch, Sink, SinkStats, land
 from streams.state import ChangelogTables
 from streams.topics import MAX_RECORD_BYTES, changelog_topic
 
 log = logging.getLogger(__name__)
 
+#: Waits between attempts to restore the last committed state after an aborted batch: 0.5 s, doubling, up to 5 s.
+_REWIND_BACKOFF = Backoff(first_s=0.5, max_s=5.0)
 #: Exit status of a worker stopped while a batch could not be written (nothing was committed).
 EXIT_UNLANDED = 75
 #: Exit status of a worker whose batch loop met an error it cannot recover from.
@@ -249,7 +251,7 @@ class BatchEngine:
                 self._restore_positions()
                 return
             except KafkaException as exc:
-                wait = min(5.0, 0.5 * 2 ** attempt)
+                wait = _REWIND_BACKOFF.delay(attempt)
                 log.warning("restoring the last committed state failed (%s); retrying in %.1fs", exc.args[0], wait)
                 attempt += 1
                 if self.stopping.wait(wait):
