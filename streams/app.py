@@ -155,7 +155,7 @@ def _add_sink(app: faust.App, shared: _Shared, sink: Sink, faults: ClickHouseFau
         """Batches a topic into a ClickHouse table; a record that does not parse is dead-lettered."""
         loop = asyncio.get_running_loop()
         sink_stats = counters.sinks.setdefault(table.name, SinkStats())
-        insert = faults.wrap(table.insert) if faults else table.insert
+        send = faults.wrap(table.send) if faults else table.send
         async for events in stream.take_events(settings.sink_batch, within=settings.sink_within_s):
             records = []
             for event in events:
@@ -171,8 +171,8 @@ def _add_sink(app: faust.App, shared: _Shared, sink: Sink, faults: ClickHouseFau
             # cancellation (shutdown), so the write is shielded from cancellation: on SIGTERM the
             # batch in flight lands before its offsets can be committed, or, if ClickHouse refuses
             # it, the process leaves without committing them.
-            write = loop.run_in_executor(sink.executor, partial(land, sink.writer, table, records, sink_stats,
-                                                                stopping=stopping, insert=insert))
+            write = loop.run_in_executor(sink.executor, partial(land, sink.writer, table.encode(records), sink_stats,
+                                                                stopping=stopping, send=send))
             try:
                 landed = await asyncio.shield(write)
             except asyncio.CancelledError:

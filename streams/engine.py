@@ -10,8 +10,8 @@ transactional producer. Each batch of up to ``sink_batch`` records (or whatever 
    changelog of the quota keys it changed, the attributed records (role ``stream``), and the
    next source offset of each partition (in the changelog too).
 
-Step 1 runs on the ClickHouse writer's thread while this thread processes the next batch (chDB
-runs without the GIL); step 2 follows once the batch has landed, before the next batch starts
+Step 1 is encoded on this thread and sent by the ClickHouse writer's thread while this thread
+processes the next batch (chDB runs without the GIL); step 2 follows once the batch has landed, before the next batch starts
 landing, and before the next batch is processed when it has landed by the time that batch is read
 (a stream below full speed). A rebalance commits the batch in flight before it gives the
 partitions up.
@@ -59,7 +59,7 @@ from streams.pipeline import Enricher, attribute_raw
 from streams.plans import Plans
 from streams.quotas import QuotaEngine, WindowRef
 from streams.settings import Settings
-from streams.sink import ALERTS, LEDGER, Backoff, RecordBatch, Sink, SinkStats, land
+from streams.sink import ALERTS, LEDGER, Backoff, Encoded, RecordBatch, Sink, SinkStats, land
 from streams.state import ChangelogTables
 from streams.topics import MAX_RECORD_BYTES, changelog_topic
 
@@ -341,15 +341,23 @@ class BatchEngine:
         return batch
 
     def _start_landing(self, batch: Batch) -> Future[bool] | None:
-        """Lands the batch on the writer's own thread, which every user of the writer client goes
-        through; None when this role does not write ClickHouse."""
-        return None if self.sink is None else self.sink.executor.submit(self._land, batch)
+        """Encodes the batch here and lands it on the writer's own thread, which every user of the
+        writer client goes through; None when this role does not write ClickHouse.
 
-    def _land(self, batch: Batch) -> bool:
-        for table, rows in ((LEDGER, batch.records), (ALERTS, batch.alerts)):
-            stats = self.counters.sinks.setdefault(table.name, SinkStats())
-            if rows and not land(self.sink.writer, table, rows, stats, stopping=self.stopping,
-                                 insert=self.wrap(table.insert)):
+        Encoding is Python work. On the writer's thread it took the GIL from this thread in
+        slices, and this thread waited for it; here it runs between batches, and the writer's
+        thread only waits on ClickHouse, without the GIL. Measured on this loop alone (apply, then
+        land while the next batch is applied; 8 interleaved runs of 40,000 events): 33.6 against
+        36.2 µs an event, median."""
+        if self.sink is None:
+            return None
+        encoded = [table.encode(rows) for table, rows in ((LEDGER, batch.records), (ALERTS, batch.alerts)) if rows]
+        return self.sink.executor.submit(self._land, encoded)
+
+    def _land(self, encoded: list[Encoded]) -> bool:
+        for batch in encoded:
+            stats = self.counters.sinks.setdefault(batch.table.name, SinkStats())
+            if not land(self.sink.writer, batch, stats, stopping=self.stopping, send=self.wrap(batch.table.send)):
                 return False
         return True
 

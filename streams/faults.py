@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 from clickhouse_connect.driver.client import Client
+
+from streams.sink import Encoded
 
 
 class InjectedOutage(ConnectionError):
@@ -33,10 +34,11 @@ class ClickHouseFaults:
     def active(self) -> bool:
         return time.monotonic() < self._fail_until
 
-    def wrap(self, insert: Callable[[Client, Sequence[Any], str], None]) -> Callable[[Client, Sequence[Any], str], None]:
-        def insert_unless_failing(client: Client, records: Sequence[Any], token: str) -> None:
+    def wrap(self, send: Callable[[Client, Encoded], None]) -> Callable[[Client, Encoded], None]:
+        """``send`` (``TableSpec.send``), failing while an outage is on."""
+        def send_unless_failing(client: Client, batch: Encoded) -> None:
             if self.active:
                 raise InjectedOutage("injected ClickHouse outage (COSTLINE_FAULT_INJECTION)")
-            insert(client, records, token)
+            send(client, batch)
 
-        return insert_unless_failing
+        return send_unless_failing

@@ -1,9 +1,12 @@
 """Stage 5: records → ClickHouse, in column-oriented batches: attributed usage into the ledger,
 quota alerts into ``quota_alerts``.
 
-A batch is retried, identically and with the same ``insert_deduplication_token``, until
-ClickHouse takes it: the consumer offsets behind a batch are committed only after this
-returns, so a failed insert never loses events and a retried one never doubles them.
+A batch is encoded once (``TableSpec.encode``: ClickHouse's Native format, written by
+clickhouse-connect's own column writers) on the thread that built its records, and then sent by
+the ClickHouse writer's thread, which does little else than wait on ClickHouse without the GIL.
+It is sent again, byte for byte and with the same ``insert_deduplication_token``, until
+ClickHouse takes it: the consumer offsets behind a batch are committed only after this returns,
+so a failed insert never loses events and a retried one never doubles them.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
+from clickhouse_connect.datatypes.registry import get_from_name
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.insert import InsertContext
+from clickhouse_connect.driver.transform import NativeTransform
 
 from schemas.attributed import AttributedUsage
 from schemas.quota import QuotaAlert
@@ -72,6 +78,7 @@ class TableSpec(Generic[R]):
             [path for _, _, path, _ in direct],
             {head: [path.split(".", 1)[1] for _, _, path, _ in group] for head, group in nested.items()}))
         object.__setattr__(self, "_wire", [_wire(ch_type, convert) for _, ch_type, _, convert in sent])
+        object.__setattr__(self, "_types", [get_from_name(wire_type) for wire_type, _ in self._wire])
 
     @property
     def column_names(self) -> list[str]:
@@ -102,23 +109,48 @@ class TableSpec(Generic[R]):
         """Identical for a retry of the same batch, different for any other batch."""
         return hashlib.sha256("\x01".join(self.identity(records)).encode()).hexdigest()
 
-    def insert(self, client: Client, records: Sequence[R], token: str) -> None:
+    def native(self, records: Sequence[R]) -> bytes:
+        """The batch in ClickHouse's Native format, as ``Client.insert`` would send it: the columns
+        in their wire types, written by clickhouse-connect's column writers."""
         columns = self.to_columns(records)
         try:
-            client.insert(
-                self.name,
-                columns,
-                column_names=self.column_names,
-                column_type_names=self.wire_types,
-                column_oriented=True,
-                settings={"insert_deduplication_token": token, "input_format_native_allow_types_conversion": 1},
-            )
+            context = InsertContext(self.name, self.column_names, self._types, data=columns, column_oriented=True)
+            chunks = list(NativeTransform.build_insert(context))
         finally:
-            # The client's insert context is a reference cycle that holds the columns until the
-            # cycle collector runs (rarely, in the worker: ``streams.engine.tune_gc``); emptied here,
-            # a batch's columns are freed at once (bench/e2e.py peak RSS 783–788 → 678–692 MB).
+            # An insert context is a reference cycle that holds the columns until the cycle
+            # collector runs (rarely, in the worker: ``streams.engine.tune_gc``); emptied here, a
+            # batch's columns are freed at once (bench/e2e.py peak RSS 783–788 → 678–692 MB).
             for column in columns:
                 column.clear()
+        if context.insert_exception is not None:  # a column writer failed (the last chunk is then garbage)
+            raise context.insert_exception
+        if chunks:  # the first chunk starts with the statement line of an HTTP insert: the body follows it
+            chunks[0] = chunks[0][chunks[0].index(b"\n") + 1:]
+        return b"".join(chunks)
+
+    def encode(self, records: Sequence[R]) -> Encoded:
+        """The batch, ready to be sent (and sent again) by ``land``."""
+        return Encoded(self, len(records), self.native(records), self.dedup_token(records))
+
+    def send(self, client: Client, batch: Encoded) -> None:
+        """One attempt at inserting an encoded batch. (Types that differ from the table's, decimals
+        sent as text for one, are converted by ClickHouse: see ``_wire``.)"""
+        client.raw_insert(self.name, self.column_names, batch.body, fmt="Native", settings={
+            "insert_deduplication_token": batch.token, "input_format_native_allow_types_conversion": 1})
+
+    def insert(self, client: Client, records: Sequence[R], token: str | None = None) -> None:
+        """Encodes and sends a batch in one go, once (one-off writers; the worker lands through ``land``)."""
+        self.send(client, Encoded(self, len(records), self.native(records), token or self.dedup_token(records)))
+
+
+class Encoded(NamedTuple):
+    """A batch of one table in ClickHouse's Native format, and its deduplication token."""
+
+    table: TableSpec[Any]
+    rows: int
+    body: bytes
+    token: str
+
 
 class RecordBatch(list[R]):
     """Records for one table, each with its row read as it is added.
@@ -320,29 +352,27 @@ class Backoff:
 
 def land(
     client: Client,
-    table: TableSpec[R],
-    records: Sequence[R],
+    batch: Encoded,
     stats: SinkStats,
     *,
     backoff: Backoff = Backoff(),
     stopping: threading.Event | None = None,
-    insert: Callable[[Client, Sequence[R], str], None] | None = None,
+    send: Callable[[Client, Encoded], None] | None = None,
 ) -> bool:
-    """Inserts the batch, retrying until it lands. Returns False only if ``stopping`` was set first."""
-    insert = insert or table.insert
-    token = table.dedup_token(records)
+    """Sends the batch, retrying until it lands. Returns False only if ``stopping`` was set first."""
+    send = send or batch.table.send
     started = time.monotonic()
     attempt = 0
     while True:
         try:
-            insert(client, records, token)
+            send(client, batch)
         except Exception as exc:  # noqa: BLE001 - any failure of the write is retried, never dropped
             stats.errors += 1
             stats.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             stats.failing_since = stats.failing_since or time.monotonic()
             wait = backoff.delay(attempt)
             log.warning("ClickHouse insert of %d rows failed (attempt %d), retrying in %.1fs: %s",
-                        len(records), attempt + 1, wait, stats.last_error)
+                        batch.rows, attempt + 1, wait, stats.last_error)
             attempt += 1
             if stopping is not None:
                 if stopping.wait(wait):
@@ -351,7 +381,7 @@ def land(
                 time.sleep(wait)
             continue
         elapsed = time.monotonic() - started
-        stats.landed += len(records)
+        stats.landed += batch.rows
         stats.batches += 1
         stats.batch_seconds_sum += elapsed
         stats.batch_seconds_max = max(stats.batch_seconds_max, elapsed)

@@ -4,6 +4,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from clickhouse_connect.datatypes.registry import get_from_name
+from clickhouse_connect.driver.insert import InsertContext
 
 from schemas.usage import TokenUsage, UsageEvent
 from streams.migrations import applied_versions, discover, migrate
@@ -66,6 +68,29 @@ def test_times_land_to_the_millisecond_whether_a_batch_shares_one_attribution_ti
         for i in range(5)]
 
 
+def test_the_encoded_batch_lands_as_the_clients_own_insert_of_its_columns(ch_client, enricher):
+    # More rows than one Native block holds (4,096 rows of 512 to 1,023 bytes), so the body has several blocks.
+    batch = [r.model_copy(update={"user_id": f"u-{i % 7}", "trace_id": "t" * (400 + i % 50), "latency_ms": i or None})
+             for i, r in enumerate(records(enricher, 9_000, "t-native"))]
+    sizing = InsertContext("ledger_twin", LEDGER.column_names, [get_from_name(t) for t in LEDGER.wire_types],
+                           data=LEDGER.to_columns(batch), column_oriented=True)
+    assert sizing.block_row_count == 4_096
+    ch_client.command("CREATE TABLE ledger_twin AS usage_ledger")
+    try:
+        ch_client.insert("ledger_twin", LEDGER.to_columns(batch), column_names=LEDGER.column_names,
+                         column_type_names=LEDGER.wire_types, column_oriented=True,
+                         settings={"input_format_native_allow_types_conversion": 1})
+        encoded = LEDGER.encode(batch)
+        assert encoded.rows == 9_000 and encoded.token == LEDGER.dedup_token(batch)
+        LEDGER.send(ch_client, encoded)
+        select = "SELECT * EXCEPT landed_at FROM {} WHERE tenant_id = 't-native' ORDER BY event_id"
+        landed = ch_client.query(select.format("usage_ledger")).result_rows
+        assert len(landed) == 9_000
+        assert landed == ch_client.query(select.format("ledger_twin")).result_rows
+    finally:
+        ch_client.command("DROP TABLE ledger_twin")
+
+
 def test_retried_batch_is_deduplicated_at_insert(ch_client, enricher):
     batch = records(enricher, 5, "t-retry")
     token = LEDGER.dedup_token(batch)
@@ -104,15 +129,15 @@ def test_land_retries_a_failing_insert_with_the_same_token(ch_client, enricher):
     batch = records(enricher, 2, "t-flaky")
     tokens = []
 
-    def flaky_insert(client, rows, token):
-        tokens.append(token)
+    def flaky_send(client, encoded):
+        tokens.append((encoded.token, encoded.body))
         if len(tokens) < 3:
             raise ConnectionError("ClickHouse is down")
-        LEDGER.insert(client, rows, token)
+        LEDGER.send(client, encoded)
 
     stats = SinkStats()
-    assert land(ch_client, LEDGER, batch, stats, backoff=Backoff(first_s=0.01), insert=flaky_insert)
-    assert len(tokens) == 3 and len(set(tokens)) == 1
+    assert land(ch_client, LEDGER.encode(batch), stats, backoff=Backoff(first_s=0.01), send=flaky_send)
+    assert len(tokens) == 3 and len(set(tokens)) == 1 and tokens[0][0] == LEDGER.dedup_token(batch)
     assert (stats.errors, stats.landed, stats.failing_since) == (2, 2, None)
     assert ledger(ch_client, "t-flaky") == (2, Decimal("0.007"))
 
