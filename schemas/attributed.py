@@ -16,6 +16,8 @@ from schemas.usage import TokenUsage
 _ZERO = Decimal(0)
 
 _MONEY_PLACES = Decimal("1e-12")
+#: The largest amount a ledger cost column holds (``Decimal(18, 12)``): just under a million USD.
+MAX_COST_USD = Decimal("999999.999999999999")
 
 #: USD, written in JSON with exactly 12 decimal places ("0.000000075000", never "7.5E-8").
 Money = Annotated[Decimal, PlainSerializer(lambda d: format(d.quantize(_MONEY_PLACES), "f"), return_type=str,

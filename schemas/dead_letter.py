@@ -24,6 +24,7 @@ Reason = Literal[
     "unsupported_schema_version",
     "payload_too_large",
     "timestamp_out_of_range",
+    "cost_out_of_range",
     "processing_error",
 ]
 

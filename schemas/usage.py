@@ -23,6 +23,8 @@ _MILLISECOND = timedelta(milliseconds=1)
 
 #: No single model call comes near a billion tokens; larger counts are corrupt input.
 MAX_TOKENS = 1_000_000_000
+#: The ledger stores ``latency_ms`` as UInt32 (about 49.7 days); a longer call is corrupt input.
+MAX_LATENCY_MS = 4_294_967_295
 
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 #: An aware time, normalized to UTC (the same instant in any offset). Every stage compares event
@@ -141,7 +143,7 @@ class UsageEvent(BaseModel):
     parent_span_id: ShortText | None = None
     tags: dict[str, str] = Field(default_factory=dict, max_length=64)
     status: Literal["ok", "error"] = "ok"
-    latency_ms: Annotated[int, Field(ge=0)] | None = None
+    latency_ms: Annotated[int, Field(ge=0, le=MAX_LATENCY_MS)] | None = None
 
     @model_validator(mode="after")
     def _has_usage(self) -> UsageEvent:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from schemas.attributed import AttributedUsage
+from schemas.attributed import MAX_COST_USD, AttributedUsage
 from schemas.dead_letter import Rejection
 from schemas.usage import UsageEvent
 from streams.pricing import Pricer
@@ -83,4 +83,10 @@ def attribute_raw(
     checked = validate(value, now=now, max_future=max_future, max_bytes=max_bytes)
     if isinstance(checked, Rejection):
         return checked
-    return attribute(checked, enricher, now)
+    record = attribute(checked, enricher, now)
+    if record.cost_usd > MAX_COST_USD:  # the ledger would refuse the whole batch, on every retry
+        return Rejection(reason="cost_out_of_range", message=(
+            f"cost {record.cost_usd} USD of {record.provider}/{record.model} is beyond the ledger's "
+            f"{MAX_COST_USD} USD a call; check the token counts, or the price in config/prices.yaml "
+            f"({record.price_source}), then re-submit the dead letter"))
+    return record

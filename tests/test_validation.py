@@ -1,10 +1,15 @@
 import json
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 
+from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection
 from schemas.usage import UsageEvent
+from streams.pipeline import Enricher, attribute_raw
+from streams.pricing import Pricer
+from streams.tagging import PathRules
 from streams.validation import validate
 from tests.conftest import NOW
 
@@ -47,6 +52,7 @@ def test_valid_event_is_parsed_and_extra_fields_are_kept():
         (event(usage=None), "invalid_event", "one of usage or raw_usage is required"),
         (event(timestamp="2026-06-01T11:59:00"), "invalid_event", "timestamp"),
         (event(timestamp=1780000000), "invalid_event", "timestamp"),
+        (event(latency_ms=4_294_967_296), "invalid_event", "latency_ms: Input should be less than or equal to 4294967295"),
         (event(event_id=""), "invalid_event", "event_id"),
         (event(event_id="x" * 129), "invalid_event", "event_id"),
         (event(schema_version=2), "unsupported_schema_version", "schema_version must be 1"),
@@ -76,3 +82,23 @@ def test_future_skew_is_configurable():
 def test_timestamp_ms_is_exact():
     ev = validate(event(timestamp="2026-06-01T11:59:00.123+02:00"), now=NOW)
     assert ev.timestamp_ms() == 1780307940123
+
+
+def test_the_longest_latency_the_ledger_stores_is_valid():
+    out = validate(event(latency_ms=4_294_967_295), now=NOW)
+    assert isinstance(out, UsageEvent) and out.latency_ms == 4_294_967_295
+
+
+def test_a_cost_beyond_the_ledger_is_dead_lettered_with_the_price_that_made_it(tmp_path):
+    # 1,000,000,000 input tokens at $1,000 per million is $1,000,000: one unit above Decimal(18, 12).
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("revision: 1\nmodels:\n  - name: typo\n    provider: openai\n    model: gpt-4o\n"
+                      "    effective_from: 2020-01-01\n    per_million_tokens: {input: 1000, output: 1000}\n")
+    enricher = Enricher(Pricer.from_file(prices), PathRules([]))
+    out = attribute_raw(event(usage={"input_tokens": 1_000_000_000}), enricher, now=NOW)
+    assert isinstance(out, Rejection) and out.reason == "cost_out_of_range"
+    assert out.message == ("cost 1000000.000000000000 USD of openai/gpt-4o is beyond the ledger's 999999.999999999999 "
+                           "USD a call; check the token counts, or the price in config/prices.yaml "
+                           "(prices.yaml models[0] (typo)), then re-submit the dead letter")
+    below = attribute_raw(event(usage={"input_tokens": 999_999_999}), enricher, now=NOW)
+    assert isinstance(below, AttributedUsage) and below.cost_usd == Decimal("999999.999")
