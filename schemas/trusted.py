@@ -8,6 +8,9 @@ does, and insists on every field instead of filling in defaults.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from json.encoder import c_encode_basestring, c_encode_basestring_ascii, c_make_encoder  # type: ignore[attr-defined]
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -39,3 +42,20 @@ def _all_fields(cls: type[BaseModel]) -> set[str]:
     if names is None:
         names = _FIELD_SETS[cls] = set(cls.__pydantic_fields__)
     return names
+
+
+def json_writer(*, ascii_only: bool = True, default: Callable[[Any], Any] | None = None) -> Callable[[Any], str]:
+    """``json.dumps(value, separators=(",", ":"), ensure_ascii=ascii_only, default=default)`` for
+    plain trees of values (no check for circular references), with the C encoder built once:
+    ``JSONEncoder.encode`` builds it again on every call, which costs about a microsecond, as much
+    as encoding a small object does."""
+    if c_make_encoder is None:  # a Python without the _json accelerator
+        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=ascii_only, default=default,
+                                check_circular=False).encode
+    strings = c_encode_basestring_ascii if ascii_only else c_encode_basestring
+    chunks = c_make_encoder(None, default or _refuse, strings, None, ":", ",", False, False, True)
+    return lambda value: "".join(chunks(value, 0))
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")

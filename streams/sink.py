@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import operator
 import threading
@@ -31,6 +30,7 @@ from clickhouse_connect.driver.transform import NativeTransform
 
 from schemas.attributed import AttributedUsage
 from schemas.quota import QuotaAlert
+from schemas.trusted import json_writer
 from schemas.usage import epoch_ms
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ _COST_CLASSES = [
 
 
 #: ``json.dumps(value, separators=(",", ":"))``, with the encoder built once.
-_to_json = json.JSONEncoder(separators=(",", ":")).encode
+_to_json = json_writer()
 
 
 def _jsons(column: list[Any]) -> list[str]:

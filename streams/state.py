@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from datetime import datetime
 from decimal import Decimal
-from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from schemas.trusted import json_writer
 from streams.quotas import QUOTA_TABLES
 from streams.topics import READ_TRANSACTIONAL, SilentLogger, retrying
 
@@ -162,14 +162,5 @@ def _text(value: object) -> str:
     raise TypeError(f"cannot store a {type(value).__name__} in the quota changelog")
 
 
-def _encoder() -> Callable[[Any], str]:
-    """The changelog's JSON encoder. ``JSONEncoder.encode`` builds the C encoder again on each call
-    (a microsecond, as much as encoding a window entry takes); this builds it once, without the
-    check for circular references (the entries are plain trees)."""
-    if c_make_encoder is None:  # a Python without the _json accelerator
-        return json.JSONEncoder(separators=(",", ":"), default=_text).encode
-    chunks = c_make_encoder(None, _text, encode_basestring_ascii, None, ":", ",", False, False, True)
-    return lambda value: "".join(chunks(value, 0))
-
-
-_encode = _encoder()
+#: The changelog's JSON encoder (without the check for circular references: the entries are plain trees).
+_encode = json_writer(default=_text)
