@@ -348,7 +348,8 @@ class BatchEngine:
         slices, and this thread waited for it; here it runs between batches, and the writer's
         thread only waits on ClickHouse, without the GIL. Measured on this loop alone (apply, then
         land while the next batch is applied; 8 interleaved runs of 40,000 events): 33.6 against
-        36.2 µs an event, median."""
+        36.2 µs an event, median; bench/e2e.py, 3 interleaved pairs: 13,925–15,878 against
+        12,646–14,344 events/s, 7.3–8.8 against 9.2–9.9 CPU s per 100k events."""
         if self.sink is None:
             return None
         encoded = [table.encode(rows) for table, rows in ((LEDGER, batch.records), (ALERTS, batch.alerts)) if rows]
