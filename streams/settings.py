@@ -10,7 +10,7 @@
 | COSTLINE_APP_ID           | costline (Kafka consumer group)      |
 | COSTLINE_PARTITIONS       | 4 (partitions of topics Costline creates) |
 | COSTLINE_SINK_BATCH       | 5000 rows per ClickHouse insert      |
-| COSTLINE_SINK_WITHIN_S    | 1.0 (longest wait to fill a batch)   |
+| COSTLINE_SINK_WITHIN_S    | 0.1 (longest wait to fill a batch)   |
 | COSTLINE_WEB_HOST / _PORT | 127.0.0.1 / 6066 (worker health and query endpoint) |
 | COSTLINE_MAX_FUTURE_S     | 86400 (events further in the future are dead-lettered) |
 | COSTLINE_MAX_EVENT_BYTES  | 1048576 (larger payloads are dead-lettered) |
