@@ -11,10 +11,10 @@ transactional producer. Each batch of up to ``sink_batch`` records (or whatever 
    next source offset of each partition (in the changelog too).
 
 Step 1 is encoded on this thread and sent by the ClickHouse writer's thread while this thread
-processes the next batch (chDB runs without the GIL); step 2 follows once the batch has landed, before the next batch starts
-landing, and before the next batch is processed when it has landed by the time that batch is read
-(a stream below full speed). A rebalance commits the batch in flight before it gives the
-partitions up.
+processes the next batch (chDB runs without the GIL); step 2 follows once the batch has landed,
+before the next batch starts landing, and before the next batch is processed when it has landed
+by the time that batch is read (a stream below full speed). A rebalance commits the batch in
+flight before it gives the partitions up.
 
 The transaction makes the quota state, the alerts and the positions move together: a worker
 that dies mid-batch leaves nothing of that batch visible to ``read_committed`` readers, and
