@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +28,7 @@ from typing import Any
 
 import faust
 import mode
+from clickhouse_connect.driver.client import Client
 from pydantic import ValidationError
 
 from schemas.attributed import AttributedUsage
@@ -40,7 +42,7 @@ from streams.plans import Plans
 from streams.query import QueryError, run_readonly
 from streams.reprice import RepriceWindow, reprice
 from streams.settings import Settings
-from streams.sink import ALERTS, LEDGER, Sink, SinkStats, TableSpec, land
+from streams.sink import ALERTS, LEDGER, Encoded, Sink, SinkStats, TableSpec, land
 from streams.topics import MAX_RECORD_BYTES
 
 log = logging.getLogger(__name__)
@@ -171,8 +173,8 @@ def _add_sink(app: faust.App, shared: _Shared, sink: Sink, faults: ClickHouseFau
             # cancellation (shutdown), so the write is shielded from cancellation: on SIGTERM the
             # batch in flight lands before its offsets can be committed, or, if ClickHouse refuses
             # it, the process leaves without committing them.
-            write = loop.run_in_executor(sink.executor, partial(land, sink.writer, table.encode(records), sink_stats,
-                                                                stopping=stopping, send=send))
+            write = loop.run_in_executor(sink.executor, partial(_encode_and_land, sink, table, records, sink_stats,
+                                                                stopping, send))
             try:
                 landed = await asyncio.shield(write)
             except asyncio.CancelledError:
@@ -195,6 +197,12 @@ def _add_sink(app: faust.App, shared: _Shared, sink: Sink, faults: ClickHouseFau
         @app.agent(_raw_topic(app, topics.alerts, settings.partitions), name="land_alerts", concurrency=1)
         async def land_alerts(stream: faust.StreamT) -> None:
             await land_batches(stream, ALERTS, QuotaAlert.model_validate_json)
+
+
+def _encode_and_land(sink: Sink, table: TableSpec[Any], records: list[Any], stats: SinkStats,
+                     stopping: threading.Event, send: Callable[[Client, Encoded], None]) -> bool:
+    """On the writer's thread: the event loop stays free while a batch is encoded."""
+    return land(sink.writer, table.encode(records), stats, stopping=stopping, send=send)
 
 
 def _add_queries(app: faust.App, settings: Settings, sink: Sink, faults: ClickHouseFaults | None) -> None:

@@ -140,7 +140,8 @@ class TableSpec(Generic[R]):
 
     def insert(self, client: Client, records: Sequence[R], token: str | None = None) -> None:
         """Encodes and sends a batch in one go, once (one-off writers; the worker lands through ``land``)."""
-        self.send(client, Encoded(self, len(records), self.native(records), token or self.dedup_token(records)))
+        batch = self.encode(records)
+        self.send(client, batch._replace(token=token) if token else batch)
 
 
 class Encoded(NamedTuple):
