@@ -202,7 +202,7 @@ def _add_sink(app: faust.App, shared: _Shared, sink: Sink, faults: ClickHouseFau
 def _encode_and_land(sink: Sink, table: TableSpec[Any], records: list[Any], stats: SinkStats,
                      stopping: threading.Event, send: Callable[[Client, Encoded], None]) -> bool:
     """On the writer's thread: the event loop stays free while a batch is encoded."""
-    return land(sink.writer, table.encode(records), stats, stopping=stopping, send=send)
+    return land(sink.writer, table.encode(records, sink.compression), stats, stopping=stopping, send=send)
 
 
 def _add_queries(app: faust.App, settings: Settings, sink: Sink, faults: ClickHouseFaults | None) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from clickhouse_connect.datatypes.registry import get_from_name
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.compression import get_compressor
 from clickhouse_connect.driver.insert import InsertContext
 from clickhouse_connect.driver.transform import NativeTransform
 
@@ -50,6 +51,13 @@ class Sink:
     #: The one thread that uses ``writer`` (chDB clients are not shared between threads).
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-writer"))
+
+    @property
+    def compression(self) -> str | None:
+        """How batches are compressed for the writer: as the client compresses its own inserts
+        (lz4 or zstd to a server over HTTP; the embedded engine takes them uncompressed)."""
+        compression = self.writer.write_compression
+        return compression if compression in ("lz4", "zstd") else None
 
 
 @dataclass(frozen=True)
@@ -128,15 +136,22 @@ class TableSpec(Generic[R]):
             chunks[0] = chunks[0][chunks[0].index(b"\n") + 1:]
         return b"".join(chunks)
 
-    def encode(self, records: Sequence[R]) -> Encoded:
-        """The batch, ready to be sent (and sent again) by ``land``."""
-        return Encoded(self, len(records), self.native(records), self.dedup_token(records))
+    def encode(self, records: Sequence[R], compression: str | None = None) -> Encoded:
+        """The batch, ready to be sent (and sent again) by ``land``. ``compression`` (``Sink.compression``:
+        lz4 or zstd to a server over HTTP, none to the embedded engine) compresses the body as
+        ``Client.insert`` would."""
+        body = self.native(records)
+        if compression:
+            compressor = get_compressor(compression)
+            body = bytes(compressor.compress_block(body)) + (compressor.flush() or b"")
+        return Encoded(self, len(records), body, self.dedup_token(records), compression)
 
     def send(self, client: Client, batch: Encoded) -> None:
         """One attempt at inserting an encoded batch. (Types that differ from the table's, decimals
         sent as text for one, are converted by ClickHouse: see ``_wire``.)"""
-        client.raw_insert(self.name, self.column_names, batch.body, fmt="Native", settings={
-            "insert_deduplication_token": batch.token, "input_format_native_allow_types_conversion": 1})
+        client.raw_insert(self.name, self.column_names, batch.body, fmt="Native", compression=batch.compression,
+                          settings={"insert_deduplication_token": batch.token,
+                                    "input_format_native_allow_types_conversion": 1})
 
     def insert(self, client: Client, records: Sequence[R], token: str | None = None) -> None:
         """Encodes and sends a batch in one go, once (one-off writers; the worker lands through ``land``)."""
@@ -151,6 +166,8 @@ class Encoded(NamedTuple):
     rows: int
     body: bytes
     token: str
+    #: How ``body`` is compressed, if it is.
+    compression: str | None = None
 
 
 class RecordBatch(list[R]):

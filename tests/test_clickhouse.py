@@ -2,6 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
 from clickhouse_connect.datatypes.registry import get_from_name
@@ -11,7 +12,7 @@ from schemas.usage import TokenUsage, UsageEvent
 from streams.migrations import applied_versions, discover, migrate
 from streams.pipeline import attribute
 from streams.query import QueryError, connect_readonly, run_readonly
-from streams.sink import LEDGER, Backoff, RecordBatch, SinkStats, land
+from streams.sink import LEDGER, Backoff, RecordBatch, Sink, SinkStats, land
 
 AT = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
 
@@ -89,6 +90,23 @@ def test_the_encoded_batch_lands_as_the_clients_own_insert_of_its_columns(ch_cli
         assert landed == ch_client.query(select.format("ledger_twin")).result_rows
     finally:
         ch_client.command("DROP TABLE ledger_twin")
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd"])
+def test_a_compressed_batch_lands_as_the_uncompressed_one(ch_client, enricher, compression):
+    batch = records(enricher, 500, f"t-{compression}")
+    encoded = LEDGER.encode(batch, compression)
+    assert encoded.compression == compression and len(encoded.body) < len(LEDGER.native(batch)) / 2
+    LEDGER.send(ch_client, encoded)
+    assert ledger(ch_client, f"t-{compression}") == (500, Decimal("1.75"))
+
+
+def test_batches_are_compressed_as_the_writer_client_compresses_its_own_inserts(ch_client):
+    assert Sink(writer=ch_client, reader=ch_client).compression is None  # the embedded engine
+    # An HTTP client negotiates its write compression with the server (lz4 by default); none is here.
+    assert Sink(writer=SimpleNamespace(write_compression="lz4"), reader=None).compression == "lz4"
+    assert Sink(writer=SimpleNamespace(write_compression="zstd"), reader=None).compression == "zstd"
+    assert Sink(writer=SimpleNamespace(write_compression="gzip"), reader=None).compression is None
 
 
 def test_retried_batch_is_deduplicated_at_insert(ch_client, enricher):
