@@ -173,10 +173,10 @@ class Encoded(NamedTuple):
 class RecordBatch(list[R]):
     """Records for one table, each with its row read as it is added.
 
-    The thread that builds a record adds it while the record is still in the CPU's cache; the
-    ClickHouse writer's thread, which lands the batch a batch later, then only turns the rows into
-    columns. Read there instead, each row costs several cache misses (bench/e2e.py: reading the
-    rows was a fifth of the writer thread's time)."""
+    The thread that builds a record adds it while the record is still in the CPU's cache; encoding
+    the batch, once the whole batch is built, then only turns the rows into columns. Read then
+    instead, each row costs several cache misses (bench/e2e.py: reading the rows was a fifth of
+    the time of the encoding, when the writer's thread did it)."""
 
     def __init__(self, table: TableSpec[R]) -> None:
         super().__init__()
