@@ -6,7 +6,8 @@
    simulated events (the ``costline simulate`` mix) produced to usage.raw first; then one worker
    (role ``all``) starts, and the clock runs from its start (minus its start-up, until its health
    endpoint answers) until all N rows are queryable in ClickHouse. Also: the worker's peak RSS
-   and CPU seconds per 100k events.
+   and CPU seconds per 100k events, and what its resident memory is made of at the end of this
+   phase: its own (anonymous) memory and mapped files, mostly shared libraries' code.
 2. Latency, at a fixed rate of half the measured maximum for ``--latency-s`` seconds, on the same
    worker: event produced → row visible in ClickHouse (the n-th event produced is taken as
    visible when the ledger first holds n rows of this phase: rows land in batches in about the
@@ -51,11 +52,18 @@ from streams.topics import ensure_topics  # noqa: E402
 
 def proc_stats(pid: int) -> tuple[float, float]:
     """(peak RSS in MB, CPU seconds) of a process, from /proc."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    peak_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return peak_kb / 1024, (int(fields[11]) + int(fields[12])) / ticks
+    return proc_status_mb(pid)["VmHWM"], (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_status_mb(pid: int) -> dict[str, float]:
+    """A process's memory figures from /proc/PID/status, in MB: VmHWM (peak RSS), and of the RSS now,
+    RssAnon (its own heap and stacks) and RssFile (mapped files, mostly shared libraries' code: the
+    embedded ClickHouse's library alone is about 550 MB on disk, of which 200-250 MB gets resident)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {name: int(rest.split()[0]) / 1024 for name, _, rest in (line.partition(":") for line in status.splitlines())
+            if name in ("VmHWM", "RssAnon", "RssFile")}
 
 
 def producer(servers: str) -> Producer:
@@ -255,6 +263,7 @@ def main() -> None:
                      alive=worker, interval_s=0.2)
         elapsed = time.perf_counter() - started - ready
         rss_mb, cpu_s = proc_stats(worker.process.pid)
+        rss_now = proc_status_mb(worker.process.pid)  # at the end of phase 1, when the state is largest
         eps = args.events / elapsed
         if args.latency_s > 0:
             rows_lag, state_lag = latency_phase(settings, max(int(eps / 2), 1), args.latency_s, args.tenants,
@@ -275,6 +284,8 @@ def main() -> None:
     print(f"ceiling events/s            {ceiling_eps:>12,.0f}")
     print(f"ratio                       {eps / ceiling_eps:>12.3f}")
     print(f"worker peak RSS MB          {rss_mb:>12.0f}")
+    print(f"  RSS after phase 1 MB      {rss_now['RssAnon'] + rss_now['RssFile']:>12.0f}  (own memory "
+          f"{rss_now['RssAnon']:,.0f}, mapped files {rss_now['RssFile']:,.0f})")
     print(f"CPU s per 100k events       {cpu_s * 100_000 / args.events:>12.1f}")
     if rows_lag:
         print(f"latency phase               {len(rows_lag):>12,} events at {int(eps / 2):,}/s")
@@ -288,7 +299,8 @@ def main() -> None:
                       "ratio": round(eps / ceiling_eps, 3),
                       "p99_ms": round(pct(rows_lag, .99)) if rows_lag else None,
                       "state_p99_ms": round(pct(state_lag, .99)) if state_lag else None,
-                      "rss_mb": round(rss_mb), "cpu_s_per_100k": round(cpu_s * 100_000 / args.events, 1),
+                      "rss_mb": round(rss_mb), "rss_anon_mb": round(rss_now["RssAnon"]),
+                      "rss_file_mb": round(rss_now["RssFile"]), "cpu_s_per_100k": round(cpu_s * 100_000 / args.events, 1),
                       "tenants": args.tenants, "distinct_tenants": args.distinct_tenants, "role": args.role}))
 
 
