@@ -4,9 +4,13 @@
 
 1. Throughput. Empty topics and an empty embedded ClickHouse (isolated prefix and home), N
    simulated events (the ``costline simulate`` mix) produced to usage.raw first; then one worker
-   (role ``all``) starts, and the clock runs from its start (minus its start-up, until its health
-   endpoint answers) until all N rows are queryable in ClickHouse. Also: the worker's peak RSS
-   and CPU seconds per 100k events, and what its resident memory is made of at the end of this
+   (role ``all``) starts, and runs until all N rows are queryable in ClickHouse (the row count is
+   polled every 0.2 s). The sustained rate runs from the first poll that finds rows (the first
+   batch is through) to the last; the rate from the worker's start runs from its health endpoint's
+   first answer, and so also counts what happens once per start (joining the consumer group, the
+   first transaction, the first fetch). Also: the worker's peak RSS and CPU seconds per 100k
+   events; the cores it kept busy while sustained, in all and in its busiest thread (the batch
+   loop's: one core is its limit); and what its resident memory is made of at the end of this
    phase: its own (anonymous) memory and mapped files, mostly shared libraries' code.
 2. Latency, at a fixed rate of half the measured maximum for ``--latency-s`` seconds, on the same
    worker: event produced → row visible in ClickHouse (the n-th event produced is taken as
@@ -35,8 +39,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -55,6 +61,19 @@ def proc_stats(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return proc_status_mb(pid)["VmHWM"], (int(fields[11]) + int(fields[12])) / ticks
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of a process, by thread id, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that has just ended
+            continue
+        seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
 
 
 def proc_status_mb(pid: int) -> dict[str, float]:
@@ -216,6 +235,30 @@ def ceiling(servers: str, topic: str, events: int, batch: int, path: Path) -> fl
     return events / elapsed
 
 
+class Progress:
+    """A count polled until it reaches a total, remembering when it was first above zero and what it was
+    then: the sustained rate runs from there (the worker's first batch is through) to the end, so that
+    it leaves out what happens once per start (joining the group, the first transaction, the first fetch)."""
+
+    def __init__(self, count: Callable[[], int], total: int, on_first: Callable[[], Any]) -> None:
+        self.count, self.total, self.on_first = count, total, on_first
+        self.first: tuple[float, int] | None = None
+        #: What ``on_first`` returned when the count was first above zero.
+        self.at_first: Any = None
+
+    def done(self) -> bool:
+        n = self.count()
+        if n and self.first is None:
+            self.first = (time.perf_counter(), n)
+            self.at_first = self.on_first()
+        return n >= self.total
+
+    def sustained_eps(self, end: float) -> float:
+        assert self.first is not None
+        at, n = self.first
+        return (self.total - n) / (end - at) if end > at and n < self.total else float("nan")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -255,16 +298,23 @@ def main() -> None:
         started = time.perf_counter()
         worker.start()
         ready = time.perf_counter() - started
+        threads = lambda: thread_cpu_s(worker.process.pid)  # noqa: E731
         if args.role == "all":
-            wait_for(lambda: ledger_rows(settings) >= args.events, 1800, f"{args.events} rows", alive=worker,
-                     interval_s=0.2)
+            progress = Progress(lambda: ledger_rows(settings), args.events, threads)
+            wait_for(progress.done, 1800, f"{args.events} rows", alive=worker, interval_s=0.2)
         else:
-            wait_for(lambda: committed_events(settings) >= args.events, 1800, f"{args.events} committed events",
-                     alive=worker, interval_s=0.2)
-        elapsed = time.perf_counter() - started - ready
+            progress = Progress(lambda: committed_events(settings), args.events, threads)
+            wait_for(progress.done, 1800, f"{args.events} committed events", alive=worker, interval_s=0.2)
+        ended = time.perf_counter()
+        elapsed = ended - started - ready
         rss_mb, cpu_s = proc_stats(worker.process.pid)
         rss_now = proc_status_mb(worker.process.pid)  # at the end of phase 1, when the state is largest
-        eps = args.events / elapsed
+        # Cores in use while sustained: the whole worker, and its busiest thread (the batch loop's).
+        used = {tid: cpu - progress.at_first.get(tid, 0.0) for tid, cpu in threads().items()}
+        sustained_s = ended - progress.first[0]
+        worker_cores, busiest_cores = sum(used.values()) / sustained_s, max(used.values()) / sustained_s
+        eps_from_start = args.events / elapsed
+        eps = progress.sustained_eps(ended)
         if args.latency_s > 0:
             rows_lag, state_lag = latency_phase(settings, max(int(eps / 2), 1), args.latency_s, args.tenants,
                                                 args.distinct_tenants, args.events)
@@ -280,13 +330,16 @@ def main() -> None:
     print(f"tenants                     {args.tenants:>12,}{' (all occur)' if args.distinct_tenants else ''}")
     print(f"worker role                 {args.role:>12}")
     print(f"worker start-up s           {ready:>12.1f}")
-    print(f"costline events/s           {eps:>12,.0f}")
+    print(f"costline events/s           {eps:>12,.0f}  (sustained: from the first batch through to the last)")
+    print(f"  from the worker's start   {eps_from_start:>12,.0f}  (its first batch through after "
+          f"{progress.first[0] - started - ready:.1f} s)")
     print(f"ceiling events/s            {ceiling_eps:>12,.0f}")
     print(f"ratio                       {eps / ceiling_eps:>12.3f}")
     print(f"worker peak RSS MB          {rss_mb:>12.0f}")
     print(f"  RSS after phase 1 MB      {rss_now['RssAnon'] + rss_now['RssFile']:>12.0f}  (own memory "
           f"{rss_now['RssAnon']:,.0f}, mapped files {rss_now['RssFile']:,.0f})")
     print(f"CPU s per 100k events       {cpu_s * 100_000 / args.events:>12.1f}")
+    print(f"cores busy, sustained       {worker_cores:>12.2f}  (busiest thread {busiest_cores:.2f})")
     if rows_lag:
         print(f"latency phase               {len(rows_lag):>12,} events at {int(eps / 2):,}/s")
         print(f"event → queryable ms        p50 {pct(rows_lag, .5):,.0f}  p95 {pct(rows_lag, .95):,.0f}  "
@@ -295,12 +348,14 @@ def main() -> None:
         print(f"event → quota state ms      p50 {pct(state_lag, .5):,.0f}  p95 {pct(state_lag, .95):,.0f}  "
               f"p99 {pct(state_lag, .99):,.0f}  ({len(state_lag):,} state records, mean "
               f"{statistics.fmean(state_lag):,.0f})")
-    print(json.dumps({"events": args.events, "eps": round(eps), "ceiling_eps": round(ceiling_eps),
+    print(json.dumps({"events": args.events, "eps": round(eps), "eps_from_start": round(eps_from_start),
+                      "ceiling_eps": round(ceiling_eps),
                       "ratio": round(eps / ceiling_eps, 3),
                       "p99_ms": round(pct(rows_lag, .99)) if rows_lag else None,
                       "state_p99_ms": round(pct(state_lag, .99)) if state_lag else None,
                       "rss_mb": round(rss_mb), "rss_anon_mb": round(rss_now["RssAnon"]),
                       "rss_file_mb": round(rss_now["RssFile"]), "cpu_s_per_100k": round(cpu_s * 100_000 / args.events, 1),
+                      "cores": round(worker_cores, 2), "busiest_thread_cores": round(busiest_cores, 2),
                       "tenants": args.tenants, "distinct_tenants": args.distinct_tenants, "role": args.role}))
 
 
