@@ -12,8 +12,8 @@
    events; the cores it kept busy while sustained, in all and in its busiest thread (the batch
    loop's: one core is its limit); and what its resident memory is made of at the end of this
    phase: its own (anonymous) memory and mapped files, mostly shared libraries' code.
-2. Latency, at a fixed rate of half the measured maximum for ``--latency-s`` seconds, on the same
-   worker: event produced → row visible in ClickHouse (the n-th event produced is taken as
+2. Latency, at a fixed rate of half the sustained rate (or ``--latency-rate``) for ``--latency-s``
+   seconds, on the same worker: event produced → row visible in ClickHouse (the n-th event produced is taken as
    visible when the ledger first holds n rows of this phase: rows land in batches in about the
    order they were produced; polled every 50 ms), and event produced → quota state on
    quota.state (each state record against the production time of the newest event it counts).
@@ -271,6 +271,8 @@ def main() -> None:
     parser.add_argument("--distinct-tenants", action="store_true",
                         help="spread events round-robin over all --tenants (every tenant occurs)")
     parser.add_argument("--latency-s", type=float, default=10.0, help="length of the latency phase (0 skips it)")
+    parser.add_argument("--latency-rate", type=int, help="events/s of the latency phase (default: half the sustained "
+                                                             "rate measured in phase 1), to compare runs at one rate")
     parser.add_argument("--plans", type=Path, help="a plans.yaml to use instead of config/plans.yaml")
     parser.add_argument("--role", choices=["all", "stream"], default="all",
                         help="stream: the worker publishes usage.attributed instead of writing the embedded "
@@ -315,8 +317,9 @@ def main() -> None:
         worker_cores, busiest_cores = sum(used.values()) / sustained_s, max(used.values()) / sustained_s
         eps_from_start = args.events / elapsed
         eps = progress.sustained_eps(ended)
+        rate = args.latency_rate or max(int(eps / 2), 1)
         if args.latency_s > 0:
-            rows_lag, state_lag = latency_phase(settings, max(int(eps / 2), 1), args.latency_s, args.tenants,
+            rows_lag, state_lag = latency_phase(settings, rate, args.latency_s, args.tenants,
                                                 args.distinct_tenants, args.events)
             rss_mb = max(rss_mb, proc_stats(worker.process.pid)[0])
         worker.stop()
@@ -341,7 +344,7 @@ def main() -> None:
     print(f"CPU s per 100k events       {cpu_s * 100_000 / args.events:>12.1f}")
     print(f"cores busy, sustained       {worker_cores:>12.2f}  (busiest thread {busiest_cores:.2f})")
     if rows_lag:
-        print(f"latency phase               {len(rows_lag):>12,} events at {int(eps / 2):,}/s")
+        print(f"latency phase               {len(rows_lag):>12,} events at {rate:,}/s")
         print(f"event → queryable ms        p50 {pct(rows_lag, .5):,.0f}  p95 {pct(rows_lag, .95):,.0f}  "
               f"p99 {pct(rows_lag, .99):,.0f}  max {max(rows_lag):,.0f}")
     if state_lag:
@@ -351,7 +354,10 @@ def main() -> None:
     print(json.dumps({"events": args.events, "eps": round(eps), "eps_from_start": round(eps_from_start),
                       "ceiling_eps": round(ceiling_eps),
                       "ratio": round(eps / ceiling_eps, 3),
+                      "latency_rate": rate if rows_lag else None,
+                      "p50_ms": round(pct(rows_lag, .5)) if rows_lag else None,
                       "p99_ms": round(pct(rows_lag, .99)) if rows_lag else None,
+                      "state_p50_ms": round(pct(state_lag, .5)) if state_lag else None,
                       "state_p99_ms": round(pct(state_lag, .99)) if state_lag else None,
                       "rss_mb": round(rss_mb), "rss_anon_mb": round(rss_now["RssAnon"]),
                       "rss_file_mb": round(rss_now["RssFile"]), "cpu_s_per_100k": round(cpu_s * 100_000 / args.events, 1),
