@@ -40,7 +40,7 @@ from streams.engine import EXIT_UNLANDED, BatchEngine
 from streams.pipeline import Enricher
 from streams.plans import Plans
 from streams.query import QueryError, run_readonly
-from streams.reprice import RepriceWindow, reprice
+from streams.reprice import RepriceRefused, RepriceWindow, reprice
 from streams.settings import Settings
 from streams.sink import ALERTS, LEDGER, Encoded, Sink, SinkStats, TableSpec, land
 from streams.topics import MAX_RECORD_BYTES
@@ -245,8 +245,11 @@ def _add_queries(app: faust.App, settings: Settings, sink: Sink, faults: ClickHo
                 return self.json({"error": str(exc).splitlines()[0]}, status=400)
             loop = asyncio.get_running_loop()
             # On the writer's executor: the writer client is used by one thread at a time.
-            result = await loop.run_in_executor(
-                sink.executor, partial(reprice, sink.writer, fresh, window.since, window.until, window.tenant))
+            try:
+                result = await loop.run_in_executor(
+                    sink.executor, partial(reprice, sink.writer, fresh, window.since, window.until, window.tenant))
+            except RepriceRefused as exc:
+                return self.json({"error": str(exc)}, status=400)
             return self.json(result.to_json())
 
 

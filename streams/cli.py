@@ -370,10 +370,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from streams.processes import ProcessFailed
     from streams.producer import DeliveryFailed
     from streams.query import QueryError
+    from streams.reprice import RepriceRefused
     from streams.topics import KafkaUnavailable
 
     return (SettingsError, ConfigError, KafkaUnavailable, ClickHouseUnavailable, QueryError, DeliveryFailed,
-            CommandFailed, ProcessFailed, KafkaException)
+            CommandFailed, ProcessFailed, KafkaException, RepriceRefused)
 
 
 def main(argv: Iterable[str] | None = None) -> None:

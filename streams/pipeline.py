@@ -85,8 +85,13 @@ def attribute_raw(
         return checked
     record = attribute(checked, enricher, now)
     if record.cost_usd > MAX_COST_USD:  # the ledger would refuse the whole batch, on every retry
-        return Rejection(reason="cost_out_of_range", message=(
-            f"cost {record.cost_usd} USD of {record.provider}/{record.model} is beyond the ledger's "
-            f"{MAX_COST_USD} USD a call; check the token counts, or the price in config/prices.yaml "
-            f"({record.price_source}), then re-submit the dead letter"))
+        return Rejection(reason="cost_out_of_range", message=f"{beyond_ledger(record)}, then re-submit the dead letter")
     return record
+
+
+def beyond_ledger(record: AttributedUsage) -> str:
+    """What is wrong with a record whose cost exceeds ``MAX_COST_USD``, which ClickHouse refuses to
+    store (and with it the whole insert), and what to check."""
+    return (f"cost {record.cost_usd} USD of {record.provider}/{record.model} is beyond the ledger's "
+            f"{MAX_COST_USD} USD a call; check the token counts, or the price in config/prices.yaml "
+            f"({record.price_source})")

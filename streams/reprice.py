@@ -19,9 +19,9 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from pydantic import AwareDatetime, BaseModel, ConfigDict, model_validator
 
-from schemas.attributed import AttributedUsage
+from schemas.attributed import MAX_COST_USD, AttributedUsage
 from schemas.usage import TokenUsage, UsageEvent
-from streams.pipeline import Enricher, attribute
+from streams.pipeline import Enricher, attribute, beyond_ledger
 from streams.sink import LEDGER
 
 _TOKENS = list(TokenUsage.model_fields)
@@ -31,6 +31,10 @@ _SELECT = [
     "raw_usage", "raw_usage_format", "cost_usd", "priced", "price_source", "pricing_version", "attributed_at", "late",
     *_CONTEXT, *_TOKENS,
 ]
+
+
+class RepriceRefused(ValueError):
+    """A re-priced event the ledger cannot hold; nothing of its page is written."""
 
 
 class RepriceWindow(BaseModel):
@@ -125,6 +129,11 @@ def reprice(
         # The new version must sort after the one it replaces, even within the same millisecond.
         now = max(datetime.now(UTC), max(_utc(r["attributed_at"]) for r in page) + timedelta(milliseconds=1))
         fresh = [attribute(rebuild_event(row), enricher, now, late=row["late"]) for row in page]
+        for record in fresh:
+            if record.cost_usd > MAX_COST_USD:
+                raise RepriceRefused(f"event {record.event_id!r} of tenant {record.tenant_id!r}: {beyond_ledger(record)}; "
+                                     f"then re-price again ({result.events:,} events were re-priced before its page, "
+                                     "none of that page)")
         _audit(client, result, page, fresh, now)
         LEDGER.insert(client, fresh, LEDGER.dedup_token(fresh))
         last = page[-1]

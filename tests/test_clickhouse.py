@@ -208,6 +208,33 @@ def test_reprice_writes_new_versions_and_keeps_the_old_figures(ch_client, enrich
     assert ledger(ch_client, "t-reprice") == (6, Decimal("0.0189"))
 
 
+def test_reprice_stops_at_a_cost_the_ledger_cannot_hold_and_writes_nothing_of_its_page(ch_client, enricher, tmp_path):
+    from streams.pipeline import Enricher
+    from streams.pricing import Pricer
+    from streams.reprice import RepriceRefused, reprice
+
+    batch = records(enricher, 3, "t-typo")  # $0.0035 a call
+    LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
+    prices = tmp_path / "prices.yaml"  # a typo from the third call on: 2,000 USD a token
+    prices.write_text("revision: 3\nmodels:\n  - {tenant: t-typo, provider: openai, model: gpt-4o,\n"
+                      "     effective_from: 2026-06-01T09:30:02Z,\n"
+                      "     per_million_tokens: {input: 2000000000, output: 0}}\n")
+    typo = Enricher(Pricer.from_file(prices), enricher.paths)
+
+    with pytest.raises(RepriceRefused) as refused:
+        reprice(ch_client, typo, since=AT, tenant="t-typo", page_size=2)
+    assert str(refused.value) == (
+        "event 't-typo-2' of tenant 't-typo': cost 2000000.000000000000 USD of openai/gpt-4o is beyond the "
+        "ledger's 999999.999999999999 USD a call; check the token counts, or the price in config/prices.yaml "
+        "(prices.yaml models[0]); then re-price again (2 events were re-priced before its page, "
+        "none of that page)")
+    # The first page (calls 0 and 1, priced as before) was written again; the third call's row is untouched.
+    assert ledger(ch_client, "t-typo") == (3, Decimal("0.0105"))
+    audited = ch_client.query("SELECT event_id FROM attribution_audit WHERE tenant_id = 't-typo' ORDER BY event_id")
+    assert audited.result_rows == [("t-typo-0",), ("t-typo-1",)]
+    assert ch_client.query("SELECT count() FROM reprice_runs WHERE tenant_id = 't-typo'").result_rows == [(0,)]
+
+
 def test_views_roll_up_traces_paths_and_steps(ch_client, enricher):
     calls = [("tr-1", "retrieval", 2_000, 10), ("tr-1", "generation", 1_000, 500), ("tr-1", "refinement", 500, 200),
              ("tr-2", "generation", 1_000, 100)]
