@@ -14,8 +14,10 @@ before, record by record, and then:
 Step 1 is encoded on this thread and sent by the ClickHouse writer's thread while this thread
 processes the next batch (chDB runs without the GIL); step 2 follows once the batch has landed,
 before the next batch starts landing, and before the next batch is processed when it has landed
-by the time that batch is read (a stream below full speed). A rebalance commits the batch in
-flight before it gives the partitions up.
+by the time that batch is read (a stream below full speed). This thread writes the transaction's
+records; its commit, a wait on the brokers, runs on a thread of its own while this one reads and
+processes on, and is waited for before the next transaction begins. A rebalance commits the
+batch in flight before it gives the partitions up.
 
 The transaction makes the quota state, the alerts and the positions move together: a worker
 that dies mid-batch leaves nothing of that batch visible to ``read_committed`` readers, and
@@ -92,6 +94,22 @@ def _while_retriable(call: Callable[[float], None]) -> None:
                 raise
 
 
+def _in_background(call: Callable[[], None]) -> Future[None]:
+    """Runs ``call`` on a new daemon thread (a commit left hanging does not hold up the process's exit)."""
+    future: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+
+    threading.Thread(target=run, name="costline-commit", daemon=True).start()
+    return future
+
+
 def tune_gc() -> None:
     """Keeps Python's cycle collector from taking a fifth of the hot path's time.
 
@@ -153,6 +171,8 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         #: The batch processed last, landing but not committed yet, and its landing.
         self._pending: tuple[Batch, Future[bool] | None] | None = None
+        #: The batch whose transaction is being committed, and that commit (on a thread of its own).
+        self._committing: tuple[Batch, Future[None]] | None = None
         servers = settings.kafka_bootstrap_servers
         self.consumer = Consumer({
             "bootstrap.servers": servers, "group.id": settings.app_id, "enable.auto.commit": False,
@@ -217,6 +237,7 @@ class BatchEngine:
                 if batch is not None:
                     self._pending = (batch, self._start_landing(batch))
             self._finish()
+            self._settle()
         except Rewind:
             pass  # stopping: whatever was not committed is read again by the next owner
         except Exception:  # noqa: BLE001 - the worker must not go on half alive
@@ -244,6 +265,7 @@ class BatchEngine:
         numbers = [tp.partition for tp in partitions]
         try:
             self._finish()  # the batch landing now still belongs to this worker: commit it first
+            self._settle()
         except Rewind:
             pass  # not committed: the partitions' next owner reads it again
         self.assigned.difference_update(numbers)
@@ -285,15 +307,37 @@ class BatchEngine:
         return self._pending is not None and (self._pending[1] is None or self._pending[1].done())
 
     def _finish(self) -> None:
-        """Waits for the pending batch to land, then commits it (raises ``Rewind`` if the commit
-        was aborted). A stop while the batch cannot land exits the process (``EXIT_UNLANDED``)."""
+        """Waits for the pending batch to land, then writes its transaction and starts committing
+        it; first waits for the commit before it (raises ``Rewind`` if either was aborted). A stop
+        while the batch cannot land exits the process (``EXIT_UNLANDED``)."""
+        self._settle()
         if self._pending is None:
             return
         batch, landing = self._pending
         self._pending = None
         if landing is not None and not landing.result():
             self._abandon(batch)
-        self._commit(batch)
+        self._write_transaction(batch)
+        self._committing = (batch, _in_background(lambda: _while_retriable(self.producer.commit_transaction)))
+
+    def _settle(self) -> None:
+        """Waits for the transaction being committed; once it is, commits the consumer group's offsets
+        and counts the batch. If it was aborted, the pending batch is dropped with it (both are read
+        again) and ``Rewind`` raised.
+
+        The commit waits on the brokers (librdkafka flushes the batch's records, then ends the
+        transaction), 10-17 ms a batch here, without the GIL. On a thread of its own it overlaps
+        reading and processing the next batch instead of holding up this thread."""
+        if self._committing is None:
+            return
+        batch, commit = self._committing
+        self._committing = None
+        try:
+            commit.result()
+        except KafkaException as exc:
+            self._pending = None  # it may land in the meantime: landed again, its rows collapse by event_id
+            self._abort_after(exc)
+        self._committed(batch)
         c = self.counters
         for partition, offset in batch.offsets.items():
             c.processed(self.topics.raw, partition, offset - 1)
@@ -377,7 +421,8 @@ class BatchEngine:
         log.error("stopping with %d unlanded rows; exiting without committing their offsets", len(batch.records))
         os._exit(EXIT_UNLANDED)
 
-    def _commit(self, batch: Batch) -> None:
+    def _write_transaction(self, batch: Batch) -> None:
+        """Begins the batch's transaction and queues its records (committed by ``_settle``'s commit)."""
         t, p = self.topics, self.producer
         try:
             p.begin_transaction()
@@ -398,11 +443,16 @@ class BatchEngine:
                                   timestamp=epoch_ms(record.event_time))
             for partition, key, value in batch.changelog:
                 self._produce(self.state.topic, key, value, partition=partition)
-            _while_retriable(self.producer.commit_transaction)
         except KafkaException as exc:
-            log.warning("aborting the batch's transaction (%s); re-reading from the committed offsets", exc.args[0])
-            self._abort()
-            raise Rewind from exc
+            self._abort_after(exc)
+
+    def _abort_after(self, exc: KafkaException) -> None:
+        log.warning("aborting the batch's transaction (%s); re-reading from the committed offsets", exc.args[0])
+        self._abort()
+        raise Rewind from exc
+
+    def _committed(self, batch: Batch) -> None:
+        t = self.topics
         self.counters.dead_lettered += len(batch.dead)  # counted once committed (an aborted batch is redone)
         self.counters.alerts += len(batch.alerts)
         offsets = [TopicPartition(t.raw, partition, offset) for partition, offset in batch.offsets.items()]
