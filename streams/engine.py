@@ -338,12 +338,6 @@ class BatchEngine:
             self._pending = None  # it may land in the meantime: landed again, its rows collapse by event_id
             self._abort_after(exc)
         self._committed(batch)
-        c = self.counters
-        for partition, offset in batch.offsets.items():
-            c.processed(self.topics.raw, partition, offset - 1)
-            low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topics.raw, partition), cached=True)
-            if high >= 0:
-                self.highwaters[(self.topics.raw, partition)] = high
 
     def apply(self, messages: list[Message]) -> Batch:
         """Validates, prices, tags and counts each record into the quota tables, in offset order."""
@@ -447,19 +441,26 @@ class BatchEngine:
             self._abort_after(exc)
 
     def _abort_after(self, exc: KafkaException) -> None:
+        """Aborts the batch's transaction after ``exc`` and raises ``Rewind``."""
         log.warning("aborting the batch's transaction (%s); re-reading from the committed offsets", exc.args[0])
         self._abort()
         raise Rewind from exc
 
     def _committed(self, batch: Batch) -> None:
-        t = self.topics
-        self.counters.dead_lettered += len(batch.dead)  # counted once committed (an aborted batch is redone)
-        self.counters.alerts += len(batch.alerts)
+        """Counts a committed batch and commits its offsets to the consumer group."""
+        t, c = self.topics, self.counters
+        c.dead_lettered += len(batch.dead)  # counted once committed (an aborted batch is redone)
+        c.alerts += len(batch.alerts)
         offsets = [TopicPartition(t.raw, partition, offset) for partition, offset in batch.offsets.items()]
         try:
             self.consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # the group's offset only trails the committed position
             log.info("consumer offset commit failed: %s", exc.args[0])
+        for partition, offset in batch.offsets.items():
+            c.processed(t.raw, partition, offset - 1)
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(t.raw, partition), cached=True)
+            if high >= 0:
+                self.highwaters[(t.raw, partition)] = high
 
     def _abort(self) -> None:
         """Aborts the open transaction; a producer in a fatal state (a broker restart can leave it
