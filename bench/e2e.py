@@ -13,10 +13,11 @@
    loop's: one core is its limit); and what its resident memory is made of at the end of this
    phase: its own (anonymous) memory and mapped files, mostly shared libraries' code.
 2. Latency, at a fixed rate of half the sustained rate (or ``--latency-rate``) for ``--latency-s``
-   seconds, on the same worker: event produced → row visible in ClickHouse (the n-th event produced is taken as
-   visible when the ledger first holds n rows of this phase: rows land in batches in about the
-   order they were produced; polled every 50 ms), and event produced → quota state on
-   quota.state (each state record against the production time of the newest event it counts).
+   seconds, on the same worker: event produced → row visible in ClickHouse (the n-th event
+   produced is taken as visible when the ledger first holds n rows of this phase: rows land in
+   batches in about the order they were produced; polled every 50 ms), and event produced → quota
+   state on quota.state (each state record against the production time of the newest event it
+   counts).
 3. The ceiling: a confluent-kafka consumer reads the same N records, parses the JSON and inserts
    them column-oriented into an embedded ClickHouse table, in batches of the worker's size.
 
@@ -58,22 +59,24 @@ from streams.topics import ensure_topics  # noqa: E402
 
 def proc_stats(pid: int) -> tuple[float, float]:
     """(peak RSS in MB, CPU seconds) of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return proc_status_mb(pid)["VmHWM"], (int(fields[11]) + int(fields[12])) / ticks
+    return proc_status_mb(pid)["VmHWM"], cpu_s(Path(f"/proc/{pid}/stat"))
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of a process, by thread id, from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
     seconds = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds[int(task.name)] = cpu_s(task / "stat")
         except FileNotFoundError:  # a thread that has just ended
             continue
-        seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
     return seconds
+
+
+def cpu_s(stat: Path) -> float:
+    """User and system CPU seconds from a /proc stat file (of a process or of one of its threads)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_status_mb(pid: int) -> dict[str, float]:
