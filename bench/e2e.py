@@ -50,11 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # noqa: E402
 
 from schemas.usage import UsageEvent  # noqa: E402
-from streams.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics, wait_for  # noqa: E402
-from streams.query import query  # noqa: E402
+from streams.messaging.topics import ensure_topics  # noqa: E402
+from streams.operations.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics, wait_for  # noqa: E402
+from streams.operations.simulate import Workload  # noqa: E402
 from streams.settings import Settings  # noqa: E402
-from streams.simulate import Workload  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
+from streams.storage.query import query  # noqa: E402
 
 
 def proc_stats(pid: int) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pricing.py [--events 200000]
 
-The events are a realistic mix (streams.simulate: 9 models of 5 providers, cache and reasoning
+The events are a realistic mix (streams.operations.simulate: 9 models of 5 providers, cache and reasoning
 tokens, tiered prompts), built before the clock starts; the loop is Pricer.price() per event,
 as the worker calls it. Prints a table, then one JSON line for tracking over time.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from streams.pricing import Pricer  # noqa: E402
-from streams.simulate import Workload  # noqa: E402
+from streams.operations.simulate import Workload  # noqa: E402
+from streams.stages.pricing import Pricer  # noqa: E402
 
 
 def main() -> None:

@@ -25,7 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.usage import TokenUsage, UsageEvent  # noqa: E402
-from streams.processes import (  # noqa: E402
+from streams.messaging.producer import UsageProducer  # noqa: E402
+from streams.messaging.topics import ensure_topics  # noqa: E402
+from streams.operations.processes import (  # noqa: E402
     ROOT,
     EnforcerProcess,
     WorkerProcess,
@@ -34,9 +36,7 @@ from streams.processes import (  # noqa: E402
     remove_isolated_topics,
     wait_for,
 )
-from streams.producer import UsageProducer  # noqa: E402
 from streams.settings import Settings  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
 
 PLANS = """
 default_plan: capped

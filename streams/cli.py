@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from streams.settings import Settings, SettingsError
+from streams.errors import CostlineError
+from streams.settings import Settings
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Costline: real-time cost attribution for AI products.")
@@ -29,7 +30,7 @@ err = Console(stderr=True)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class CommandFailed(Exception):
+class CommandFailed(CostlineError):
     """A command could not do its job for a reason its message explains."""
 
 
@@ -45,7 +46,7 @@ def _progress() -> Progress:
 @cli.command()
 def worker() -> None:
     """Run the stream worker (validate, price, tag, land in ClickHouse) until Ctrl-C or SIGTERM."""
-    from streams.worker import run_worker
+    from streams.runtime.worker import run_worker
 
     run_worker(_settings())
 
@@ -53,8 +54,8 @@ def worker() -> None:
 @cli.command()
 def enforcer() -> None:
     """Serve allow / warn / block decisions per tenant from quota.state and quota.alerts, until Ctrl-C."""
-    from streams.enforcer import Enforcer, make_server
-    from streams.topics import check_reachable
+    from streams.enforcement.enforcer import Enforcer, make_server
+    from streams.messaging.topics import check_reachable
 
     settings = _settings()
     check_reachable(settings)
@@ -75,8 +76,8 @@ def enforcer() -> None:
 @cli.command("migrate")
 def migrate_cmd() -> None:
     """Apply pending ClickHouse migrations from sql/, in order."""
-    from streams.clickhouse import connect
-    from streams.migrations import migrate
+    from streams.storage.clickhouse import connect
+    from streams.storage.migrations import migrate
 
     settings = _settings()
     client = connect(settings.clickhouse_url)
@@ -91,7 +92,7 @@ def migrate_cmd() -> None:
 def query(sql: Annotated[str, typer.Argument(help="a read-only SQL statement")],
           fmt: Annotated[str, typer.Option("--format", help="table or jsonl")] = "table") -> None:
     """Run a read-only SQL query (through the worker when it owns the embedded database)."""
-    from streams.query import query as run
+    from streams.storage.query import query as run
 
     result = run(_settings(), sql)
     if fmt == "jsonl":
@@ -111,8 +112,8 @@ def produce(
     """Publish UsageEvent JSON lines to usage.raw. Invalid lines are reported and skipped."""
     from pydantic import ValidationError
 
-    from streams.producer import UsageProducer
-    from streams.topics import ensure_topics
+    from streams.messaging.producer import UsageProducer
+    from streams.messaging.topics import ensure_topics
 
     settings = _settings()
     ensure_topics(settings)
@@ -143,7 +144,7 @@ def simulate(
     run_id: Annotated[str, typer.Option(help="prefix of the event ids (random when empty)")] = "",
 ) -> None:
     """Publish a realistic simulated workload to usage.raw."""
-    from streams.topics import ensure_topics
+    from streams.messaging.topics import ensure_topics
 
     settings = _settings()
     ensure_topics(settings)
@@ -151,8 +152,8 @@ def simulate(
 
 
 def _simulate(settings: Settings, events: int, tenants: int, rate: float, seed: int, run_id: str) -> None:
-    from streams.producer import UsageProducer
-    from streams.simulate import Workload
+    from streams.messaging.producer import UsageProducer
+    from streams.operations.simulate import Workload
 
     started = time.monotonic()
     with UsageProducer(settings.kafka_bootstrap_servers, settings.topics.raw) as producer, _progress() as bar:
@@ -173,14 +174,14 @@ def _simulate(settings: Settings, events: int, tenants: int, rate: float, seed: 
 def price() -> None:
     """Offline: UsageEvent JSON lines on stdin → one attributed JSON line per input on stdout."""
     from schemas.dead_letter import Rejection
-    from streams.pipeline import Enricher, attribute_raw
+    from streams.stages.attribution import Attribution
 
-    enricher = Enricher.from_config_dir(_settings().config_dir)
+    attribution = Attribution.from_settings(_settings())
     out = sys.stdout
     for line in sys.stdin.buffer:
         if not line.strip():
             continue
-        result = attribute_raw(line.strip(), enricher)
+        result = attribution.attribute_raw(line.strip())
         if isinstance(result, Rejection):
             out.write(json.dumps({"event_id": _event_id_of(line), "error": f"{result.reason}: {result.message}"}))
         else:
@@ -198,29 +199,34 @@ def reprice(
     """Re-price stored usage with the current prices.yaml and path rules; old figures stay in attribution_audit."""
     from pydantic import ValidationError
 
-    from streams.clickhouse import connect, is_embedded
-    from streams.migrations import migrate
-    from streams.pipeline import Enricher
-    from streams.query import post_to_worker, worker_health
-    from streams.reprice import RepriceWindow
-    from streams.reprice import reprice as run_reprice
+    from streams.operations.reprice import RepriceWindow
+    from streams.operations.reprice import reprice as run_reprice
+    from streams.stages.attribution import Attribution
+    from streams.storage.clickhouse import connect, is_embedded
+    from streams.storage.migrations import migrate
+    from streams.storage.query import connect_readonly, post_to_worker, worker_health
+    from streams.storage.sink import ClickHouseSink
 
     settings = _settings()
     try:
         window = RepriceWindow(since=_instant(since), until=_instant(until) if until else None, tenant=tenant)
     except ValidationError as exc:
         raise CommandFailed(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
-    enricher = Enricher.from_config_dir(settings.config_dir)  # validates the files before anything runs
+    attribution = Attribution.from_settings(settings)  # validates the files before anything runs
     health = worker_health(settings) if is_embedded(settings.clickhouse_url) else None
     if health and health.get("clickhouse_url") == settings.clickhouse_url:
-        if health.get("pricing_version") != enricher.pricer.version:
+        if health.get("pricing_version") != attribution.pricer.version:
             err.print(f"note: the running worker prices new events with {health.get('pricing_version')}, "
-                      f"the files say {enricher.pricer.version}: restart the worker to price new events alike")
+                      f"the files say {attribution.pricer.version}: restart the worker to price new events alike")
         result = post_to_worker(settings, "/v1/reprice", window.model_dump(mode="json"))
     else:
-        client = connect(settings.clickhouse_url)
-        migrate(client)
-        result = run_reprice(client, enricher, window.since, window.until, window.tenant).to_json()
+        writer = connect(settings.clickhouse_url)
+        migrate(writer)
+        sink = ClickHouseSink(writer, connect_readonly(settings.clickhouse_url))
+        try:
+            result = run_reprice(sink, attribution, window.since, window.until, window.tenant).to_json()
+        finally:
+            sink.close()
     console.print(f"re-priced {result['events']:,} events ({result['changed']:,} changed) with "
                   f"{result['pricing_version']}: {result['old_cost_usd']} → {result['new_cost_usd']} USD "
                   f"(run {result['reprice_id']})")
@@ -232,7 +238,7 @@ def replay(
     reason: Annotated[str | None, typer.Option(help="only dead letters with this reason")] = None,
 ) -> None:
     """Re-submit dead letters to usage.raw after a fix (each once; still-invalid ones return to the DLQ)."""
-    from streams.replay import replay_dead_letters
+    from streams.operations.replay import replay_dead_letters
 
     if not from_dlq:
         raise CommandFailed("say what to replay: costline replay --from-dlq [--reason invalid_event]")
@@ -247,11 +253,11 @@ def backfill(
     until: Annotated[str | None, typer.Option(help="event time until (exclusive)")] = None,
 ) -> None:
     """Re-attribute the usage.raw records of a time range into the ledger (quota windows are left as counted)."""
-    from streams.pipeline import Enricher
-    from streams.replay import backfill as run_backfill
+    from streams.operations.replay import backfill as run_backfill
+    from streams.stages.attribution import Attribution
 
     settings = _settings()
-    result = run_backfill(settings, Enricher.from_config_dir(settings.config_dir), _instant(since),
+    result = run_backfill(settings, Attribution.from_settings(settings), _instant(since),
                           _instant(until) if until else None)
     rejected = sum(result.rejected.values())
     console.print(f"read {result.read:,} records, re-attributed {result.resubmitted:,}"
@@ -286,10 +292,10 @@ def demo(
     timeout: Annotated[float, typer.Option(help="seconds to wait for every event to land")] = 180,
 ) -> None:
     """Start local Kafka if needed, run a worker, send a simulated workload and print costs from ClickHouse."""
-    from streams.processes import WorkerProcess, wait_for
-    from streams.query import query as run_query
-    from streams.query import worker_owns_database
-    from streams.topics import KafkaUnavailable, check_reachable, ensure_topics
+    from streams.messaging.topics import KafkaUnavailable, check_reachable, ensure_topics
+    from streams.operations.processes import WorkerProcess, wait_for
+    from streams.storage.query import query as run_query
+    from streams.storage.query import worker_owns_database
 
     settings = _settings()
     try:
@@ -326,7 +332,7 @@ def demo(
 
 
 def _print_summary(settings: Settings, where: str) -> None:
-    from streams.query import query as run_query
+    from streams.storage.query import query as run_query
 
     result = run_query(settings, f"""
         SELECT tenant_id, count() AS calls, sum(input_tokens) AS input_tokens,
@@ -365,16 +371,7 @@ def _print_summary(settings: Settings, where: str) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from confluent_kafka import KafkaException
 
-    from streams.clickhouse import ClickHouseUnavailable
-    from streams.prices import ConfigError
-    from streams.processes import ProcessFailed
-    from streams.producer import DeliveryFailed
-    from streams.query import QueryError
-    from streams.reprice import RepriceRefused
-    from streams.topics import KafkaUnavailable
-
-    return (SettingsError, ConfigError, KafkaUnavailable, ClickHouseUnavailable, QueryError, DeliveryFailed,
-            CommandFailed, ProcessFailed, KafkaException, RepriceRefused)
+    return (CostlineError, KafkaException)
 
 
 def main(argv: Iterable[str] | None = None) -> None:

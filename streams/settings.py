@@ -5,7 +5,7 @@
 | KAFKA_BOOTSTRAP_SERVERS   | 127.0.0.1:9092                       |
 | CLICKHOUSE_URL            | chdb://<COSTLINE_HOME>/chdb          |
 | COSTLINE_HOME             | ./.costline                          |
-| COSTLINE_CONFIG_DIR       | the repository's config/ (prices.yaml, paths.yaml) |
+| COSTLINE_CONFIG_DIR       | the repository's config/ (prices.yaml, paths.yaml, plans.yaml) |
 | COSTLINE_TOPIC_PREFIX     | "" (e.g. "staging." gives staging.usage.raw) |
 | COSTLINE_APP_ID           | costline (Kafka consumer group)      |
 | COSTLINE_PARTITIONS       | 4 (partitions of topics Costline creates) |
@@ -31,8 +31,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from streams.errors import CostlineError
+from streams.stages.validation import MAX_EVENT_BYTES, MAX_FUTURE
 
-class SettingsError(ValueError):
+
+class SettingsError(CostlineError, ValueError):
     """A configuration value is wrong; the message says which and how to fix it."""
 
 
@@ -93,8 +96,8 @@ class Settings(BaseModel):
     sink_within_s: float = Field(default=0.1, gt=0, le=60)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=1, le=65535)
-    max_future_s: int = Field(default=86_400, ge=0)
-    max_event_bytes: int = Field(default=1_048_576, ge=1024)
+    max_future_s: int = Field(default=int(MAX_FUTURE.total_seconds()), ge=0)
+    max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=1024)
     log_level: str = "info"
     enforcer_host: str = "127.0.0.1"
     enforcer_port: int = Field(default=6067, ge=1, le=65535)

@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from streams.pipeline import Enricher
-from streams.pricing import Pricer
+from streams.messaging.topics import KafkaUnavailable, check_reachable
 from streams.settings import Settings
-from streams.tagging import PathRules, Rule
-from streams.topics import KafkaUnavailable, check_reachable
+from streams.stages.attribution import Attribution
+from streams.stages.pricing import Pricer
+from streams.stages.tagging import PathRules, Rule
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -22,21 +22,32 @@ def pricer() -> Pricer:
 
 
 @pytest.fixture(scope="session")
-def enricher(pricer: Pricer) -> Enricher:
-    return Enricher(pricer, PathRules([Rule.model_validate({"path": "{service}/{feature}",
+def attribution(pricer: Pricer) -> Attribution:
+    return Attribution(pricer, PathRules([Rule.model_validate({"path": "{service}/{feature}",
                                                             "when": {"service": "*", "feature": "*"}})]))
 
 
 @pytest.fixture(scope="session")
 def ch_client(tmp_path_factory):
     """The embedded ClickHouse of this test process (one data path per process), migrated."""
-    from streams.clickhouse import connect
-    from streams.migrations import migrate
+    from streams.storage.clickhouse import connect
+    from streams.storage.migrations import migrate
 
     client = connect(f"chdb://{tmp_path_factory.mktemp('chdb')}")
     migrate(client)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def ch_sink(ch_client):
+    """The sink on that engine: the session's client writes, a read-only client of the same path reads."""
+    from streams.storage.query import connect_readonly
+    from streams.storage.sink import ClickHouseSink
+
+    sink = ClickHouseSink(ch_client, connect_readonly(f"chdb://{ch_client.path}"))
+    yield sink
+    sink.close()
 
 
 @pytest.fixture(scope="session")

@@ -9,19 +9,20 @@ from clickhouse_connect.datatypes.registry import get_from_name
 from clickhouse_connect.driver.insert import InsertContext
 
 from schemas.usage import TokenUsage, UsageEvent
-from streams.migrations import applied_versions, discover, migrate
-from streams.pipeline import attribute
-from streams.query import QueryError, connect_readonly, run_readonly
-from streams.sink import LEDGER, Backoff, RecordBatch, Sink, SinkStats, land
+from streams.backoff import Backoff
+from streams.storage.migrations import applied_versions, discover, migrate
+from streams.storage.query import QueryError, connect_readonly, run_readonly
+from streams.storage.sink import ClickHouseSink, SinkFailed
+from streams.storage.tables import LEDGER, RecordBatch
 
 AT = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
 
 
-def records(enricher, n, tenant, start=0):
+def records(attribution, n, tenant, start=0):
     return [
-        attribute(UsageEvent(event_id=f"{tenant}-{i}", timestamp=AT + timedelta(seconds=i), tenant_id=tenant,
+        attribution.attribute(UsageEvent(event_id=f"{tenant}-{i}", timestamp=AT + timedelta(seconds=i), tenant_id=tenant,
                              provider="openai", model="gpt-4o", usage=TokenUsage(input_tokens=1000, output_tokens=100),
-                             tags={"k": "v"}, extra_field=i), enricher)
+                             tags={"k": "v"}, extra_field=i))
         for i in range(start, start + n)
     ]
 
@@ -36,8 +37,8 @@ def test_migrations_are_recorded_and_idempotent(ch_client):
     assert migrate(ch_client) == []
 
 
-def test_batch_lands_with_exact_decimal_costs(ch_client, enricher):
-    batch = records(enricher, 3, "t-exact")
+def test_batch_lands_with_exact_decimal_costs(ch_client, attribution):
+    batch = records(attribution, 3, "t-exact")
     LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
     # gpt-4o: 1000 × $2.50/M + 100 × $10/M = $0.0035 per call.
     assert ledger(ch_client, "t-exact") == (3, Decimal("0.0105"))
@@ -45,20 +46,20 @@ def test_batch_lands_with_exact_decimal_costs(ch_client, enricher):
     assert row.result_rows == [({"k": "v"}, '{"extra_field":1}', Decimal("0.0025"), Decimal("0.001"))]
 
 
-def test_a_record_batch_lands_the_rows_read_as_its_records_were_added(ch_client, enricher):
+def test_a_record_batch_lands_the_rows_read_as_its_records_were_added(ch_client, attribution):
     batch = RecordBatch(LEDGER)
-    for record in records(enricher, 3, "t-rows"):
+    for record in records(attribution, 3, "t-rows"):
         batch.add(record)
     assert LEDGER.to_columns(batch) == LEDGER.to_columns(list(batch))
     LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
     assert ledger(ch_client, "t-rows") == (3, Decimal("0.0105"))
 
 
-def test_times_land_to_the_millisecond_whether_a_batch_shares_one_attribution_time_or_not(ch_client, enricher):
+def test_times_land_to_the_millisecond_whether_a_batch_shares_one_attribution_time_or_not(ch_client, attribution):
     at = datetime(2026, 6, 1, 10, 0, 0, 123_999, tzinfo=UTC)   # floored to .123, as ClickHouse's client does
-    shared = [r.model_copy(update={"attributed_at": at}) for r in records(enricher, 3, "t-times")]
+    shared = [r.model_copy(update={"attributed_at": at}) for r in records(attribution, 3, "t-times")]
     each = [r.model_copy(update={"attributed_at": at + timedelta(seconds=i)})
-            for i, r in enumerate(records(enricher, 2, "t-times", start=3))]
+            for i, r in enumerate(records(attribution, 2, "t-times", start=3))]
     for batch in (shared, each):
         LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
     rows = ch_client.query("SELECT event_id, event_time, attributed_at FROM usage_ledger "
@@ -69,10 +70,10 @@ def test_times_land_to_the_millisecond_whether_a_batch_shares_one_attribution_ti
         for i in range(5)]
 
 
-def test_the_encoded_batch_lands_as_the_clients_own_insert_of_its_columns(ch_client, enricher):
+def test_the_encoded_batch_lands_as_the_clients_own_insert_of_its_columns(ch_client, attribution):
     # More rows than one Native block holds (4,096 rows of 512 to 1,023 bytes), so the body has several blocks.
     batch = [r.model_copy(update={"user_id": f"u-{i % 7}", "trace_id": "t" * (400 + i % 50), "latency_ms": i or None})
-             for i, r in enumerate(records(enricher, 9_000, "t-native"))]
+             for i, r in enumerate(records(attribution, 9_000, "t-native"))]
     sizing = InsertContext("ledger_twin", LEDGER.column_names, [get_from_name(t) for t in LEDGER.wire_types],
                            data=LEDGER.to_columns(batch), column_oriented=True)
     assert sizing.block_row_count == 4_096
@@ -93,8 +94,8 @@ def test_the_encoded_batch_lands_as_the_clients_own_insert_of_its_columns(ch_cli
 
 
 @pytest.mark.parametrize("compression", ["lz4", "zstd"])
-def test_a_compressed_batch_lands_as_the_uncompressed_one(ch_client, enricher, compression):
-    batch = records(enricher, 500, f"t-{compression}")
+def test_a_compressed_batch_lands_as_the_uncompressed_one(ch_client, attribution, compression):
+    batch = records(attribution, 500, f"t-{compression}")
     encoded = LEDGER.encode(batch, compression)
     assert encoded.compression == compression and len(encoded.body) < len(LEDGER.native(batch)) / 2
     LEDGER.send(ch_client, encoded)
@@ -102,15 +103,15 @@ def test_a_compressed_batch_lands_as_the_uncompressed_one(ch_client, enricher, c
 
 
 def test_batches_are_compressed_as_the_writer_client_compresses_its_own_inserts(ch_client):
-    assert Sink(writer=ch_client, reader=ch_client).compression is None  # the embedded engine
+    assert ClickHouseSink(writer=ch_client, reader=ch_client).compression is None  # the embedded engine
     # An HTTP client negotiates its write compression with the server (lz4 by default); none is here.
-    assert Sink(writer=SimpleNamespace(write_compression="lz4"), reader=None).compression == "lz4"
-    assert Sink(writer=SimpleNamespace(write_compression="zstd"), reader=None).compression == "zstd"
-    assert Sink(writer=SimpleNamespace(write_compression="gzip"), reader=None).compression is None
+    for negotiated, sent in (("lz4", "lz4"), ("zstd", "zstd"), ("gzip", None)):
+        sink = ClickHouseSink(writer=SimpleNamespace(write_compression=negotiated), reader=None)
+        assert sink.compression == sent
 
 
-def test_retried_batch_is_deduplicated_at_insert(ch_client, enricher):
-    batch = records(enricher, 5, "t-retry")
+def test_retried_batch_is_deduplicated_at_insert(ch_client, attribution):
+    batch = records(attribution, 5, "t-retry")
     token = LEDGER.dedup_token(batch)
     LEDGER.insert(ch_client, batch, token)
     LEDGER.insert(ch_client, batch, token)
@@ -119,8 +120,8 @@ def test_retried_batch_is_deduplicated_at_insert(ch_client, enricher):
     assert ledger(ch_client, "t-retry") == (5, Decimal("0.0175"))
 
 
-def test_the_dedup_token_tells_batches_apart_by_ids_order_and_attribution_time(enricher):
-    batch = records(enricher, 4, "t-token")
+def test_the_dedup_token_tells_batches_apart_by_ids_order_and_attribution_time(attribution):
+    batch = records(attribution, 4, "t-token")
     token = LEDGER.dedup_token(batch)
     assert LEDGER.dedup_token(list(batch)) == token
     assert LEDGER.dedup_token(batch[::-1]) != token
@@ -135,16 +136,16 @@ def test_the_dedup_token_tells_batches_apart_by_ids_order_and_attribution_time(e
     assert LEDGER.dedup_token(a) != LEDGER.dedup_token(b)
 
 
-def test_redelivered_events_count_once_in_the_deduplicated_view(ch_client, enricher):
-    first = records(enricher, 4, "t-replay")
-    again = records(enricher, 4, "t-replay")  # a replay: same events, new attribution time, new token
+def test_redelivered_events_count_once_in_the_deduplicated_view(ch_client, attribution):
+    first = records(attribution, 4, "t-replay")
+    again = records(attribution, 4, "t-replay")  # a replay: same events, new attribution time, new token
     LEDGER.insert(ch_client, first, LEDGER.dedup_token(first))
     LEDGER.insert(ch_client, again, LEDGER.dedup_token(again))
     assert ledger(ch_client, "t-replay") == (4, Decimal("0.014"))
 
 
-def test_land_retries_a_failing_insert_with_the_same_token(ch_client, enricher):
-    batch = records(enricher, 2, "t-flaky")
+def test_the_sink_retries_a_failing_insert_with_the_same_bytes_and_token(ch_client, attribution):
+    batch = records(attribution, 2, "t-flaky")
     tokens = []
 
     def flaky_send(client, encoded):
@@ -153,30 +154,50 @@ def test_land_retries_a_failing_insert_with_the_same_token(ch_client, enricher):
             raise ConnectionError("ClickHouse is down")
         LEDGER.send(client, encoded)
 
-    stats = SinkStats()
-    assert land(ch_client, LEDGER.encode(batch), stats, backoff=Backoff(first_s=0.01), send=flaky_send)
+    sink = ClickHouseSink(ch_client, ch_client, send=flaky_send, backoff=Backoff(first_s=0.01))
+    assert sink.land([(LEDGER, batch), (LEDGER, [])]).result(timeout=10) is True
+    stats = sink.stats["usage_ledger"]
     assert len(tokens) == 3 and len(set(tokens)) == 1 and tokens[0][0] == LEDGER.dedup_token(batch)
-    assert (stats.errors, stats.landed, stats.failing_since) == (2, 2, None)
+    assert (stats.errors, stats.landed, stats.batches, stats.failing_since) == (2, 2, 1, None)
+    assert "ConnectionError: ClickHouse is down" == stats.last_error
     assert ledger(ch_client, "t-flaky") == (2, Decimal("0.007"))
+    sink.close()
 
 
-def test_query_clients_are_read_only_and_leave_the_writer_alone(ch_client, enricher):
+def test_a_sink_gives_up_only_when_stopped_or_after_the_attempts_it_was_given(ch_client, attribution):
+    batch = records(attribution, 1, "t-down")
+
+    def down(client, encoded):
+        raise ConnectionError("Connection refused")
+
+    sink = ClickHouseSink(ch_client, ch_client, send=down, backoff=Backoff(first_s=0.01, max_s=0.01))
+    with pytest.raises(SinkFailed, match="ClickHouse refused 1 rows of usage_ledger 3 times: ConnectionError"):
+        sink.land([(LEDGER, batch)], attempts=3).result(timeout=10)
+    landing = sink.land([(LEDGER, batch)])
+    assert sink.failing or not landing.done()
+    sink.stopping.set()
+    assert landing.result(timeout=10) is False
+    assert sink.stats["usage_ledger"].errors >= 4 and ledger(ch_client, "t-down") == (0, Decimal(0))
+    sink.close()
+
+
+def test_query_clients_are_read_only_and_leave_the_writer_alone(ch_client, attribution):
     reader = connect_readonly(ch_client.path and f"chdb://{ch_client.path}")
     assert run_readonly(reader, "SELECT 1 + 1 AS two").rows == [[2]]
     with pytest.raises(QueryError, match="readonly"):
         run_readonly(reader, "DROP TABLE usage_ledger")
-    batch = records(enricher, 1, "t-after-readonly")
+    batch = records(attribution, 1, "t-after-readonly")
     LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))  # the writer on the same engine still writes
     assert ledger(ch_client, "t-after-readonly") == (1, Decimal("0.0035"))
     reader.close()
 
 
-def test_reprice_writes_new_versions_and_keeps_the_old_figures(ch_client, enricher, tmp_path):
-    from streams.pipeline import Enricher
-    from streams.pricing import Pricer
-    from streams.reprice import reprice
+def test_reprice_writes_new_versions_and_keeps_the_old_figures(ch_client, ch_sink, attribution, tmp_path):
+    from streams.operations.reprice import reprice
+    from streams.stages.attribution import Attribution
+    from streams.stages.pricing import Pricer
 
-    batch = records(enricher, 6, "t-reprice")  # gpt-4o at catalog price: $0.0035 a call
+    batch = records(attribution, 6, "t-reprice")  # gpt-4o at catalog price: $0.0035 a call
     LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
     assert ledger(ch_client, "t-reprice") == (6, Decimal("0.021"))
 
@@ -184,9 +205,9 @@ def test_reprice_writes_new_versions_and_keeps_the_old_figures(ch_client, enrich
     prices.write_text("revision: 2\nmodels:\n  - {tenant: t-reprice, provider: openai, model: gpt-4o,\n"
                       "     effective_from: 2026-06-01T09:30:03Z,\n"
                       "     per_million_tokens: {input: 2.00, output: 8.00}}\n")
-    contract = Enricher(Pricer.from_file(prices), enricher.paths)
+    contract = Attribution(Pricer.from_file(prices), attribution.paths)
     # Events 3..5 fall under the contract price: 1000 × 2 + 100 × 8 per million = $0.0028.
-    result = reprice(ch_client, contract, since=AT, tenant="t-reprice")
+    result = reprice(ch_sink, contract, since=AT, tenant="t-reprice")
     assert (result.events, result.changed) == (6, 3)
     assert (result.old_cost_usd, result.new_cost_usd) == (Decimal("0.021"), Decimal("0.0189"))
     assert ledger(ch_client, "t-reprice") == (6, Decimal("0.0189"))
@@ -203,26 +224,27 @@ def test_reprice_writes_new_versions_and_keeps_the_old_figures(ch_client, enrich
     assert run == [(6, 3, Decimal("0.0189"))]
 
     # Re-pricing again with the same prices changes no figure and still counts every event once.
-    again = reprice(ch_client, contract, since=AT, until=AT + timedelta(seconds=4), tenant="t-reprice")
+    again = reprice(ch_sink, contract, since=AT, until=AT + timedelta(seconds=4), tenant="t-reprice")
     assert (again.events, again.changed) == (4, 0)
     assert ledger(ch_client, "t-reprice") == (6, Decimal("0.0189"))
 
 
-def test_reprice_stops_at_a_cost_the_ledger_cannot_hold_and_writes_nothing_of_its_page(ch_client, enricher, tmp_path):
-    from streams.pipeline import Enricher
-    from streams.pricing import Pricer
-    from streams.reprice import RepriceRefused, reprice
+def test_reprice_stops_at_a_cost_the_ledger_cannot_hold_and_writes_nothing_of_its_page(ch_client, ch_sink, attribution,
+                                                                                     tmp_path):
+    from streams.operations.reprice import RepriceRefused, reprice
+    from streams.stages.attribution import Attribution
+    from streams.stages.pricing import Pricer
 
-    batch = records(enricher, 3, "t-typo")  # $0.0035 a call
+    batch = records(attribution, 3, "t-typo")  # $0.0035 a call
     LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
     prices = tmp_path / "prices.yaml"  # a typo from the third call on: 2,000 USD a token
     prices.write_text("revision: 3\nmodels:\n  - {tenant: t-typo, provider: openai, model: gpt-4o,\n"
                       "     effective_from: 2026-06-01T09:30:02Z,\n"
                       "     per_million_tokens: {input: 2000000000, output: 0}}\n")
-    typo = Enricher(Pricer.from_file(prices), enricher.paths)
+    typo = Attribution(Pricer.from_file(prices), attribution.paths)
 
     with pytest.raises(RepriceRefused) as refused:
-        reprice(ch_client, typo, since=AT, tenant="t-typo", page_size=2)
+        reprice(ch_sink, typo, since=AT, tenant="t-typo", page_size=2)
     assert str(refused.value) == (
         "event 't-typo-2' of tenant 't-typo': cost 2000000.000000000000 USD of openai/gpt-4o is beyond the "
         "ledger's 999999.999999999999 USD a call; check the token counts, or the price in config/prices.yaml "
@@ -235,12 +257,12 @@ def test_reprice_stops_at_a_cost_the_ledger_cannot_hold_and_writes_nothing_of_it
     assert ch_client.query("SELECT count() FROM reprice_runs WHERE tenant_id = 't-typo'").result_rows == [(0,)]
 
 
-def test_views_roll_up_traces_paths_and_steps(ch_client, enricher):
+def test_views_roll_up_traces_paths_and_steps(ch_client, attribution):
     calls = [("tr-1", "retrieval", 2_000, 10), ("tr-1", "generation", 1_000, 500), ("tr-1", "refinement", 500, 200),
              ("tr-2", "generation", 1_000, 100)]
-    batch = [attribute(UsageEvent(event_id=f"v-{i}", timestamp=AT, tenant_id="t-views", provider="openai",
+    batch = [attribution.attribute(UsageEvent(event_id=f"v-{i}", timestamp=AT, tenant_id="t-views", provider="openai",
                                   model="gpt-4o", usage=TokenUsage(input_tokens=tin, output_tokens=tout),
-                                  service="support-bot", feature="answer", step=step, trace_id=trace), enricher)
+                                  service="support-bot", feature="answer", step=step, trace_id=trace))
              for i, (trace, step, tin, tout) in enumerate(calls)]
     LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
     LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch) + "-replayed")  # a replay must not count twice

@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from schemas.quota import QuotaAlert, QuotaState, alert_id
-from streams.enforcer import DecisionBook
+from streams.enforcement.enforcer import DecisionBook
 
 START = datetime(2026, 6, 1, tzinfo=UTC)
 END = START + timedelta(days=1)

@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 
 from schemas.dead_letter import Reason, Rejection
 from schemas.usage import UsageEvent
-from streams.pipeline import attribute_raw
-from streams.validation import validate
+from streams.stages.validation import validate
 from tests.conftest import NOW
 
 REASONS = set(get_args(Reason))
@@ -56,11 +55,11 @@ def test_almost_valid_events_are_accepted_or_rejected_never_raise(value):
     check(json.dumps(value).encode())
 
 
-def test_valid_shape_with_hostile_values_prices_or_rejects(enricher):
+def test_valid_shape_with_hostile_values_prices_or_rejects(attribution):
     @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(near_events)
     def run(value):
-        out = attribute_raw(json.dumps(value).encode(), enricher, now=NOW)
+        out = attribution.attribute_raw(json.dumps(value).encode(), now=NOW)
         assert isinstance(out, Rejection) or out.cost_usd >= 0
     run()
 

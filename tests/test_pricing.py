@@ -9,10 +9,10 @@ import pytest
 
 from schemas.dead_letter import Rejection
 from schemas.usage import TokenUsage, UsageEvent
-from streams.pipeline import attribute
-from streams.prices import ConfigError, PriceOverrides, load_overrides
-from streams.pricing import Pricer
-from streams.validation import validate
+from streams.config import ConfigError
+from streams.stages.prices import PriceOverrides, load_overrides
+from streams.stages.pricing import Pricer
+from streams.stages.validation import validate
 
 AT = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 M = Decimal(1_000_000)
@@ -271,15 +271,15 @@ def test_bad_price_file_is_one_clear_line(tmp_path, text, message):
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
 
 
-def test_unknown_model_is_kept_unpriced_with_a_reason(enricher):
-    record = attribute(event("openai", "gpt-99-ultra", input_tokens=10), enricher)
+def test_unknown_model_is_kept_unpriced_with_a_reason(attribution):
+    record = attribution.attribute(event("openai", "gpt-99-ultra", input_tokens=10))
     assert (record.priced, record.cost_usd) == (False, 0)
     assert "gpt-99-ultra" in record.unpriced_reason and record.pricing_version.startswith("genai-prices")
 
 
-def test_business_context_is_carried(enricher):
+def test_business_context_is_carried(attribution):
     ev = UsageEvent(event_id="e", timestamp=AT, tenant_id="t", provider="openai", model="gpt-4o",
                     usage=TokenUsage(input_tokens=1), service="support-bot", feature="answer", step="retrieval",
                     trace_id="tr-1")
-    record = attribute(ev, enricher)
+    record = attribution.attribute(ev)
     assert (record.business_path, record.step, record.trace_id) == ("support-bot/answer", "retrieval", "tr-1")

@@ -9,9 +9,9 @@ import pytest
 
 from schemas.attributed import AttributedUsage
 from schemas.usage import TokenUsage
-from streams.plans import Plans, window_bounds
-from streams.prices import ConfigError
-from streams.quotas import QuotaEngine, window_key
+from streams.config import ConfigError
+from streams.stages.plans import Plans, window_bounds
+from streams.stages.quotas import QuotaEngine, QuotaTables, restore_entry, window_key
 
 PLANS = """
 grace_seconds: 600
@@ -36,7 +36,7 @@ DAY = datetime(2026, 6, 1, tzinfo=UTC)
 def engine(tmp_path):
     path = tmp_path / "plans.yaml"
     path.write_text(PLANS)
-    return QuotaEngine(Plans.from_file(path), {}, {}, {})
+    return QuotaEngine(Plans.from_file(path), QuotaTables({}, {}, {}))
 
 
 def rec(tenant, at, cost, event_id, user=None, tokens=0):
@@ -93,19 +93,19 @@ def test_replayed_events_are_not_counted_again_and_crossings_resend_the_same_ale
     assert more[0].states[0].usage == Decimal(10)             # 9 + 1: nothing was counted twice
 
 
-def test_state_restored_from_an_earlier_version_is_counted_on(engine):
-    """Entries as the previous changelog format reads back: all text, a window with ``as_of`` and an
-    empty ``crossed``, its tenant's window end as text."""
+def test_state_read_back_from_the_changelog_is_counted_on(engine):
+    """Entries as the changelog gives them back (JSON: decimals and times as text), restored."""
     key = window_key("acme", "daily-spend", "*", DAY.isoformat())
-    engine.windows[key] = {"usage": "4.5", "partition": 0, "offset": 6, "crossed": {},
-                           "as_of": (DAY + timedelta(hours=9)).isoformat()}
-    engine.tenants["acme"] = {"watermark": (DAY + timedelta(hours=9)).isoformat(),
-                              "windows": {key: (DAY + timedelta(days=1)).isoformat()}, "next_expiry": None}
+    tables = engine.tables(0)
+    tables.quota_windows[key] = restore_entry("quota_windows", {"usage": "4.5", "partition": 0, "offset": 6})
+    tables.quota_tenants["acme"] = restore_entry("quota_tenants", {
+        "watermark": (DAY + timedelta(hours=9)).isoformat(), "windows": {key: (DAY + timedelta(days=1)).isoformat()},
+        "next_expiry": (DAY + timedelta(days=1, minutes=10)).isoformat()})
     outcomes = feed(engine, "acme", ["0.4", "0.1", "4"], first_offset=5)  # offset 5 and 6 were counted
     assert [len(o.counted) for o in outcomes] == [0, 0, 1]
     assert alerts_of(outcomes) == [(Decimal(50), "warning", Decimal("8.5"), "acme-7"),
                                    (Decimal(80), "warning", Decimal("8.5"), "acme-7")]
-    assert engine.windows[key]["usage"] == Decimal("8.5") and engine.windows[key]["offset"] == 7
+    assert tables.quota_windows[key]["usage"] == Decimal("8.5") and tables.quota_windows[key]["offset"] == 7
 
 
 @pytest.mark.parametrize("tenant", ["acme", "a b-c.d_e", 'quo"te', "back\\slash", "tab\there", "caf\u00e9",
@@ -123,15 +123,15 @@ def test_late_events_inside_the_grace_period_count_in_their_own_window(engine):
     feed(engine, "acme", ["1"], start=DAY + timedelta(days=1, minutes=11), first_offset=2)  # grace over
     beyond = engine.apply(rec("acme", DAY + timedelta(hours=23, minutes=59), "4", "late-2"), 0, 3)
     assert (beyond.late, beyond.states, beyond.alerts) == (True, [], [])
-    assert not any(DAY.isoformat() in key for key in engine.windows), "expired windows are cleaned up"
-    assert list(engine.tenants["acme"]["windows"]) == [k for k in engine.windows if k.startswith('["acme"')]
+    assert not any(DAY.isoformat() in key for key in engine.tables(0).quota_windows), "expired windows are cleaned up"
+    assert list(engine.tables(0).quota_tenants["acme"]["windows"]) == [k for k in engine.tables(0).quota_windows if k.startswith('["acme"')]
 
 
 def test_out_of_order_events_land_in_the_right_windows(engine):
     d1, d2 = DAY + timedelta(hours=23, minutes=50), DAY + timedelta(days=1, minutes=5)  # 10-minute grace
     for offset, (at, cost) in enumerate([(d2, "1"), (d1, "2"), (d2, "4"), (d1, "8")]):
         engine.apply(rec("acme", at, cost, f"e{offset}"), 0, offset)
-    usage = {key: w["usage"] for key, w in engine.windows.items()}
+    usage = {key: w["usage"] for key, w in engine.tables(0).quota_windows.items()}
     assert sorted(usage.values()) == [Decimal(5), Decimal(10)]
 
 
@@ -192,7 +192,7 @@ def test_a_copy_of_an_event_sent_again_is_counted_once(tmp_path):
     path.write_text(PLANS.replace("grace_seconds: 600", "grace_seconds: 600\ndedup_seconds: 60"))
     now = [1_000.0]
     seen: dict = {}
-    engine = QuotaEngine(Plans.from_file(path), {}, {}, seen, clock=lambda: now[0])
+    engine = QuotaEngine(Plans.from_file(path), QuotaTables({}, {}, seen), clock=lambda: now[0])
     at = DAY + timedelta(hours=9)
     first = engine.apply(rec("acme", at, "6", "dup-1"), 0, 0)
     copy = engine.apply(rec("acme", at, "6", "dup-1"), 0, 7)           # the producer sent it again
@@ -201,7 +201,7 @@ def test_a_copy_of_an_event_sent_again_is_counted_once(tmp_path):
     assert len(first.alerts) == 1 and copy.alerts == [] and len(replay.alerts) == 1  # replay re-sends, same id
     other = engine.apply(rec("globex", at, "1", "dup-1"), 1, 0)        # another tenant's id is its own
     assert not other.duplicate
-    assert next(iter(engine.windows.values()))["usage"] == Decimal(6)
+    assert next(iter(engine.tables(0).quota_windows.values()))["usage"] == Decimal(6)
 
     now[0] += 61                                                       # the id is forgotten after 60 s
     engine.forget_partitions()                                         # ... also across a rebalance
@@ -218,23 +218,3 @@ def test_a_copy_of_an_event_sent_again_is_counted_once(tmp_path):
     assert seen["0:1061:8"]["events"] == {"acme\x1flater-1": 8, "acme\x1flater-2": 10}
     assert seen["0:1061:11"]["events"] == {"acme\x1flater-3": 11}
     assert engine.apply(rec("acme", at, "1", "later-2"), 0, 12).duplicate
-
-
-def test_dedup_entries_written_one_per_event_are_still_read(tmp_path):
-    """Changelogs of earlier versions are still read: one entry per event, or one group per second."""
-    path = tmp_path / "plans.yaml"
-    path.write_text(PLANS.replace("grace_seconds: 600", "grace_seconds: 600\ndedup_seconds: 60"))
-    seen: dict = {"acme\x1fold-1": {"p": 0, "o": 3, "t": 990.0},
-                  "0:995": {"p": 0, "t": 995, "events": {"acme\x1fold-2": 4}}}  # grouped per second only
-    now = [1_000.0]
-    engine = QuotaEngine(Plans.from_file(path), {}, {}, seen, clock=lambda: now[0])
-    at = DAY + timedelta(hours=9)
-    assert engine.apply(rec("acme", at, "1", "old-1"), 0, 5).duplicate
-    assert not engine.apply(rec("acme", at, "1", "old-1"), 0, 3).duplicate   # the record itself, replayed
-    assert engine.apply(rec("acme", at, "1", "old-2"), 0, 7).duplicate
-    now[0] += 60                                                              # 990 + 60 < 1060: expired
-    assert not engine.apply(rec("acme", at, "1", "old-1"), 0, 6).duplicate
-    assert "acme\x1fold-1" not in seen
-    now[0] += 5                                                               # 995 + 60 < 1065: expired
-    assert not engine.apply(rec("acme", at, "1", "old-2"), 0, 8).duplicate
-    assert "0:995" not in seen

@@ -1,41 +1,66 @@
-"""The quota tables' changelog records: each changed key once per batch, in its event's partition."""
+"""The changelogged tables: each changed key once per batch, in the partition of the event that
+changed it; and the state read back from those records."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from decimal import Decimal
 
-from streams.state import ChangelogTables
+from streams.runtime.state import ChangelogTables
+from streams.stages.quotas import QuotaTables, restore_entry
+
+NAMES = QuotaTables._fields
 
 
 def test_a_batch_drains_each_changed_key_once_with_tombstones_and_the_next_offsets():
-    state = ChangelogTables("cl")
-    windows, tenants = state.table("quota_windows"), state.table("quota_tenants")
-    state.partition = 2
-    windows["w1"] = {"usage": "1"}
-    windows["w1"] = {"usage": "3"}          # written twice in the batch: one record, the last value
-    tenants["acme"] = {"watermark": "t"}
-    state.partition = 0
-    windows["w2"] = {"usage": "5"}
-    del windows["w2"]                        # created and deleted: a tombstone
+    state = ChangelogTables("cl", NAMES)
+    on_2, on_0 = state.views(2), state.views(0)
+    on_2["quota_windows"]["w1"] = {"usage": Decimal(1)}
+    on_2["quota_windows"]["w1"] = {"usage": Decimal(3)}  # written twice in the batch: one record, the last value
+    on_2["quota_tenants"]["acme"] = {"watermark": datetime(2026, 6, 1, tzinfo=UTC)}
+    on_0["quota_windows"]["w2"] = {"usage": Decimal(5)}
+    del on_0["quota_windows"]["w2"]                      # created and deleted: a tombstone
+    assert on_0["quota_windows"].pop("missing", None) is None  # nothing to delete: no record
     records = state.drain({2: 41, 0: 7})
     assert records == [
         (2, b"quota_windows|w1", json.dumps({"usage": "3"}, separators=(",", ":")).encode()),
-        (2, b"quota_tenants|acme", b'{"watermark":"t"}'),
+        (2, b"quota_tenants|acme", b'{"watermark":"2026-06-01T00:00:00+00:00"}'),
         (0, b"quota_windows|w2", None),
         (2, b"_offset|2", b"41"),
         (0, b"_offset|0", b"7"),
     ]
     assert state.offsets == {2: 41, 0: 7}
-    assert state.drain({}) == []             # nothing changed since
-    assert dict(windows) == {"w1": {"usage": "3"}}
+    assert state.drain({}) == []                          # nothing changed since
+    assert dict(state.views(5)["quota_windows"]) == {"w1": {"usage": Decimal(3)}}  # one table, every view
+
+
+def test_loading_the_drained_records_gives_back_the_state_with_its_types_and_positions():
+    state = ChangelogTables("cl", NAMES, restore_entry)
+    view = state.views(1)
+    at = datetime(2026, 6, 1, 9, tzinfo=UTC)
+    view["quota_windows"]["w"] = {"usage": Decimal("0.000000000001"), "partition": 1, "offset": 4}
+    view["quota_tenants"]["acme"] = {"watermark": at, "windows": {"w": "2026-06-02T00:00:00+00:00"},
+                                     "next_expiry": None}
+    view["quota_seen"]["1:1000:4"] = {"p": 1, "t": 1000, "events": {"acme\x1fe-1": 4}}
+    log = state.drain({1: 5})
+    view["quota_windows"]["gone"] = {"usage": Decimal(1), "partition": 1, "offset": 5}
+    log += state.drain({1: 6})
+    del view["quota_windows"]["gone"]
+    log += state.drain({1: 7})
+
+    restored = ChangelogTables("cl", NAMES, restore_entry)
+    assert restored.load([*log, (1, b"retired_table|x", b"{}")]) == 5  # 3 entries, 1 written then deleted
+    assert restored.data == state.data and restored.offsets == {1: 7}
+    assert restored.data["quota_windows"]["w"]["usage"] == Decimal("0.000000000001")
+    assert restored.data["quota_tenants"]["acme"]["watermark"] == at
 
 
 def test_clear_drops_tables_pending_changes_and_positions():
-    state = ChangelogTables("cl")
-    state.partition = 1
-    state.table("quota_seen")["acme\x1fe-1"] = {"p": 1, "o": 0, "t": 1.0}
+    state = ChangelogTables("cl", NAMES)
+    state.views(1)["quota_seen"]["1:1:0"] = {"p": 1, "t": 1, "events": {}}
     state.drain({1: 1})
-    state.table("quota_seen")["acme\x1fe-2"] = {"p": 1, "o": 1, "t": 2.0}
+    state.views(1)["quota_seen"]["1:2:1"] = {"p": 1, "t": 2, "events": {}}
     state.clear()
-    assert (len(state.table("quota_seen")), state.dirty, state.offsets) == (0, {}, {})
+    assert (len(state.views(1)["quota_seen"]), state.dirty, state.offsets) == (0, {}, {})
     assert state.drain({}) == []

@@ -3,8 +3,8 @@ from datetime import UTC, datetime
 import pytest
 
 from schemas.usage import TokenUsage, UsageEvent
-from streams.prices import ConfigError
-from streams.tagging import UNATTRIBUTED, PathRules
+from streams.config import ConfigError
+from streams.stages.tagging import UNATTRIBUTED, PathRules
 
 RULES = """
 rules:
@@ -65,8 +65,8 @@ def test_bad_rules_are_one_clear_line(tmp_path, text, message):
 def test_shipped_config_files_are_valid():
     from pathlib import Path
 
-    from streams.pipeline import Enricher
+    from streams.stages.attribution import Attribution
 
-    enricher = Enricher.from_config_dir(Path(__file__).resolve().parent.parent / "config")
-    assert enricher.pricer.version == "genai-prices 0.2.3; prices.yaml r1"
-    assert enricher.paths.path_for(event(service="support-bot", feature="answer")) == "support-bot/answer"
+    attribution = Attribution.from_config_dir(Path(__file__).resolve().parent.parent / "config")
+    assert attribution.pricer.version == "genai-prices 0.2.3; prices.yaml r1"
+    assert attribution.paths.path_for(event(service="support-bot", feature="answer")) == "support-bot/answer"

@@ -7,10 +7,10 @@ import pytest
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection
 from schemas.usage import UsageEvent
-from streams.pipeline import Enricher, attribute_raw
-from streams.pricing import Pricer
-from streams.tagging import PathRules
-from streams.validation import validate
+from streams.stages.attribution import Attribution
+from streams.stages.pricing import Pricer
+from streams.stages.tagging import PathRules
+from streams.stages.validation import validate
 from tests.conftest import NOW
 
 
@@ -94,11 +94,17 @@ def test_a_cost_beyond_the_ledger_is_dead_lettered_with_the_price_that_made_it(t
     prices = tmp_path / "prices.yaml"
     prices.write_text("revision: 1\nmodels:\n  - name: typo\n    provider: openai\n    model: gpt-4o\n"
                       "    effective_from: 2020-01-01\n    per_million_tokens: {input: 1000, output: 1000}\n")
-    enricher = Enricher(Pricer.from_file(prices), PathRules([]))
-    out = attribute_raw(event(usage={"input_tokens": 1_000_000_000}), enricher, now=NOW)
+    attribution = Attribution(Pricer.from_file(prices), PathRules([]))
+    out = attribution.attribute_raw(event(usage={"input_tokens": 1_000_000_000}), now=NOW)
     assert isinstance(out, Rejection) and out.reason == "cost_out_of_range"
     assert out.message == ("cost 1000000.000000000000 USD of openai/gpt-4o is beyond the ledger's 999999.999999999999 "
                            "USD a call; check the token counts, or the price in config/prices.yaml "
                            "(prices.yaml models[0] (typo)), then re-submit the dead letter")
-    below = attribute_raw(event(usage={"input_tokens": 999_999_999}), enricher, now=NOW)
+    below = attribution.attribute_raw(event(usage={"input_tokens": 999_999_999}), now=NOW)
     assert isinstance(below, AttributedUsage) and below.cost_usd == Decimal("999999.999")
+
+
+def test_a_rejection_names_a_field_on_one_line_even_when_its_key_holds_a_newline():
+    out = validate(json.dumps({"event_id": "e", "timestamp": "2026-06-01T11:00:00Z", "tenant_id": "t",
+                               "provider": "openai", "model": "gpt-4o", "tags": {"a\nb": None}}).encode(), now=NOW)
+    assert out.reason == "invalid_event" and out.message == 'tags."a\\nb": Input should be a valid string'

@@ -21,11 +21,11 @@ import pytest
 
 from schemas.quota import QuotaState
 from schemas.usage import TokenUsage, UsageEvent
-from streams.processes import ROOT, WorkerProcess, free_port, isolated_env, remove_isolated_topics, wait_for
-from streams.producer import UsageProducer
-from streams.query import query
+from streams.messaging.producer import UsageProducer
+from streams.messaging.topics import ensure_topics
+from streams.operations.processes import ROOT, WorkerProcess, free_port, isolated_env, remove_isolated_topics, wait_for
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.storage.query import query
 from tests.integration.conftest import read_topic
 
 FULL = os.environ.get("COSTLINE_FAULTS_FULL") == "1"

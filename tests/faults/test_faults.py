@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from streams.processes import ROOT, get_json, wait_for
+from streams.operations.processes import ROOT, get_json, wait_for
 from tests.faults.conftest import FULL, Pipeline
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from streams.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics
-from streams.processes import wait_for as wait_until  # noqa: F401 - the tests' name for it
-from streams.topics import ensure_topics
+from streams.messaging.topics import ensure_topics
+from streams.operations.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics
+from streams.operations.processes import wait_for as wait_until  # noqa: F401 - the tests' name for it
 
 
 @pytest.fixture

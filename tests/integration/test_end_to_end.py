@@ -10,8 +10,8 @@ from decimal import Decimal
 
 from schemas.dead_letter import DeadLetter
 from schemas.usage import TokenUsage, UsageEvent
-from streams.producer import UsageProducer
-from streams.query import query
+from streams.messaging.producer import UsageProducer
+from streams.storage.query import query
 from tests.integration.conftest import read_topic, wait_until
 
 # Published prices in USD per million tokens: (input, cache read, cache write, output).

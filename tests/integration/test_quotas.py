@@ -15,9 +15,9 @@ from aiokafka.partitioner import murmur2
 
 from schemas.quota import QuotaAlert, QuotaState
 from schemas.usage import TokenUsage, UsageEvent
-from streams.processes import EnforcerProcess
-from streams.producer import UsageProducer
-from streams.query import query
+from streams.messaging.producer import UsageProducer
+from streams.operations.processes import EnforcerProcess
+from streams.storage.query import query
 from tests.integration.conftest import read_topic, wait_until
 
 # gpt-4o: 10,000 input tokens × $2.50/M + 1,000 output tokens × $10/M = $0.035 a call.

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from schemas.usage import TokenUsage, UsageEvent
-from streams.processes import ROOT
-from streams.producer import UsageProducer
-from streams.query import query
+from streams.messaging.producer import UsageProducer
+from streams.operations.processes import ROOT
+from streams.storage.query import query
 from tests.integration.conftest import read_topic, wait_until
 
 

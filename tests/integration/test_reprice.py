@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from schemas.usage import TokenUsage, UsageEvent
-from streams.producer import UsageProducer
-from streams.query import query
+from streams.messaging.producer import UsageProducer
+from streams.storage.query import query
 from tests.integration.conftest import ROOT, wait_until
 
 

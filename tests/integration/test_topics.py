@@ -2,9 +2,9 @@
 
 import pytest
 
-from streams.processes import isolated_env, remove_isolated_topics, wait_for
+from streams.messaging.topics import admin, ensure_topics, pipeline_topics
+from streams.operations.processes import isolated_env, remove_isolated_topics, wait_for
 from streams.settings import Settings
-from streams.topics import admin, ensure_topics, pipeline_topics
 
 
 def test_an_isolated_pipelines_topics_are_created_and_deleted(kafka_servers, tmp_path):

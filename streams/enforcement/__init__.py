@@ -1,0 +1,1 @@
+"""Quota enforcement: allow / warn / block decisions from quota.state and quota.alerts."""

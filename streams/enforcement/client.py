@@ -1,0 +1,50 @@
+"""A small client for ``costline enforcer``, for AI gateways in Python (standard library only).
+
+    from streams.enforcement.client import EnforcerClient
+
+    enforcer = EnforcerClient("http://127.0.0.1:6067", token="...")
+    decision = enforcer.decision("acme", user="u-42")
+    if decision["decision"] == "block":
+        ...  # refuse the model call
+
+A gateway that would rather not make an HTTP call per request embeds ``streams.enforcement.enforcer.Enforcer``
+instead: the same decisions, kept current in-process from Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from streams.errors import CostlineError
+
+
+class EnforcerUnavailable(CostlineError):
+    """The enforcer did not answer in time or refused the request."""
+
+
+class EnforcerClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:6067", token: str | None = None, timeout_s: float = 0.5,
+                 fail_open: bool = False) -> None:
+        """``fail_open``: answer ``allow`` (with ``"unavailable": true``) when the enforcer cannot be reached,
+        instead of raising ``EnforcerUnavailable``."""
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self.fail_open = fail_open
+
+    def decision(self, tenant: str, *, user: str | None = None, model: str | None = None,
+                 business_path: str | None = None) -> dict[str, Any]:
+        scope = {k: v for k, v in {"user": user, "model": model, "business_path": business_path}.items() if v}
+        url = f"{self.base_url}/v1/decisions/{quote(tenant, safe='')}" + (f"?{urlencode(scope)}" if scope else "")
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"} if self.token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                return json.load(resp)
+        except (OSError, ValueError) as exc:
+            if self.fail_open:
+                return {"tenant_id": tenant, "decision": "allow", "limits": [], "unavailable": True}
+            raise EnforcerUnavailable(f"the enforcer at {self.base_url} did not answer: {exc}") from None

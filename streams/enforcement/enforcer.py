@@ -1,0 +1,243 @@
+"""The quota enforcer: the latest quota picture, and an allow / warn / block decision per tenant.
+
+``DecisionBook`` is the pure logic. ``Enforcer`` feeds a book from Kafka in a background thread:
+``quota.state`` from the beginning (compacted: the current usage of every window, so a new
+enforcer starts from the full picture) and ``quota.alerts`` from the end (a threshold crossing
+reaches the book without waiting for the next state flush). A gateway can embed an ``Enforcer``
+and call ``decide()`` in-process, or ask ``costline enforcer`` over HTTP (``EnforcerClient``).
+
+A limit counts toward a decision while its window is open on the wall clock. Tenant-wide limits
+always count; a per-user, per-model or per-business-path limit counts when the question names
+that user, model or path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
+from pydantic import ValidationError
+
+from schemas.quota import QuotaAlert, QuotaState, Status, state_key
+from streams.messaging.topics import READ_TRANSACTIONAL
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Verdict = Literal["allow", "warn", "block"]
+_RANK: dict[str, int] = {"ok": 0, "warning": 1, "soft_cap": 2, "hard_cap": 3}
+_VERDICT: dict[str, Verdict] = {"ok": "allow", "warning": "warn", "soft_cap": "warn", "hard_cap": "block"}
+
+
+@dataclass
+class Decision:
+    tenant_id: str
+    decision: Verdict
+    limits: list[dict[str, Any]] = field(default_factory=list)
+    as_of: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tenant_id": self.tenant_id, "decision": self.decision, "limits": self.limits,
+                "as_of": self.as_of.isoformat()}
+
+
+class DecisionBook:
+    """The latest state of each tenant × limit × scope window. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[str, QuotaState] = {}
+        self._by_tenant: dict[str, set[str]] = {}
+        self._seen_alerts: set[str] = set()
+        self.applied = 0
+
+    def apply_state(self, state: QuotaState) -> None:
+        with self._lock:
+            self._merge(state)
+
+    def apply_alert(self, alert: QuotaAlert) -> None:
+        """An alert raises its window's status at once; a re-delivered alert (same id) changes nothing."""
+        with self._lock:
+            if alert.alert_id in self._seen_alerts:
+                return
+            self._seen_alerts.add(alert.alert_id)
+            key = state_key(alert.tenant_id, alert.limit_id, alert.scope_value)
+            current = self._states.get(key)
+            status: Status = alert.level
+            if current is not None and current.window_start == alert.window_start and \
+                    _RANK[current.status] > _RANK[status]:
+                status = current.status
+            usage = max(alert.usage, current.usage) if current and current.window_start == alert.window_start \
+                else alert.usage
+            self._merge(QuotaState(
+                tenant_id=alert.tenant_id, limit_id=alert.limit_id, metric=alert.metric, scope=alert.scope,
+                scope_value=alert.scope_value, window_start=alert.window_start, window_end=alert.window_end,
+                usage=usage, limit=alert.limit, remaining=max(alert.limit - usage, Decimal(0)), status=status,
+                as_of=alert.crossed_at))
+
+    def _merge(self, state: QuotaState) -> None:
+        """Keeps the newest window, and within a window the higher usage (both only grow)."""
+        self.applied += 1
+        current = self._states.get(state.key)
+        if current is not None:
+            if state.window_start < current.window_start:
+                return
+            if state.window_start == current.window_start:
+                if state.usage < current.usage:
+                    return
+                if _RANK[current.status] > _RANK[state.status]:
+                    state = state.model_copy(update={"status": current.status})
+        self._states[state.key] = state
+        self._by_tenant.setdefault(state.tenant_id, set()).add(state.key)
+
+    def decide(self, tenant: str, *, user: str | None = None, model: str | None = None,
+               business_path: str | None = None, now: datetime | None = None) -> Decision:
+        now = now or datetime.now(UTC)
+        asked = {"tenant": "*", "user": user, "model": model, "business_path": business_path}
+        with self._lock:
+            states = [self._states[k] for k in self._by_tenant.get(tenant, ())]
+        worst = "ok"
+        limits = []
+        for state in sorted(states, key=lambda s: (s.limit_id, s.scope_value)):
+            if state.window_end <= now or asked.get(state.scope) != state.scope_value:
+                continue
+            if _RANK[state.status] > _RANK[worst]:
+                worst = state.status
+            limits.append(json.loads(state.model_dump_json()))
+        return Decision(tenant_id=tenant, decision=_VERDICT[worst], limits=limits, as_of=now)
+
+
+class Enforcer:
+    """A ``DecisionBook`` kept current from Kafka by a background thread."""
+
+    def __init__(self, settings: Settings, book: DecisionBook | None = None) -> None:
+        self.settings = settings
+        self.book = book or DecisionBook()
+        self.ready = threading.Event()
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="quota-enforcer", daemon=True)
+
+    def start(self) -> Enforcer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def __enter__(self) -> Enforcer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def decide(self, tenant: str, **scope: str | None) -> Decision:
+        return self.book.decide(tenant, **scope)
+
+    def _run(self) -> None:
+        topics = self.settings.topics
+        consumer = Consumer({
+            "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+            "group.id": f"costline-enforcer-{uuid.uuid4().hex}",  # offsets are never committed
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 50,
+            **READ_TRANSACTIONAL,  # the worker writes both topics in transactions
+        })
+        try:
+            metadata = consumer.list_topics(timeout=10)
+            deadline = time.monotonic() + 10  # a topic created a moment ago can be missing from metadata
+            while not {topics.state, topics.alerts} <= set(metadata.topics) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                metadata = consumer.list_topics(timeout=10)
+            assignment, behind = [], {}
+            for topic, start in ((topics.state, OFFSET_BEGINNING), (topics.alerts, OFFSET_END)):
+                if topic not in metadata.topics:
+                    raise KafkaException(f"topic {topic} does not exist: start a worker first")
+                for partition in metadata.topics[topic].partitions:
+                    assignment.append(TopicPartition(topic, partition, start))
+                    if topic == topics.state:
+                        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+                        if high > 0:
+                            behind[partition] = high
+            consumer.assign(assignment)
+            if not behind:
+                self.ready.set()
+            while not self._stop.is_set():
+                msg = consumer.poll(0.1)
+                if msg is None:
+                    continue
+                if msg.error() is None:
+                    self._apply(msg.topic(), msg.value())
+                elif msg.error().code() != KafkaError._PARTITION_EOF:
+                    continue
+                if not self.ready.is_set() and msg.topic() == topics.state:
+                    if msg.error() is not None or msg.offset() + 1 >= behind.get(msg.partition(), 0):
+                        behind.pop(msg.partition(), None)
+                    if not behind:
+                        self.ready.set()
+        except KafkaException as exc:
+            self.errors += 1
+            log.error("the enforcer's consumer stopped: %s", exc)
+        finally:
+            consumer.close()
+
+    def _apply(self, topic: str, value: bytes | None) -> None:
+        if value is None:
+            return
+        try:
+            if topic == self.settings.topics.state:
+                self.book.apply_state(QuotaState.model_validate_json(value))
+            else:
+                self.book.apply_alert(QuotaAlert.model_validate_json(value))
+        except ValidationError as exc:
+            self.errors += 1
+            log.warning("ignored a malformed record on %s: %s", topic, exc.errors()[0]["msg"])
+
+
+def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> ThreadingHTTPServer:
+    """``GET /v1/decisions/{tenant}[?user=&model=&business_path=]`` and ``GET /v1/health``.
+    With a token configured, decisions need ``Authorization: Bearer <token>``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server hook
+            url = urlsplit(self.path)
+            if url.path == "/v1/health":
+                ready = enforcer.ready.is_set()
+                self._send(200 if ready else 503, {"status": "ok" if ready else "starting",
+                                                   "states_applied": enforcer.book.applied,
+                                                   "errors": enforcer.errors})
+                return
+            if not url.path.startswith("/v1/decisions/") or len(url.path) <= len("/v1/decisions/"):
+                self._send(404, {"error": "use GET /v1/decisions/{tenant} or GET /v1/health"})
+                return
+            if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
+                self._send(401, {"error": "missing or wrong bearer token"})
+                return
+            tenant = unquote(url.path[len("/v1/decisions/"):])
+            query = {k: v[-1] for k, v in parse_qs(url.query).items() if k in ("user", "model", "business_path")}
+            self._send(200, enforcer.decide(tenant, **query).to_json())
+
+        def _send(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server signature
+            log.debug("%s " + format, self.address_string(), *args)
+
+    return ThreadingHTTPServer((host, port), Handler)

@@ -1,0 +1,1 @@
+"""Kafka topics, and the producer SDK that applications publish usage events with."""

@@ -1,0 +1,134 @@
+"""Creates Costline's topics with the right partition counts and cleanup policies."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.errors import CostlineError
+from streams.settings import Settings
+
+T = TypeVar("T")
+
+#: The largest record usage.raw and usage.dlq accept (8 MiB).
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+
+
+class KafkaUnavailable(CostlineError):
+    """The Kafka cluster did not answer; the message says how to fix it."""
+
+
+def admin(settings: Settings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0,
+                        "logger": SilentLogger()})
+
+
+def check_reachable(settings: Settings, timeout_s: float = 5.0) -> None:
+    try:
+        admin(settings).list_topics(timeout=timeout_s)
+    except KafkaException:
+        raise KafkaUnavailable(
+            f"no Kafka broker answered at {settings.kafka_bootstrap_servers} within {timeout_s:.0f}s: "
+            "start one with `scripts/kafka start` or set KAFKA_BOOTSTRAP_SERVERS"
+        ) from None
+
+
+def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
+    """The topics a pipeline of these settings uses, with the configuration each is created with."""
+    t = settings.topics
+    # usage.raw and usage.dlq take records far above the 1 MiB event limit, so that an oversized
+    # event reaches the worker and lands in the dead-letter topic instead of bouncing at the producer.
+    big = {"max.message.bytes": str(MAX_RECORD_BYTES)}
+    return {
+        t.raw: big,
+        t.attributed: {},
+        t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000), **big},
+        t.alerts: {},
+        t.state: {"cleanup.policy": "compact"},
+        changelog_topic(settings): {"cleanup.policy": "compact"},
+    }
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
+    """Creates missing topics; returns the names created. Existing topics are left as they are.
+    Returns once every partition of the pipeline's topics has a leader: a topic created a moment
+    ago answers NOT_LEADER_FOR_PARTITION until then, and the worker would start on those errors."""
+    check_reachable(settings)
+    client = admin(settings)
+    wanted = pipeline_topics(settings)
+    existing = set(client.list_topics(timeout=timeout_s).topics)
+    missing = [
+        NewTopic(name, num_partitions=settings.partitions, replication_factor=-1, config=config)
+        for name, config in wanted.items()
+        if name not in existing
+    ]
+    created: list[str] = []
+    if not missing:
+        _wait_for_leaders(client, list(wanted), timeout_s)
+        return created
+    for name, future in client.create_topics(missing, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise KafkaUnavailable(f"could not create topic {name}: {exc.args[0].str()}") from None
+    _wait_for_leaders(client, list(wanted), timeout_s)
+    return created
+
+
+def _wait_for_leaders(client: AdminClient, topics: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metadata = client.list_topics(timeout=timeout_s).topics
+        leaderless = [name for name in topics if name not in metadata or metadata[name].error is not None
+                      or any(p.leader < 0 or p.error is not None for p in metadata[name].partitions.values())]
+        if not leaderless:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaUnavailable(f"topics {', '.join(leaderless)} have no partition leader after {timeout_s:.0f}s: "
+                                   "check the broker's log")
+        time.sleep(0.2)
+
+
+#: What a (re)starting broker answers until it has loaded its group coordinator and elected its
+#: partition leaders; librdkafka does not always mark these retriable.
+_STARTING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+             KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._TIMED_OUT,
+             KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
+
+#: Consumer settings for topics the worker writes in transactions: read only what was committed,
+#: and learn the end of a partition from the consumer (its last offsets can be transaction markers,
+#: which are never delivered).
+READ_TRANSACTIONAL = {"isolation.level": "read_committed", "enable.partition.eof": True}
+
+
+def retrying(call: Callable[[], T], timeout_s: float = 60.0) -> T:
+    """Retries ``call`` for up to ``timeout_s`` while Kafka answers with a retriable error, as a
+    broker does while it starts (or restarts) and loads its coordinator and partition leaders."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            transient = isinstance(error, KafkaError) and (error.retriable() or error.code() in _STARTING)
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def changelog_topic(settings: Settings) -> str:
+    """The compacted topic of the worker's quota tables and positions, partitioned like usage.raw."""
+    return f"{settings.app_id}-quota-changelog"
+
+
+class SilentLogger:
+    """librdkafka logs connection refusals itself; errors are raised to callers instead."""
+
+    def log(self, *args: object, **kwargs: object) -> None:
+        pass

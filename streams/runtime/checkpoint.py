@@ -1,0 +1,269 @@
+"""The checkpoint: what makes a processed batch durable, and what restores the last durable
+state after a failure or a rebalance.
+
+A batch goes through four steps, always in this order:
+
+1. **Land** (``stage``). Its ledger rows and alerts go to the sink, which writes them to
+   ClickHouse on a thread of its own, retrying the same bytes with the same deduplication token
+   until they land, while this thread reads and processes the next batch.
+   *Guarantee:* the batch's rows are stored before step 2 moves its positions past them. Moved
+   after step 2, a crash between the two would lose the rows for good.
+2. **Write the transaction** (``commit``). Begin a Kafka transaction and queue the batch's dead
+   letters, alerts, the latest quota state of each window it counted into, its attributed
+   records (role ``stream``, for the sink worker), the changelog records of the quota keys it
+   changed and its next source positions (``streams.runtime.state``).
+   *Guarantee:* all of these become visible to ``read_committed`` readers together, or none of
+   them: the quota state and the positions can never disagree.
+3. **Commit the transaction**, on a thread of its own (it waits on the brokers, without the GIL)
+   while this thread reads and processes the next batch. It is waited for (``settle``) before
+   the next transaction begins, so transactions never overlap. If it fails, the transaction is
+   aborted and ``Aborted`` raised: the loop then calls ``rewind``.
+4. **After the commit**: the consumer group's offsets, committed without waiting, and the
+   counters. The group's offsets are for lag monitoring and for the partitions that have no
+   position in the changelog (usage.attributed, quota.alerts); they are not sent through the
+   transaction because librdkafka's ``send_offsets_to_transaction`` can block forever once the
+   group coordinator's broker has restarted (confluentinc/librdkafka#5456, #5511).
+
+**Rewind** (after ``Aborted``): the quota state and positions of the last committed batch are
+read back from the changelog and the source seeks to those positions; the batches that were not
+committed are read and processed again. Rows of a batch that landed but was not committed are
+written again, and collapse by ``event_id`` in the ledger (a ReplacingMergeTree).
+
+**Rebalance**: before partitions are revoked, the batch in flight is committed (steps 2-4);
+when partitions are assigned, their state is restored and reading starts at their positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+from schemas.dead_letter import dead_letter_headers
+from schemas.usage import epoch_ms
+from streams.backoff import Backoff
+from streams.runtime.metrics import Counters
+from streams.runtime.ports import (
+    BEGINNING,
+    ChangelogReader,
+    Sink,
+    Source,
+    TransactionFailed,
+    Transactions,
+    TransportError,
+)
+from streams.runtime.processor import Batch, TopicPartitionKey
+from streams.runtime.state import ChangelogTables
+from streams.settings import Topics
+from streams.storage.tables import ALERTS, LEDGER
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Waits between attempts to restore the last committed state after an aborted batch.
+_REWIND_BACKOFF = Backoff(first_s=0.5, max_s=5.0)
+
+
+class Aborted(Exception):
+    """The batch's transaction was aborted: nothing of it is visible, and it must be read again."""
+
+
+class Unlanded(Exception):
+    """The worker is stopping while a batch cannot be written to ClickHouse; nothing of it was committed."""
+
+
+class Checkpoint:
+    """Steps 1-4 of the module docstring, rewind and rebalance, for one worker's loop."""
+
+    def __init__(self, *, topics: Topics, source: Source, transactions: Transactions, counters: Counters,
+                 stopping: threading.Event, sink: Sink | None = None, state: ChangelogTables | None = None,
+                 changelog: ChangelogReader | None = None, on_restore: Callable[[], None] = lambda: None,
+                 publish_attributed: bool = False) -> None:
+        """``sink`` None: the batch's records are not written to ClickHouse here (role ``stream``,
+        which publishes them with ``publish_attributed`` instead). ``state`` and ``changelog``: the
+        quota tables and where to restore them from (roles that read usage.raw); ``on_restore`` is
+        told when they were replaced."""
+        if (state is None) != (changelog is None):
+            raise ValueError("the quota state needs its changelog reader, and the reader its state")
+        self.topics = topics
+        self.source = source
+        self.transactions = transactions
+        self.counters = counters
+        self.stopping = stopping
+        self.sink = sink
+        self.state = state
+        self.changelog = changelog
+        self.on_restore = on_restore
+        self.publish_attributed = publish_attributed
+        self.assigned: set[TopicPartitionKey] = set()
+        #: Set once partitions are assigned and their state restored: the worker is consuming.
+        self.ready = threading.Event()
+        #: Latest high watermark per (topic, partition), for the consumer-lag metric.
+        self.highwaters: dict[TopicPartitionKey, int] = {}
+        #: The batch processed last, landing (step 1) but not written yet, and its landing.
+        self._pending: tuple[Batch, Future[bool] | None] | None = None
+        #: The batch whose transaction is being committed (step 3), and that commit.
+        self._committing: tuple[Batch, Future[None]] | None = None
+
+    # ---- the steps -----------------------------------------------------------------------------
+
+    def stage(self, batch: Batch) -> None:
+        """Step 1: starts landing ``batch``; ``commit`` takes it through steps 2-3."""
+        landing = None
+        if self.sink is not None:
+            landing = self.sink.land([(LEDGER, batch.records), (ALERTS, batch.alerts + batch.read_alerts)])
+        self._pending = (batch, landing)
+
+    def landed(self) -> bool:
+        """Whether a staged batch needs no more waiting to be committed."""
+        return self._pending is not None and (self._pending[1] is None or self._pending[1].done())
+
+    def commit(self) -> None:
+        """Steps 2-3 for the staged batch, once it has landed; first waits for the commit before it
+        (``settle``). Raises ``Aborted`` if either transaction was aborted, ``Unlanded`` if the
+        worker stops while the batch cannot land."""
+        self.settle()
+        if self._pending is None:
+            return
+        batch, landing = self._pending
+        self._pending = None
+        if landing is not None and not landing.result():
+            raise Unlanded(f"stopping with {len(batch.records)} unlanded rows; their offsets are not committed")
+        self._write(batch)
+        self._committing = (batch, _in_background(self.transactions.commit))
+
+    def settle(self) -> None:
+        """Waits for the transaction being committed, then step 4. If it was aborted, the staged
+        batch is dropped with it (both are read again) and ``Aborted`` raised."""
+        if self._committing is None:
+            return
+        batch, commit = self._committing
+        self._committing = None
+        try:
+            commit.result()
+        except TransactionFailed as exc:
+            self._pending = None  # it may still land: landed again after the rewind, its rows collapse
+            self._abort(exc)
+        self._committed(batch)
+
+    def close(self) -> None:
+        """Commits whatever is staged; the worker is stopping."""
+        self.commit()
+        self.settle()
+
+    def _write(self, batch: Batch) -> None:
+        """Step 2: begins the batch's transaction and queues its records."""
+        t, send = self.topics, self.transactions.produce
+        try:
+            self.transactions.begin()
+            for record, rejection in batch.dead:
+                log.info("dead-lettered %s[%s]@%s: %s: %s", record.topic(), record.partition(), record.offset(),
+                         rejection.reason, rejection.message)
+                send(t.dlq, record.key(), record.value() or b"", timestamp=record.timestamp()[1],
+                     headers=dead_letter_headers(rejection, record.topic(), record.partition(), record.offset()))
+            for alert in batch.alerts:
+                send(t.alerts, alert.tenant_id.encode(), alert.model_dump_json().encode())
+            for ref, usage, as_of in batch.windows.values():
+                quota_state = ref.state(usage, as_of)
+                send(t.state, quota_state.key.encode(), quota_state.model_dump_json().encode())
+            if self.publish_attributed:
+                for attributed in batch.records:
+                    send(t.attributed, attributed.tenant_id.encode(), attributed.model_dump_json().encode(),
+                         timestamp=epoch_ms(attributed.event_time))
+            if self.state is not None:
+                for partition, key, value in batch.changelog:
+                    send(self.state.topic, key, value, partition=partition)
+        except TransactionFailed as exc:
+            self._abort(exc)
+
+    def _abort(self, exc: Exception) -> None:
+        log.warning("aborting the batch's transaction (%s); re-reading from the last committed positions", exc)
+        self.transactions.abort()
+        raise Aborted(str(exc)) from exc
+
+    def _committed(self, batch: Batch) -> None:
+        """Step 4."""
+        c = self.counters
+        c.dead_lettered += len(batch.dead)  # counted once committed (an aborted batch is redone)
+        c.alerts += len(batch.alerts)
+        self.source.commit_offsets(batch.offsets)
+        for key, offset in batch.offsets.items():
+            c.processed(key[0], key[1], offset - 1)
+            high = self.source.highwater(key)
+            if high >= 0:
+                self.highwaters[key] = high
+
+    # ---- rewind and rebalance ------------------------------------------------------------------
+
+    def rewind(self) -> None:
+        """After ``Aborted``: the state and positions of the last committed batch."""
+        starts = self._restore()
+        committed = self._retrying(lambda: self.source.committed([key for key in sorted(self.assigned)
+                                                                   if key not in starts]))
+        for key in sorted(self.assigned):
+            offset = starts.get(key, (committed or {}).get(key, -1))
+            self.source.seek(key, offset if offset >= 0 else BEGINNING)
+
+    def on_assign(self, partitions: list[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
+        """Restores the state of the usage.raw partitions assigned; returns where to start them."""
+        self.assigned.update(partitions)
+        starts = self._restore()
+        self.ready.set()
+        return starts
+
+    def on_revoke(self, partitions: list[TopicPartitionKey]) -> None:
+        """Commits the batch in flight, which still belongs to this worker, then drops the state
+        (the consumer rebalances eagerly: every partition is revoked, the new set restored whole)."""
+        try:
+            self.close()
+        except Aborted:
+            pass  # not committed: the partitions' next owner reads it again
+        self.assigned.difference_update(partitions)
+        if self.state is not None:
+            self.state.clear()
+            self.on_restore()
+
+    def _restore(self) -> dict[TopicPartitionKey, int]:
+        """Reads the quota state of the assigned usage.raw partitions back from the changelog;
+        returns the position of each that has one."""
+        if self.state is None:
+            return {}
+        raw = self.topics.raw
+        numbers = sorted(p for topic, p in self.assigned if topic == raw)
+        read = self._retrying(lambda: self.state.load(self.changelog.read(self.state.topic, numbers)))
+        self.on_restore()
+        log.info("restored %d quota records of %s%s", read or 0, raw, numbers)
+        return {(raw, p): offset for p, offset in self.state.offsets.items()}
+
+    def _retrying(self, call: Callable[[], T]) -> T | None:
+        """``call``, tried again while the cluster cannot answer (an abort or a rebalance often means
+        a broker went away); None if the worker stops first (then nothing more is committed, and
+        the partitions' next owner reads on from the last commit)."""
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except TransportError as exc:
+                wait = _REWIND_BACKOFF.delay(attempt)
+                log.warning("reading the last committed state failed (%s); retrying in %.1fs", exc, wait)
+                attempt += 1
+                if self.stopping.wait(wait):
+                    return None
+
+
+def _in_background(call: Callable[[], None]) -> Future[None]:
+    """Runs ``call`` on a new daemon thread (a commit left hanging does not hold up the process's exit)."""
+    future: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+
+    threading.Thread(target=run, name="costline-commit", daemon=True).start()
+    return future

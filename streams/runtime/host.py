@@ -1,0 +1,151 @@
+"""Faust as the worker's host: start-up, signals and shutdown, and the web endpoints.
+
+Faust starts none of its Kafka clients here (``HostOnly``, through its documented
+``BootStrategy``): every record is read and written by the batch loop
+(``streams.runtime.loop``), which runs as a service of the app. Nothing of Faust or aiokafka is
+patched, and no consumer group other than the loop's exists. See docs/architecture.md for why
+Faust stays the host and no more.
+
+Endpoints (``COSTLINE_WEB_HOST``, loopback by default):
+
+- ``GET /v1/health``: ``ok`` (200) once the loop consumes and ClickHouse takes its writes;
+  ``starting`` or ``degraded`` (503) otherwise; the counters.
+- ``GET /metrics``: Prometheus text.
+- ``POST /v1/query``, ``POST /v1/reprice`` (the worker that has the database open): read-only SQL
+  and re-pricing, for the commands that cannot open an embedded database the worker holds.
+- ``POST /v1/faults/clickhouse`` (``COSTLINE_FAULT_INJECTION=1`` only): a ClickHouse outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import faust
+import mode
+from faust.app.base import BootStrategy
+
+from streams.operations.reprice import RepriceRefused, RepriceWindow, reprice
+from streams.runtime.checkpoint import Checkpoint
+from streams.runtime.loop import LoopThread
+from streams.runtime.metrics import Counters, render
+from streams.settings import Settings
+from streams.stages.attribution import Attribution
+from streams.storage.faults import ClickHouseFaults
+from streams.storage.query import QueryError, run_readonly
+from streams.storage.sink import ClickHouseSink, SinkFailed
+
+
+class HostOnly(BootStrategy):
+    """Faust's web server and the app's services; no Kafka producer, consumer, conductor or tables."""
+
+    enable_kafka = False
+
+
+class Host(faust.App):
+    BootStrategy = HostOnly
+
+
+def create_app(settings: Settings, loop: LoopThread, checkpoint: Checkpoint, counters: Counters,
+               attribution: Attribution, sink: ClickHouseSink | None, faults: ClickHouseFaults | None) -> faust.App:
+    app_id = f"{settings.app_id}-{settings.role}"
+    datadir = settings.home / "worker" / f"{app_id}-{settings.web_port}"  # Faust wants one; nothing is kept there
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = Host(
+        app_id,
+        broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
+        datadir=str(datadir),
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_in_thread=False,
+    )
+
+    @app.service
+    class BatchLoopService(mode.Service):
+        """Runs the batch loop's thread for as long as the worker runs."""
+
+        async def on_start(self) -> None:
+            loop.start()
+
+        async def on_stop(self) -> None:
+            # Lets the batch in flight land and commit (or the process exits 75 when it cannot).
+            if sink is not None:
+                sink.stopping.set()  # a failing write stops retrying; one in progress finishes
+            await asyncio.get_running_loop().run_in_executor(None, loop.stop)
+
+    _add_health(app, settings, checkpoint, counters, attribution, sink)
+    if sink is not None:
+        _add_database(app, settings, sink, faults)
+    return app
+
+
+def _add_health(app: faust.App, settings: Settings, checkpoint: Checkpoint, counters: Counters,
+                attribution: Attribution, sink: ClickHouseSink | None) -> None:
+    @app.page("/v1/health")
+    class Health(faust.web.View):
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            if not checkpoint.ready.is_set():
+                status = "starting"  # not consuming yet: partitions not assigned, or their state not restored
+            else:
+                status = "degraded" if sink is not None and sink.failing else "ok"
+            body = {"status": status, "role": settings.role, "pricing_version": attribution.pricer.version,
+                    # Only the worker that has the database open says which: queries are routed by it.
+                    "clickhouse_url": settings.clickhouse_url if sink is not None else None,
+                    **counters.health()}
+            return self.json(body, status=200 if status == "ok" else 503)
+
+    @app.page("/metrics")
+    class Metrics(faust.web.View):
+        async def get(self, request: faust.web.Request) -> faust.web.Response:
+            return self.text(render(counters, dict(checkpoint.highwaters)), content_type="text/plain; version=0.0.4")
+
+
+def _add_database(app: faust.App, settings: Settings, sink: ClickHouseSink, faults: ClickHouseFaults | None) -> None:
+    """The endpoints of the worker that has the database open: queries, re-pricing, fault injection."""
+    #: The one thread that uses the reader client.
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-reader")
+
+    @app.page("/v1/faults/clickhouse")
+    class Faults(faust.web.View):
+        async def post(self, request: faust.web.Request) -> faust.web.Response:
+            if faults is None:
+                return self.json({"error": "fault injection is off (COSTLINE_FAULT_INJECTION=1)"}, status=404)
+            try:
+                seconds = float((await request.json())["fail_for_s"])
+            except (ValueError, KeyError, TypeError):
+                return self.json({"error": 'send a JSON object {"fail_for_s": 30}'}, status=400)
+            faults.fail_for(seconds)
+            return self.json({"failing_for_s": seconds})
+
+    @app.page("/v1/query")
+    class Query(faust.web.View):
+        async def post(self, request: faust.web.Request) -> faust.web.Response:
+            try:
+                sql = (await request.json())["sql"]
+            except (ValueError, KeyError, TypeError):
+                return self.json({"error": 'send a JSON object {"sql": "SELECT ..."}'}, status=400)
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(reader, run_readonly, sink.reader, sql)
+            except QueryError as exc:
+                return self.json({"error": str(exc)}, status=400)
+            return self.json(result.to_json())
+
+    @app.page("/v1/reprice")
+    class Reprice(faust.web.View):
+        """Re-prices stored usage with the configuration on disk now (see ``costline reprice``)."""
+
+        async def post(self, request: faust.web.Request) -> faust.web.Response:
+            try:
+                window = RepriceWindow.model_validate(await request.json())
+                fresh = Attribution.from_settings(settings)
+            except (ValueError, TypeError) as exc:
+                return self.json({"error": str(exc).splitlines()[0]}, status=400)
+            run = partial(reprice, sink, fresh, window.since, window.until, window.tenant)
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(reader, run)
+            except (RepriceRefused, SinkFailed) as exc:
+                return self.json({"error": str(exc)}, status=400)
+            return self.json(result.to_json())

@@ -1,0 +1,125 @@
+"""The batch loop: read a batch, process it, checkpoint it; and the process policy around it.
+
+One thread runs ``BatchLoop.run``. Each turn reads up to ``batch_size`` records (or what has
+arrived ``within_s`` after the previous batch was read), processes them
+(``streams.runtime.processor``) and hands them to the checkpoint (``streams.runtime.checkpoint``),
+whose docstring numbers the steps that make a batch durable. Three batches are in flight at
+once: batch N+1 is processed while batch N lands in ClickHouse (the database works without the
+GIL) and batch N-1's transaction commits on the brokers.
+
+Why not a Faust agent: Faust hands each record through its consumer thread, conductor and
+stream iterator one by one, with a few asyncio tasks per record; on a 2-core machine an agent
+that does nothing at all peaks at about 14,000 records/s, below what this loop sustains, and
+Faust's commits cannot be tied to the quota state's changelog. Faust hosts the worker instead
+(``streams.runtime.host``): lifecycle and web endpoints.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from streams.runtime.checkpoint import Aborted, Checkpoint, Unlanded
+from streams.runtime.ports import Source, Transactions
+from streams.runtime.processor import BatchProcessor
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a worker stopped while a batch could not be written (nothing of it was committed).
+EXIT_UNLANDED = 75
+#: Exit status of a worker whose batch loop met an error it cannot recover from.
+EXIT_FAILED = 70
+
+
+class BatchLoop:
+    def __init__(self, *, source: Source, topics: list[str], processor: BatchProcessor, checkpoint: Checkpoint,
+                 transactions: Transactions, batch_size: int, within_s: float, stopping: threading.Event) -> None:
+        self.source = source
+        self.topics = topics
+        self.processor = processor
+        self.checkpoint = checkpoint
+        self.transactions = transactions
+        self.batch_size = batch_size
+        self.within_s = within_s
+        self.stopping = stopping
+
+    def run(self) -> None:
+        """Until ``stopping`` is set; then commits what is in flight. Raises ``Unlanded`` when a
+        batch cannot land before the stop."""
+        checkpoint = self.checkpoint
+        self.transactions.init()
+        self.source.subscribe(self.topics, on_assign=checkpoint.on_assign, on_revoke=checkpoint.on_revoke)
+        read_at = time.monotonic()
+        while not self.stopping.is_set():
+            # A batch waits for records at most ``within_s`` from when the last one was read: records
+            # that arrived while that one was processed are taken at once, not after another wait.
+            wait = max(0.0, read_at + self.within_s - time.monotonic())
+            records = self.source.poll(self.batch_size, wait)
+            read_at = time.monotonic()
+            try:
+                if checkpoint.landed():
+                    checkpoint.commit()  # batch N has landed already: its quota state need not wait for N+1
+                batch = self.processor.process(records) if records else None
+                checkpoint.commit()  # else batch N+1 was processed while batch N landed
+            except Aborted:
+                checkpoint.rewind()  # the batch processed since is dropped too: it is read again
+                continue
+            if batch is not None:
+                checkpoint.stage(batch)
+        try:
+            checkpoint.close()
+        except Aborted:
+            pass  # stopping: what was not committed is read again by the partitions' next owner
+
+
+class LoopThread:
+    """Runs a ``BatchLoop`` on a thread of its own, and ends the process when the loop cannot go
+    on: a worker half alive (serving health, consuming nothing) would be worse than a restart."""
+
+    def __init__(self, loop: BatchLoop, close: Callable[[], None]) -> None:
+        self.loop = loop
+        self._close = close
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        tune_gc()
+        self._thread = threading.Thread(target=self._main, name="costline-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        self.loop.stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _main(self) -> None:
+        try:
+            self.loop.run()
+        except Unlanded as exc:
+            log.error("%s; exiting", exc)
+            os._exit(EXIT_UNLANDED)
+        except Exception:  # noqa: BLE001 - the worker must not go on half alive
+            log.exception("the batch loop failed; exiting so that a supervisor restarts the worker")
+            os._exit(EXIT_FAILED)
+        self._close()
+
+
+def tune_gc() -> None:
+    """Keeps Python's cycle collector from taking a fifth of the loop's time.
+
+    The loop allocates a few hundred objects per event; with the default thresholds a collection
+    runs every 700 net allocations, walking the younger generations each time and, every 100 of
+    those, the whole heap (every quota window and memo). Almost nothing here is freed by the
+    collector (records and rows are freed by reference counting), so: what exists once the worker
+    has started moves to the permanent generation (``gc.freeze``), and the youngest generation is
+    collected after 200,000 net allocations, more than a batch keeps alive (5,000 events hold
+    about 75,000 objects), so that a batch is mostly freed before any collection walks it. The
+    middle generation is collected every 5 of those, so that it holds at most about a million
+    objects when walked. Lower the first threshold and collections walk live batches again;
+    raise it far and the longest pause grows (docs/performance.md).
+    """
+    gc.freeze()
+    gc.set_threshold(200_000, 5, 100)

@@ -1,0 +1,154 @@
+"""A stage's state: in-memory tables, changelogged to a compacted Kafka topic.
+
+The worker owns the tables of the source partitions assigned to it. Every key written while an
+event of partition *p* is processed belongs to partition *p* of the changelog (the source topic
+is keyed by tenant, and so are the quota keys): a stage writes through ``views(p)``, the tables
+as seen from partition *p*, which note each changed key with its partition. The keys a batch
+changed are written once each, at the end of the batch, inside the Kafka transaction that also
+holds the batch's source positions (``streams.runtime.checkpoint``). A worker that takes over a
+partition reads that partition of the changelog up to its last committed record
+(``read_committed``) and has exactly the state that belongs with the committed position:
+nothing of a batch that was not committed.
+
+Record key ``<table>|<key>``, value the entry as JSON (decimals and times as text), or a
+tombstone for a deleted key. Each batch also writes ``_offset|<partition>``: the next source
+offset to read. It is the worker's position, committed atomically with the state it belongs
+to; a worker that takes over a partition starts reading there (the consumer group's own
+committed offset trails it). The stage that owns the tables turns restored entries back into
+its in-memory types (``restore_entry``), so it never reads the changelog's text encoding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from schemas.trusted import json_writer
+
+_SEP = "|"
+_OFFSET = "_offset"
+#: (partition, key, value) of one changelog record; value None is a tombstone.
+ChangelogRecord = tuple[int, bytes, bytes | None]
+
+
+class TrackedTable(MutableMapping[str, Any]):
+    """One table as seen from one source partition: a dict that notes each key written or
+    deleted, with that partition, until the next drain. Views of one table share its data."""
+
+    __slots__ = ("name", "data", "partition", "_dirty")
+
+    def __init__(self, name: str, data: dict[str, Any], partition: int, dirty: dict[tuple[str, str], int]) -> None:
+        self.name = name
+        self.data = data
+        self.partition = partition
+        self._dirty = dirty
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self._dirty[(self.name, key)] = self.partition
+
+    def __delitem__(self, key: str) -> None:
+        del self.data[key]
+        self._dirty[(self.name, key)] = self.partition
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self.data:
+            self._dirty[(self.name, key)] = self.partition
+        return self.data.pop(key, *default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.data
+
+
+class ChangelogTables:
+    """Named tables of one worker and their changelog topic (see the module docstring)."""
+
+    def __init__(self, topic: str, names: Iterable[str],
+                 restore_entry: Callable[[str, Any], Any] = lambda table, value: value) -> None:
+        self.topic = topic
+        self.names = tuple(names)
+        #: Turns an entry read back from the changelog (JSON) into what the stage keeps in memory.
+        self.restore_entry = restore_entry
+        self.data: dict[str, dict[str, Any]] = {name: {} for name in self.names}
+        self.dirty: dict[tuple[str, str], int] = {}
+        #: The next source offset per partition, as of the state held.
+        self.offsets: dict[int, int] = {}
+        self._views: dict[int, dict[str, TrackedTable]] = {}
+
+    def views(self, partition: int) -> dict[str, TrackedTable]:
+        """The tables, by name, as written by the events of ``partition``."""
+        found = self._views.get(partition)
+        if found is None:
+            found = self._views[partition] = {name: TrackedTable(name, self.data[name], partition, self.dirty)
+                                              for name in self.names}
+        return found
+
+    def drain(self, offsets: dict[int, int]) -> list[ChangelogRecord]:
+        """The changelog records of the keys changed since the last drain, and of the next source
+        ``offsets`` of the batch they belong to."""
+        records = []
+        for (name, key), partition in self.dirty.items():
+            data = self.data[name]
+            value = _encode(data[key]).encode() if key in data else None
+            records.append((partition, f"{name}{_SEP}{key}".encode(), value))
+        self.dirty.clear()
+        for partition, offset in offsets.items():
+            self.offsets[partition] = offset
+            records.append((partition, f"{_OFFSET}{_SEP}{partition}".encode(), str(offset).encode()))
+        return records
+
+    def clear(self) -> None:
+        """Drops all state. The consumer rebalances eagerly: a rebalance revokes every partition, and
+        the new assignment is restored whole, so no key needs to know its partition."""
+        for data in self.data.values():
+            data.clear()
+        self.dirty.clear()
+        self.offsets.clear()
+
+    def load(self, records: Iterable[ChangelogRecord]) -> int:
+        """Replaces the state with the changelog ``records`` (in log order); returns how many
+        table records were read."""
+        self.clear()
+        read = 0
+        for partition, raw_key, value in records:
+            name, _, key = raw_key.decode().partition(_SEP)
+            if name == _OFFSET:
+                self.offsets[partition] = int(value or b"0")
+                continue
+            data = self.data.get(name)
+            if data is None:
+                continue  # a table this version does not keep
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = self.restore_entry(name, json.loads(value))
+            read += 1
+        return read
+
+
+def _text(value: object) -> str:
+    """Decimals and datetimes, as text."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot store a {type(value).__name__} in a changelog")
+
+
+#: The changelog's JSON encoder (without the check for circular references: the entries are plain trees).
+_encode = json_writer(default=_text)

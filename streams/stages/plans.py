@@ -1,0 +1,164 @@
+"""``config/plans.yaml``: plans, their limits, and which tenant is on which plan.
+
+    grace_seconds: 300            # late events within this long after their window count in it
+    dedup_seconds: 900            # a copy of an event re-sent within this long counts once
+    default_plan: free
+    tenants:
+      acme: {plan: enterprise, time_zone: America/New_York}
+    plans:
+      free:
+        limits:
+          - id: daily-spend
+            metric: cost_usd      # cost_usd | tokens | requests
+            window: day           # minute | hour | day | month (calendar, in the tenant's time zone)
+            limit: 5.00
+            thresholds: [50, 80, 100]   # percent of the limit; one alert each per window
+            hard_cap: 100               # percent; crossing it blocks (optional)
+            scope: tenant               # tenant | user | model | business_path
+
+Validated once at start-up; a mistake stops the start with one line naming the entry.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator, model_validator
+
+from streams.config import Strict, load_model
+
+Metric = Literal["cost_usd", "tokens", "requests"]
+WindowKind = Literal["minute", "hour", "day", "month"]
+Scope = Literal["tenant", "user", "model", "business_path"]
+Level = Literal["warning", "soft_cap", "hard_cap"]
+Percent = Annotated[Decimal, Field(gt=0, le=10_000)]
+LimitId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class Limit(Strict):
+    id: LimitId
+    metric: Metric
+    window: WindowKind
+    limit: Annotated[Decimal, Field(gt=0)]
+    thresholds: list[Percent] = Field(default_factory=lambda: [Decimal(50), Decimal(80), Decimal(100)])
+    hard_cap: Percent | None = None
+    scope: Scope = "tenant"
+
+    @field_validator("thresholds")
+    @classmethod
+    def _ascending(cls, thresholds: list[Decimal]) -> list[Decimal]:
+        if thresholds != sorted(set(thresholds)):
+            raise ValueError("thresholds must be distinct and ascending, e.g. [50, 80, 100]")
+        return thresholds
+
+    @cached_property
+    def levels(self) -> list[tuple[Decimal, Level, Decimal, str]]:
+        """(threshold percent, level, absolute amount, the percent as the text a crossing is
+        recorded under: "80", "12.5"), ascending; the hard cap is always one of them."""
+        points = sorted(set(self.thresholds) | ({self.hard_cap} if self.hard_cap else set()))
+        return [(p, self.level_of(p), self.limit * p / 100, format(p.normalize(), "f")) for p in points]
+
+    def level_of(self, percent: Decimal) -> Level:
+        if self.hard_cap is not None and percent >= self.hard_cap:
+            return "hard_cap"
+        return "soft_cap" if percent >= 100 else "warning"
+
+
+class Plan(Strict):
+    limits: list[Limit] = Field(default_factory=list)
+    #: Reserved for the revenue plans: pricing tiers, included usage, overage prices.
+    pricing: dict[str, object] | None = None
+
+    @field_validator("limits")
+    @classmethod
+    def _unique_ids(cls, limits: list[Limit]) -> list[Limit]:
+        ids = [limit.id for limit in limits]
+        if len(ids) != len(set(ids)):
+            raise ValueError("limit ids must be unique within a plan")
+        return limits
+
+
+class TenantAssignment(Strict):
+    plan: str
+    time_zone: str = "UTC"
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}: use an IANA name such as Europe/Berlin") from None
+        return name
+
+
+class Plans(Strict):
+    grace_seconds: Annotated[int, Field(ge=0, le=31 * 86_400)] = 300
+    #: How long an event id is remembered to count a re-sent copy once (wall clock).
+    dedup_seconds: Annotated[int, Field(ge=0, le=7 * 86_400)] = 900
+    default_plan: str | None = None
+    default_time_zone: str = "UTC"
+    plans: dict[str, Plan] = Field(default_factory=dict)
+    tenants: dict[str, TenantAssignment] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _plans_exist(self) -> Plans:
+        if self.default_plan is not None and self.default_plan not in self.plans:
+            raise ValueError(f"default_plan {self.default_plan!r} is not one of the plans: {', '.join(self.plans)}")
+        for tenant, assignment in self.tenants.items():
+            if assignment.plan not in self.plans:
+                raise ValueError(f"tenant {tenant!r} is on plan {assignment.plan!r}, which is not defined")
+        TenantAssignment(plan="-", time_zone=self.default_time_zone)
+        return self
+
+    @property
+    def grace(self) -> timedelta:
+        return timedelta(seconds=self.grace_seconds)
+
+    def for_tenant(self, tenant: str) -> tuple[list[Limit], ZoneInfo]:
+        """The limits that apply to a tenant and the time zone its windows follow."""
+        assignment = self.tenants.get(tenant)
+        plan_name = assignment.plan if assignment else self.default_plan
+        zone = assignment.time_zone if assignment else self.default_time_zone
+        plan = self.plans.get(plan_name) if plan_name else None
+        return (plan.limits if plan else []), _zone(zone)
+
+    @classmethod
+    def from_file(cls, path: Path | None) -> Plans:
+        """The plans in ``path``; none (no quotas) when the file does not exist."""
+        return load_model(path, cls)
+
+
+_ZONES: dict[str, ZoneInfo] = {}
+
+
+def _zone(name: str) -> ZoneInfo:
+    zone = _ZONES.get(name)
+    if zone is None:
+        zone = _ZONES[name] = ZoneInfo(name)
+    return zone
+
+
+def window_bounds(kind: WindowKind, at: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The [start, end) of the calendar window holding ``at``, in UTC, for windows in ``zone``."""
+    local = at.astimezone(zone)
+    if kind == "minute":
+        start = local.replace(second=0, microsecond=0).astimezone(UTC)
+        return start, start + timedelta(minutes=1)
+    if kind == "hour":
+        # Floors on the wall clock (zones with half-hour offsets have their own hours); the repeated
+        # hour of a DST change is two windows, because the floored time keeps its fold.
+        start = local.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
+        return start, start + timedelta(hours=1)
+    if kind == "day":
+        start_local = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        end_local = (start_local + timedelta(days=1, hours=3)).replace(hour=0)  # a DST day has 23 or 25 hours
+    else:
+        start_local = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end_local = (start_local + timedelta(days=32)).replace(day=1)
+    return start_local.astimezone(UTC), end_local.astimezone(UTC)

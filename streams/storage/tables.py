@@ -1,0 +1,383 @@
+"""ClickHouse tables as Costline writes them: each table's columns, their types, which record
+attribute each holds, and how a batch of records is encoded into ClickHouse's Native format
+(``TableSpec.encode``) with a deduplication token that is the same for a retry of the batch and
+different for any other. Pure encoding: sending is ``streams.storage.sink``'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from clickhouse_connect.datatypes.registry import get_from_name
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.compression import get_compressor
+from clickhouse_connect.driver.insert import InsertContext
+from clickhouse_connect.driver.transform import NativeTransform
+
+from schemas.attributed import AttributedUsage
+from schemas.quota import QuotaAlert
+from schemas.trusted import json_writer
+from schemas.usage import epoch_ms
+
+R = TypeVar("R")
+#: A conversion of a whole column of values.
+Convert = Callable[[list[Any]], list[Any]]
+
+
+@dataclass(frozen=True)
+class TableSpec(Generic[R]):
+    """A ClickHouse table, its columns with their types (so no insert needs a DESCRIBE), the record
+    attribute each column holds (a dotted path) with an optional conversion of the whole column, and
+    the identity of a batch (for the deduplication token): text parts that tell it from any other batch."""
+
+    name: str
+    columns: list[tuple[str, str, str, Convert | None]]
+    identity: Callable[[Sequence[R]], Iterable[str]]
+
+    def __post_init__(self) -> None:
+        # Columns are sent record attributes first, then each nested object's (``usage.*``, ...), so
+        # that one pass reads a record's whole row while the record is in cache: the attributes
+        # from the model's ``__dict__`` with one C-level getter, each nested object's with one more.
+        # The rows are then turned into columns (about twice as fast as one pass per column).
+        direct = [c for c in self.columns if "." not in c[2]]
+        nested: dict[str, list[tuple[str, str, str, Convert | None]]] = {}
+        for column in self.columns:
+            if "." in column[2]:
+                nested.setdefault(column[2].split(".", 1)[0], []).append(column)
+        sent = direct + [c for group in nested.values() for c in group]
+        object.__setattr__(self, "_sent", sent)
+        object.__setattr__(self, "_row", _row_reader(
+            [path for _, _, path, _ in direct],
+            {head: [path.split(".", 1)[1] for _, _, path, _ in group] for head, group in nested.items()}))
+        object.__setattr__(self, "_wire", [_wire(ch_type, convert) for _, ch_type, _, convert in sent])
+        object.__setattr__(self, "_types", [get_from_name(wire_type) for wire_type, _ in self._wire])
+
+    @property
+    def column_names(self) -> list[str]:
+        """The columns in the order they are sent."""
+        return [name for name, _, _, _ in self._sent]
+
+    @property
+    def wire_types(self) -> list[str]:
+        """The types the columns are sent as (see ``_wire``), in the order they are sent."""
+        return [wire_type for wire_type, _ in self._wire]
+
+    def row(self, record: R) -> tuple[Any, ...]:
+        """A record's values, in the order the columns are sent (before their wire conversion)."""
+        return self._row(record)
+
+    def to_columns(self, records: Sequence[R]) -> list[list[Any]]:
+        """The batch as columns of the wire types, in the order they are sent."""
+        if not records:
+            return [[] for _ in self.columns]
+        rows = records.rows if isinstance(records, RecordBatch) and records.table is self else map(self._row, records)
+        columns = list(map(list, zip(*rows, strict=True)))
+        for i, (_, convert) in enumerate(self._wire):
+            if convert is not None:
+                columns[i] = convert(columns[i])
+        return columns
+
+    def dedup_token(self, records: Sequence[R]) -> str:
+        """Identical for a retry of the same batch, different for any other batch."""
+        return hashlib.sha256("\x01".join(self.identity(records)).encode()).hexdigest()
+
+    def native(self, records: Sequence[R]) -> bytes:
+        """The batch in ClickHouse's Native format, as ``Client.insert`` would send it: the columns
+        in their wire types, written by clickhouse-connect's column writers."""
+        columns = self.to_columns(records)
+        try:
+            context = InsertContext(self.name, self.column_names, self._types, data=columns, column_oriented=True)
+            chunks = list(NativeTransform.build_insert(context))
+        finally:
+            # An insert context is a reference cycle that holds the columns until the cycle
+            # collector runs (rarely, in the worker: ``streams.runtime.loop.tune_gc``); emptied here, a
+            # batch's columns are freed at once (bench/e2e.py peak RSS 783–788 → 678–692 MB).
+            for column in columns:
+                column.clear()
+        if context.insert_exception is not None:  # a column writer failed (the last chunk is then garbage)
+            raise context.insert_exception
+        if chunks:  # the first chunk starts with the statement line of an HTTP insert: the body follows it
+            chunks[0] = chunks[0][chunks[0].index(b"\n") + 1:]
+        return b"".join(chunks)
+
+    def encode(self, records: Sequence[R], compression: str | None = None) -> Encoded:
+        """The batch, ready to be sent (and sent again) by the sink. ``compression`` (``ClickHouseSink.compression``:
+        lz4 or zstd to a server over HTTP, none to the embedded engine) compresses the body as
+        ``Client.insert`` would."""
+        body = self.native(records)
+        if compression:
+            compressor = get_compressor(compression)
+            body = bytes(compressor.compress_block(body)) + (compressor.flush() or b"")
+        return Encoded(self, len(records), body, self.dedup_token(records), compression)
+
+    def send(self, client: Client, batch: Encoded) -> None:
+        """One attempt at inserting an encoded batch. (Types that differ from the table's, decimals
+        sent as text for one, are converted by ClickHouse: see ``_wire``.)"""
+        client.raw_insert(self.name, self.column_names, batch.body, fmt="Native", compression=batch.compression,
+                          settings={"insert_deduplication_token": batch.token,
+                                    "input_format_native_allow_types_conversion": 1})
+
+    def insert(self, client: Client, records: Sequence[R], token: str | None = None) -> None:
+        """Encodes and sends a batch in one go, once (tests; everything else lands through ``ClickHouseSink``)."""
+        batch = self.encode(records)
+        self.send(client, batch._replace(token=token) if token else batch)
+
+
+class Encoded(NamedTuple):
+    """A batch of one table in ClickHouse's Native format, and its deduplication token."""
+
+    table: TableSpec[Any]
+    rows: int
+    body: bytes
+    token: str
+    #: How ``body`` is compressed, if it is.
+    compression: str | None = None
+
+
+class RecordBatch(list[R]):
+    """Records for one table, each with its row read as it is added.
+
+    The thread that builds a record adds it while the record is still in the CPU's cache; encoding
+    the batch, once the whole batch is built, then only turns the rows into columns. Read then
+    instead, each row costs several cache misses (bench/e2e.py: reading the rows was a fifth of
+    the time of the encoding, when the writer's thread did it)."""
+
+    def __init__(self, table: TableSpec[R]) -> None:
+        super().__init__()
+        self.table = table
+        self.rows: list[tuple[Any, ...]] = []
+
+    def add(self, record: R) -> None:
+        self.append(record)
+        self.rows.append(self.table.row(record))
+
+
+def _row_reader(direct: list[str], nested: dict[str, list[str]]) -> Callable[[Any], tuple[Any, ...]]:
+    """A function from a record to the tuple of its ``direct`` attributes (read from its
+    ``__dict__``, where a pydantic model keeps its fields), then each nested object's attributes."""
+    own = _tuple_getter(operator.itemgetter, direct)
+    parts = [(head, _tuple_getter(operator.attrgetter, names)) for head, names in nested.items()]
+
+    def row(record: Any) -> tuple[Any, ...]:
+        values = record.__dict__
+        out = own(values)
+        for head, read in parts:
+            out += read(values[head])
+        return out
+
+    return row
+
+
+def _tuple_getter(getter: Callable[..., Callable[[Any], Any]], names: list[str]) -> Callable[[Any], tuple[Any, ...]]:
+    """``itemgetter``/``attrgetter`` of ``names``, returning a tuple even for one name (or none)."""
+    if len(names) > 1:
+        return getter(*names)
+    if names:
+        one = getter(names[0])
+        return lambda value: (one(value),)
+    return lambda value: ()
+
+
+def _wire(ch_type: str, convert: Convert | None) -> tuple[str, Convert | None]:
+    """How a column is sent, and the conversion of the whole column: decimals as their exact text
+    and low-cardinality strings as plain strings, which ClickHouse converts to the table's type on
+    insert (exactly: a decimal string is parsed, never rounded through a float). The client would
+    otherwise encode each decimal through str → Decimal → scaled int, and build each dictionary, in
+    Python on the worker's busy thread; the conversion runs in ClickHouse instead. Other types are
+    sent as they are."""
+    if ch_type.startswith("Decimal("):
+        if convert is not None:
+            return "String", lambda column: _decimal_texts(convert(column))
+        return "String", _decimal_texts
+    if ch_type == "LowCardinality(String)":
+        return "String", convert
+    if ch_type.startswith("DateTime64(3,") and convert is None:
+        return ch_type, _milliseconds
+    return ch_type, convert
+
+
+def _milliseconds(column: list[datetime]) -> list[datetime] | list[int]:
+    """A column of one and the same time (``attributed_at`` of a batch) as that time's epoch
+    milliseconds, which is what a ``DateTime64(3)`` column holds (floored, as the client would):
+    the client writes integers as they are, instead of converting each time in Python (0.6 µs a
+    row). Other columns of times are left to the client."""
+    first = column[0]
+    if column[-1] is first and column.count(first) == len(column):
+        return [epoch_ms(first)] * len(column)
+    return column
+
+
+def _decimal_texts(column: list[Any]) -> list[str]:
+    """Decimals as text; a column of zeros (the audio, image and per-call cost classes of most
+    batches) without formatting each one. ``list.count`` compares in C, and with the first value:
+    a zero the pricing stage shares is then matched by identity, without a comparison (counting
+    ``0`` compared each Decimal with an int, 41 ns a value), and a column that starts with another
+    value is not counted at all."""
+    first = column[0]
+    if first == 0 and column.count(first) == len(column):
+        return ["0"] * len(column)
+    return list(map(str, column))
+
+
+_DECIMAL = "Decimal(18, 12)"
+_TOKEN_CLASSES = [
+    "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+    "cache_write_1h_tokens", "input_audio_tokens", "cache_audio_read_tokens", "input_image_tokens",
+    "cache_image_read_tokens", "output_audio_tokens", "output_image_tokens",
+]
+_COST_CLASSES = [
+    "input", "cache_read", "cache_write", "output", "reasoning",
+    "input_audio", "input_image", "output_audio", "output_image", "request",
+]
+
+
+#: ``json.dumps(value, separators=(",", ":"))``, with the encoder built once.
+_to_json = json_writer()
+
+
+def _jsons(column: list[Any]) -> list[str]:
+    """JSON objects as text, an empty or missing one as ""."""
+    return [_to_json(value) if value else "" for value in column]
+
+
+def _texts(column: list[str | None]) -> list[str]:
+    """Optional text in a non-nullable String column: a missing value as ""."""
+    return ["" if value is None else value for value in column]
+
+
+def _ledger_identity(records: Sequence[AttributedUsage]) -> Iterable[str]:
+    """Each record's ``event_id``, in order, then its ``attributed_at`` as runs of one value
+    ("time*count"): a batch attributed at one time has a single run, so the token costs no per-row
+    time formatting, and any other pairing of ids and times still gives other parts."""
+    yield from map(_EVENT_ID, records)
+    times = list(map(_ATTRIBUTED_AT, records))
+    if times and times.count(times[0]) == len(times):  # one run (compared in C)
+        yield f"{times[0].isoformat()}*{len(times)}"
+        return
+    for at, run in itertools.groupby(times):
+        yield f"{at.isoformat()}*{sum(1 for _ in run)}"
+
+
+_EVENT_ID = operator.attrgetter("event_id")
+_ALERT_ID = operator.attrgetter("alert_id")
+_ATTRIBUTED_AT = operator.attrgetter("attributed_at")
+
+LEDGER: TableSpec[AttributedUsage] = TableSpec("usage_ledger", identity=_ledger_identity, columns=[
+    ("event_id", "String", "event_id", None),
+    ("event_time", "DateTime64(3, 'UTC')", "event_time", None),
+    ("tenant_id", "LowCardinality(String)", "tenant_id", None),
+    ("user_id", "String", "user_id", _texts),
+    ("provider", "LowCardinality(String)", "provider", None),
+    ("model", "LowCardinality(String)", "model", None),
+    ("matched_model", "LowCardinality(String)", "matched_model", _texts),
+    ("service", "LowCardinality(String)", "service", _texts),
+    ("route", "LowCardinality(String)", "route", _texts),
+    ("feature", "LowCardinality(String)", "feature", _texts),
+    ("step", "LowCardinality(String)", "step", _texts),
+    ("business_path", "LowCardinality(String)", "business_path", None),
+    ("trace_id", "String", "trace_id", _texts),
+    ("span_id", "String", "span_id", _texts),
+    ("parent_span_id", "String", "parent_span_id", _texts),
+    ("status", "LowCardinality(String)", "status", None),
+    ("latency_ms", "Nullable(UInt32)", "latency_ms", None),
+    ("batch", "Bool", "batch", None),
+    ("tags", "Map(String, String)", "tags", None),
+    ("extra", "String", "extra", _jsons),
+    ("raw_usage", "String", "raw_usage", _jsons),
+    ("raw_usage_format", "LowCardinality(String)", "raw_usage_format", _texts),
+    *[(name, "UInt64", f"usage.{name}", None) for name in _TOKEN_CLASSES],
+    *[(f"cost_{name}", _DECIMAL, f"cost.{name}", None) for name in _COST_CLASSES],
+    ("cost_usd", _DECIMAL, "cost_usd", None),
+    ("currency", "LowCardinality(String)", "currency", None),
+    ("priced", "Bool", "priced", None),
+    ("unpriced_reason", "String", "unpriced_reason", _texts),
+    ("price_source", "LowCardinality(String)", "price_source", _texts),
+    ("pricing_version", "LowCardinality(String)", "pricing_version", _texts),
+    ("discount", "LowCardinality(String)", "discount", _texts),
+    ("discount_percent", "Decimal(9, 4)", "discount_percent", None),
+    ("late", "Bool", "late", None),
+    ("attributed_at", "DateTime64(3, 'UTC')", "attributed_at", None),
+])
+
+ALERTS: TableSpec[QuotaAlert] = TableSpec("quota_alerts", identity=lambda alerts: map(_ALERT_ID, alerts), columns=[
+    ("alert_id", "String", "alert_id", None),
+    ("tenant_id", "LowCardinality(String)", "tenant_id", None),
+    ("limit_id", "LowCardinality(String)", "limit_id", None),
+    ("metric", "LowCardinality(String)", "metric", None),
+    ("scope", "LowCardinality(String)", "scope", None),
+    ("scope_value", "String", "scope_value", None),
+    ("window_start", "DateTime64(3, 'UTC')", "window_start", None),
+    ("window_end", "DateTime64(3, 'UTC')", "window_end", None),
+    ("threshold_percent", "Decimal(9, 4)", "threshold_percent", None),
+    ("level", "LowCardinality(String)", "level", None),
+    ("usage", "Decimal(38, 12)", "usage", None),
+    ("limit_value", "Decimal(38, 12)", "limit", None),
+    ("crossed_at", "DateTime64(3, 'UTC')", "crossed_at", None),
+    ("event_id", "String", "event_id", None),
+])
+
+
+@dataclass(frozen=True)
+class Superseded:
+    """An attribution replaced by ``costline reprice``: the figures before and after."""
+
+    reprice_id: str
+    superseded_at: datetime
+    event_id: str
+    event_time: datetime
+    tenant_id: str
+    attributed_at: datetime
+    cost_usd: Decimal
+    new_cost_usd: Decimal
+    priced: bool
+    price_source: str
+    pricing_version: str
+    new_pricing_version: str
+
+
+@dataclass(frozen=True)
+class RepriceRun:
+    """One ``costline reprice`` run and its totals."""
+
+    reprice_id: str
+    started_at: datetime
+    since: datetime
+    until: datetime | None
+    tenant_id: str | None
+    events: int
+    changed: int
+    old_cost_usd: Decimal
+    new_cost_usd: Decimal
+    pricing_version: str
+
+
+def _columns(record_type: type, types: dict[str, str]) -> list[tuple[str, str, str, Convert | None]]:
+    """Columns named as the record's fields, in the record's order."""
+    return [(name, types[name], name, None) for name in record_type.__dataclass_fields__]
+
+
+AUDIT: TableSpec[Superseded] = TableSpec(
+    "attribution_audit",
+    identity=lambda rows: [rows[0].reprice_id, *map(_EVENT_ID, rows)],
+    columns=_columns(Superseded, {
+        "reprice_id": "String", "superseded_at": "DateTime64(3, 'UTC')", "event_id": "String",
+        "event_time": "DateTime64(3, 'UTC')", "tenant_id": "LowCardinality(String)",
+        "attributed_at": "DateTime64(3, 'UTC')", "cost_usd": _DECIMAL, "new_cost_usd": _DECIMAL, "priced": "Bool",
+        "price_source": "LowCardinality(String)", "pricing_version": "LowCardinality(String)",
+        "new_pricing_version": "LowCardinality(String)"}))
+
+REPRICE_RUNS: TableSpec[RepriceRun] = TableSpec(
+    "reprice_runs",
+    identity=lambda runs: [run.reprice_id for run in runs],
+    columns=_columns(RepriceRun, {
+        "reprice_id": "String", "started_at": "DateTime64(3, 'UTC')", "since": "DateTime64(3, 'UTC')",
+        "until": "Nullable(DateTime64(3, 'UTC'))", "tenant_id": "Nullable(String)", "events": "UInt64",
+        "changed": "UInt64", "old_cost_usd": "Decimal(38, 12)", "new_cost_usd": "Decimal(38, 12)",
+        "pricing_version": "LowCardinality(String)"}))

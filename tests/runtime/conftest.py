@@ -1,0 +1,155 @@
+"""A worker's batch loop in memory: the real processor, checkpoint and loop on the seams of
+``streams.runtime.memory``, with a broker whose logs the tests read back."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from schemas.quota import QuotaAlert, QuotaState
+from schemas.usage import TokenUsage, UsageEvent
+from streams.operations.processes import wait_for
+from streams.runtime.checkpoint import Checkpoint
+from streams.runtime.loop import BatchLoop
+from streams.runtime.memory import MemoryBroker, MemoryChangelog, MemorySink, MemorySource, MemoryTransactions
+from streams.runtime.metrics import Counters
+from streams.runtime.processor import BatchProcessor
+from streams.runtime.state import ChangelogTables
+from streams.settings import Topics
+from streams.stages.attribution import Attribution
+from streams.stages.plans import Plans
+from streams.stages.quotas import QuotaEngine, QuotaTables, restore_entry
+
+TOPICS = Topics.with_prefix("")
+CHANGELOG = "costline-quota-changelog"
+#: A daily spend limit of 1 USD per tenant with alerts at 50% and 100%.
+PLANS = """
+dedup_seconds: 3600
+default_plan: metered
+plans:
+  metered:
+    limits:
+      - {id: daily-spend, metric: cost_usd, window: day, limit: 1, thresholds: [50, 100]}
+"""
+AT = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(hours=1)
+
+
+def cost_of(i: int) -> Decimal:
+    """gpt-4o at $2.50 per million input tokens and $10 per million output tokens."""
+    return (Decimal(10_000 + 1_000 * (i % 7)) * Decimal("2.5") + Decimal(100 * (i % 5)) * 10) / 1_000_000
+
+
+def usage_event(i: int, tenant: str = "acme") -> bytes:
+    return UsageEvent(event_id=f"e-{i:05d}", timestamp=AT + timedelta(seconds=i), tenant_id=tenant, provider="openai",
+                      model="gpt-4o", usage=TokenUsage(input_tokens=10_000 + 1_000 * (i % 7),
+                                                       output_tokens=100 * (i % 5))).model_dump_json().encode()
+
+
+@dataclass
+class Worker:
+    """One worker's loop and what it is made of."""
+
+    broker: MemoryBroker
+    role: str
+    sink: MemorySink | None
+    batch_size: int
+    plans: Plans
+    attribution: Attribution
+    counters: Counters = field(default_factory=Counters)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.source = MemorySource(self.broker)
+        self.transactions = MemoryTransactions(self.broker)
+        self.changelog = MemoryChangelog(self.broker)
+        reads_raw = self.role in ("all", "stream")
+        self.state = ChangelogTables(CHANGELOG, QuotaTables._fields, restore_entry) if reads_raw else None
+        self.quotas = QuotaEngine(self.plans, lambda p: QuotaTables(**self.state.views(p))) if reads_raw else None
+        self.processor = BatchProcessor(TOPICS, self.counters, attribution=self.attribution if reads_raw else None,
+                                        quotas=self.quotas, state=self.state, read_rows=self.sink is not None)
+        self.checkpoint = Checkpoint(
+            topics=TOPICS, source=self.source, transactions=self.transactions, counters=self.counters,
+            stopping=self.stopping, sink=self.sink, state=self.state, changelog=self.changelog if reads_raw else None,
+            on_restore=self.quotas.forget_partitions if self.quotas else lambda: None,
+            publish_attributed=self.role == "stream")
+        topics = {"all": [TOPICS.raw, TOPICS.attributed], "stream": [TOPICS.raw],
+                  "sink": [TOPICS.attributed, TOPICS.alerts]}[self.role]
+        self.loop = BatchLoop(source=self.source, topics=topics, processor=self.processor, checkpoint=self.checkpoint,
+                              transactions=self.transactions, batch_size=self.batch_size, within_s=0.01,
+                              stopping=self.stopping)
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> Worker:
+        def run() -> None:
+            try:
+                self.loop.run()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by stop()
+                self.error = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def until(self, condition, what: str, timeout_s: float = 20.0) -> None:
+        wait_for(lambda: condition() or self.error is not None, timeout_s, what, interval_s=0.01)
+        if self.error is not None:
+            raise self.error
+
+    def committed_offsets(self, total: int, topic: str = TOPICS.raw) -> None:
+        """Waits until the group's offsets of ``topic`` add up to ``total`` records."""
+        self.until(lambda: sum(o for (t, _), o in self.broker.group_offsets.items() if t == topic) >= total,
+                   f"{total} records of {topic} committed")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            assert not self._thread.is_alive(), "the loop did not stop"
+        self.source.close()
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def plans(tmp_path: Path) -> Plans:
+    path = tmp_path / "plans.yaml"
+    path.write_text(PLANS)
+    return Plans.from_file(path)
+
+
+@pytest.fixture
+def make_worker(plans, attribution):
+    made: list[Worker] = []
+
+    def make(broker: MemoryBroker, role: str = "all", sink: MemorySink | None = None, batch_size: int = 4) -> Worker:
+        worker = Worker(broker, role, sink if sink is not None or role == "stream" else MemorySink(), batch_size,
+                        plans, attribution)
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.stopping.set()
+        if worker.sink is not None:
+            worker.sink.release()
+
+
+def states(broker: MemoryBroker) -> dict[str, Decimal]:
+    """The latest usage published on quota.state per tenant."""
+    latest: dict[str, Decimal] = {}
+    for record in broker.records(TOPICS.state):
+        state = QuotaState.model_validate_json(record.value())
+        latest[state.tenant_id] = max(latest.get(state.tenant_id, Decimal(0)), state.usage)
+    return latest
+
+
+def alerts(broker: MemoryBroker) -> list[tuple[str, Decimal, str]]:
+    """The alerts published on quota.alerts, in order per partition: (tenant, threshold, event id)."""
+    return [(a.tenant_id, a.threshold_percent, a.event_id)
+            for a in (QuotaAlert.model_validate_json(r.value()) for r in broker.records(TOPICS.alerts))]

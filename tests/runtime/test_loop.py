@@ -1,0 +1,193 @@
+"""The batch loop end to end in memory: what a batch produces, the order in which it is made
+durable, the rewind after an aborted transaction, the restore by the partitions' next owner, a
+rebalance mid-stream, and each role's topics."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from schemas.attributed import AttributedUsage
+from schemas.dead_letter import HEADER_OFFSET, HEADER_REASON
+from streams.runtime.checkpoint import Unlanded
+from streams.runtime.memory import MemoryBroker, MemorySink
+from streams.runtime.ports import TransactionFailed
+from tests.runtime.conftest import CHANGELOG, TOPICS, alerts, cost_of, states, usage_event
+
+TENANTS = {0: "acme", 1: "globex"}
+
+
+def fill(broker: MemoryBroker, first: int, last: int) -> None:
+    """Events first..last-1, acme's on partition 0 and globex's on partition 1 (alternating)."""
+    for i in range(first, last):
+        partition = i % 2
+        broker.append(TOPICS.raw, partition, TENANTS[partition].encode(), usage_event(i, TENANTS[partition]))
+
+
+def expected_usage(last: int) -> dict[str, Decimal]:
+    totals: dict[str, Decimal] = {}
+    for i in range(last):
+        totals[TENANTS[i % 2]] = totals.get(TENANTS[i % 2], Decimal(0)) + cost_of(i)
+    return totals
+
+
+def expected_alerts(last: int) -> list[tuple[str, Decimal, str]]:
+    """The crossings of 50% and 100% of 1 USD, in event order per tenant (acme's partition first)."""
+    out = []
+    for partition, tenant in TENANTS.items():
+        total = Decimal(0)
+        for i in range(partition, last, 2):
+            before, total = total, total + cost_of(i)
+            out += [(tenant, Decimal(p), f"e-{i:05d}") for p in (50, 100) if before < Decimal(p) / 100 <= total]
+    return out
+
+
+def ledger_ids(sink: MemorySink) -> list[str]:
+    return [record.event_id for record in sink.tables.get("usage_ledger", [])]
+
+
+def test_a_batch_is_attributed_counted_landed_and_committed_with_its_dead_letters(make_worker):
+    broker = MemoryBroker(partitions=2)
+    fill(broker, 0, 60)
+    broker.append(TOPICS.raw, 0, b"acme", b'{"event_id": "bad-1"}')
+    broker.append(TOPICS.raw, 1, b"globex", b"\xff not utf-8")
+    worker = make_worker(broker, batch_size=7).start()
+    worker.committed_offsets(62)
+    worker.stop()
+
+    assert sorted(ledger_ids(worker.sink)) == [f"e-{i:05d}" for i in range(60)]
+    assert sum(r.cost_usd for r in worker.sink.tables["usage_ledger"]) == sum(map(cost_of, range(60)))
+    assert states(broker) == expected_usage(60)
+    assert alerts(broker) == expected_alerts(60) and len(expected_alerts(60)) == 4
+    assert sorted((a.tenant_id, a.threshold_percent, a.event_id) for a in worker.sink.tables["quota_alerts"]) == \
+        sorted(expected_alerts(60))
+    dead = broker.records(TOPICS.dlq)
+    assert [(d.value(), dict(d.headers())[HEADER_REASON], dict(d.headers())[HEADER_OFFSET]) for d in dead] == [
+        (b'{"event_id": "bad-1"}', b"invalid_event", b"30"), (b"\xff not utf-8", b"invalid_utf8", b"30")]
+    c = worker.counters
+    assert (c.events_in, c.attributed, c.dead_lettered, c.alerts, c.late, c.duplicates) == (62, 60, 2, 4, 0, 0)
+    assert c.positions == {(TOPICS.raw, 0): 31, (TOPICS.raw, 1): 31}
+    positions = {r.key(): r.value() for r in broker.records(CHANGELOG) if r.key().startswith(b"_offset")}
+    assert positions == {b"_offset|0": b"31", b"_offset|1": b"31"}
+    assert worker.checkpoint.ready.is_set() and worker.transactions.aborted == 0
+
+
+def test_a_transaction_is_written_only_once_its_batch_has_landed(make_worker):
+    broker = MemoryBroker(partitions=2)
+    fill(broker, 0, 8)
+    sink = MemorySink()
+    sink.hold()  # ClickHouse does not take the batch
+    worker = make_worker(broker, sink=sink, batch_size=100).start()
+    # The first poll reads all 8 events; the turn after the second waits in the checkpoint for the landing.
+    worker.until(lambda: worker.counters.events_in == 8 and worker.source.polls >= 2, "the next turn of the loop")
+    assert (worker.transactions.committed, worker.transactions.open, broker.group_offsets) == (0, None, {})
+    assert broker.records(TOPICS.state) == [] and broker.records(CHANGELOG) == []
+    sink.release()
+    worker.committed_offsets(8)
+    worker.stop()
+    assert worker.transactions.committed == 1 and sorted(ledger_ids(sink)) == [f"e-{i:05d}" for i in range(8)]
+
+
+def test_a_worker_stopped_while_its_batch_cannot_land_commits_nothing_of_it(make_worker):
+    broker = MemoryBroker(partitions=1)
+    broker.append(TOPICS.raw, 0, b"acme", usage_event(0))
+    sink = MemorySink()
+    sink.hold()
+    worker = make_worker(broker, sink=sink).start()
+    worker.until(lambda: worker.counters.events_in == 1, "the batch to be processed")
+    sink.stopping.set()  # the host stops the sink, then the loop
+    with pytest.raises(Unlanded, match="stopping with 1 unlanded rows"):
+        worker.stop()
+    assert (worker.transactions.committed, broker.group_offsets, broker.records(TOPICS.state)) == (0, {}, [])
+
+
+def test_an_aborted_transaction_is_rewound_and_its_events_counted_once(make_worker):
+    broker = MemoryBroker(partitions=2)
+    fill(broker, 0, 40)
+    worker = make_worker(broker, batch_size=10)
+    commit, failed = worker.transactions.commit, []
+
+    def commit_failing_after_the_first() -> None:
+        if worker.transactions.committed == 1 and len(failed) < 2:  # the next two commits fail
+            failed.append(1)
+            worker.changelog.fail_reads = 1   # and the rewind cannot read the changelog at once
+            raise TransactionFailed("injected: the transaction coordinator went away")
+        commit()
+
+    worker.transactions.commit = commit_failing_after_the_first
+    worker.start()
+    worker.committed_offsets(40)
+    worker.stop()
+
+    assert worker.transactions.aborted == 2
+    assert states(broker) == expected_usage(40)                 # counted once, not once per attempt
+    assert alerts(broker) == expected_alerts(40)                # each crossing published once
+    # The ledger saw the rewound batches land again: the same events, collapsing by event_id.
+    assert sorted(set(ledger_ids(worker.sink))) == [f"e-{i:05d}" for i in range(40)]
+    assert len(ledger_ids(worker.sink)) > 40
+
+
+def test_the_next_owner_restores_the_state_and_reads_on_from_the_committed_positions(make_worker):
+    broker = MemoryBroker(partitions=2)
+    fill(broker, 0, 30)
+    first = make_worker(broker, batch_size=8).start()
+    first.committed_offsets(30)
+    first.stop()
+    fill(broker, 30, 64)
+    second = make_worker(broker, batch_size=8)
+    second.changelog.fail_reads, second.source.fail_committed = 1, 1  # a broker still restarting
+    second.start()
+    second.committed_offsets(64)
+    second.stop()
+
+    assert second.counters.events_in == 34                       # nothing read twice
+    assert sorted(ledger_ids(first.sink) + ledger_ids(second.sink)) == [f"e-{i:05d}" for i in range(64)]
+    assert states(broker) == expected_usage(64)
+    assert alerts(broker) == expected_alerts(64)
+
+
+def test_a_rebalance_commits_the_batch_in_flight_and_restores_the_assignment(make_worker):
+    broker = MemoryBroker(partitions=2)
+    fill(broker, 0, 24)
+    worker = make_worker(broker, batch_size=6).start()
+    worker.committed_offsets(24)
+    worker.source.rebalance()
+    fill(broker, 24, 50)
+    worker.committed_offsets(50)
+    worker.stop()
+    assert states(broker) == expected_usage(50) and alerts(broker) == expected_alerts(50)
+    assert sorted(ledger_ids(worker.sink)) == [f"e-{i:05d}" for i in range(50)]
+
+
+def test_the_stream_role_publishes_what_the_sink_role_lands(make_worker):
+    broker = MemoryBroker(partitions=2)
+    fill(broker, 0, 40)
+    stream = make_worker(broker, role="stream", batch_size=9).start()
+    stream.committed_offsets(40)
+    stream.stop()
+    published = [AttributedUsage.model_validate_json(r.value()) for r in broker.records(TOPICS.attributed)]
+    assert sorted(r.event_id for r in published) == [f"e-{i:05d}" for i in range(40)]
+
+    broker.append(TOPICS.attributed, 0, b"acme", b'{"not": "a record"}')
+    sink = make_worker(broker, role="sink", batch_size=16).start()
+    sink.committed_offsets(41, TOPICS.attributed)
+    sink.committed_offsets(len(expected_alerts(40)), TOPICS.alerts)
+    sink.stop()
+    assert sorted(ledger_ids(sink.sink)) == [f"e-{i:05d}" for i in range(40)]
+    assert sum(r.cost_usd for r in sink.sink.tables["usage_ledger"]) == sum(map(cost_of, range(40)))
+    assert sorted(a.event_id for a in sink.sink.tables["quota_alerts"]) == sorted(a[2] for a in expected_alerts(40))
+    [dead] = broker.records(TOPICS.dlq)
+    assert dead.value() == b'{"not": "a record"}' and dict(dead.headers())[HEADER_REASON] == b"invalid_event"
+
+
+def test_backfilled_records_on_usage_attributed_are_landed_by_the_all_role(make_worker, attribution):
+    broker = MemoryBroker(partitions=1)
+    record = attribution.attribute_raw(usage_event(7))
+    broker.append(TOPICS.attributed, 0, b"acme", json.dumps(json.loads(record.model_dump_json())).encode())
+    worker = make_worker(broker).start()
+    worker.committed_offsets(1, TOPICS.attributed)
+    worker.stop()
+    assert ledger_ids(worker.sink) == ["e-00007"] and worker.counters.events_in == 0
+    assert broker.records(TOPICS.state) == []  # quota windows counted it when it first arrived
