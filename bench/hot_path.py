@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--distinct-tenants", action="store_true", help="every tenant occurs (round robin)")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    os.sched_setaffinity(0, {0})  # one core, as the engine thread has
+    os.sched_setaffinity(0, {0})  # one core, as the loop thread has
 
     start = datetime.now(UTC) - timedelta(minutes=10)
     events = list(Workload(args.events, tenants=args.tenants, seed=11, start=start).generate())
