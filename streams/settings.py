@@ -1,25 +1,8 @@
 """One typed settings object for every Costline process, read from the environment.
 
-| variable                  | default                              |
-|---------------------------|--------------------------------------|
-| KAFKA_BOOTSTRAP_SERVERS   | 127.0.0.1:9092                       |
-| CLICKHOUSE_URL            | chdb://<COSTLINE_HOME>/chdb          |
-| COSTLINE_HOME             | ./.costline                          |
-| COSTLINE_CONFIG_DIR       | the repository's config/ (prices.yaml, paths.yaml, plans.yaml) |
-| COSTLINE_TOPIC_PREFIX     | "" (e.g. "staging." gives staging.usage.raw) |
-| COSTLINE_APP_ID           | costline (Kafka consumer group)      |
-| COSTLINE_PARTITIONS       | 4 (partitions of topics Costline creates) |
-| COSTLINE_SINK_BATCH       | 5000 rows per ClickHouse insert      |
-| COSTLINE_SINK_WITHIN_S    | 0.1 (longest wait to fill a batch)   |
-| COSTLINE_WEB_HOST / _PORT | 127.0.0.1 / 6066 (worker health and query endpoint) |
-| COSTLINE_MAX_FUTURE_S     | 86400 (events further in the future are dead-lettered) |
-| COSTLINE_MAX_EVENT_BYTES  | 1048576 (larger payloads are dead-lettered) |
-| COSTLINE_LOG_LEVEL        | info                                 |
-| COSTLINE_ENFORCER_HOST / _PORT | 127.0.0.1 / 6067 (costline enforcer) |
-| COSTLINE_ENFORCER_TOKEN   | empty (decisions need this bearer token when set) |
-| COSTLINE_LOG_FORMAT       | text, or json (one JSON object per line) |
-| COSTLINE_ROLE             | all; or stream (validate → quotas, no database) / sink (ClickHouse only) |
-| COSTLINE_FAULT_INJECTION  | 0 (1 enables the worker's fault-injection endpoint, for fault tests) |
+Each field is read from the variable ``_ENV`` names; the README's Configuration table lists them
+with their defaults and meaning (keep the two together when adding one). A wrong value stops the
+process with one line naming the variable (``SettingsError``).
 """
 
 from __future__ import annotations

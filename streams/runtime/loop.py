@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from streams.runtime.checkpoint import Aborted, Checkpoint, Unlanded
 from streams.runtime.ports import Source, Transactions
@@ -35,17 +36,18 @@ EXIT_UNLANDED = 75
 EXIT_FAILED = 70
 
 
+@dataclass(kw_only=True)
 class BatchLoop:
-    def __init__(self, *, source: Source, topics: list[str], processor: BatchProcessor, checkpoint: Checkpoint,
-                 transactions: Transactions, batch_size: int, within_s: float, stopping: threading.Event) -> None:
-        self.source = source
-        self.topics = topics
-        self.processor = processor
-        self.checkpoint = checkpoint
-        self.transactions = transactions
-        self.batch_size = batch_size
-        self.within_s = within_s
-        self.stopping = stopping
+    """Reads batches of ``topics`` from ``source``, hands each to ``processor`` and ``checkpoint``."""
+
+    source: Source
+    topics: list[str]
+    processor: BatchProcessor
+    checkpoint: Checkpoint
+    transactions: Transactions
+    batch_size: int
+    within_s: float
+    stopping: threading.Event
 
     def run(self) -> None:
         """Until ``stopping`` is set; then commits what is in flight. Raises ``Unlanded`` when a

@@ -89,12 +89,9 @@ class BatchProcessor:
         read as its record is added, while the record is in the CPU's cache (see ``RecordBatch``)."""
         if (attribution is None) != (quotas is None) or (quotas is None) != (state is None):
             raise ValueError("usage.raw needs attribution, quotas and their state together")
-        self.topics = topics
-        self.counters = counters
-        self.attribution = attribution
-        self.quotas = quotas
-        self.state = state
-        self.read_rows = read_rows
+        self.topics, self.counters, self.read_rows = topics, counters, read_rows
+        #: The usage.raw stages and the quota stage's state (None in the sink role).
+        self.attribution, self.quotas, self.state = attribution, quotas, state
         self._parsers: dict[str, Callable[[bytes, Batch], None]] = {
             topics.attributed: self._attributed, topics.alerts: self._alert}
 

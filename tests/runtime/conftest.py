@@ -28,14 +28,8 @@ from streams.stages.quotas import QuotaEngine, QuotaTables, restore_entry
 TOPICS = Topics.with_prefix("")
 CHANGELOG = "costline-quota-changelog"
 #: A daily spend limit of 1 USD per tenant with alerts at 50% and 100%.
-PLANS = """
-dedup_seconds: 3600
-default_plan: metered
-plans:
-  metered:
-    limits:
-      - {id: daily-spend, metric: cost_usd, window: day, limit: 1, thresholds: [50, 100]}
-"""
+PLANS = ("default_plan: team\n"
+         "plans: {team: {limits: [{id: daily-spend, metric: cost_usd, window: day, limit: 1, thresholds: [50, 100]}]}}\n")
 AT = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(hours=1)
 
 
