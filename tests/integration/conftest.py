@@ -13,13 +13,12 @@ from confluent_kafka import Consumer, TopicPartition
 
 from streams.messaging.topics import ensure_topics
 from streams.operations.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics
-from streams.operations.processes import wait_for as wait_until  # noqa: F401 - the tests' name for it
 
 
 @pytest.fixture
-def pipeline(kafka_servers: str, tmp_path: Path) -> Iterator[WorkerProcess]:
-    """An isolated pipeline (its own topics, consumer group, embedded database, ports and a copy of
-    config/ to edit), with a worker ready to start."""
+def worker(kafka_servers: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+    """A worker, not started yet, of a pipeline of its own: its own topics, consumer group, embedded
+    database, ports and a copy of config/ to edit."""
     config_dir = tmp_path / "config"
     shutil.copytree(ROOT / "config", config_dir)
     env = isolated_env(tmp_path / "home", kafka_servers, config_dir, COSTLINE_PARTITIONS="4")

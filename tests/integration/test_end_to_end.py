@@ -11,8 +11,9 @@ from decimal import Decimal
 from schemas.dead_letter import DeadLetter
 from schemas.usage import TokenUsage, UsageEvent
 from streams.messaging.producer import UsageProducer
+from streams.operations.processes import wait_for
 from streams.storage.query import query
-from tests.integration.conftest import read_topic, wait_until
+from tests.integration.conftest import read_topic
 
 # Published prices in USD per million tokens: (input, cache read, cache write, output).
 PUBLISHED = {
@@ -64,14 +65,14 @@ def malformed(i: int) -> bytes:
     return json.dumps(good).encode()
 
 
-def test_valid_events_land_exactly_once_and_malformed_ones_are_dead_lettered(pipeline, kafka_servers):
-    settings = pipeline.settings
+def test_valid_events_land_exactly_once_and_malformed_ones_are_dead_lettered(worker, kafka_servers):
+    settings = worker.settings
     events = make_events(random.Random(20261127))
     expected_total = sum((expected_cost(e.provider, e.model, e.usage) for e in events), Decimal(0))
 
     bad = [malformed(i) for i in range(100)]
 
-    pipeline.start()
+    worker.start()
     with UsageProducer(kafka_servers, settings.topics.raw) as producer:
         for i, event in enumerate(events):
             producer.send(event)
@@ -82,7 +83,7 @@ def test_valid_events_land_exactly_once_and_malformed_ones_are_dead_lettered(pip
     def landed() -> int:
         return query(settings, "SELECT count() FROM usage").rows[0][0]
 
-    wait_until(lambda: landed() == VALID, 180, f"{VALID} rows in ClickHouse")
+    wait_for(lambda: landed() == VALID, 180, f"{VALID} rows in ClickHouse")
     count, total, unpriced, raw_rows = query(
         settings, "SELECT count(), sum(cost_usd), countIf(NOT priced), "
                   "(SELECT count() FROM usage_ledger) FROM usage").rows[0]
@@ -99,28 +100,28 @@ def test_valid_events_land_exactly_once_and_malformed_ones_are_dead_lettered(pip
     messages = Counter(d.message.split(":")[0] for d in dead if d.reason == "invalid_event")
     assert messages == {"tenant_id": 25, "usage.output_tokens": 25, "usage.input_tokens": 25}
 
-    health = pipeline.health()
+    health = worker.health()
     assert (health["events_in"], health["attributed"], health["dead_lettered"]) == (VALID + 100, VALID, 100)
     assert health["sinks"]["usage_ledger"]["landed"] == VALID
 
 
-def test_per_tenant_sums_match_and_unknown_models_are_kept_unpriced(pipeline, kafka_servers):
-    settings = pipeline.settings
+def test_per_tenant_sums_match_and_unknown_models_are_kept_unpriced(worker, kafka_servers):
+    settings = worker.settings
     at = datetime.now(UTC) - timedelta(minutes=5)
     usage = TokenUsage(input_tokens=2_000, cache_read_tokens=1_000, output_tokens=300)
-    pipeline.start()
+    worker.start()
     with UsageProducer(kafka_servers, settings.topics.raw) as producer:
         for i in range(30):
             producer.send(UsageEvent(event_id=f"k-{i}", timestamp=at, tenant_id=f"t{i % 3}", provider="openai",
                                      model="gpt-4o" if i % 10 else "gpt-unreleased", usage=usage))
-    wait_until(lambda: query(settings, "SELECT count() FROM usage").rows[0][0] == 30, 120, "30 rows")
+    wait_for(lambda: query(settings, "SELECT count() FROM usage").rows[0][0] == 30, 120, "30 rows")
     rows = query(settings, "SELECT tenant_id, count(), countIf(NOT priced), sum(cost_usd) FROM usage "
                            "GROUP BY tenant_id ORDER BY tenant_id").rows
     # gpt-4o: 1,000 × 2.50 + 1,000 × 1.25 + 300 × 10 per million = $0.00675 a call; 9 priced calls a tenant.
     assert rows == [[f"t{n}", 10, 1, Decimal("0.06075")] for n in range(3)]
 
 
-def test_poison_records_are_dead_lettered_and_the_worker_keeps_going(pipeline, kafka_servers):
+def test_poison_records_are_dead_lettered_and_the_worker_keeps_going(worker, kafka_servers):
     now = datetime.now(UTC)
     good = {"event_id": "ok-1", "timestamp": now.isoformat(), "tenant_id": "t", "provider": "openai",
             "model": "gpt-4o", "usage": {"input_tokens": 1000, "output_tokens": 100}}
@@ -133,16 +134,16 @@ def test_poison_records_are_dead_lettered_and_the_worker_keeps_going(pipeline, k
         "timestamp_out_of_range": json.dumps({**good, "timestamp": "2099-01-01T00:00:00Z"}).encode(),
     }
     absurd = json.dumps({**good, "usage": {"input_tokens": 10**15}}).encode()
-    pipeline.start()
-    with UsageProducer(kafka_servers, pipeline.settings.topics.raw, config={"message.max.bytes": 8_000_000}) as p:
+    worker.start()
+    with UsageProducer(kafka_servers, worker.settings.topics.raw, config={"message.max.bytes": 8_000_000}) as p:
         for value in [*poison.values(), absurd]:
             p.send_raw(value, key=b"t")
         p.send(good)
-    wait_until(lambda: query(pipeline.settings, "SELECT count() FROM usage").rows[0][0] == 1, 60, "the good event")
+    wait_for(lambda: query(worker.settings, "SELECT count() FROM usage").rows[0][0] == 1, 60, "the good event")
     dead = [DeadLetter.from_record(m.key(), m.value(), m.headers())
-            for m in read_topic(kafka_servers, pipeline.settings.topics.dlq, 7, 60)]
+            for m in read_topic(kafka_servers, worker.settings.topics.dlq, 7, 60)]
     assert sorted(d.reason for d in dead) == sorted([*poison, "invalid_event"])
     by_reason = {d.reason: d for d in dead if d.value != absurd}
     assert {reason: by_reason[reason].value for reason in poison} == poison, "each kept whole, as sent"
     assert by_reason["payload_too_large"].message == "5242891 bytes exceeds the 1048576-byte limit"
-    assert pipeline.health()["dead_lettered"] == 7 and pipeline.running
+    assert worker.health()["dead_lettered"] == 7 and worker.running

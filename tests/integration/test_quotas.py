@@ -16,9 +16,9 @@ from aiokafka.partitioner import murmur2
 from schemas.quota import QuotaAlert, QuotaState
 from schemas.usage import TokenUsage, UsageEvent
 from streams.messaging.producer import UsageProducer
-from streams.operations.processes import EnforcerProcess
+from streams.operations.processes import EnforcerProcess, wait_for
 from streams.storage.query import query
-from tests.integration.conftest import read_topic, wait_until
+from tests.integration.conftest import read_topic
 
 # gpt-4o: 10,000 input tokens × $2.50/M + 1,000 output tokens × $10/M = $0.035 a call.
 CALL = TokenUsage(input_tokens=10_000, output_tokens=1_000)
@@ -33,8 +33,8 @@ plans:
 """
 
 
-def use_plans(pipeline, text=PLANS):
-    (pipeline.settings.config_dir / "plans.yaml").write_text(text)
+def use_plans(worker, text=PLANS):
+    (worker.settings.config_dir / "plans.yaml").write_text(text)
 
 
 def call(event_id, tenant, at, usage=CALL):
@@ -42,14 +42,14 @@ def call(event_id, tenant, at, usage=CALL):
                       usage=usage)
 
 
-def alerts(pipeline, kafka_servers, expected, timeout_s=60):
-    records = read_topic(kafka_servers, pipeline.settings.topics.alerts, expected, timeout_s)
+def alerts(worker, kafka_servers, expected, timeout_s=60):
+    records = read_topic(kafka_servers, worker.settings.topics.alerts, expected, timeout_s)
     return [QuotaAlert.model_validate_json(m.value()) for m in sorted(records, key=lambda m: m.offset())]
 
 
-def latest_states(pipeline, kafka_servers, expected):
+def latest_states(worker, kafka_servers, expected):
     """The last state published for each (tenant, limit, scope, window)."""
-    records = read_topic(kafka_servers, pipeline.settings.topics.state, expected, 60)
+    records = read_topic(kafka_servers, worker.settings.topics.state, expected, 60)
     latest = {}
     for m in sorted(records, key=lambda m: (m.partition(), m.offset())):
         s = QuotaState.model_validate_json(m.value())
@@ -57,11 +57,11 @@ def latest_states(pipeline, kafka_servers, expected):
     return latest
 
 
-def wait_for_window_usage(pipeline, kafka_servers, tenant, usage, timeout_s=60):
+def wait_for_window_usage(worker, kafka_servers, tenant, usage, timeout_s=60):
     def reached():
-        states = latest_states(pipeline, kafka_servers, 1)
+        states = latest_states(worker, kafka_servers, 1)
         return any(s.tenant_id == tenant and s.usage == usage for s in states.values())
-    wait_until(reached, timeout_s, f"window usage {usage} for {tenant}", interval_s=0.5)
+    wait_for(reached, timeout_s, f"window usage {usage} for {tenant}", interval_s=0.5)
 
 
 def first_crossing(costs: list[Decimal], amount: Decimal) -> int:
@@ -74,9 +74,9 @@ def first_crossing(costs: list[Decimal], amount: Decimal) -> int:
 
 
 @pytest.fixture
-def enforcer(pipeline):
-    process = EnforcerProcess({**pipeline.env, "COSTLINE_ENFORCER_TOKEN": "s3cret"},
-                              pipeline.log_path.parent / "enforcer.log")
+def enforcer(worker):
+    process = EnforcerProcess({**worker.env, "COSTLINE_ENFORCER_TOKEN": "s3cret"},
+                              worker.log_path.parent / "enforcer.log")
     yield process
     process.stop()
 
@@ -88,9 +88,9 @@ def decision(url, tenant, token="s3cret"):
 
 
 def test_crossing_50_80_100_percent_gives_three_alerts_in_order_and_the_enforcer_blocks(
-        pipeline, kafka_servers, enforcer):
-    use_plans(pipeline)
-    pipeline.start()
+        worker, kafka_servers, enforcer):
+    use_plans(worker)
+    worker.start()
     url = enforcer.start().url
     now = datetime.now(UTC)
     start = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -99,11 +99,11 @@ def test_crossing_50_80_100_percent_gives_three_alerts_in_order_and_the_enforcer
         decision(url, "acme", token="wrong")
     assert refused.value.code == 401
 
-    with UsageProducer(kafka_servers, pipeline.settings.topics.raw) as producer:
+    with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
         for i in range(40):
             producer.send(call(f"acme-{i:02d}", "acme", max(start, now - timedelta(seconds=40 - i))))
 
-    got = alerts(pipeline, kafka_servers, 3)
+    got = alerts(worker, kafka_servers, 3)
     # $0.035 a call: 50% ($0.50) at the 15th call, 80% ($0.80) at the 23rd, 100% ($1.00) at the 29th.
     assert [(a.threshold_percent, a.level, a.usage, a.event_id) for a in got] == [
         (Decimal(50), "warning", Decimal("0.525"), "acme-14"),
@@ -116,44 +116,44 @@ def test_crossing_50_80_100_percent_gives_three_alerts_in_order_and_the_enforcer
         d = decision(url, "acme")
         return d if d["decision"] == "block" else None
 
-    blocked_decision = wait_until(blocked, 30, "the enforcer to block acme")
+    blocked_decision = wait_for(blocked, 30, "the enforcer to block acme")
     assert blocked_decision["limits"][0]["limit_id"] == "daily-spend"
-    wait_for_window_usage(pipeline, kafka_servers, "acme", 40 * CALL_COST)
+    wait_for_window_usage(worker, kafka_servers, "acme", 40 * CALL_COST)
     assert decision(url, "acme")["limits"][0]["usage"] == "1.400000000000"
     assert decision(url, "globex")["decision"] == "allow"
 
-    rows = wait_until(lambda: query(pipeline.settings, "SELECT threshold_percent, level, event_id FROM "
+    rows = wait_for(lambda: query(worker.settings, "SELECT threshold_percent, level, event_id FROM "
                                                        "quota_alert_history ORDER BY threshold_percent").rows
-                      if query(pipeline.settings, "SELECT count() FROM quota_alert_history").rows[0][0] == 3
+                      if query(worker.settings, "SELECT count() FROM quota_alert_history").rows[0][0] == 3
                       else None, 60, "3 alerts in ClickHouse")
     assert rows == [[Decimal(50), "warning", "acme-14"], [Decimal(80), "warning", "acme-22"],
                     [Decimal(100), "hard_cap", "acme-28"]]
 
 
-def test_worker_restart_mid_window_neither_repeats_alerts_nor_loses_counts(pipeline, kafka_servers):
-    use_plans(pipeline)
-    pipeline.start()
+def test_worker_restart_mid_window_neither_repeats_alerts_nor_loses_counts(worker, kafka_servers):
+    use_plans(worker)
+    worker.start()
     at = datetime.now(UTC) - timedelta(minutes=1)
-    with UsageProducer(kafka_servers, pipeline.settings.topics.raw) as producer:
+    with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
         for i in range(20):  # crosses 50% ($0.70 after 20 calls)
             producer.send(call(f"r-{i:02d}", "restart-co", at))
-    wait_for_window_usage(pipeline, kafka_servers, "restart-co", 20 * CALL_COST)
-    assert pipeline.stop() == 0
+    wait_for_window_usage(worker, kafka_servers, "restart-co", 20 * CALL_COST)
+    assert worker.stop() == 0
 
-    pipeline.start()
-    with UsageProducer(kafka_servers, pipeline.settings.topics.raw) as producer:
+    worker.start()
+    with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
         for i in range(20, 40):
             producer.send(call(f"r-{i:02d}", "restart-co", at))
-    wait_for_window_usage(pipeline, kafka_servers, "restart-co", 40 * CALL_COST)
+    wait_for_window_usage(worker, kafka_servers, "restart-co", 40 * CALL_COST)
 
-    got = alerts(pipeline, kafka_servers, 3)
+    got = alerts(worker, kafka_servers, 3)
     assert [(a.threshold_percent, a.event_id) for a in got] == [
         (Decimal(50), "r-14"), (Decimal(80), "r-22"), (Decimal(100), "r-28")]
 
 
-def test_late_and_out_of_order_events_inside_the_grace_period_land_in_their_own_window(pipeline, kafka_servers):
-    use_plans(pipeline)
-    pipeline.start()
+def test_late_and_out_of_order_events_inside_the_grace_period_land_in_their_own_window(worker, kafka_servers):
+    use_plans(worker)
+    worker.start()
     midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
     day1, day2 = midnight - timedelta(days=1), midnight
     sequence = [  # (event id, event time, tokens) in the order they are produced; grace is 5 minutes
@@ -163,57 +163,57 @@ def test_late_and_out_of_order_events_inside_the_grace_period_land_in_their_own_
         ("d", midnight + timedelta(minutes=7), 8_000),   # day 2: the watermark passes day 1's grace
         ("e", midnight - timedelta(seconds=30), 16_000),  # day 1, too late: ledger only, flagged
     ]
-    with UsageProducer(kafka_servers, pipeline.settings.topics.raw) as producer:
+    with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
         for event_id, at, tokens in sequence:
             producer.send(call(event_id, "late-co", at, TokenUsage(input_tokens=tokens)))
 
     def settled():
-        return query(pipeline.settings, "SELECT count() FROM usage WHERE tenant_id = 'late-co'").rows[0][0] == 5
-    wait_until(settled, 60, "5 rows")
-    wait_for_window_usage(pipeline, kafka_servers, "late-co", Decimal("0.025"))
-    windows = {k[3]: s.usage for k, s in latest_states(pipeline, kafka_servers, 2).items() if k[0] == "late-co"}
+        return query(worker.settings, "SELECT count() FROM usage WHERE tenant_id = 'late-co'").rows[0][0] == 5
+    wait_for(settled, 60, "5 rows")
+    wait_for_window_usage(worker, kafka_servers, "late-co", Decimal("0.025"))
+    windows = {k[3]: s.usage for k, s in latest_states(worker, kafka_servers, 2).items() if k[0] == "late-co"}
     # $2.50 per million input tokens: day 1 = a + c = 5,000 tokens, day 2 = b + d = 10,000 tokens.
     assert windows == {day1: Decimal("0.0125"), day2: Decimal("0.025")}
-    flags = query(pipeline.settings, "SELECT event_id, late FROM usage WHERE tenant_id = 'late-co' "
+    flags = query(worker.settings, "SELECT event_id, late FROM usage WHERE tenant_id = 'late-co' "
                                      "ORDER BY event_id").rows
     assert flags == [["a", False], ["b", False], ["c", False], ["d", False], ["e", True]]
 
 
-def test_two_tenants_on_different_partitions_never_affect_each_other(pipeline, kafka_servers):
-    use_plans(pipeline)
-    partitions = pipeline.settings.partitions
+def test_two_tenants_on_different_partitions_never_affect_each_other(worker, kafka_servers):
+    use_plans(worker)
+    partitions = worker.settings.partitions
     names = [f"tenant-{i}" for i in range(50)]
     heavy = names[0]
     light = next(n for n in names if (murmur2(n.encode()) & 0x7FFFFFFF) % partitions
                  != (murmur2(heavy.encode()) & 0x7FFFFFFF) % partitions)
-    pipeline.start()
+    worker.start()
     at = datetime.now(UTC) - timedelta(minutes=1)
-    with UsageProducer(kafka_servers, pipeline.settings.topics.raw) as producer:
+    with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
         for i in range(35):
             producer.send(call(f"h-{i}", heavy, at))
             if i % 7 == 0:
                 producer.send(call(f"l-{i}", light, at))
-    wait_for_window_usage(pipeline, kafka_servers, heavy, 35 * CALL_COST)
-    wait_for_window_usage(pipeline, kafka_servers, light, 5 * CALL_COST)
-    got = alerts(pipeline, kafka_servers, 3)
+    wait_for_window_usage(worker, kafka_servers, heavy, 35 * CALL_COST)
+    wait_for_window_usage(worker, kafka_servers, light, 5 * CALL_COST)
+    got = alerts(worker, kafka_servers, 3)
     assert {a.tenant_id for a in got} == {heavy} and len(got) == 3
 
 
 def test_hundreds_of_concurrent_producers_sum_exactly_and_the_hard_cap_fires_on_the_crossing_event(
-        pipeline, kafka_servers):
-    use_plans(pipeline, PLANS.replace("limit: 1.00", "limit: 50.00"))
-    pipeline.start()
+        worker, kafka_servers):
+    use_plans(worker, PLANS.replace("limit: 1.00", "limit: 50.00"))
+    worker.start()
     at = datetime.now(UTC) - timedelta(minutes=1)
     producers, per_producer = 200, 10
     costs: dict[str, Decimal] = {}
     errors = []
 
-    def produce(worker: int) -> None:
+    def produce(n: int) -> None:
         try:
-            with UsageProducer(kafka_servers, pipeline.settings.topics.raw, config={"linger.ms": 0}) as producer:
+            with UsageProducer(kafka_servers, worker.settings.topics.raw, config={"linger.ms": 0}) as producer:
                 for j in range(per_producer):
-                    tokens = 1_000 * (1 + (worker * per_producer + j) % 97)  # varied sizes
-                    event_id = f"c-{worker:03d}-{j}"
+                    tokens = 1_000 * (1 + (n * per_producer + j) % 97)  # varied sizes
+                    event_id = f"c-{n:03d}-{j}"
                     costs[event_id] = Decimal(tokens) * Decimal("2.5") / 1_000_000
                     producer.send(call(event_id, "crowd", at, TokenUsage(input_tokens=tokens)))
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
@@ -226,17 +226,17 @@ def test_hundreds_of_concurrent_producers_sum_exactly_and_the_hard_cap_fires_on_
         t.join(120)
     assert errors == [] and len(costs) == producers * per_producer
     total = sum(costs.values(), Decimal(0))
-    wait_for_window_usage(pipeline, kafka_servers, "crowd", total, timeout_s=120)
+    wait_for_window_usage(worker, kafka_servers, "crowd", total, timeout_s=120)
 
     # The order the worker saw: the tenant's partition of usage.raw, in offset order.
-    raw = read_topic(kafka_servers, pipeline.settings.topics.raw, len(costs), 60)
+    raw = read_topic(kafka_servers, worker.settings.topics.raw, len(costs), 60)
     in_order = [json.loads(m.value())["event_id"] for m in sorted(raw, key=lambda m: m.offset())
                 if m.key() == b"crowd"]
     assert len(in_order) == len(costs) and len({m.partition() for m in raw if m.key() == b"crowd"}) == 1
     crossing = in_order[first_crossing([costs[e] for e in in_order], Decimal(50))]
-    hard = [a for a in alerts(pipeline, kafka_servers, 3) if a.level == "hard_cap"]
+    hard = [a for a in alerts(worker, kafka_servers, 3) if a.level == "hard_cap"]
     assert [a.event_id for a in hard] == [crossing]
     by_level = defaultdict(int)
-    for a in alerts(pipeline, kafka_servers, 3):
+    for a in alerts(worker, kafka_servers, 3):
         by_level[a.level] += 1
     assert dict(by_level) == {"warning": 2, "hard_cap": 1}

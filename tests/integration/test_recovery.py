@@ -10,22 +10,22 @@ from decimal import Decimal
 
 from schemas.usage import TokenUsage, UsageEvent
 from streams.messaging.producer import UsageProducer
-from streams.operations.processes import ROOT
+from streams.operations.processes import ROOT, wait_for
 from streams.storage.query import query
-from tests.integration.conftest import read_topic, wait_until
+from tests.integration.conftest import read_topic
 
 
-def costline(pipeline, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "streams.cli", *args], env=pipeline.env, cwd=ROOT,
+def costline(worker, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "streams.cli", *args], env=worker.env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return " ".join(done.stdout.split())
 
 
-def test_replay_and_backfill_leave_totals_exact(pipeline, kafka_servers):
-    settings = pipeline.settings
+def test_replay_and_backfill_leave_totals_exact(worker, kafka_servers):
+    settings = worker.settings
     at = datetime.now(UTC) - timedelta(minutes=10)
-    pipeline.start()
+    worker.start()
     with UsageProducer(kafka_servers, settings.topics.raw) as producer:
         for i in range(5):  # gpt-4o: 1,000 × $2.50/M + 100 × $10/M = $0.0035 each
             producer.send(UsageEvent(event_id=f"r-{i}", timestamp=at, tenant_id="acme", provider="openai",
@@ -37,16 +37,16 @@ def test_replay_and_backfill_leave_totals_exact(pipeline, kafka_servers):
     def totals():
         return query(settings, "SELECT count(), sum(cost_usd), (SELECT count() FROM usage_ledger) FROM usage").rows[0]
 
-    wait_until(lambda: totals()[0] == 5, 60, "5 rows")
+    wait_for(lambda: totals()[0] == 5, 60, "5 rows")
     assert len(read_topic(kafka_servers, settings.topics.dlq, 3, 30)) == 3
 
-    assert costline(pipeline, "replay", "--from-dlq") == "read 3 dead letters, re-submitted 3"
+    assert costline(worker, "replay", "--from-dlq") == "read 3 dead letters, re-submitted 3"
     assert len(read_topic(kafka_servers, settings.topics.dlq, 6, 30)) == 6      # still invalid: back, with reasons
-    assert costline(pipeline, "replay", "--from-dlq") == "read 3 dead letters, re-submitted 3"  # only the new ones
-    assert costline(pipeline, "replay", "--from-dlq", "--reason", "invalid_json") == "read 3 dead letters, " \
+    assert costline(worker, "replay", "--from-dlq") == "read 3 dead letters, re-submitted 3"  # only the new ones
+    assert costline(worker, "replay", "--from-dlq", "--reason", "invalid_json") == "read 3 dead letters, " \
         "re-submitted 0, left 3 with other reasons"
 
-    out = costline(pipeline, "backfill", "--since", (at - timedelta(seconds=1)).isoformat())
+    out = costline(worker, "backfill", "--since", (at - timedelta(seconds=1)).isoformat())
     assert out.startswith("read ") and "re-attributed 5," in out and "'invalid_event'" in out
-    wait_until(lambda: totals()[2] >= 10, 60, "the backfilled rows to land")
+    wait_for(lambda: totals()[2] >= 10, 60, "the backfilled rows to land")
     assert totals()[:2] == [5, Decimal("0.0175")]  # each event once in the deduplicated ledger, exact sum

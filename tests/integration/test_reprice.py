@@ -9,14 +9,14 @@ from decimal import Decimal
 
 from schemas.usage import TokenUsage, UsageEvent
 from streams.messaging.producer import UsageProducer
+from streams.operations.processes import ROOT, wait_for
 from streams.storage.query import query
-from tests.integration.conftest import ROOT, wait_until
 
 
-def test_new_override_reprices_stored_usage_and_keeps_the_old_figures(pipeline, kafka_servers):
-    settings = pipeline.settings
+def test_new_override_reprices_stored_usage_and_keeps_the_old_figures(worker, kafka_servers):
+    settings = worker.settings
     at = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
-    pipeline.start()
+    worker.start()
     with UsageProducer(kafka_servers, settings.topics.raw) as producer:
         for i in range(20):
             producer.send(UsageEvent(event_id=f"gpt-{i}", timestamp=at + timedelta(seconds=i), tenant_id="acme",
@@ -35,7 +35,7 @@ def test_new_override_reprices_stored_usage_and_keeps_the_old_figures(pipeline, 
         return query(settings, "SELECT provider, count(), countIf(priced), sum(cost_usd) FROM usage "
                                "GROUP BY provider ORDER BY provider").rows
 
-    wait_until(lambda: sum(r[1] for r in totals()) == 30, 120, "30 rows")
+    wait_for(lambda: sum(r[1] for r in totals()) == 30, 120, "30 rows")
     # gpt-4o 10,000 × 2.50 + 1,000 × 10 = $0.035 a call; Anthropic $0.0138 a call (see test_pricing).
     assert totals() == [["anthropic", 5, 5, Decimal("0.069")], ["openai", 20, 20, Decimal("0.7")],
                         ["selfhosted", 5, 0, Decimal(0)]]
@@ -49,7 +49,7 @@ discounts:
   - {{name: acme deal, tenant: acme, provider: openai, percent: 20, effective_from: "{(at + timedelta(seconds=10)).isoformat()}"}}
 """)
     done = subprocess.run([sys.executable, "-m", "streams.cli", "reprice", "--since", at.date().isoformat()],
-                          env=pipeline.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          env=worker.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "30 events (15 changed)" in done.stdout.replace("\n", " ")
     assert "restart the worker" in done.stderr  # the worker still prices new events with revision 1

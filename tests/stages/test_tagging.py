@@ -67,6 +67,6 @@ def test_shipped_config_files_are_valid():
 
     from streams.stages.attribution import Attribution
 
-    attribution = Attribution.from_config_dir(Path(__file__).resolve().parent.parent / "config")
+    attribution = Attribution.from_config_dir(Path(__file__).resolve().parents[2] / "config")
     assert attribution.pricer.version == "genai-prices 0.2.3; prices.yaml r1"
     assert attribution.paths.path_for(event(service="support-bot", feature="answer")) == "support-bot/answer"
