@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from streams.operations.processes import ROOT, get_json, wait_for
+from streams.httpjson import get_json
+from streams.operations.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics, wait_for
 from tests.faults.conftest import FULL, REPORT, Pipeline
 
 
@@ -102,3 +103,21 @@ def test_two_workers_share_the_partitions_with_rebalances_mid_stream(pipeline: P
     assert_exact(pipeline.reconcile(load.sent), pipeline, load.sent)
     health = get_json(f"{second.settings.web_url}/v1/health")
     assert health["events_in"] > 0
+
+
+def test_a_worker_started_on_topics_it_creates_itself_is_ready_every_time(kafka_servers, tmp_path):
+    """Partitions of a topic created a moment ago have no leader yet, and a start that reads them
+    then must wait, not fail."""
+    starts = 10 if FULL else 4
+    ready_in = []
+    for i in range(starts):
+        env = isolated_env(tmp_path / f"home-{i}", kafka_servers, ROOT / "config")
+        worker = WorkerProcess(env, tmp_path / f"worker-{i}.log")
+        started = time.monotonic()
+        try:
+            worker.start(timeout_s=60)  # the worker creates its topics
+            ready_in.append(time.monotonic() - started)
+        finally:
+            worker.stop()
+            remove_isolated_topics(worker.settings)
+    REPORT.append(f"fresh-topic-starts: {len(ready_in)} of {starts} ready, in {min(ready_in):.1f}-{max(ready_in):.1f} s")
