@@ -115,11 +115,15 @@ def retrying(call: Callable[[], T], timeout_s: float = 60.0) -> T:
         try:
             return call()
         except KafkaException as exc:
-            error = exc.args[0]
-            transient = isinstance(error, KafkaError) and (error.retriable() or error.code() in _STARTING)
-            if not transient or time.monotonic() > deadline:
+            if not is_transient(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def is_transient(exc: KafkaException) -> bool:
+    """Whether the cluster may answer if asked again (a broker starting, moving a leader or away)."""
+    error = exc.args[0]
+    return isinstance(error, KafkaError) and (error.retriable() or error.code() in _STARTING)
 
 
 def changelog_topic(settings: Settings) -> str:

@@ -17,13 +17,14 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from clickhouse_connect.driver.client import Client
 from pydantic import AwareDatetime, BaseModel, ConfigDict, model_validator
 
 from schemas.attributed import MAX_COST_USD, AttributedUsage
 from schemas.usage import TokenUsage, UsageEvent
 from streams.errors import CostlineError
 from streams.stages.attribution import Attribution, beyond_ledger
-from streams.storage.sink import ClickHouseSink
+from streams.storage.sink import ClickHouseSink, SinkFailed
 from streams.storage.tables import AUDIT, LEDGER, REPRICE_RUNS, RepriceRun, Superseded
 
 _TOKENS = list(TokenUsage.model_fields)
@@ -106,7 +107,11 @@ def reprice(
     until: datetime | None = None,
     tenant: str | None = None,
     page_size: int = 10_000,
+    reader: Client | None = None,
 ) -> RepriceResult:
+    """Re-prices the stored events of [since, until) (of one tenant); reads with ``reader`` (by
+    default the sink's read-only client), writes through ``sink``."""
+    reader = reader or sink.reader
     started = datetime.now(UTC)
     result = RepriceResult(reprice_id=uuid.uuid4().hex, pricing_version=attribution.pricer.version)
     where = ["event_time >= {since:DateTime64(3, 'UTC')}"]
@@ -124,7 +129,7 @@ def reprice(
             page_where.append("(tenant_id, event_time, event_id) > "
                               "({t:String}, {ts:DateTime64(3, 'UTC')}, {e:String})")
             params.update(t=after[0], ts=after[1], e=after[2])
-        rows = sink.reader.query(
+        rows = reader.query(
             f"SELECT {', '.join(_SELECT)} FROM usage_ledger FINAL WHERE {' AND '.join(page_where)} "
             f"ORDER BY tenant_id, event_time, event_id LIMIT {int(page_size)}",
             parameters=params,
@@ -141,13 +146,19 @@ def reprice(
                                      f"then re-price again ({result.events:,} events were re-priced before its page, "
                                      "none of that page)")
         superseded = _supersede(result, page, fresh, now)
-        sink.land([(LEDGER, fresh), (AUDIT, superseded)], attempts=_WRITE_ATTEMPTS).result()
+        # The old figures first: written after the new ones, a failure between the two would lose them.
+        _write(sink, [(AUDIT, superseded), (LEDGER, fresh)])
         last = page[-1]
         after = (last["tenant_id"], _utc(last["event_time"]), last["event_id"])
     run = RepriceRun(result.reprice_id, started, since, until, tenant, result.events, result.changed,
                      result.old_cost_usd, result.new_cost_usd, result.pricing_version)
-    sink.land([(REPRICE_RUNS, [run])], attempts=_WRITE_ATTEMPTS).result()
+    _write(sink, [(REPRICE_RUNS, [run])])
     return result
+
+
+def _write(sink: ClickHouseSink, parts: list[tuple[Any, list[Any]]]) -> None:
+    if not sink.land(parts, attempts=_WRITE_ATTEMPTS).result():
+        raise SinkFailed("the worker is stopping: re-price again once it runs")
 
 
 def _supersede(result: RepriceResult, old: list[dict[str, Any]], new: list[AttributedUsage],

@@ -31,12 +31,15 @@ written again, and collapse by ``event_id`` in the ledger (a ReplacingMergeTree)
 
 **Rebalance**: before partitions are revoked, the batch in flight is committed (steps 2-4);
 when partitions are assigned, their state is restored and reading starts at their positions.
+Partitions *lost* (the worker missed its session timeout, and another may own them already) get
+nothing more written: the batch in flight is dropped unwritten.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
@@ -64,6 +67,8 @@ T = TypeVar("T")
 
 #: Waits between attempts to restore the last committed state after an aborted batch.
 _REWIND_BACKOFF = Backoff(first_s=0.5, max_s=5.0)
+#: How long a restore is retried before the worker gives up (below the consumer's 300 s poll interval).
+RESTORE_DEADLINE_S = 240.0
 
 
 class Aborted(Exception):
@@ -198,28 +203,53 @@ class Checkpoint:
     # ---- rewind and rebalance ------------------------------------------------------------------
 
     def rewind(self) -> None:
-        """After ``Aborted``: the state and positions of the last committed batch."""
-        starts = self._restore()
-        committed = self._retrying(lambda: self.source.committed([key for key in sorted(self.assigned)
-                                                                   if key not in starts]))
-        for key in sorted(self.assigned):
-            offset = starts.get(key, (committed or {}).get(key, -1))
-            self.source.seek(key, offset if offset >= 0 else BEGINNING)
+        """After ``Aborted``: the state and positions of the last committed batch, and the source
+        sought back to them."""
+        def restore_and_seek() -> None:
+            starts = self._restore()
+            rest = [key for key in sorted(self.assigned) if key not in starts]
+            committed = self.source.committed(rest)
+            for key in sorted(self.assigned):
+                offset = starts.get(key, committed.get(key, -1))
+                self.source.seek(key, offset if offset >= 0 else BEGINNING)
+
+        self._retrying(restore_and_seek)
 
     def on_assign(self, partitions: list[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
         """Restores the state of the usage.raw partitions assigned; returns where to start them."""
         self.assigned.update(partitions)
-        starts = self._restore()
+        starts = self._retrying(self._restore) or {}
         self.ready.set()
         return starts
 
     def on_revoke(self, partitions: list[TopicPartitionKey]) -> None:
         """Commits the batch in flight, which still belongs to this worker, then drops the state
         (the consumer rebalances eagerly: every partition is revoked, the new set restored whole)."""
+        self.ready.clear()
         try:
             self.close()
         except Aborted:
             pass  # not committed: the partitions' next owner reads it again
+        self._drop(partitions)
+
+    def on_lost(self, partitions: list[TopicPartitionKey]) -> None:
+        """The partitions were taken away without a revoke (this worker missed its session timeout):
+        another worker may own them already, so nothing more is written for them. The staged batch
+        is dropped unwritten; a commit already under way cannot be called back, and is waited for
+        without step 4."""
+        self.ready.clear()
+        self._pending = None
+        if self._committing is not None:
+            _, commit = self._committing
+            self._committing = None
+            try:
+                commit.result()
+            except TransactionFailed:
+                self.transactions.abort()
+        log.warning("lost %s without a revoke; their batch in flight is left to their next owner", partitions)
+        self._drop(partitions)
+
+    def _drop(self, partitions: list[TopicPartitionKey]) -> None:
         self.assigned.difference_update(partitions)
         if self.state is not None:
             self.state.clear()
@@ -232,21 +262,27 @@ class Checkpoint:
             return {}
         raw = self.topics.raw
         numbers = sorted(p for topic, p in self.assigned if topic == raw)
-        read = self._retrying(lambda: self.state.load(self.changelog.read(self.state.topic, numbers)))
+        read = self.state.load(self.changelog.read(self.state.topic, numbers))
         self.on_restore()
-        log.info("restored %d quota records of %s%s", read or 0, raw, numbers)
+        log.info("restored %d quota records of %s%s", read, raw, numbers)
         return {(raw, p): offset for p, offset in self.state.offsets.items()}
 
     def _retrying(self, call: Callable[[], T]) -> T | None:
         """``call``, tried again while the cluster cannot answer (an abort or a rebalance often means
-        a broker went away); None if the worker stops first (then nothing more is committed, and
-        the partitions' next owner reads on from the last commit)."""
+        a broker went away), for up to ``RESTORE_DEADLINE_S``; None if the worker stops first (then
+        nothing more is committed, and the partitions' next owner reads on from the last commit).
+        Past the deadline the error is raised, and the worker exits for its supervisor to restart
+        it: retried longer, the consumer would exceed its poll interval inside a rebalance callback
+        and be expelled from the group while it still holds the partitions."""
+        deadline = time.monotonic() + RESTORE_DEADLINE_S
         attempt = 0
         while True:
             try:
                 return call()
             except TransportError as exc:
                 wait = _REWIND_BACKOFF.delay(attempt)
+                if time.monotonic() + wait > deadline:
+                    raise
                 log.warning("reading the last committed state failed (%s); retrying in %.1fs", exc, wait)
                 attempt += 1
                 if self.stopping.wait(wait):

@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import faust
 import mode
+from clickhouse_connect.driver.client import Client
 from faust.app.base import BootStrategy
 
-from streams.operations.reprice import RepriceRefused, RepriceWindow, reprice
+from streams.operations.reprice import RepriceRefused, RepriceResult, RepriceWindow, reprice
 from streams.runtime.checkpoint import Checkpoint
 from streams.runtime.loop import LoopThread
 from streams.runtime.metrics import Counters, render
 from streams.settings import Settings
 from streams.stages.attribution import Attribution
 from streams.storage.faults import ClickHouseFaults
-from streams.storage.query import QueryError, run_readonly
+from streams.storage.query import QueryError, connect_readonly, run_readonly
 from streams.storage.sink import ClickHouseSink, SinkFailed
 
 
@@ -107,6 +107,15 @@ def _add_database(app: faust.App, settings: Settings, sink: ClickHouseSink, faul
     """The endpoints of the worker that has the database open: queries, re-pricing, fault injection."""
     #: The one thread that uses the reader client.
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-reader")
+    #: Re-pricing runs on a thread and a read-only client of its own: a run can take minutes, and
+    #: queries (``costline query``, backfill's look-up of late events) must not wait for it.
+    repricer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-reprice")
+    reprice_reader: list[Client] = []
+
+    def reprice_on_its_thread(window: RepriceWindow, attribution: Attribution) -> RepriceResult:
+        if not reprice_reader:
+            reprice_reader.append(connect_readonly(settings.clickhouse_url))
+        return reprice(sink, attribution, window.since, window.until, window.tenant, reader=reprice_reader[0])
 
     @app.page("/v1/faults/clickhouse")
     class Faults(faust.web.View):
@@ -143,9 +152,8 @@ def _add_database(app: faust.App, settings: Settings, sink: ClickHouseSink, faul
                 fresh = Attribution.from_settings(settings)
             except (ValueError, TypeError) as exc:
                 return self.json({"error": str(exc).splitlines()[0]}, status=400)
-            run = partial(reprice, sink, fresh, window.since, window.until, window.tenant)
             try:
-                result = await asyncio.get_running_loop().run_in_executor(reader, run)
+                result = await asyncio.get_running_loop().run_in_executor(repricer, reprice_on_its_thread, window, fresh)
             except (RepriceRefused, SinkFailed) as exc:
                 return self.json({"error": str(exc)}, status=400)
             return self.json(result.to_json())

@@ -13,7 +13,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from streams.messaging.topics import MAX_RECORD_BYTES, READ_TRANSACTIONAL, SilentLogger, retrying
+from streams.messaging.topics import MAX_RECORD_BYTES, READ_TRANSACTIONAL, SilentLogger, is_transient, retrying
 from streams.runtime.ports import OnAssign, OnRevoke, TransactionFailed, TransportError
 from streams.runtime.processor import TopicPartitionKey
 from streams.runtime.state import ChangelogRecord
@@ -55,7 +55,7 @@ class KafkaSource:
             "partition.assignment.strategy": "range", "log_level": 3, "logger": logging.getLogger("librdkafka"),
         })
 
-    def subscribe(self, topics: list[str], on_assign: OnAssign, on_revoke: OnRevoke) -> None:
+    def subscribe(self, topics: list[str], on_assign: OnAssign, on_revoke: OnRevoke, on_lost: OnRevoke) -> None:
         def assigned(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             starts = on_assign([(tp.topic, tp.partition) for tp in partitions])
             for tp in partitions:
@@ -65,24 +65,21 @@ class KafkaSource:
         def revoked(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             on_revoke([(tp.topic, tp.partition) for tp in partitions])
 
-        self.consumer.subscribe(topics, on_assign=assigned, on_revoke=revoked, on_lost=revoked)
+        def lost(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            on_lost([(tp.topic, tp.partition) for tp in partitions])
+
+        self.consumer.subscribe(topics, on_assign=assigned, on_revoke=revoked, on_lost=lost)
 
     def poll(self, max_records: int, timeout_s: float) -> Sequence[Message]:
         return self.consumer.consume(max_records, timeout=timeout_s)
 
     def seek(self, partition: TopicPartitionKey, offset: int) -> None:
-        try:
-            self.consumer.seek(TopicPartition(partition[0], partition[1], offset))
-        except KafkaException as exc:
-            raise TransportError(exc.args[0].str()) from exc
+        _transport(lambda: self.consumer.seek(TopicPartition(partition[0], partition[1], offset)))
 
     def committed(self, partitions: list[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
         if not partitions:
             return {}
-        try:
-            found = self.consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=30)
-        except KafkaException as exc:
-            raise TransportError(exc.args[0].str()) from exc
+        found = _transport(lambda: self.consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=30))
         return {(tp.topic, tp.partition): tp.offset for tp in found}
 
     def commit_offsets(self, offsets: dict[TopicPartitionKey, int]) -> None:
@@ -191,15 +188,18 @@ class KafkaChangelog:
                     elif error.code() == KafkaError._PARTITION_EOF:  # the rest are transaction markers
                         pending.discard(msg.partition())
                     elif error.fatal() or not error.retriable():
-                        raise TransportError(error.str())
+                        raise KafkaException(error)  # not transient: the worker exits and says why
         finally:
             consumer.close()
 
 
 def _transport(call: Callable[[], Any]) -> Any:
+    """``call``; a transient failure of it as ``TransportError`` (which the checkpoint retries)."""
     try:
         return call()
     except KafkaException as exc:
+        if not is_transient(exc):
+            raise
         raise TransportError(exc.args[0].str()) from exc
 
 

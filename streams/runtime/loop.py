@@ -54,7 +54,8 @@ class BatchLoop:
         batch cannot land before the stop."""
         checkpoint = self.checkpoint
         self.transactions.init()
-        self.source.subscribe(self.topics, on_assign=checkpoint.on_assign, on_revoke=checkpoint.on_revoke)
+        self.source.subscribe(self.topics, on_assign=checkpoint.on_assign, on_revoke=checkpoint.on_revoke,
+                              on_lost=checkpoint.on_lost)
         read_at = time.monotonic()
         while not self.stopping.is_set():
             # A batch waits for records at most ``within_s`` from when the last one was read: records

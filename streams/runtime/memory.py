@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,21 +95,31 @@ class MemorySource:
         self.topics: list[str] = []
         self._on_assign: OnAssign | None = None
         self._on_revoke: OnRevoke | None = None
+        self._on_lost: OnRevoke | None = None
+        self._lost = False
+        self._lose_when: Callable[[], bool] | None = None
         self._assigned = False
         #: How many polls the loop made: a test that waits for two more knows a whole turn has run.
         self.polls = 0
         #: How many of the next ``committed`` calls fail, as with a coordinator that went away.
         self.fail_committed = 0
 
-    def subscribe(self, topics: list[str], on_assign: OnAssign, on_revoke: OnRevoke) -> None:
-        self.topics, self._on_assign, self._on_revoke = topics, on_assign, on_revoke
+    def subscribe(self, topics: list[str], on_assign: OnAssign, on_revoke: OnRevoke, on_lost: OnRevoke) -> None:
+        self.topics, self._on_assign, self._on_revoke, self._on_lost = topics, on_assign, on_revoke, on_lost
 
     def rebalance(self) -> None:
         """Revokes every partition at the next poll, and assigns them again."""
         self._assigned = False
 
+    def lose(self, when: Callable[[], bool] = lambda: True) -> None:
+        """Loses every partition (a missed session timeout) at the first poll at which ``when()``
+        holds, and assigns them again."""
+        self._lose_when = when
+
     def poll(self, max_records: int, timeout_s: float) -> Sequence[MemoryRecord]:
         self.polls += 1
+        if self._lose_when is not None and self._lose_when():
+            self._lose_when, self._assigned, self._lost = None, False, True
         if not self._assigned:
             self._reassign()
         out: list[MemoryRecord] = []
@@ -125,8 +135,11 @@ class MemorySource:
 
     def _reassign(self) -> None:
         partitions = [(topic, p) for topic in self.topics for p in range(self.broker.partitions)]
-        if self.positions and self._on_revoke is not None:
+        if self.positions and self._lost and self._on_lost is not None:
+            self._on_lost(sorted(self.positions))
+        elif self.positions and self._on_revoke is not None:
             self._on_revoke(sorted(self.positions))
+        self._lost = False
         self.positions.clear()
         starts = self._on_assign(partitions) if self._on_assign is not None else {}
         for key in partitions:

@@ -34,7 +34,10 @@ class TransactionFailed(Exception):
 class Source(Protocol):
     """A consumer in a group: reads records of its assigned partitions in offset order."""
 
-    def subscribe(self, topics: list[str], on_assign: OnAssign, on_revoke: OnRevoke) -> None: ...
+    def subscribe(self, topics: list[str], on_assign: OnAssign, on_revoke: OnRevoke, on_lost: OnRevoke) -> None:
+        """``on_revoke`` before partitions are taken away in a rebalance; ``on_lost`` when they were
+        taken away already (this member missed its session timeout)."""
+        ...
 
     def poll(self, max_records: int, timeout_s: float) -> Sequence[Record]:
         """Up to ``max_records`` records; rebalance callbacks run inside this call."""

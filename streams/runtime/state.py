@@ -21,12 +21,15 @@ its in-memory types (``restore_entry``), so it never reads the changelog's text 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from schemas.trusted import json_writer
+
+log = logging.getLogger(__name__)
 
 _SEP = "|"
 _OFFSET = "_offset"
@@ -136,7 +139,14 @@ class ChangelogTables:
             if value is None:
                 data.pop(key, None)
             else:
-                data[key] = self.restore_entry(name, json.loads(value))
+                try:
+                    data[key] = self.restore_entry(name, json.loads(value))
+                except (ValueError, KeyError, TypeError, ArithmeticError) as exc:
+                    # An entry this version cannot read (written by another one) is left out, not
+                    # let to fail every event of its partition; the stage rebuilds it as events come.
+                    log.warning("left out changelog entry %s|%s: %s", name, key, exc)
+                    data.pop(key, None)
+                    continue
             read += 1
         return read
 

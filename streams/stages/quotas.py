@@ -72,8 +72,10 @@ def restore_entry(table: str, entry: dict[str, Any]) -> dict[str, Any]:
         entry["usage"] = Decimal(entry["usage"])
     elif table == "quota_tenants":
         entry["watermark"] = datetime.fromisoformat(entry["watermark"])
-        if entry.get("next_expiry") is not None:
-            entry["next_expiry"] = datetime.fromisoformat(entry["next_expiry"])
+        expiry = entry.get("next_expiry")
+        entry["next_expiry"] = datetime.fromisoformat(expiry) if expiry is not None else None
+    elif "events" not in entry:
+        raise ValueError("a dedup entry without its events")
     return entry
 
 

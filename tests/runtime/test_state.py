@@ -64,3 +64,15 @@ def test_clear_drops_tables_pending_changes_and_positions():
     state.clear()
     assert (len(state.views(1)["quota_seen"]), state.dirty, state.offsets) == (0, {}, {})
     assert state.drain({}) == []
+
+
+def test_an_entry_this_version_cannot_read_is_left_out_instead_of_failing_its_partition():
+    state = ChangelogTables("cl", NAMES, restore_entry)
+    read = state.load([
+        (0, b"quota_seen|acme\x1fe-1", b'{"p": 0, "o": 3, "t": 990.0}'),          # no events: left out
+        (0, b"quota_seen|0:995:4", b'{"p": 0, "t": 995, "events": {"acme\\u001fe-2": 4}}'),
+        (0, b"quota_tenants|acme", b'{"watermark": "2026-06-01T09:00:00+00:00", "windows": {}}'),
+        (0, b"quota_windows|w", b'{"usage": "not a number"}'),                    # left out
+    ])
+    assert read == 2 and list(state.data["quota_seen"]) == ["0:995:4"] and "w" not in state.data["quota_windows"]
+    assert state.data["quota_tenants"]["acme"]["next_expiry"] is None
