@@ -116,5 +116,12 @@ class Settings(BaseModel):
         return Topics.with_prefix(self.topic_prefix)
 
     @property
+    def deployment(self) -> str:
+        """What names this deployment's consumer groups, changelog topic and transactional ids: the
+        app id behind the topic prefix, so that two deployments with different prefixes on one
+        cluster share none of them (with a shared changelog, one restored the other's positions)."""
+        return f"{self.topic_prefix}{self.app_id}"
+
+    @property
     def web_url(self) -> str:
         return f"http://{self.web_host}:{self.web_port}"

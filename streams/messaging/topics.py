@@ -128,7 +128,7 @@ def is_transient(exc: KafkaException) -> bool:
 
 def changelog_topic(settings: Settings) -> str:
     """The compacted topic of the worker's quota tables and positions, partitioned like usage.raw."""
-    return f"{settings.app_id}-quota-changelog"
+    return f"{settings.deployment}-quota-changelog"
 
 
 class SilentLogger:

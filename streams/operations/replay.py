@@ -34,7 +34,7 @@ from streams.settings import Settings
 from streams.stages.attribution import Attribution
 from streams.storage.query import query
 
-DLQ_REPLAY_GROUP = "costline-dlq-replay"
+DLQ_REPLAY_GROUP = "dlq-replay"
 
 
 @dataclass
@@ -90,7 +90,7 @@ def _read_range(
 def replay_dead_letters(settings: Settings, reason: str | None = None, timeout_s: float = 10.0) -> ReplayResult:
     result = ReplayResult()
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
-                         "group.id": f"{settings.app_id}-{DLQ_REPLAY_GROUP}", "enable.auto.commit": False,
+                         "group.id": f"{settings.deployment}-{DLQ_REPLAY_GROUP}", "enable.auto.commit": False,
                          "auto.offset.reset": "earliest", **READ_TRANSACTIONAL})
 
     def committed_starts(partitions: list[TopicPartition]) -> list[TopicPartition]:

@@ -31,12 +31,12 @@ SESSION_TIMEOUT_MS = 6_000
 def instance_id(settings: Settings) -> str:
     """Stable across restarts of the same worker: a restarted worker's transactional producer
     fences its predecessor (whose open transaction is aborted at once, not after its timeout)."""
-    return f"{settings.app_id}-{settings.role}-{socket.gethostname()}-{settings.web_port}"
+    return f"{settings.deployment}-{settings.role}-{socket.gethostname()}-{settings.web_port}"
 
 
 def group_id(settings: Settings) -> str:
     """The consumer group: the sink role reads other topics than the stream, in a group of its own."""
-    return f"{settings.app_id}-sink" if settings.role == "sink" else settings.app_id
+    return f"{settings.deployment}-sink" if settings.role == "sink" else settings.deployment
 
 
 class KafkaSource:
@@ -157,15 +157,16 @@ class KafkaTransactions:
 class KafkaChangelog:
     """Reads a changelog's committed records (``read_committed``), each partition to its end."""
 
-    def __init__(self, servers: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, servers: str, group: str, timeout_s: float = 120.0) -> None:
         self.servers = servers
+        self.group = group  # (it never commits: the name only tells whose reader this is)
         self.timeout_s = timeout_s
 
     def read(self, topic: str, partitions: Iterable[int]) -> Iterator[ChangelogRecord]:
         wanted = sorted(set(partitions))
         if not wanted:
             return
-        consumer = Consumer({"bootstrap.servers": self.servers, "group.id": "costline-restore",
+        consumer = Consumer({"bootstrap.servers": self.servers, "group.id": self.group,
                              "enable.auto.commit": False, **READ_TRANSACTIONAL, "log_level": 0,
                              "logger": SilentLogger()})
         try:

@@ -72,7 +72,7 @@ def build_loop(settings: Settings, counters: Counters, attribution: Attribution,
     if reads_raw:
         state = ChangelogTables(changelog_topic(settings), QuotaTables._fields, restore_entry)
         quotas = QuotaEngine(plans, lambda partition: QuotaTables(**state.views(partition)))
-        changelog = KafkaChangelog(settings.kafka_bootstrap_servers)
+        changelog = KafkaChangelog(settings.kafka_bootstrap_servers, f"{settings.deployment}-restore")
     processor = BatchProcessor(t, counters, attribution=attribution if reads_raw else None, quotas=quotas,
                                state=state, read_rows=sink is not None)
     checkpoint = Checkpoint(topics=t, source=source, transactions=transactions, counters=counters,
