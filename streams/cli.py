@@ -204,7 +204,7 @@ def reprice(
     from streams.stages.attribution import Attribution
     from streams.storage.clickhouse import connect, is_embedded
     from streams.storage.migrations import migrate
-    from streams.storage.query import connect_readonly, post_to_worker, worker_health
+    from streams.storage.query import connect_readonly, owning_worker, post_to_worker
     from streams.storage.sink import ClickHouseSink
 
     settings = _settings()
@@ -213,8 +213,8 @@ def reprice(
     except ValidationError as exc:
         raise CommandFailed(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
     attribution = Attribution.from_settings(settings)  # validates the files before anything runs
-    health = worker_health(settings) if is_embedded(settings.clickhouse_url) else None
-    if health and health.get("clickhouse_url") == settings.clickhouse_url:
+    health = owning_worker(settings) if is_embedded(settings.clickhouse_url) else None
+    if health:
         if health.get("pricing_version") != attribution.pricer.version:
             err.print(f"note: the running worker prices new events with {health.get('pricing_version')}, "
                       f"the files say {attribution.pricer.version}: restart the worker to price new events alike")
@@ -222,7 +222,7 @@ def reprice(
     else:
         writer = connect(settings.clickhouse_url)
         migrate(writer)
-        sink = ClickHouseSink(writer, connect_readonly(settings.clickhouse_url))
+        sink = ClickHouseSink(writer, connect_readonly(settings.clickhouse_url, settings))
         try:
             result = run_reprice(sink, attribution, window.since, window.until, window.tenant).to_json()
         finally:

@@ -3,11 +3,21 @@ enforcer (health, queries routed to the worker) and for the harness that waits o
 
 from __future__ import annotations
 
+import hmac
 import json
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
+
+
+def bearer_ok(authorization: str | None, token: str | None) -> bool:
+    """Whether an ``Authorization`` header carries ``token`` (always, when no token is set). The
+    scheme is compared without regard to case, as HTTP says; the token in constant time."""
+    if not token:
+        return True
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
 
 
 def get_json(url: str, timeout_s: float = 2.0, headers: Mapping[str, str] | None = None) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ process with one line naming the variable (``SettingsError``).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,11 @@ _ENV = {
     "fault_injection": "COSTLINE_FAULT_INJECTION",
     "role": "COSTLINE_ROLE",
     "log_format": "COSTLINE_LOG_FORMAT",
+    "web_token": "COSTLINE_WEB_TOKEN",
+    "query_timeout_s": "COSTLINE_QUERY_TIMEOUT_S",
+    "query_max_memory_mb": "COSTLINE_QUERY_MAX_MEMORY_MB",
+    "query_max_rows": "COSTLINE_QUERY_MAX_ROWS",
+    "query_max_threads": "COSTLINE_QUERY_MAX_THREADS",
 }
 
 
@@ -69,7 +75,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
-    clickhouse_url: str = ""
+    clickhouse_url: str = Field(default="", repr=False)  # may hold a password: see storage.clickhouse.redact
     home: Path = Path(".costline")
     config_dir: Path = Path(__file__).resolve().parent.parent / "config"
     topic_prefix: str = ""
@@ -79,12 +85,20 @@ class Settings(BaseModel):
     sink_within_s: float = Field(default=0.1, gt=0, le=60)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=1, le=65535)
+    #: The bearer token every request to the worker's endpoints needs; required off loopback.
+    web_token: str | None = Field(default=None, repr=False)
+    #: Limits of each read-only query (``costline query``, ``POST /v1/query``): they keep one
+    #: analyst's query from taking the worker's memory or its ClickHouse from the ledger's inserts.
+    query_timeout_s: int = Field(default=30, ge=1, le=86_400)
+    query_max_memory_mb: int = Field(default=1024, ge=16)
+    query_max_rows: int = Field(default=100_000, ge=1)
+    query_max_threads: int = Field(default=1, ge=1, le=256)
     max_future_s: int = Field(default=int(MAX_FUTURE.total_seconds()), ge=0)
     max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=1024)
     log_level: str = "info"
     enforcer_host: str = "127.0.0.1"
     enforcer_port: int = Field(default=6067, ge=1, le=65535)
-    enforcer_token: str | None = None
+    enforcer_token: str | None = Field(default=None, repr=False)
     #: Enables POST /v1/faults/clickhouse on the worker (fault tests only).
     fault_injection: bool = False
     log_format: Literal["text", "json"] = "text"
@@ -104,6 +118,9 @@ class Settings(BaseModel):
             raise SettingsError(
                 f"{_ENV.get(field, field)}={values.get(field)!r} is invalid: {err['msg']}"
             ) from None
+        if settings.web_token is None and not is_loopback(settings.web_host):
+            raise SettingsError(f"COSTLINE_WEB_HOST={settings.web_host!r} is reachable from other hosts: set "
+                                "COSTLINE_WEB_TOKEN, which its endpoints then require as a bearer token")
         home = settings.home.resolve()
         return settings.model_copy(update={
             "home": home,
@@ -123,5 +140,20 @@ class Settings(BaseModel):
         return f"{self.topic_prefix}{self.app_id}"
 
     @property
+    def web_headers(self) -> dict[str, str]:
+        """What a request to the worker's endpoints carries: its bearer token, when one is set."""
+        return {"Authorization": f"Bearer {self.web_token}"} if self.web_token else {}
+
+    @property
     def web_url(self) -> str:
         return f"http://{self.web_host}:{self.web_port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this host only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

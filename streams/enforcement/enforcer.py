@@ -13,7 +13,6 @@ that user, model or path.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -30,6 +29,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 from pydantic import ValidationError
 
 from schemas.quota import QuotaAlert, QuotaState, Status, state_key
+from streams.httpjson import bearer_ok
 from streams.messaging.topics import READ_TRANSACTIONAL
 from streams.settings import Settings
 
@@ -222,7 +222,7 @@ def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> 
             if not url.path.startswith("/v1/decisions/") or len(url.path) <= len("/v1/decisions/"):
                 self._send(404, {"error": "use GET /v1/decisions/{tenant} or GET /v1/health"})
                 return
-            if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
+            if not bearer_ok(self.headers.get("Authorization"), token):
                 self._send(401, {"error": "missing or wrong bearer token"})
                 return
             tenant = unquote(url.path[len("/v1/decisions/"):])
@@ -240,4 +240,35 @@ def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server signature
             log.debug("%s " + format, self.address_string(), *args)
 
-    return ThreadingHTTPServer((host, port), Handler)
+    return BoundedHTTPServer((host, port), Handler)
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``MAX_CONNECTIONS`` at once, each given ``READ_TIMEOUT_S`` to
+    send its request. The standard library's server queues 5 connections (a burst of 300 clients
+    then waited up to 50 s) and waits without end for a request that is never finished (200
+    half-sent requests held 200 threads)."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+    MAX_CONNECTIONS = 128
+    READ_TIMEOUT_S = 5.0
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        handler.timeout = self.READ_TIMEOUT_S  # socket timeout of each connection (StreamRequestHandler)
+        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()  # past the limit, connections wait in the listen queue
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()

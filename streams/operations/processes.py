@@ -135,7 +135,7 @@ class WorkerProcess(Child):
         super().__init__("worker", env, log_path)
 
     def health(self) -> dict[str, Any] | None:
-        return get_json(f"{self.settings.web_url}/v1/health")
+        return get_json(f"{self.settings.web_url}/v1/health", headers=self.settings.web_headers)
 
 
 class EnforcerProcess(Child):

@@ -6,7 +6,8 @@ Faust starts none of its Kafka clients here (``HostOnly``, through its documente
 patched, and no consumer group other than the loop's exists. See docs/architecture.md for why
 Faust stays the host and no more.
 
-Endpoints (``COSTLINE_WEB_HOST``, loopback by default):
+Endpoints (``COSTLINE_WEB_HOST``, loopback by default; each needs the bearer token
+``COSTLINE_WEB_TOKEN`` when one is set, as it must be off loopback):
 
 - ``GET /v1/health``: ``ok`` (200) once the loop consumes and ClickHouse takes its writes;
   ``starting`` or ``degraded`` (503) otherwise; the counters.
@@ -20,21 +21,52 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import faust
 import mode
 from clickhouse_connect.driver.client import Client
 from faust.app.base import BootStrategy
+from pydantic import ValidationError
 
+from streams.errors import CostlineError
+from streams.httpjson import bearer_ok
 from streams.operations.reprice import RepriceRefused, RepriceResult, RepriceWindow, reprice
 from streams.runtime.checkpoint import Checkpoint
 from streams.runtime.loop import LoopThread
 from streams.runtime.metrics import Counters, render
 from streams.settings import Settings
 from streams.stages.attribution import Attribution
+from streams.storage.clickhouse import redact
 from streams.storage.faults import ClickHouseFaults
 from streams.storage.query import QueryError, connect_readonly, run_readonly
 from streams.storage.sink import ClickHouseSink, SinkFailed
+
+
+class Guarded(faust.web.View):
+    """A view that answers only requests carrying the worker's bearer token (``COSTLINE_WEB_TOKEN``;
+    every request, when none is set: the worker then listens on loopback only, which the settings
+    enforce). A body that is not a JSON object gets 400 with a one-line reason, never a traceback."""
+
+    token: str | None = None
+
+    async def dispatch(self, request: faust.web.Request) -> faust.web.Response:
+        if not bearer_ok(request.headers.get("Authorization"), self.token):
+            return self.json({"error": "missing or wrong bearer token (COSTLINE_WEB_TOKEN)"}, status=401)
+        return await super().dispatch(request)
+
+    async def body(self, request: faust.web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
+            raise BadRequest("the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("send a JSON object")
+        return body
+
+
+class BadRequest(Exception):
+    """A request body that cannot be served; its message is the 400 answer's one line."""
 
 
 class HostOnly(BootStrategy):
@@ -52,6 +84,7 @@ def create_app(settings: Settings, loop: LoopThread, checkpoint: Checkpoint, cou
     app_id = f"{settings.app_id}-{settings.role}"
     datadir = settings.home / "worker" / f"{app_id}-{settings.web_port}"  # Faust wants one; nothing is kept there
     datadir.mkdir(parents=True, exist_ok=True)
+    Guarded.token = settings.web_token
     app = Host(
         app_id,
         broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
@@ -85,7 +118,7 @@ def create_app(settings: Settings, loop: LoopThread, checkpoint: Checkpoint, cou
 def _add_health(app: faust.App, settings: Settings, checkpoint: Checkpoint, counters: Counters,
                 attribution: Attribution, sink: ClickHouseSink | None) -> None:
     @app.page("/v1/health")
-    class Health(faust.web.View):
+    class Health(Guarded):
         async def get(self, request: faust.web.Request) -> faust.web.Response:
             if not checkpoint.ready.is_set():
                 status = "starting"  # not consuming yet: partitions not assigned, or their state not restored
@@ -93,12 +126,12 @@ def _add_health(app: faust.App, settings: Settings, checkpoint: Checkpoint, coun
                 status = "degraded" if sink is not None and sink.failing else "ok"
             body = {"status": status, "role": settings.role, "pricing_version": attribution.pricer.version,
                     # Only the worker that has the database open says which: queries are routed by it.
-                    "clickhouse_url": settings.clickhouse_url if sink is not None else None,
+                    "clickhouse_url": redact(settings.clickhouse_url) if sink is not None else None,
                     **counters.health()}
             return self.json(body, status=200 if status == "ok" else 503)
 
     @app.page("/metrics")
-    class Metrics(faust.web.View):
+    class Metrics(Guarded):
         async def get(self, request: faust.web.Request) -> faust.web.Response:
             return self.text(render(counters, dict(checkpoint.highwaters)), content_type="text/plain; version=0.0.4")
 
@@ -114,27 +147,29 @@ def _add_database(app: faust.App, settings: Settings, sink: ClickHouseSink, faul
 
     def reprice_on_its_thread(window: RepriceWindow, attribution: Attribution) -> RepriceResult:
         if not reprice_reader:
-            reprice_reader.append(connect_readonly(settings.clickhouse_url))
+            reprice_reader.append(connect_readonly(settings.clickhouse_url, settings))
         return reprice(sink, attribution, window.since, window.until, window.tenant, reader=reprice_reader[0])
 
     @app.page("/v1/faults/clickhouse")
-    class Faults(faust.web.View):
+    class Faults(Guarded):
         async def post(self, request: faust.web.Request) -> faust.web.Response:
             if faults is None:
                 return self.json({"error": "fault injection is off (COSTLINE_FAULT_INJECTION=1)"}, status=404)
             try:
-                seconds = float((await request.json())["fail_for_s"])
-            except (ValueError, KeyError, TypeError):
+                seconds = float((await self.body(request))["fail_for_s"])
+            except (BadRequest, ValueError, KeyError, TypeError):
                 return self.json({"error": 'send a JSON object {"fail_for_s": 30}'}, status=400)
             faults.fail_for(seconds)
             return self.json({"failing_for_s": seconds})
 
     @app.page("/v1/query")
-    class Query(faust.web.View):
+    class Query(Guarded):
         async def post(self, request: faust.web.Request) -> faust.web.Response:
             try:
-                sql = (await request.json())["sql"]
-            except (ValueError, KeyError, TypeError):
+                sql = (await self.body(request))["sql"]
+            except (BadRequest, KeyError):
+                sql = None
+            if not isinstance(sql, str):
                 return self.json({"error": 'send a JSON object {"sql": "SELECT ..."}'}, status=400)
             try:
                 result = await asyncio.get_running_loop().run_in_executor(reader, run_readonly, sink.reader, sql)
@@ -143,14 +178,17 @@ def _add_database(app: faust.App, settings: Settings, sink: ClickHouseSink, faul
             return self.json(result.to_json())
 
     @app.page("/v1/reprice")
-    class Reprice(faust.web.View):
+    class Reprice(Guarded):
         """Re-prices stored usage with the configuration on disk now (see ``costline reprice``)."""
 
         async def post(self, request: faust.web.Request) -> faust.web.Response:
             try:
-                window = RepriceWindow.model_validate(await request.json())
+                window = RepriceWindow.model_validate(await self.body(request))
                 fresh = Attribution.from_settings(settings)
-            except (ValueError, TypeError) as exc:
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                return self.json({"error": f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}"}, status=400)
+            except (BadRequest, CostlineError) as exc:
                 return self.json({"error": str(exc).splitlines()[0]}, status=400)
             try:
                 result = await asyncio.get_running_loop().run_in_executor(repricer, reprice_on_its_thread, window, fresh)

@@ -52,7 +52,7 @@ def run_worker(settings: Settings) -> None:
         writer = connect(settings.clickhouse_url)
         for migration in migrate(writer):
             log.info("applied migration %04d_%s", migration.version, migration.name)
-        sink = ClickHouseSink(writer, connect_readonly(settings.clickhouse_url), counters.sinks,
+        sink = ClickHouseSink(writer, connect_readonly(settings.clickhouse_url, settings), counters.sinks,
                               send=faults.wrap(send_to) if faults else send_to)
     loop, checkpoint = build_loop(settings, counters, attribution, plans, sink)
     app = create_app(settings, loop, checkpoint, counters, attribution, sink, faults)

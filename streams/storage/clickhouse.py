@@ -75,11 +75,12 @@ def connect(url: str) -> Client:
                 "(a running `costline worker`); query through it, or stop it first"
             ) from None
         raise ClickHouseUnavailable(
-            f"cannot open ClickHouse at {_redact(url)}: {_first_line(exc)}; check CLICKHOUSE_URL"
+            f"cannot open ClickHouse at {redact(url)}: {_first_line(exc)}; check CLICKHOUSE_URL"
         ) from None
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """The URL without its password, for anything that is shown or logged."""
     parsed = urlparse(url)
     if parsed.password:
         return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()

@@ -8,6 +8,7 @@ worker's ``POST /v1/query`` endpoint, which runs it read-only on the worker's cl
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from streams.errors import CostlineError
 from streams.httpjson import get_json
 from streams.settings import Settings
-from streams.storage.clickhouse import connect, is_embedded
+from streams.storage.clickhouse import connect, is_embedded, redact
 
 
 class QueryError(CostlineError):
@@ -45,17 +46,79 @@ class QueryResult:
         return cls(columns=payload["columns"], types=types, rows=rows)
 
 
-def connect_readonly(url: str) -> Client:
-    """A client that can only read: ``readonly=1`` is a setting of its session, not of one query."""
+def connect_readonly(url: str, settings: Settings | None = None) -> Client:
+    """A client that can only read, within the query limits of ``settings`` (COSTLINE_QUERY_*).
+
+    ``readonly=1`` is a setting of the client's session, set last: from then on no query can change
+    any setting, the limits included (a ``SETTINGS`` clause is refused)."""
+    limits = settings or Settings()
     client = connect(url)
-    client.set_client_setting("readonly", "1")
+    for name, value in (("max_execution_time", limits.query_timeout_s),
+                        ("max_memory_usage", limits.query_max_memory_mb * 1024 * 1024),
+                        ("max_result_rows", limits.query_max_rows), ("result_overflow_mode", "throw"),
+                        ("max_threads", limits.query_max_threads), ("readonly", 1)):
+        client.set_client_setting(name, str(value))
     return client
 
 
+#: What a read-only query may start with. ``readonly=1`` still lets ``KILL QUERY`` through, which
+#: could cancel the worker's own inserts.
+_READ_STATEMENTS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
+
+
+def one_read_statement(sql: str) -> str:
+    """``sql`` if it is one statement that only reads (a trailing ``;`` allowed); else ``QueryError``."""
+    statements = [s for s in _split_statements(sql) if s]
+    if len(statements) != 1:
+        raise QueryError(f"send exactly one statement ({len(statements)} were sent)")
+    first = statements[0].lstrip("(").split(None, 1)[0].upper()
+    if first not in _READ_STATEMENTS:
+        raise QueryError(f"{first} is not a query: only {', '.join(_READ_STATEMENTS)} statements run here")
+    if _INTO_OUTFILE.search(_QUOTED.sub("''", statements[0])):
+        # readonly=1 lets it through, and the embedded engine then writes the file on the worker's host.
+        raise QueryError("INTO OUTFILE is not allowed: the result comes back in the answer")
+    return statements[0]
+
+
+_QUOTED = re.compile(r"'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"|`[^`]*`")
+_INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
+
+
+def _split_statements(sql: str) -> list[str]:
+    """The statements of ``sql`` split at ``;`` outside quotes and comments, each without comments
+    and stripped."""
+    out, current, i, n = [], [], 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"`":  # a quoted string or name, with backslash escapes
+            j = i + 1
+            while j < n and sql[j] != c:
+                j += 2 if sql[j] == "\\" else 1
+            current.append(sql[i:j + 1])
+            i = j + 1
+        elif sql.startswith("--", i) or c == "#":
+            end = sql.find("\n", i)
+            i = n if end < 0 else end
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+            current.append(" ")
+        elif c == ";":
+            out.append("".join(current).strip())
+            current = []
+            i += 1
+        else:
+            current.append(c)
+            i += 1
+    out.append("".join(current).strip())
+    return out
+
+
 def run_readonly(client: Client, sql: str) -> QueryResult:
-    """Runs ``sql`` on a client from ``connect_readonly``."""
+    """Runs one read-only statement on a client from ``connect_readonly``."""
+    statement = one_read_statement(sql)
     try:
-        result = client.query(sql)
+        result = client.query(statement)
     except ClickHouseError as exc:
         raise QueryError(str(exc).strip().splitlines()[0][:500]) from None
     return QueryResult(
@@ -67,13 +130,18 @@ def run_readonly(client: Client, sql: str) -> QueryResult:
 
 def worker_health(settings: Settings) -> dict[str, Any] | None:
     """The health of the worker on this settings' web port, or None when none answers."""
-    return get_json(f"{settings.web_url}/v1/health")
+    return get_json(f"{settings.web_url}/v1/health", headers=settings.web_headers)
+
+
+def owning_worker(settings: Settings) -> dict[str, Any] | None:
+    """The health of the worker on the web port when it has this settings' database open."""
+    health = worker_health(settings)
+    owns = health is not None and health.get("clickhouse_url") == redact(settings.clickhouse_url)
+    return health if owns else None
 
 
 def worker_owns_database(settings: Settings) -> bool:
-    """True when a worker answers on the web port and has this settings' database open."""
-    health = worker_health(settings)
-    return health is not None and health.get("clickhouse_url") == settings.clickhouse_url
+    return owning_worker(settings) is not None
 
 
 def post_to_worker(settings: Settings, path: str, payload: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
@@ -81,7 +149,7 @@ def post_to_worker(settings: Settings, path: str, payload: dict[str, Any], timeo
     request = urllib.request.Request(
         f"{settings.web_url}{path}",
         data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **settings.web_headers},
         method="POST",
     )
     try:
@@ -104,7 +172,7 @@ def remote_query(settings: Settings, sql: str, timeout_s: float = 60.0) -> Query
 def query(settings: Settings, sql: str) -> QueryResult:
     if is_embedded(settings.clickhouse_url) and worker_owns_database(settings):
         return remote_query(settings, sql)
-    client = connect_readonly(settings.clickhouse_url)
+    client = connect_readonly(settings.clickhouse_url, settings)
     try:
         return run_readonly(client, sql)
     finally:
