@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic, ResourceType
 
 from streams.errors import CostlineError
 from streams.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: The largest record usage.raw and usage.dlq accept (8 MiB).
 MAX_RECORD_BYTES = 8 * 1024 * 1024
@@ -42,15 +44,22 @@ def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
     t = settings.topics
     # usage.raw and usage.dlq take records far above the 1 MiB event limit, so that an oversized
     # event reaches the worker and lands in the dead-letter topic instead of bouncing at the producer.
-    big = {"max.message.bytes": str(MAX_RECORD_BYTES)}
+    big = {"max.message.bytes": str(MAX_RECORD_BYTES), **EVENT_TIMES}
     return {
         t.raw: big,
-        t.attributed: {},
+        t.attributed: EVENT_TIMES,
         t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000), **big},
         t.alerts: {},
         t.state: {"cleanup.policy": "compact"},
         changelog_topic(settings): {"cleanup.policy": "compact"},
     }
+
+
+#: The topics whose record timestamps are event times take any of them. A broker refuses a record
+#: timestamped more than ``message.timestamp.after.max.ms`` ahead (one hour by default in Kafka 4),
+#: and fails the records batched with it too: an event a day ahead must reach the worker, which
+#: dead-letters it with its reason, and must not take valid events down with it.
+EVENT_TIMES = {"message.timestamp.after.max.ms": str(2**63 - 1)}
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
@@ -67,6 +76,8 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
         if name not in existing
     ]
     created: list[str] = []
+    _accept_event_times(client, [name for name, config in wanted.items() if name in existing and EVENT_TIMES.items()
+                                 <= config.items()], timeout_s)
     if not missing:
         _wait_for_leaders(client, list(wanted), timeout_s)
         return created
@@ -79,6 +90,20 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
                 raise KafkaUnavailable(f"could not create topic {name}: {exc.args[0].str()}") from None
     _wait_for_leaders(client, list(wanted), timeout_s)
     return created
+
+
+def _accept_event_times(client: AdminClient, topics: list[str], timeout_s: float) -> None:
+    """Sets ``EVENT_TIMES`` on topics that exist already (created before it was set, or by hand)."""
+    if not topics:
+        return
+    resources = [ConfigResource(ResourceType.TOPIC, name, incremental_configs=[
+        ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET) for key, value in EVENT_TIMES.items()])
+        for name in topics]
+    for resource, future in client.incremental_alter_configs(resources).items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exc:  # no permission, say: events over an hour ahead are then refused
+            log.warning("could not let %s take event times over an hour ahead: %s", resource.name, exc.args[0].str())
 
 
 def _wait_for_leaders(client: AdminClient, topics: list[str], timeout_s: float) -> None:

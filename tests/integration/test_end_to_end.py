@@ -8,9 +8,12 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from confluent_kafka.admin import NewTopic
+
 from schemas.dead_letter import DeadLetter
 from schemas.usage import TokenUsage, UsageEvent
 from streams.messaging.producer import UsageProducer
+from streams.messaging.topics import admin
 from streams.operations.processes import wait_for
 from streams.storage.query import query
 from tests.integration.conftest import read_topic
@@ -147,3 +150,24 @@ def test_poison_records_are_dead_lettered_and_the_worker_keeps_going(worker, kaf
     assert {reason: by_reason[reason].value for reason in poison} == poison, "each kept whole, as sent"
     assert by_reason["payload_too_large"].message == "5242891 bytes exceeds the 1048576-byte limit"
     assert worker.health()["dead_lettered"] == 7 and worker.running
+
+
+def test_events_hours_ahead_reach_the_worker_and_a_day_ahead_are_dead_lettered_never_refused(worker, kafka_servers):
+    """A broker refuses records timestamped over an hour ahead by default, and the records batched
+    with one: the topics accept any event time, and the worker decides (24 h ahead at most)."""
+    settings = worker.settings
+    client = admin(settings)  # usage.raw as created by hand, with the broker's defaults ...
+    client.delete_topics([settings.topics.raw], operation_timeout=15)[settings.topics.raw].result(15)
+    wait_for(lambda: settings.topics.raw not in client.list_topics(timeout=10).topics, 30, "usage.raw to go")
+    client.create_topics([NewTopic(settings.topics.raw, 4)], operation_timeout=15)[settings.topics.raw].result(15)
+    worker.start()  # ... which the worker lets take any event time
+    now = datetime.now(UTC)
+    with UsageProducer(kafka_servers, settings.topics.raw) as producer:  # one batch: flushed together
+        for event_id, ahead in (("now", timedelta(0)), ("plus-2h", timedelta(hours=2)), ("plus-25h", timedelta(hours=25))):
+            producer.send(UsageEvent(event_id=event_id, timestamp=now + ahead, tenant_id="acme", provider="openai",
+                                     model="gpt-4o", usage=TokenUsage(input_tokens=1_000)))
+    wait_for(lambda: query(settings, "SELECT count() FROM usage").rows[0][0] == 2, 60, "the two valid events")
+    assert query(settings, "SELECT groupArray(event_id) FROM (SELECT event_id FROM usage ORDER BY event_id)").rows == \
+        [[["now", "plus-2h"]]]
+    [dead] = read_topic(kafka_servers, settings.topics.dlq, 1, 30)
+    assert DeadLetter.from_record(dead.key(), dead.value(), dead.headers()).reason == "timestamp_out_of_range"
