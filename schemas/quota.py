@@ -4,8 +4,11 @@
 ``alert_id`` is a function of (tenant, limit, scope, window, threshold) only, so a re-delivery
 after a crash carries the same id: consumers keep the first and ignore the rest.
 
-``quota.state`` (compacted, key = ``QuotaState.key``): the latest usage of each tenant × limit ×
-scope, so an enforcer starts from the current picture without replaying history.
+``quota.state`` (compacted, key = ``QuotaState.key``: tenant, limit, scope value and window start):
+the latest usage of each window, so an enforcer starts from the current picture without
+replaying history. The window start is part of the key so that compaction keeps each window's
+latest record: a late event's state for yesterday's window must not leave the only record of its
+limit, and with it today's hard cap, behind. A window past its grace period gets a tombstone.
 """
 
 from __future__ import annotations
@@ -28,8 +31,14 @@ def alert_id(tenant: str, limit_id: str, scope_value: str, window_start: datetim
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def state_key(tenant: str, limit_id: str, scope_value: str) -> str:
+def limit_key(tenant: str, limit_id: str, scope_value: str) -> str:
+    """One tenant × limit × scope value, whatever its window."""
     return f"{tenant}/{limit_id}/{scope_value}"
+
+
+def state_key(tenant: str, limit_id: str, scope_value: str, window_start: datetime) -> str:
+    """The ``quota.state`` key of one window."""
+    return f"{limit_key(tenant, limit_id, scope_value)}/{window_start.isoformat()}"
 
 
 class QuotaWindow(BaseModel):
@@ -67,7 +76,11 @@ class QuotaState(QuotaWindow):
 
     @property
     def key(self) -> str:
-        return state_key(self.tenant_id, self.limit_id, self.scope_value)
+        return state_key(self.tenant_id, self.limit_id, self.scope_value, self.window_start)
+
+    @property
+    def limit_key(self) -> str:
+        return limit_key(self.tenant_id, self.limit_id, self.scope_value)
 
     @classmethod
     def from_trusted(cls, values: dict[str, Any]) -> QuotaState:

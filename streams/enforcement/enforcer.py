@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import ValidationError
 
-from schemas.quota import QuotaAlert, QuotaState, Status, state_key
+from schemas.quota import QuotaAlert, QuotaState, limit_key
 from streams.httpjson import bearer_ok
 from streams.messaging.topics import READ_TRANSACTIONAL
 from streams.settings import Settings
@@ -53,11 +53,17 @@ class Decision:
 
 
 class DecisionBook:
-    """The latest state of each tenant × limit × scope window. Thread-safe."""
+    """The latest state of each tenant × limit × scope window. Thread-safe.
+
+    A limit's decision comes from its window that is open now on the wall clock, not from its
+    newest window: an event stamped ahead of time (a producer's skewed clock) opens a window in
+    the future, which must not hide the current window's hard cap. Windows that have ended are
+    dropped as decisions are made."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._states: dict[str, QuotaState] = {}
+        #: limit key → window start → state.
+        self._windows: dict[str, dict[datetime, QuotaState]] = {}
         self._by_tenant: dict[str, set[str]] = {}
         self._seen_alerts: set[str] = set()
         self.applied = 0
@@ -72,45 +78,43 @@ class DecisionBook:
             if alert.alert_id in self._seen_alerts:
                 return
             self._seen_alerts.add(alert.alert_id)
-            key = state_key(alert.tenant_id, alert.limit_id, alert.scope_value)
-            current = self._states.get(key)
-            status: Status = alert.level
-            if current is not None and current.window_start == alert.window_start and \
-                    _RANK[current.status] > _RANK[status]:
-                status = current.status
-            usage = max(alert.usage, current.usage) if current and current.window_start == alert.window_start \
-                else alert.usage
+            current = self._windows.get(limit_key(alert.tenant_id, alert.limit_id, alert.scope_value), {}).get(
+                alert.window_start)
+            usage = max(alert.usage, current.usage) if current is not None else alert.usage
             self._merge(QuotaState(
                 tenant_id=alert.tenant_id, limit_id=alert.limit_id, metric=alert.metric, scope=alert.scope,
                 scope_value=alert.scope_value, window_start=alert.window_start, window_end=alert.window_end,
-                usage=usage, limit=alert.limit, remaining=max(alert.limit - usage, Decimal(0)), status=status,
+                usage=usage, limit=alert.limit, remaining=max(alert.limit - usage, Decimal(0)), status=alert.level,
                 as_of=alert.crossed_at))
 
     def _merge(self, state: QuotaState) -> None:
-        """Keeps the newest window, and within a window the higher usage (both only grow)."""
+        """Within a window keeps the higher usage and status (both only grow)."""
         self.applied += 1
-        current = self._states.get(state.key)
+        windows = self._windows.setdefault(state.limit_key, {})
+        current = windows.get(state.window_start)
         if current is not None:
-            if state.window_start < current.window_start:
+            if state.usage < current.usage:
                 return
-            if state.window_start == current.window_start:
-                if state.usage < current.usage:
-                    return
-                if _RANK[current.status] > _RANK[state.status]:
-                    state = state.model_copy(update={"status": current.status})
-        self._states[state.key] = state
-        self._by_tenant.setdefault(state.tenant_id, set()).add(state.key)
+            if _RANK[current.status] > _RANK[state.status]:
+                state = state.model_copy(update={"status": current.status})
+        windows[state.window_start] = state
+        self._by_tenant.setdefault(state.tenant_id, set()).add(state.limit_key)
 
     def decide(self, tenant: str, *, user: str | None = None, model: str | None = None,
                business_path: str | None = None, now: datetime | None = None) -> Decision:
         now = now or datetime.now(UTC)
         asked = {"tenant": "*", "user": user, "model": model, "business_path": business_path}
+        states = []
         with self._lock:
-            states = [self._states[k] for k in self._by_tenant.get(tenant, ())]
+            for key in self._by_tenant.get(tenant, ()):
+                windows = self._windows[key]
+                for start in [start for start, state in windows.items() if state.window_end <= now]:
+                    del windows[start]  # ended: no decision reads it again
+                states.extend(state for start, state in windows.items() if start <= now)
         worst = "ok"
         limits = []
         for state in sorted(states, key=lambda s: (s.limit_id, s.scope_value)):
-            if state.window_end <= now or asked.get(state.scope) != state.scope_value:
+            if asked.get(state.scope) != state.scope_value:
                 continue
             if _RANK[state.status] > _RANK[worst]:
                 worst = state.status

@@ -173,6 +173,8 @@ class Checkpoint:
             for ref, usage, as_of in batch.windows.values():
                 quota_state = ref.state(usage, as_of)
                 send(t.state, quota_state.key.encode(), quota_state.model_dump_json().encode())
+            for key in batch.expired:  # compaction then drops the window's state
+                send(t.state, key.encode(), None)
             if self.publish_attributed:
                 for attributed in batch.records:
                     send(t.attributed, attributed.tenant_id.encode(), attributed.model_dump_json().encode(),

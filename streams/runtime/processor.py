@@ -69,6 +69,8 @@ class Batch:
     #: The latest (usage, as of) of each quota window the batch counted into, by window key.
     windows: dict[str, tuple[WindowRef, Decimal, datetime]] = field(default_factory=dict)
     dead: list[tuple[Record, Rejection]] = field(default_factory=list)
+    #: The quota.state keys of windows past their grace period (tombstones, after the states).
+    expired: list[str] = field(default_factory=list)
     #: The next offset to read of each partition the batch read from.
     offsets: dict[TopicPartitionKey, int] = field(default_factory=dict)
     #: The changelog records of the quota keys the batch changed, and of its next usage.raw offsets.
@@ -134,7 +136,7 @@ class BatchProcessor:
         c.attributed += 1
         c.unpriced += not out.priced
         try:
-            quota = self.quotas.apply(out, partition, offset)  # stage 4
+            quota = self.quotas.apply(out, partition, offset, now)  # stage 4
         except Exception:  # noqa: BLE001 - the event still reaches the ledger; the error is counted
             c.quota_errors += 1
             log.exception("quota update failed for %s[%s]@%s", record.topic(), partition, offset)
@@ -144,6 +146,7 @@ class BatchProcessor:
                 c.late += 1
                 out = out.model_copy(update={"late": True})
             batch.alerts.extend(quota.alerts)
+            batch.expired.extend(quota.expired)
             for counted in quota.counted:
                 batch.windows[counted[0].key] = counted
         keep(out)

@@ -2,6 +2,7 @@
 
     grace_seconds: 300            # late events within this long after their window count in it
     dedup_seconds: 900            # a copy of an event re-sent within this long counts once
+    watermark_lead_seconds: 60    # how far past the worker's clock an event moves its tenant's watermark
     default_plan: free
     tenants:
       acme: {plan: enterprise, time_zone: America/New_York}
@@ -101,6 +102,10 @@ class Plans(Strict):
     grace_seconds: Annotated[int, Field(ge=0, le=31 * 86_400)] = 300
     #: How long an event id is remembered to count a re-sent copy once (wall clock).
     dedup_seconds: Annotated[int, Field(ge=0, le=7 * 86_400)] = 900
+    #: How far ahead of the worker's clock an event may move its tenant's watermark (event time
+    #: seen so far). An event stamped further ahead (a producer's clock running fast) still counts
+    #: in its own window, but does not make the tenant's real-time events late.
+    watermark_lead_seconds: Annotated[int, Field(ge=0, le=86_400)] = 60
     default_plan: str | None = None
     default_time_zone: str = "UTC"
     plans: dict[str, Plan] = Field(default_factory=dict)
@@ -119,6 +124,10 @@ class Plans(Strict):
     @property
     def grace(self) -> timedelta:
         return timedelta(seconds=self.grace_seconds)
+
+    @property
+    def watermark_lead(self) -> timedelta:
+        return timedelta(seconds=self.watermark_lead_seconds)
 
     def for_tenant(self, tenant: str) -> tuple[list[Limit], ZoneInfo]:
         """The limits that apply to a tenant and the time zone its windows follow."""

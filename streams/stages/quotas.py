@@ -42,13 +42,13 @@ import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from schemas.attributed import AttributedUsage
-from schemas.quota import QuotaAlert, QuotaState, Status, alert_id
+from schemas.quota import QuotaAlert, QuotaState, Status, alert_id, limit_key
 from streams.stages.plans import Limit, Plans, WindowKind, window_bounds
 
 _ONE = Decimal(1)
@@ -122,6 +122,8 @@ class QuotaOutcome:
     alerts: list[QuotaAlert] = field(default_factory=list)
     #: Each window the event was counted into, with the window's usage and ``as_of`` right after it.
     counted: list[tuple[WindowRef, Decimal, datetime]] = field(default_factory=list)
+    #: The ``quota.state`` keys of the windows that passed their grace period with this event.
+    expired: list[str] = field(default_factory=list)
 
     @property
     def states(self) -> list[QuotaState]:
@@ -204,7 +206,10 @@ class QuotaEngine:
         once, with the batch that filled it, instead of again with each batch of its second."""
         self._open_groups.clear()
 
-    def apply(self, record: AttributedUsage, partition: int, offset: int) -> QuotaOutcome:
+    def apply(self, record: AttributedUsage, partition: int, offset: int,
+              now: datetime | None = None) -> QuotaOutcome:
+        """Counts ``record`` (at ``offset`` of ``partition``) into its windows; ``now`` is the
+        worker's clock (the batch's), which bounds how far the tenant's watermark moves."""
         tenant = record.tenant_id
         limits, zone = self._plan_of(tenant)
         outcome = QuotaOutcome()
@@ -219,10 +224,14 @@ class QuotaEngine:
             return outcome
         at = record.event_time
         grace = self.grace
+        # The watermark moves to the event time, but never past the worker's clock and a small
+        # lead: one event stamped an hour ahead would otherwise make the next hour's events late,
+        # counted in no window, and let a capped tenant through.
+        moved_to = min(at, (now or datetime.now(UTC)) + self.plans.watermark_lead)
         tenant_state = tenants.get(tenant)
         if tenant_state is None:
-            tenant_state = {"watermark": at, "windows": {}, "next_expiry": None}
-        watermark = max(tenant_state["watermark"], at)
+            tenant_state = {"watermark": moved_to, "windows": {}, "next_expiry": None}
+        watermark = max(tenant_state["watermark"], moved_to)
         open_windows: dict[str, Any] = tenant_state["windows"]
         next_expiry = tenant_state["next_expiry"]
 
@@ -266,6 +275,7 @@ class QuotaEngine:
                 if expires <= watermark:
                     windows.pop(key, None)
                     del open_windows[key]
+                    outcome.expired.append(_state_key_of(key))
                 elif next_expiry is None or expires < next_expiry:
                     next_expiry = expires
         tenant_state["watermark"] = watermark
@@ -349,6 +359,12 @@ class QuotaEngine:
                 again.append(_alert(ref, percent, level, Decimal(crossing["usage"]),
                                     datetime.fromisoformat(crossing["at"]), crossing["event_id"]))
         return again
+
+
+def _state_key_of(window: str) -> str:
+    """The ``quota.state`` key of a window, from its table key (the JSON of its parts)."""
+    tenant, limit_id, scope, start_text = json.loads(window)
+    return f"{limit_key(tenant, limit_id, scope)}/{start_text}"
 
 
 def _alert(ref: WindowRef, percent: Decimal, level: str, usage: Decimal, at: datetime, event_id: str) -> QuotaAlert:

@@ -73,3 +73,25 @@ def test_tenants_are_independent():
     book = DecisionBook()
     book.apply_state(state("20", "hard_cap", tenant="acme"))
     assert book.decide("globex", now=NOW).decision == "allow"
+
+
+def test_the_window_open_now_decides_not_a_newer_one_opened_by_an_event_stamped_ahead():
+    book = DecisionBook()
+    book.apply_state(state("12", "hard_cap"))                          # today's window, capped
+    book.apply_state(state("0.5", "ok", start=START + timedelta(days=1)))  # tomorrow's, from a skewed clock
+    assert book.decide("acme", now=NOW).decision == "block"
+    assert book.decide("acme", now=END + timedelta(hours=1)).decision == "allow"  # tomorrow, its own window
+
+
+def test_after_compaction_a_fresh_enforcer_decides_as_a_running_one():
+    published = [state("12", "hard_cap"),                               # today's window, capped
+                 state("3", "ok", start=START - timedelta(days=1))]    # then a late event's state for yesterday
+    running = DecisionBook()
+    for s in published:
+        running.apply_state(s)
+    compacted = {s.key: s for s in published}                           # what a compacted topic keeps
+    assert len(compacted) == 2                                          # one record per window, not per limit
+    fresh = DecisionBook()
+    for s in compacted.values():
+        fresh.apply_state(s)
+    assert fresh.decide("acme", now=NOW).decision == running.decide("acme", now=NOW).decision == "block"

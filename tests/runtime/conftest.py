@@ -138,6 +138,8 @@ def states(broker: MemoryBroker) -> dict[str, Decimal]:
     """The latest usage published on quota.state per tenant."""
     latest: dict[str, Decimal] = {}
     for record in broker.records(TOPICS.state):
+        if record.value() is None:
+            continue  # a window past its grace period
         state = QuotaState.model_validate_json(record.value())
         latest[state.tenant_id] = max(latest.get(state.tenant_id, Decimal(0)), state.usage)
     return latest

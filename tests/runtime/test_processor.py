@@ -46,10 +46,10 @@ def test_consumer_errors_are_skipped_and_failures_of_one_event_do_not_stop_the_b
             raise ZeroDivisionError("a bug")
         return attribute_raw(value, now)
 
-    def apply_failing_on_the_third(record, partition, offset):
+    def apply_failing_on_the_third(record, partition, offset, now=None):
         if offset == quota_bug.offset():
             raise KeyError("another bug")
-        return apply(record, partition, offset)
+        return apply(record, partition, offset, now)
 
     monkeypatch.setattr(worker.processor, "attribution", SimpleNamespace(attribute_raw=attribute_failing_on_the_second))
     monkeypatch.setattr(worker.quotas, "apply", apply_failing_on_the_third)

@@ -120,7 +120,8 @@ def test_late_events_inside_the_grace_period_count_in_their_own_window(engine):
     feed(engine, "acme", ["1"], start=DAY + timedelta(days=1, minutes=5))             # watermark: day 2, 00:05
     inside = engine.apply(rec("acme", DAY + timedelta(hours=23, minutes=59), "4", "late-1"), 0, 1)
     assert (inside.late, inside.states[0].window_start, inside.states[0].usage) == (False, DAY, Decimal(4))
-    feed(engine, "acme", ["1"], start=DAY + timedelta(days=1, minutes=11), first_offset=2)  # grace over
+    [passing] = feed(engine, "acme", ["1"], start=DAY + timedelta(days=1, minutes=11), first_offset=2)  # grace over
+    assert passing.expired == [f"acme/daily-spend/*/{DAY.isoformat()}"]  # its quota.state record gets a tombstone
     beyond = engine.apply(rec("acme", DAY + timedelta(hours=23, minutes=59), "4", "late-2"), 0, 3)
     assert (beyond.late, beyond.states, beyond.alerts) == (True, [], [])
     assert not any(DAY.isoformat() in key for key in engine.tables(0).quota_windows), "expired windows are cleaned up"
@@ -218,3 +219,15 @@ def test_a_copy_of_an_event_sent_again_is_counted_once(tmp_path):
     assert seen["0:1061:8"]["events"] == {"acme\x1flater-1": 8, "acme\x1flater-2": 10}
     assert seen["0:1061:11"]["events"] == {"acme\x1flater-3": 11}
     assert engine.apply(rec("acme", at, "1", "later-2"), 0, 12).duplicate
+
+
+def test_an_event_stamped_ahead_counts_in_its_own_window_and_does_not_make_real_time_events_late(engine):
+    now = DAY + timedelta(hours=9, seconds=10)
+    ahead = engine.apply(rec("big", now + timedelta(minutes=55), "1", "skewed"), 0, 0, now)
+    assert [(s.limit_id, s.window_start, s.usage) for s in ahead.states if s.limit_id == "minute-requests"] == [
+        ("minute-requests", DAY + timedelta(hours=9, minutes=55), Decimal(1))]
+    # The watermark moved to now + 60 s, not to 09:55: the minute windows of 09:00 stay open.
+    outcomes = [engine.apply(rec("big", now + timedelta(seconds=i), "1", f"rt-{i}"), 0, 1 + i, now) for i in range(3)]
+    assert [o.late for o in outcomes] == [False, False, False]
+    assert [s.usage for s in outcomes[-1].states if s.limit_id == "minute-requests"] == [Decimal(3)]
+    assert [a.level for a in outcomes[-1].alerts] == ["soft_cap"]  # 3 requests of 3: the limit still bites
