@@ -9,12 +9,19 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections import Counter
+from typing import get_args
 
 import pytest
 
+from schemas.dead_letter import DeadLetter, Reason
 from streams.httpjson import get_json
+from streams.messaging.producer import UsageProducer
 from streams.operations.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics, wait_for
-from tests.faults.conftest import FULL, REPORT, Pipeline
+from streams.storage.query import query
+from tests.faults.conftest import FULL, REPORT, Pipeline, event
+from tests.faults.poison import HUGE_EVERY, hostile_records
+from tests.integration.conftest import read_topic
 
 
 def assert_exact(figures: dict, pipeline: Pipeline, sent: int) -> None:
@@ -121,3 +128,29 @@ def test_a_worker_started_on_topics_it_creates_itself_is_ready_every_time(kafka_
             worker.stop()
             remove_isolated_topics(worker.settings)
     REPORT.append(f"fresh-topic-starts: {len(ready_in)} of {starts} ready, in {min(ready_in):.1f}-{max(ready_in):.1f} s")
+
+
+def test_a_poison_campaign_is_dead_lettered_whole_while_valid_events_land_exactly_once(pipeline: Pipeline):
+    """Hostile records of every malformed shape, interleaved with valid events of known cost."""
+    hostile_total, per_valid = (30_000, 5) if FULL else (10_000, 5)
+    worker = pipeline.worker().start()
+    settings = pipeline.settings
+    shapes: Counter[str] = Counter()
+    valid = 0
+    with UsageProducer(pipeline.servers, settings.topics.raw, config={"message.max.bytes": 8_000_000}) as producer:
+        for i, (shape, value) in enumerate(hostile_records(hostile_total)):
+            producer.send_raw(value, key=f"hostile-{i % 7}".encode())  # (send_raw sends bytes as they are)
+            shapes[shape] += 1
+            if i % per_valid == 0:
+                producer.send(event(pipeline.name, valid))
+                valid += 1
+    dead = read_topic(pipeline.servers, settings.topics.dlq, hostile_total, 120)
+    reasons = Counter(DeadLetter.from_record(m.key(), m.value() or b"", m.headers()).reason for m in dead)
+    figures = pipeline.reconcile(valid)
+    REPORT.append(f"poison-campaign: hostile={hostile_total} dead_lettered={len(dead)} valid={valid} "
+                  f"landed={figures['landed']} ({', '.join(f'{r}={n}' for r, n in sorted(reasons.items()))})")
+    assert len(dead) == hostile_total and {m.key()[:8] for m in dead} == {b"hostile-"}
+    assert set(reasons) <= set(get_args(Reason)) and reasons["payload_too_large"] == hostile_total // HUGE_EVERY
+    assert_exact(figures, pipeline, valid)
+    assert worker.running and worker.health()["dead_lettered"] == hostile_total
+    assert query(settings, "SELECT count() FROM usage WHERE startsWith(event_id, 'hostile')").rows == [[0]]
