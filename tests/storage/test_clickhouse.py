@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 from clickhouse_connect.datatypes.registry import get_from_name
+from clickhouse_connect.driver.exceptions import DatabaseError
 from clickhouse_connect.driver.insert import InsertContext
 
 from schemas.usage import TokenUsage, UsageEvent
@@ -184,8 +185,10 @@ def test_a_sink_gives_up_only_when_stopped_or_after_the_attempts_it_was_given(ch
 def test_query_clients_are_read_only_and_leave_the_writer_alone(ch_client, attribution):
     reader = connect_readonly(ch_client.path and f"chdb://{ch_client.path}")
     assert run_readonly(reader, "SELECT 1 + 1 AS two").rows == [[2]]
-    with pytest.raises(QueryError, match="readonly"):
+    with pytest.raises(QueryError, match="DROP is not a query"):
         run_readonly(reader, "DROP TABLE usage_ledger")
+    with pytest.raises(DatabaseError, match="readonly"):  # the session refuses it too, statement check or not
+        reader.command("DROP TABLE usage_ledger")
     batch = records(attribution, 1, "t-after-readonly")
     LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))  # the writer on the same engine still writes
     assert ledger(ch_client, "t-after-readonly") == (1, Decimal("0.0035"))
