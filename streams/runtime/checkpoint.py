@@ -171,8 +171,7 @@ class Checkpoint:
             for alert in batch.alerts:
                 send(t.alerts, alert.tenant_id.encode(), alert.model_dump_json().encode())
             for ref, usage, as_of in batch.windows.values():
-                quota_state = ref.state(usage, as_of)
-                send(t.state, quota_state.key.encode(), quota_state.model_dump_json().encode())
+                send(t.state, ref.state_key.encode(), ref.state(usage, as_of).model_dump_json().encode())
             for key in batch.expired:  # compaction then drops the window's state
                 send(t.state, key.encode(), None)
             if self.publish_attributed:

@@ -146,7 +146,8 @@ class BatchProcessor:
                 c.late += 1
                 out = out.model_copy(update={"late": True})
             batch.alerts.extend(quota.alerts)
-            batch.expired.extend(quota.expired)
+            if quota.expired:
+                batch.expired.extend(quota.expired)
             for counted in quota.counted:
                 batch.windows[counted[0].key] = counted
         keep(out)

@@ -106,6 +106,8 @@ class WindowRef(NamedTuple):
     scope_value: str
     start: datetime
     end: datetime
+    #: Its ``quota.state`` key (``schemas.quota.state_key``), built once per window, not per state sent.
+    state_key: str
 
     def state(self, usage: Decimal, as_of: datetime) -> QuotaState:
         limit = self.limit
@@ -182,6 +184,9 @@ class QuotaEngine:
         self.tables: Callable[[int], QuotaTables] = (lambda _: tables) if isinstance(tables, QuotaTables) \
             else tables
         self.clock = clock
+        self.lead = plans.watermark_lead
+        self._now: datetime | None = None
+        self._lead_limit = datetime.now(UTC) + self.lead
         self._by_partition: dict[int, QuotaTables] = {}
         self.grace = plans.grace
         self._expiry: dict[int, deque[tuple[float, str]]] = {}
@@ -227,7 +232,9 @@ class QuotaEngine:
         # The watermark moves to the event time, but never past the worker's clock and a small
         # lead: one event stamped an hour ahead would otherwise make the next hour's events late,
         # counted in no window, and let a capped tenant through.
-        moved_to = min(at, (now or datetime.now(UTC)) + self.plans.watermark_lead)
+        if now is None or now is not self._now:  # (once per batch: the processor passes the batch's time)
+            self._now, self._lead_limit = now, (now or datetime.now(UTC)) + self.lead
+        moved_to = at if at <= self._lead_limit else self._lead_limit
         tenant_state = tenants.get(tenant)
         if tenant_state is None:
             tenant_state = {"watermark": moved_to, "windows": {}, "next_expiry": None}
@@ -308,7 +315,8 @@ class QuotaEngine:
             if len(self._refs) >= _MEMO_SIZE:
                 self._refs.clear()
             ref = self._refs[ident] = WindowRef(window_key(tenant, limit.id, scope, bounds.start_text), tenant, limit,
-                                                scope, bounds.start, bounds.end)
+                                                scope, bounds.start, bounds.end,
+                                                f"{limit_key(tenant, limit.id, scope)}/{bounds.start_text}")
         return ref
 
     def _is_duplicate(self, seen: MutableMapping[str, dict[str, Any]], record: AttributedUsage, partition: int,

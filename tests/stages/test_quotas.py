@@ -231,3 +231,9 @@ def test_an_event_stamped_ahead_counts_in_its_own_window_and_does_not_make_real_
     assert [o.late for o in outcomes] == [False, False, False]
     assert [s.usage for s in outcomes[-1].states if s.limit_id == "minute-requests"] == [Decimal(3)]
     assert [a.level for a in outcomes[-1].alerts] == ["soft_cap"]  # 3 requests of 3: the limit still bites
+
+
+def test_a_windows_state_key_is_the_one_its_published_state_carries(engine):
+    [outcome] = feed(engine, "acme", ["1"])
+    [(ref, usage, as_of)] = outcome.counted
+    assert ref.state_key == ref.state(usage, as_of).key == f"acme/daily-spend/*/{DAY.isoformat()}"
