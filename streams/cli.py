@@ -264,6 +264,34 @@ def backfill(
                   + (f", {rejected:,} invalid ({dict(result.rejected)}; they are in usage.dlq)" if rejected else ""))
 
 
+@cli.command()
+def invoice(
+    tenant: Annotated[str, typer.Option(help="the tenant to bill")],
+    period: Annotated[str, typer.Option(help="the calendar month, in the tenant's time zone: 2026-11")],
+    fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+) -> None:
+    """A tenant's invoice for one month, rated from the ledger with its plan's rate card (plans.yaml)."""
+    from streams.operations.invoice import invoice as make_invoice
+    from streams.stages.plans import Plans
+    from streams.storage.query import query as run_query
+
+    settings = _settings()
+    plans = Plans.from_file(settings.config_dir / "plans.yaml")
+    bill = make_invoice(plans, tenant, period, lambda sql: run_query(settings, sql).rows)
+    if fmt == "json":
+        print(json.dumps(bill.to_json(), indent=2))
+        return
+    table = Table("line", "quantity", "unit price", "amount (USD)",
+                  title=f"Invoice of {tenant} for {period} ({bill.start:%Y-%m-%d} to {bill.end:%Y-%m-%d} UTC)")
+    for line in bill.rating.lines:
+        table.add_row(line.description, format(line.quantity.normalize(), "f"),
+                      "" if line.unit_amount is None else format(line.unit_amount, "f"), format(line.amount, "f"))
+    table.add_section()
+    table.add_row("total", "", "", format(bill.total, "f"))
+    console.print(table)
+    console.print(f"provider cost {bill.cost_usd:.6f} USD, margin {bill.margin_usd:.6f} USD")
+
+
 def _instant(text: str) -> datetime:
     """A date (UTC midnight) or an ISO 8601 time; without a zone, UTC."""
     try:

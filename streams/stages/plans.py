@@ -32,6 +32,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, field_validator, model_validator
 
 from streams.config import Strict, load_model
+from streams.stages.rating import RateCard
 
 Metric = Literal["cost_usd", "tokens", "requests"]
 WindowKind = Literal["minute", "hour", "day", "month"]
@@ -72,8 +73,8 @@ class Limit(Strict):
 
 class Plan(Strict):
     limits: list[Limit] = Field(default_factory=list)
-    #: Reserved for the revenue plans: pricing tiers, included usage, overage prices.
-    pricing: dict[str, object] | None = None
+    #: What tenants on this plan are charged (``streams.stages.rating``); none: not billed by Costline.
+    rate_card: RateCard | None = None
 
     @field_validator("limits")
     @classmethod
@@ -129,13 +130,17 @@ class Plans(Strict):
     def watermark_lead(self) -> timedelta:
         return timedelta(seconds=self.watermark_lead_seconds)
 
-    def for_tenant(self, tenant: str) -> tuple[list[Limit], ZoneInfo]:
-        """The limits that apply to a tenant and the time zone its windows follow."""
+    def plan_of(self, tenant: str) -> tuple[Plan | None, ZoneInfo]:
+        """A tenant's plan (None when no plan applies) and the time zone of its windows and periods."""
         assignment = self.tenants.get(tenant)
         plan_name = assignment.plan if assignment else self.default_plan
         zone = assignment.time_zone if assignment else self.default_time_zone
-        plan = self.plans.get(plan_name) if plan_name else None
-        return (plan.limits if plan else []), _zone(zone)
+        return (self.plans.get(plan_name) if plan_name else None), _zone(zone)
+
+    def for_tenant(self, tenant: str) -> tuple[list[Limit], ZoneInfo]:
+        """The limits that apply to a tenant and the time zone its windows follow."""
+        plan, zone = self.plan_of(tenant)
+        return (plan.limits if plan else []), zone
 
     @classmethod
     def from_file(cls, path: Path | None) -> Plans:

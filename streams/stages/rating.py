@@ -27,7 +27,8 @@ Conventions (each one a trap in some billing system; see docs/pricing.md):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fnmatch
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Annotated, Literal
@@ -49,11 +50,30 @@ class Tier(Strict):
     flat_amount: Amount = _ZERO
 
 
+class ChargeFilter(Strict):
+    """Which calls a charge counts: each given field must match one of its shell globs."""
+
+    provider: list[str] | None = None
+    model: list[str] | None = None
+    business_path: list[str] | None = None
+    feature: list[str] | None = None
+
+    def matches(self, call: Mapping[str, str | None]) -> bool:
+        for name in ("provider", "model", "business_path", "feature"):
+            globs = getattr(self, name)
+            value = call.get(name)
+            if globs is not None and (value is None or not any(fnmatch.fnmatchcase(value, g) for g in globs)):
+                return False
+        return True
+
+
 class Charge(Strict):
-    """A price on one metric of the period's usage."""
+    """A price on one metric of the period's usage. ``cost_usd`` rates cost-plus: the provider cost
+    of the calls counted, at ``unit_amount`` USD per USD of cost (1.3: cost plus 30%)."""
 
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     metric: RatedMetric
+    when: ChargeFilter = Field(default_factory=ChargeFilter)
     #: Quantities are counted in units of this many (1,000,000: prices per million tokens).
     per: Annotated[Decimal, Field(gt=0)] = Decimal(1)
     price: Literal["unit", "graduated", "volume", "package"]
@@ -230,3 +250,30 @@ def _tier_of(tiers: list[Tier], units: Decimal) -> tuple[int, Tier]:
         if tier.up_to is None or units <= tier.up_to:
             return index, tier
     raise AssertionError("the last tier is open-ended (validated)")
+
+
+#: The totals of a group of calls that charges count from: calls, input and output tokens, cost.
+@dataclass(frozen=True)
+class Usage:
+    calls: Decimal
+    input_tokens: Decimal
+    output_tokens: Decimal
+    cost_usd: Decimal
+
+    def of(self, metric: RatedMetric) -> Decimal:
+        if metric == "requests":
+            return self.calls
+        if metric == "tokens":
+            return self.input_tokens + self.output_tokens
+        return getattr(self, metric)
+
+
+def quantities(card: RateCard, groups: Iterable[tuple[Mapping[str, str | None], Usage]]) -> dict[str, Decimal]:
+    """Each charge's quantity from the period's usage, grouped by the fields charges filter on
+    (provider, model, business path, feature)."""
+    totals = {charge.id: _ZERO for charge in card.charges}
+    for call, usage in groups:
+        for charge in card.charges:
+            if charge.when.matches(call):
+                totals[charge.id] += usage.of(charge.metric)
+    return totals

@@ -1,0 +1,87 @@
+"""``costline invoice``: a tenant's bill for one calendar month, rated from the ledger.
+
+The period is the calendar month in the tenant's time zone (plans.yaml). The ledger's calls of
+the period are summed per provider, model, business path and feature; each charge of the
+tenant's rate card counts the groups it matches; ``streams.stages.rating.rate`` turns those
+quantities into the invoice's lines. The cost beside it is the same calls' provider cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from streams.errors import CostlineError
+from streams.stages.plans import Plans, window_bounds
+from streams.stages.rating import Rating, Usage, quantities, rate
+
+#: Runs a read-only query and returns its rows (``streams.storage.query.query`` with the settings).
+Query = Callable[[str], list[list[Any]]]
+
+
+class InvoiceRefused(CostlineError):
+    """The invoice cannot be made: no rate card applies, or the period is not a month."""
+
+
+@dataclass(frozen=True)
+class Invoice:
+    tenant: str
+    period: str
+    start: datetime
+    end: datetime
+    rating: Rating
+    cost_usd: Decimal
+
+    @property
+    def total(self) -> Decimal:
+        return self.rating.total
+
+    @property
+    def margin_usd(self) -> Decimal:
+        return self.total - self.cost_usd
+
+    def to_json(self) -> dict[str, Any]:
+        """Amounts as decimal strings, for a billing system to import."""
+        return {
+            "tenant_id": self.tenant, "period": self.period, "currency": "USD",
+            "period_start": self.start.isoformat(), "period_end": self.end.isoformat(),
+            "lines": [{"id": line.id, "kind": line.kind, "description": line.description,
+                       "quantity": format(line.quantity, "f"),
+                       "unit_amount": None if line.unit_amount is None else format(line.unit_amount, "f"),
+                       "amount_unrounded": format(line.unrounded, "f"), "amount": format(line.amount, "f")}
+                      for line in self.rating.lines],
+            "total": format(self.total, "f"), "cost_usd": format(self.cost_usd, "f"),
+            "margin_usd": format(self.margin_usd, "f"),
+        }
+
+
+def invoice(plans: Plans, tenant: str, period: str, run_query: Query) -> Invoice:
+    plan, zone = plans.plan_of(tenant)
+    if plan is None or plan.rate_card is None:
+        raise InvoiceRefused(f"tenant {tenant!r} is on no plan with a rate_card in plans.yaml: give its plan one")
+    try:
+        first = datetime.strptime(period, "%Y-%m").replace(tzinfo=zone)
+    except ValueError:
+        raise InvoiceRefused(f"period {period!r} is not a month: use YYYY-MM, e.g. 2026-11") from None
+    start, end = window_bounds("month", first + timedelta(hours=12), zone)
+    rows = run_query(
+        "SELECT provider, model, business_path, feature, count(), sum(input_tokens), sum(output_tokens), "
+        f"sum(cost_usd) FROM usage WHERE tenant_id = {_literal(tenant)} AND event_time >= {_time(start)} "
+        f"AND event_time < {_time(end)} GROUP BY provider, model, business_path, feature")
+    groups = [({"provider": provider, "model": model, "business_path": path, "feature": feature or None},
+               Usage(Decimal(calls), Decimal(tokens_in), Decimal(tokens_out), Decimal(cost)))
+              for provider, model, path, feature, calls, tokens_in, tokens_out, cost in rows]
+    rating = rate(plan.rate_card, quantities(plan.rate_card, groups))
+    return Invoice(tenant, period, start, end, rating, sum((usage.cost_usd for _, usage in groups), Decimal(0)))
+
+
+def _literal(text: str) -> str:
+    """A ClickHouse string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _time(at: datetime) -> str:
+    return f"toDateTime64('{at:%Y-%m-%d %H:%M:%S}', 3, 'UTC')"
