@@ -382,6 +382,7 @@ def _print_summary(settings: Settings, where: str) -> None:
     for path, step, calls, cost in paths.rows:
         by_path.add_row(path, step, f"{calls:,}", f"{cost:.6f}")
     console.print(by_path)
+    _print_margins(settings, [row[0] for row in result.rows])
     alerts = run_query(settings, """
         SELECT tenant_id, limit_id, threshold_percent, level, usage, limit_value, crossed_at
         FROM quota_alert_history WHERE window_end > now64(3) ORDER BY tenant_id, limit_id, threshold_percent""")
@@ -391,6 +392,27 @@ def _print_summary(settings: Settings, where: str) -> None:
         table.add_row(tenant, limit_id, f"{threshold:.0f}%", level, f"{usage:.2f} / {limit:.2f}",
                       str(crossed_at)[11:19])
     console.print(table if alerts.rows else "No quota alerts in open windows.")
+
+
+def _print_margins(settings: Settings, tenants: list[str]) -> None:
+    """This month's invoice of each tenant, rated from the ledger (config/plans.yaml), beside its cost."""
+    from streams.operations.invoice import InvoiceRefused, invoice
+    from streams.stages.plans import Plans
+    from streams.storage.query import query as run_query
+
+    plans = Plans.from_file(settings.config_dir / "plans.yaml")
+    table = Table("tenant", "invoice (USD)", "provider cost (USD)", "margin (USD)", "margin %",
+                  title=f"This month so far: revenue, cost and margin per tenant ({datetime.now(UTC):%Y-%m})")
+    for tenant in tenants:
+        zone = plans.plan_of(tenant)[1]
+        try:
+            bill = invoice(plans, tenant, f"{datetime.now(zone):%Y-%m}", lambda sql: run_query(settings, sql).rows)
+        except InvoiceRefused:
+            continue  # no rate card on the tenant's plan
+        percent = f"{bill.margin_usd / bill.total * 100:.1f}%" if bill.total else ""
+        table.add_row(tenant, f"{bill.total:.2f}", f"{bill.cost_usd:.6f}", f"{bill.margin_usd:.6f}", percent)
+    if table.rows:
+        console.print(table)
 
 
 # --- entry point ------------------------------------------------------------------------------------
