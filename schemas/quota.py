@@ -36,9 +36,10 @@ def limit_key(tenant: str, limit_id: str, scope_value: str) -> str:
     return f"{tenant}/{limit_id}/{scope_value}"
 
 
-def state_key(tenant: str, limit_id: str, scope_value: str, window_start: datetime) -> str:
-    """The ``quota.state`` key of one window."""
-    return f"{limit_key(tenant, limit_id, scope_value)}/{window_start.isoformat()}"
+def state_key(tenant: str, limit_id: str, scope_value: str, window_start: str) -> str:
+    """The ``quota.state`` key of one window; ``window_start`` is the start's ISO 8601 text (which the
+    quota stage keeps per window, so that no key costs a formatting of the time)."""
+    return f"{limit_key(tenant, limit_id, scope_value)}/{window_start}"
 
 
 class QuotaWindow(BaseModel):
@@ -76,7 +77,7 @@ class QuotaState(QuotaWindow):
 
     @property
     def key(self) -> str:
-        return state_key(self.tenant_id, self.limit_id, self.scope_value, self.window_start)
+        return state_key(self.tenant_id, self.limit_id, self.scope_value, self.window_start.isoformat())
 
     @property
     def limit_key(self) -> str:

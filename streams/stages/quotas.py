@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from schemas.attributed import AttributedUsage
-from schemas.quota import QuotaAlert, QuotaState, Status, alert_id, limit_key
+from schemas.quota import QuotaAlert, QuotaState, Status, alert_id, state_key
 from streams.stages.plans import Limit, Plans, WindowKind, window_bounds
 
 _ONE = Decimal(1)
@@ -316,7 +316,7 @@ class QuotaEngine:
                 self._refs.clear()
             ref = self._refs[ident] = WindowRef(window_key(tenant, limit.id, scope, bounds.start_text), tenant, limit,
                                                 scope, bounds.start, bounds.end,
-                                                f"{limit_key(tenant, limit.id, scope)}/{bounds.start_text}")
+                                                state_key(tenant, limit.id, scope, bounds.start_text))
         return ref
 
     def _is_duplicate(self, seen: MutableMapping[str, dict[str, Any]], record: AttributedUsage, partition: int,
@@ -371,8 +371,7 @@ class QuotaEngine:
 
 def _state_key_of(window: str) -> str:
     """The ``quota.state`` key of a window, from its table key (the JSON of its parts)."""
-    tenant, limit_id, scope, start_text = json.loads(window)
-    return f"{limit_key(tenant, limit_id, scope)}/{start_text}"
+    return state_key(*json.loads(window))
 
 
 def _alert(ref: WindowRef, percent: Decimal, level: str, usage: Decimal, at: datetime, event_id: str) -> QuotaAlert:
