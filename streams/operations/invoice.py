@@ -17,6 +17,7 @@ from typing import Any
 from streams.errors import CostlineError
 from streams.stages.plans import Plans, window_bounds
 from streams.stages.rating import Rating, Usage, quantities, rate
+from streams.storage.query import sql_string, sql_time
 
 #: Runs a read-only query and returns its rows (``streams.storage.query.query`` with the settings).
 Query = Callable[[str], list[list[Any]]]
@@ -69,19 +70,10 @@ def invoice(plans: Plans, tenant: str, period: str, run_query: Query) -> Invoice
     start, end = window_bounds("month", first + timedelta(hours=12), zone)
     rows = run_query(
         "SELECT provider, model, business_path, feature, count(), sum(input_tokens), sum(output_tokens), "
-        f"sum(cost_usd) FROM usage WHERE tenant_id = {_literal(tenant)} AND event_time >= {_time(start)} "
-        f"AND event_time < {_time(end)} GROUP BY provider, model, business_path, feature")
+        f"sum(cost_usd) FROM usage WHERE tenant_id = {sql_string(tenant)} AND event_time >= {sql_time(start)} "
+        f"AND event_time < {sql_time(end)} GROUP BY provider, model, business_path, feature")
     groups = [({"provider": provider, "model": model, "business_path": path, "feature": feature or None},
                Usage(Decimal(calls), Decimal(tokens_in), Decimal(tokens_out), Decimal(cost)))
               for provider, model, path, feature, calls, tokens_in, tokens_out, cost in rows]
     rating = rate(plan.rate_card, quantities(plan.rate_card, groups))
     return Invoice(tenant, period, start, end, rating, sum((usage.cost_usd for _, usage in groups), Decimal(0)))
-
-
-def _literal(text: str) -> str:
-    """A ClickHouse string literal."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _time(at: datetime) -> str:
-    return f"toDateTime64('{at:%Y-%m-%d %H:%M:%S}', 3, 'UTC')"

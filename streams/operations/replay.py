@@ -22,7 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -32,7 +32,7 @@ from streams.messaging.producer import UsageProducer
 from streams.messaging.topics import READ_TRANSACTIONAL
 from streams.settings import Settings
 from streams.stages.attribution import Attribution
-from streams.storage.query import query
+from streams.storage.query import query, sql_time
 
 DLQ_REPLAY_GROUP = "dlq-replay"
 
@@ -159,7 +159,5 @@ def backfill(settings: Settings, attribution: Attribution, since: datetime, unti
 
 def late_events(settings: Settings, since: datetime, until: datetime | None) -> set[str]:
     """The ids of the ledger's late events with event times in [since, until)."""
-    where = f"event_time >= toDateTime64('{since.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}', 6, 'UTC')"
-    if until is not None:
-        where += f" AND event_time < toDateTime64('{until.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}', 6, 'UTC')"
+    where = f"event_time >= {sql_time(since)}" + (f" AND event_time < {sql_time(until)}" if until else "")
     return {row[0] for row in query(settings, f"SELECT event_id FROM usage WHERE late AND {where}").rows}

@@ -12,7 +12,7 @@ import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -126,6 +126,16 @@ def run_readonly(client: Client, sql: str) -> QueryResult:
         types=[t.name for t in result.column_types],
         rows=[list(r) for r in result.result_rows],
     )
+
+
+def sql_string(text: str) -> str:
+    """A ClickHouse string literal, for SQL built by the commands (``query`` takes no parameters)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def sql_time(at: datetime) -> str:
+    """A ClickHouse ``DateTime64`` literal of an aware time, to the microsecond."""
+    return f"toDateTime64('{at.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}', 6, 'UTC')"
 
 
 def worker_health(settings: Settings) -> dict[str, Any] | None:
