@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Protocol
 
 from confluent_kafka import KafkaError
 from pydantic import ValidationError
@@ -94,8 +94,9 @@ class BatchProcessor:
         self.topics, self.counters, self.read_rows = topics, counters, read_rows
         #: The usage.raw stages and the quota stage's state (None in the sink role).
         self.attribution, self.quotas, self.state = attribution, quotas, state
-        self._parsers: dict[str, Callable[[bytes, Batch], None]] = {
-            topics.attributed: self._attributed, topics.alerts: self._alert}
+        #: How a record of each topic the sink role reads is parsed.
+        self._parsers: dict[str, Callable[[bytes], AttributedUsage | QuotaAlert]] = {
+            topics.attributed: AttributedUsage.model_validate_json, topics.alerts: QuotaAlert.model_validate_json}
 
     def process(self, records: Sequence[Record]) -> Batch:
         batch = Batch(records=RecordBatch(LEDGER) if self.read_rows else [])
@@ -113,7 +114,7 @@ class BatchProcessor:
             if topic == raw:
                 self._usage(record, batch, keep, now)
             else:
-                self._landed(record, batch)
+                self._landed(record, batch, keep)
         if self.quotas is not None:
             self.quotas.end_batch()
             positions = {p: offset for (topic, p), offset in batch.offsets.items() if topic == raw}
@@ -152,24 +153,19 @@ class BatchProcessor:
                 batch.windows[counted[0].key] = counted
         keep(out)
 
-    def _landed(self, record: Record, batch: Batch) -> None:
+    def _landed(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage], None]) -> None:
         """A record of usage.attributed or quota.alerts, for the ledger; one that does not parse is
         dead-lettered."""
         parse = self._parsers.get(record.topic())
         if parse is None:
             raise ValueError(f"no stage reads topic {record.topic()!r}")
         try:
-            parse(record.value() or b"", batch)
+            parsed = parse(record.value() or b"")
         except ValidationError as exc:
             batch.dead.append((record, Rejection(
                 reason="invalid_event", message=f"not a {record.topic()} record: {exc.errors()[0]['msg']}")))
-
-    def _attributed(self, value: bytes, batch: Batch) -> Any:
-        record = AttributedUsage.model_validate_json(value)
-        if self.read_rows:
-            batch.records.add(record)  # type: ignore[attr-defined]
+            return
+        if isinstance(parsed, QuotaAlert):
+            batch.read_alerts.append(parsed)
         else:
-            batch.records.append(record)
-
-    def _alert(self, value: bytes, batch: Batch) -> None:
-        batch.read_alerts.append(QuotaAlert.model_validate_json(value))
+            keep(parsed)
