@@ -66,6 +66,15 @@ def connect_readonly(url: str, settings: Settings | None = None) -> Client:
 _READ_STATEMENTS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
 
 
+#: What a user can do about ClickHouse's refusals of a read-only query, by error name.
+_FIXES = {
+    "UNKNOWN_TABLE": "; run `costline migrate` (or start a worker) to create Costline's tables",
+    "TOO_MANY_ROWS_OR_BYTES": "; add a LIMIT, or raise COSTLINE_QUERY_MAX_ROWS",
+    "TIMEOUT_EXCEEDED": "; narrow the query, or raise COSTLINE_QUERY_TIMEOUT_S",
+    "MEMORY_LIMIT_EXCEEDED": "; narrow the query, or raise COSTLINE_QUERY_MAX_MEMORY_MB",
+}
+
+
 def one_read_statement(sql: str) -> str:
     """``sql`` if it is one statement that only reads (a trailing ``;`` allowed); else ``QueryError``."""
     statements = [s for s in _split_statements(sql) if s]
@@ -120,7 +129,9 @@ def run_readonly(client: Client, sql: str) -> QueryResult:
     try:
         result = client.query(statement)
     except ClickHouseError as exc:
-        raise QueryError(str(exc).strip().splitlines()[0][:500]) from None
+        reason = str(exc).strip().splitlines()[0][:500]
+        fix = next((fix for code, fix in _FIXES.items() if f"({code})" in reason), "")
+        raise QueryError(f"{reason}{fix}") from None
     return QueryResult(
         columns=list(result.column_names),
         types=[t.name for t in result.column_types],
