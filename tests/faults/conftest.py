@@ -64,7 +64,9 @@ def event(run: str, i: int) -> UsageEvent:
 @dataclass
 class Load:
     """Sends ``total`` events at ``rate`` per second from a background thread (twice each when
-    ``twice``: the copy follows ``copy_lag`` events later, as a producer retrying much later would)."""
+    ``twice``: the copy follows ``copy_lag`` events later, as a producer retrying much later would).
+    ``stop()`` ends it early: a case whose faults take an unknown time runs the load until they are
+    over instead of guessing a total long enough for a slow machine."""
 
     servers: str
     topic: str
@@ -77,6 +79,7 @@ class Load:
     copies: int = 0
     errors: list[BaseException] = field(default_factory=list)
     _thread: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> Load:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -88,6 +91,8 @@ class Load:
             started = time.monotonic()
             with UsageProducer(self.servers, self.topic, config={"message.timeout.ms": 300_000}) as producer:
                 for i in range(self.total):
+                    if self._stop.is_set():
+                        break
                     producer.send(event(self.run, i))
                     self.sent += 1
                     if self.twice and i >= self.copy_lag:
@@ -97,7 +102,7 @@ class Load:
                     if ahead > 0:
                         time.sleep(ahead)
                 if self.twice:
-                    for i in range(max(self.total - self.copy_lag, 0), self.total):
+                    for i in range(max(self.sent - self.copy_lag, 0), self.sent):
                         producer.send(event(self.run, i))
                         self.copies += 1
                 # As patient as message.timeout.ms: a restarted broker can take longer than the
@@ -105,6 +110,10 @@ class Load:
                 producer.flush(timeout_s=300)
         except BaseException as exc:  # noqa: BLE001 - surfaced by wait()
             self.errors.append(exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wait()
 
     def wait(self, timeout_s: float = 600) -> None:
         assert self._thread is not None
