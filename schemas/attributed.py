@@ -101,6 +101,15 @@ class AttributedUsage(BaseModel):
     pricing_version: str | None = None
     discount: str | None = None
     discount_percent: Percent = _ZERO
+    #: What this call added to its tenant's bill for the billing period, given everything counted
+    #: before it (``streams.stages.revenue``); None when the tenant's plan has no rate card, or
+    #: when the event came after its period closed (then also ``late``).
+    revenue_usd: Money | None = None
+    #: ``revenue_usd`` less ``cost_usd``; None when revenue is.
+    margin_usd: Money | None = None
+    #: The billing period ``revenue_usd`` belongs to: the calendar month in the tenant's time zone,
+    #: as ``YYYY-MM``; None when not rated.
+    billing_period: str | None = None
 
     business_path: str = "unattributed"
     #: Arrived after its quota windows' grace period: in the ledger, but in no quota window.

@@ -21,7 +21,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Protocol
 
 from confluent_kafka import KafkaError
@@ -34,7 +33,7 @@ from streams.runtime.metrics import Counters
 from streams.runtime.state import ChangelogTables
 from streams.settings import Topics
 from streams.stages.attribution import Attribution
-from streams.stages.quotas import QuotaEngine, WindowRef
+from streams.stages.quotas import Counted, QuotaEngine
 from streams.storage.tables import LEDGER, RecordBatch
 
 log = logging.getLogger(__name__)
@@ -66,8 +65,8 @@ class Batch:
     alerts: list[QuotaAlert] = field(default_factory=list)
     #: Alerts read from quota.alerts (the sink role), to land only.
     read_alerts: list[QuotaAlert] = field(default_factory=list)
-    #: The latest (usage, as of) of each quota window the batch counted into, by window key.
-    windows: dict[str, tuple[WindowRef, Decimal, datetime]] = field(default_factory=dict)
+    #: The latest count of each quota window the batch counted into, by window key.
+    windows: dict[str, Counted] = field(default_factory=dict)
     dead: list[tuple[Record, Rejection]] = field(default_factory=list)
     #: The quota.state keys of windows past their grace period (tombstones, after the states).
     expired: list[str] = field(default_factory=list)
@@ -143,14 +142,17 @@ class BatchProcessor:
             log.exception("quota update failed for %s[%s]@%s", record.topic(), partition, offset)
         else:
             c.duplicates += quota.duplicate
-            if quota.late:
-                c.late += 1
-                out = out.model_copy(update={"late": True})
+            revenue = quota.revenue
+            if quota.late or revenue is not None:
+                c.late += quota.late
+                out = out.model_copy(update={"late": quota.late} if revenue is None else {
+                    "late": quota.late, "revenue_usd": revenue, "margin_usd": revenue - out.cost_usd,
+                    "billing_period": quota.period})
             batch.alerts.extend(quota.alerts)
             if quota.expired:
                 batch.expired.extend(quota.expired)
             for counted in quota.counted:
-                batch.windows[counted[0].key] = counted
+                batch.windows[counted.ref.key] = counted
         keep(out)
 
     def _landed(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage], None]) -> None:

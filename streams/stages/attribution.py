@@ -55,7 +55,7 @@ class Attribution:
     def attribute(self, event: UsageEvent, now: datetime | None = None, late: bool = False) -> AttributedUsage:
         """A valid event's attribution. ``late`` is decided by the quota stage, which runs after this."""
         priced = self.pricer.price(event)
-        return AttributedUsage.from_trusted({  # a literal: dict(**kwargs) of these 36 fields is slower
+        return AttributedUsage.from_trusted({  # a literal: dict(**kwargs) of these 39 fields is slower
             "schema_version": 1,
             "event_id": event.event_id,
             "event_time": event.timestamp,
@@ -88,6 +88,9 @@ class Attribution:
             "pricing_version": priced.pricing_version,
             "discount": priced.discount,
             "discount_percent": priced.discount_percent,
+            "revenue_usd": None,  # rated by the quota stage, which runs after this
+            "margin_usd": None,
+            "billing_period": None,
             "business_path": self.paths.path_for(event),
             "late": late,
             "attributed_at": now or datetime.now(UTC),

@@ -3,6 +3,7 @@
     grace_seconds: 300            # late events within this long after their window count in it
     dedup_seconds: 900            # a copy of an event re-sent within this long counts once
     watermark_lead_seconds: 60    # how far past the worker's clock an event moves its tenant's watermark
+    billing_grace_seconds: 86400  # events this long after their billing period still get revenue_usd
     default_plan: free
     tenants:
       acme: {plan: enterprise, time_zone: America/New_York}
@@ -10,7 +11,7 @@
       free:
         limits:
           - id: daily-spend
-            metric: cost_usd      # cost_usd | tokens | requests
+            metric: cost_usd      # cost_usd | tokens | requests | revenue_usd | margin_percent
             window: day           # minute | hour | day | month (calendar, in the tenant's time zone)
             limit: 5.00
             thresholds: [50, 80, 100]   # percent of the limit; one alert each per window
@@ -34,7 +35,7 @@ from pydantic import Field, field_validator, model_validator
 from streams.config import Strict, load_model
 from streams.stages.rating import RateCard
 
-Metric = Literal["cost_usd", "tokens", "requests"]
+Metric = Literal["cost_usd", "tokens", "requests", "revenue_usd", "margin_percent"]
 WindowKind = Literal["minute", "hour", "day", "month"]
 Scope = Literal["tenant", "user", "model", "business_path"]
 Level = Literal["warning", "soft_cap", "hard_cap"]
@@ -43,6 +44,14 @@ LimitId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
 class Limit(Strict):
+    """A limit on one metric of a tenant's usage in calendar windows.
+
+    ``revenue_usd`` counts what the tenant is billed for its usage (``streams.stages.revenue``): a
+    spend cap whose ``hard_cap`` blocks through the enforcer. ``margin_percent`` watches margin
+    instead: ``limit`` is a floor in percent, and the window's one alert (level ``soft_cap``) goes
+    out when its margin, (revenue − cost) ÷ revenue, is below the floor once its revenue has
+    reached ``min_revenue``. It takes no thresholds and no hard cap."""
+
     id: LimitId
     metric: Metric
     window: WindowKind
@@ -50,6 +59,21 @@ class Limit(Strict):
     thresholds: list[Percent] = Field(default_factory=lambda: [Decimal(50), Decimal(80), Decimal(100)])
     hard_cap: Percent | None = None
     scope: Scope = "tenant"
+    #: ``margin_percent`` only: the revenue a window needs before its margin is judged.
+    min_revenue: Annotated[Decimal, Field(ge=0)] = Decimal(0)
+
+    @model_validator(mode="after")
+    def _margin_floor(self) -> Limit:
+        if self.metric == "margin_percent":
+            if self.hard_cap is not None:
+                raise ValueError("a margin_percent limit alerts only: remove hard_cap")
+            if self.limit > 100:
+                raise ValueError("a margin_percent limit is a floor in percent: at most 100")
+            if "thresholds" in self.model_fields_set:
+                raise ValueError("a margin_percent limit takes no thresholds: it alerts once, below its limit")
+        elif "min_revenue" in self.model_fields_set:
+            raise ValueError("min_revenue applies to margin_percent limits only")
+        return self
 
     @field_validator("thresholds")
     @classmethod
@@ -61,7 +85,10 @@ class Limit(Strict):
     @cached_property
     def levels(self) -> list[tuple[Decimal, Level, Decimal, str]]:
         """(threshold percent, level, absolute amount, the percent as the text a crossing is
-        recorded under: "80", "12.5"), ascending; the hard cap is always one of them."""
+        recorded under: "80", "12.5"), ascending; the hard cap is always one of them. A margin
+        floor has one: (the floor, ``soft_cap``, the floor, its text)."""
+        if self.metric == "margin_percent":
+            return [(self.limit, "soft_cap", self.limit, format(self.limit.normalize(), "f"))]
         points = sorted(set(self.thresholds) | ({self.hard_cap} if self.hard_cap else set()))
         return [(p, self.level_of(p), self.limit * p / 100, format(p.normalize(), "f")) for p in points]
 
@@ -83,6 +110,13 @@ class Plan(Strict):
         if len(ids) != len(set(ids)):
             raise ValueError("limit ids must be unique within a plan")
         return limits
+
+    @model_validator(mode="after")
+    def _rated(self) -> Plan:
+        for limit in self.limits:
+            if limit.metric in ("revenue_usd", "margin_percent") and self.rate_card is None:
+                raise ValueError(f"limit {limit.id!r} watches {limit.metric}, which needs the plan to have a rate_card")
+        return self
 
 
 class TenantAssignment(Strict):
@@ -107,6 +141,9 @@ class Plans(Strict):
     #: seen so far). An event stamped further ahead (a producer's clock running fast) still counts
     #: in its own window, but does not make the tenant's real-time events late.
     watermark_lead_seconds: Annotated[int, Field(ge=0, le=86_400)] = 60
+    #: How long after a billing period ends its events are still rated in the stream (event time,
+    #: by the tenant's watermark). Later ones are flagged late and rated by the invoice only.
+    billing_grace_seconds: Annotated[int, Field(ge=0, le=31 * 86_400)] = 86_400
     default_plan: str | None = None
     default_time_zone: str = "UTC"
     plans: dict[str, Plan] = Field(default_factory=dict)

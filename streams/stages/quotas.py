@@ -49,7 +49,9 @@ from zoneinfo import ZoneInfo
 
 from schemas.attributed import AttributedUsage
 from schemas.quota import QuotaAlert, QuotaState, Status, alert_id, state_key
+from streams.stages import revenue as revenue_stage
 from streams.stages.plans import Limit, Plans, WindowKind, window_bounds
+from streams.stages.revenue import RevenueMeter
 
 _ONE = Decimal(1)
 _ZERO = Decimal(0)
@@ -58,11 +60,13 @@ _MEMO_SIZE = 50_000
 
 
 class QuotaTables(NamedTuple):
-    """The quota stage's state: window key → window; tenant → watermark and open windows; seen events."""
+    """The quota stage's state: window key → window; tenant → watermark and open windows; seen
+    events; tenant → its open billing periods (``streams.stages.revenue``)."""
 
     quota_windows: MutableMapping[str, dict[str, Any]]
     quota_tenants: MutableMapping[str, dict[str, Any]]
     quota_seen: MutableMapping[str, dict[str, Any]]
+    rating_periods: MutableMapping[str, dict[str, Any]]
 
 
 def restore_entry(table: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +74,10 @@ def restore_entry(table: str, entry: dict[str, Any]) -> dict[str, Any]:
     stage keeps it in memory."""
     if table == "quota_windows":
         entry["usage"] = Decimal(entry["usage"])
+        if "revenue" in entry:  # a margin window
+            entry["revenue"], entry["cost"] = Decimal(entry["revenue"]), Decimal(entry["cost"])
+    elif table == "rating_periods":
+        return revenue_stage.restore_entry(entry)
     elif table == "quota_tenants":
         entry["watermark"] = datetime.fromisoformat(entry["watermark"])
         expiry = entry.get("next_expiry")
@@ -109,21 +117,41 @@ class WindowRef(NamedTuple):
     #: Its ``quota.state`` key (``schemas.quota.state_key``), built once per window, not per state sent.
     state_key: str
 
-    def state(self, usage: Decimal, as_of: datetime) -> QuotaState:
+    def state(self, usage: Decimal, as_of: datetime, judged: bool = True) -> QuotaState:
+        """The window's ``quota.state`` at ``usage`` (a margin window: its margin percent, and
+        ``remaining`` the margin left above the floor)."""
         limit = self.limit
+        remaining = usage - limit.limit if limit.metric == "margin_percent" else limit.limit - usage
         return QuotaState.from_trusted(dict(
             tenant_id=self.tenant, limit_id=limit.id, metric=limit.metric, scope=limit.scope,
             scope_value=self.scope_value, window_start=self.start, window_end=self.end, usage=usage,
-            limit=limit.limit, remaining=max(limit.limit - usage, _ZERO), status=status_of(limit, usage), as_of=as_of))
+            limit=limit.limit, remaining=max(remaining, _ZERO), status=status_of(limit, usage, judged), as_of=as_of))
+
+
+class Counted(NamedTuple):
+    """A window an event was counted into, with its usage and ``as_of`` right after the event."""
+
+    ref: WindowRef
+    usage: Decimal
+    as_of: datetime
+    #: A margin window: whether its revenue has reached ``min_revenue`` (always true otherwise).
+    judged: bool = True
+
+    def state(self) -> QuotaState:
+        return self.ref.state(self.usage, self.as_of, self.judged)
 
 
 @dataclass
 class QuotaOutcome:
     late: bool = False
     duplicate: bool = False
+    #: What the event added to its tenant's bill (``streams.stages.revenue``); None: not rated.
+    revenue: Decimal | None = None
+    #: The billing period it was rated in (``YYYY-MM``).
+    period: str | None = None
     alerts: list[QuotaAlert] = field(default_factory=list)
     #: Each window the event was counted into, with the window's usage and ``as_of`` right after it.
-    counted: list[tuple[WindowRef, Decimal, datetime]] = field(default_factory=list)
+    counted: list[Counted] = field(default_factory=list)
     #: The ``quota.state`` keys of the windows that passed their grace period with this event.
     expired: list[str] = field(default_factory=list)
 
@@ -131,7 +159,7 @@ class QuotaOutcome:
     def states(self) -> list[QuotaState]:
         """The quota state of each window the event was counted into, as of this event. (The
         checkpoint publishes only the latest per window and batch, built from ``counted``.)"""
-        return [ref.state(usage, as_of) for ref, usage, as_of in self.counted]
+        return [counted.state() for counted in self.counted]
 
 
 def scope_value(record: AttributedUsage, limit: Limit) -> str:
@@ -144,12 +172,20 @@ def scope_value(record: AttributedUsage, limit: Limit) -> str:
     return record.business_path
 
 
-def metric_amount(record: AttributedUsage, limit: Limit) -> Decimal:
-    if limit.metric == "cost_usd":
+def metric_amount(record: AttributedUsage, limit: Limit, revenue: Decimal | None) -> Decimal:
+    metric = limit.metric
+    if metric == "cost_usd":
         return record.cost_usd
-    if limit.metric == "tokens":
+    if metric == "tokens":
         return Decimal(record.usage.input_tokens + record.usage.output_tokens)
+    if metric == "revenue_usd":
+        return revenue or _ZERO
     return _ONE
+
+
+def margin_percent(revenue: Decimal, cost: Decimal) -> Decimal:
+    """(revenue − cost) ÷ revenue, in percent to 4 places; 0 while there is no revenue."""
+    return ((revenue - cost) * 100 / revenue).quantize(Decimal("0.0001")) if revenue else _ZERO
 
 
 def window_key(tenant: str, limit_id: str, scope: str, start_text: str) -> str:
@@ -166,7 +202,11 @@ def _plain(text: str) -> bool:
     return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
-def status_of(limit: Limit, usage: Decimal) -> Status:
+def status_of(limit: Limit, usage: Decimal, judged: bool = True) -> Status:
+    """The window's status at ``usage``; a margin window's (``usage`` its margin percent) once
+    ``judged`` (its revenue has reached the limit's ``min_revenue``)."""
+    if limit.metric == "margin_percent":
+        return "soft_cap" if judged and usage < limit.limit else "ok"
     if limit.hard_cap is not None and usage >= limit.limit * limit.hard_cap / 100:
         return "hard_cap"
     if usage >= limit.limit:
@@ -185,6 +225,7 @@ class QuotaEngine:
             else tables
         self.clock = clock
         self.lead = plans.watermark_lead
+        self.revenue = RevenueMeter(plans)
         self._now: datetime | None = None
         self._lead_limit = datetime.now(UTC) + self.lead
         self._by_partition: dict[int, QuotaTables] = {}
@@ -218,7 +259,7 @@ class QuotaEngine:
         tenant = record.tenant_id
         limits, zone = self._plan_of(tenant)
         outcome = QuotaOutcome()
-        if not limits:
+        if not limits and not self.revenue.rates(tenant):
             return outcome
         state = self._by_partition.get(partition)
         if state is None:
@@ -226,6 +267,11 @@ class QuotaEngine:
         windows, tenants = state.quota_windows, state.quota_tenants
         if self._is_duplicate(state.quota_seen, record, partition, offset):
             outcome.duplicate = True
+            return outcome
+        # Rated before the windows are counted: revenue_usd and margin_percent limits count it.
+        revenue, outcome.late, outcome.period = self.revenue.rate(record, state.rating_periods, now)
+        outcome.revenue = revenue
+        if not limits:
             return outcome
         at = record.event_time
         grace = self.grace
@@ -256,9 +302,19 @@ class QuotaEngine:
             elif window["partition"] == partition and offset <= window["offset"]:
                 outcome.alerts.extend(self._replayed_alerts(ref, window, offset))
                 continue
-            usage = window["usage"] + metric_amount(record, limit)
-            for percent, level, amount, name in limit.levels:  # ascending
-                if usage < amount:
+            judged, floor = True, limit.metric == "margin_percent"
+            if floor:
+                if revenue is None:
+                    continue  # not rated: nothing to judge the margin by
+                window.setdefault("revenue", _ZERO)
+                window["revenue"] += revenue
+                window["cost"] = window.get("cost", _ZERO) + record.cost_usd
+                usage = margin_percent(window["revenue"], window["cost"])
+                judged = window["revenue"] >= limit.min_revenue and window["revenue"] > 0
+            else:
+                usage = window["usage"] + metric_amount(record, limit, revenue)
+            for percent, level, amount, name in limit.levels:  # ascending (a margin floor has one)
+                if (not judged or usage >= amount) if floor else usage < amount:
                     break
                 crossed = window.setdefault("crossed", {})  # (only once a threshold is reached)
                 if name not in crossed:
@@ -273,7 +329,7 @@ class QuotaEngine:
                 open_windows[key] = bounds.end_text  # (one string shared by every window of these bounds)
                 if next_expiry is None or expires < next_expiry:
                     next_expiry = expires
-            outcome.counted.append((ref, usage, at))
+            outcome.counted.append(Counted(ref, usage, at, judged))
 
         if next_expiry is not None and next_expiry <= watermark:  # some window is past its grace period
             next_expiry = None

@@ -30,7 +30,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Context, Decimal, localcontext
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -39,6 +39,9 @@ from streams.config import Strict
 
 _ZERO = Decimal(0)
 _CENT = Decimal("0.01")
+#: Room for every digit: quantities up to 10^15 tokens, prices with 12 decimals and discount
+#: factors stay exact (the default context's 28 digits would round some of them silently).
+EXACT = Context(prec=60)
 Amount = Annotated[Decimal, Field(ge=0)]
 RatedMetric = Literal["requests", "input_tokens", "output_tokens", "tokens", "cost_usd"]
 
@@ -157,6 +160,11 @@ def round_line(amount: Decimal) -> Decimal:
 def rate(card: RateCard, quantities: Mapping[str, Decimal]) -> Rating:
     """The period's invoice lines for the quantities of each charge (by charge id; raw metric
     units, before ``per``)."""
+    with localcontext(EXACT):
+        return _rate(card, quantities)
+
+
+def _rate(card: RateCard, quantities: Mapping[str, Decimal]) -> Rating:
     lines: list[Line] = []
     usage_total = _ZERO
     for charge in card.charges:
@@ -184,6 +192,29 @@ def charge_lines_of(charge: Charge, quantity: Decimal) -> list[Line]:
         lines.append(Line(f"{charge.id}:discount", "discount", f"{charge.discount_percent}% off {charge.id}",
                           Decimal(1), None, -base * charge.discount_percent / 100))
     return lines
+
+
+def charge_amount(charge: Charge, quantity: Decimal) -> Decimal:
+    """The charge's amount for the period's ``quantity``, unrounded and before its discount."""
+    return _unrounded(charge, quantity / charge.per)
+
+
+def net(charge: Charge, amount: Decimal) -> Decimal:
+    """A charge's ``amount`` less its discount, unrounded."""
+    return amount * (100 - charge.discount_percent) / 100 if charge.discount_percent else amount
+
+
+def capped(card: RateCard, usage: Decimal) -> Decimal:
+    """The period's usage charges, net of discounts, at most the spend cap."""
+    return card.spend_cap if card.spend_cap is not None and usage > card.spend_cap else usage
+
+
+def usage_amount(card: RateCard, quantities: Mapping[str, Decimal]) -> Decimal:
+    """The period's usage charges as the stream rates them: unrounded, net of discounts, capped.
+    ``rate`` rounds each line instead, so its total may differ from this by the rounding of its lines."""
+    with localcontext(EXACT):
+        return capped(card, sum((net(charge, charge_amount(charge, quantities.get(charge.id, _ZERO)))
+                                 for charge in card.charges), _ZERO))
 
 
 def increment(charge: Charge, before: Decimal, after: Decimal) -> Decimal:

@@ -196,6 +196,8 @@ def _wire(ch_type: str, convert: Convert | None) -> tuple[str, Convert | None]:
         if convert is not None:
             return "String", lambda column: _decimal_texts(convert(column))
         return "String", _decimal_texts
+    if ch_type.startswith("Nullable(Decimal("):
+        return "Nullable(String)", _optional_decimal_texts
     if ch_type == "LowCardinality(String)":
         return "String", convert
     if ch_type.startswith("DateTime64(3,") and convert is None:
@@ -224,6 +226,13 @@ def _decimal_texts(column: list[Any]) -> list[str]:
     if first == 0 and column.count(first) == len(column):
         return ["0"] * len(column)
     return list(map(str, column))
+
+
+def _optional_decimal_texts(column: list[Decimal | None]) -> list[str | None]:
+    """Optional decimals as text (None stays NULL); a column of NULLs without a look at each."""
+    if column[0] is None and column.count(None) == len(column):
+        return column
+    return [None if value is None else str(value) for value in column]
 
 
 _DECIMAL = "Decimal(18, 12)"
@@ -295,6 +304,9 @@ LEDGER: TableSpec[AttributedUsage] = TableSpec("usage_ledger", identity=_ledger_
     *[(name, "UInt64", f"usage.{name}", None) for name in _TOKEN_CLASSES],
     *[(f"cost_{name}", _DECIMAL, f"cost.{name}", None) for name in _COST_CLASSES],
     ("cost_usd", _DECIMAL, "cost_usd", None),
+    ("revenue_usd", f"Nullable({_DECIMAL})", "revenue_usd", None),
+    ("margin_usd", f"Nullable({_DECIMAL})", "margin_usd", None),
+    ("billing_period", "LowCardinality(String)", "billing_period", _texts),
     ("currency", "LowCardinality(String)", "currency", None),
     ("priced", "Bool", "priced", None),
     ("unpriced_reason", "String", "unpriced_reason", _texts),

@@ -36,7 +36,7 @@ DAY = datetime(2026, 6, 1, tzinfo=UTC)
 def engine(tmp_path):
     path = tmp_path / "plans.yaml"
     path.write_text(PLANS)
-    return QuotaEngine(Plans.from_file(path), QuotaTables({}, {}, {}))
+    return QuotaEngine(Plans.from_file(path), QuotaTables({}, {}, {}, {}))
 
 
 def rec(tenant, at, cost, event_id, user=None, tokens=0):
@@ -193,7 +193,7 @@ def test_a_copy_of_an_event_sent_again_is_counted_once(tmp_path):
     path.write_text(PLANS.replace("grace_seconds: 600", "grace_seconds: 600\ndedup_seconds: 60"))
     now = [1_000.0]
     seen: dict = {}
-    engine = QuotaEngine(Plans.from_file(path), QuotaTables({}, {}, seen), clock=lambda: now[0])
+    engine = QuotaEngine(Plans.from_file(path), QuotaTables({}, {}, seen, {}), clock=lambda: now[0])
     at = DAY + timedelta(hours=9)
     first = engine.apply(rec("acme", at, "6", "dup-1"), 0, 0)
     copy = engine.apply(rec("acme", at, "6", "dup-1"), 0, 7)           # the producer sent it again
@@ -235,5 +235,5 @@ def test_an_event_stamped_ahead_counts_in_its_own_window_and_does_not_make_real_
 
 def test_a_windows_state_key_is_the_one_its_published_state_carries(engine):
     [outcome] = feed(engine, "acme", ["1"])
-    [(ref, usage, as_of)] = outcome.counted
-    assert ref.state_key == ref.state(usage, as_of).key == f"acme/daily-spend/*/{DAY.isoformat()}"
+    [counted] = outcome.counted
+    assert counted.ref.state_key == counted.state().key == f"acme/daily-spend/*/{DAY.isoformat()}"

@@ -1,0 +1,195 @@
+"""Stage 4a: revenue per event — what each call adds to its tenant's bill for the period.
+
+The period is the calendar month in the tenant's time zone (plans.yaml). For each tenant the
+stage keeps, per open period, the running quantity of each charge of the tenant's rate card
+(``q``) and, for volume charges, what their events were charged so far (``v``). An event's
+revenue is what it moves the period's usage bill by, given everything counted before it:
+
+    running(state) = min(spend cap, Σ charges (1 − discount) × amount(charge, state))
+    revenue_usd    = q12(running after the event) − q12(running before it)
+
+where ``amount`` is ``rating.increment`` summed over the period (for unit, graduated and package
+charges that is the charge's rating of the running quantity, exactly; for volume charges the
+running ``v``), and ``q12`` rounds to the ledger's 12 decimal places. The differences telescope:
+the revenue of a period's events adds up to ``q12`` of the period's capped usage rating, in
+any order and any split into batches, with no rounding drift however many events there are.
+(Round each event's amount instead and a million events can drift by half a million units of
+the last place.) ``margin_usd`` is revenue less the event's provider cost.
+
+The flat fee and the minimum commitment are not usage: they are lines of the invoice
+(``costline invoice``), not of any event. Volume charges are exact at period end through the
+invoice's true-up (``rating.volume_true_up``): the stream charges each event at the tier the
+running quantity is in, and the drop of earlier units to a cheaper tier is settled then.
+
+State: one entry per tenant in the ``rating_periods`` table (changelogged with the quota tables,
+so exact through restarts, rebalances and aborted batches; duplicates are removed before this
+stage, by the quota stage's dedup). A period is closed once the tenant's watermark (its latest
+event time, at most the worker's clock plus ``watermark_lead_seconds``) passes the period's end
+plus ``billing_grace_seconds``. An event of a closed period is not rated in the stream
+(``revenue_usd`` stays empty, the event is flagged ``late``); the invoice rates it from the ledger
+with the rest of its period and shows it apart. The running total before rounding (``u``) is
+kept in memory only: recomputed from ``q`` and ``v`` after a restore, under the rate card then in
+force, so a changed card applies to the rest of the period without a jump.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, localcontext
+from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo
+
+from schemas.attributed import AttributedUsage
+from streams.stages.plans import Plans, window_bounds
+from streams.stages.rating import EXACT, Charge, RateCard, capped, charge_amount, increment, net
+
+_ZERO = Decimal(0)
+_PLACES = Decimal("1e-12")
+#: Entries kept by the look-up memos (tenant → card; call → matching charges).
+_MEMO_SIZE = 50_000
+
+
+class Period(NamedTuple):
+    start: datetime
+    end: datetime
+    start_text: str
+    end_text: str
+    #: ``YYYY-MM``, the month in the tenant's time zone.
+    label: str
+
+
+class RevenueOutcome(NamedTuple):
+    """``revenue``: what the event added to its period's bill (None when its tenant has no rate
+    card, or its period is closed); ``late``: its period was closed; ``period``: its label."""
+
+    revenue: Decimal | None
+    late: bool = False
+    period: str | None = None
+
+
+_UNRATED = RevenueOutcome(None)
+_CLOSED = RevenueOutcome(None, True)
+
+
+def restore_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A ``rating_periods`` entry read back from the changelog (decimals and times as text)."""
+    entry["w"] = datetime.fromisoformat(entry["w"])
+    for period in entry["periods"].values():
+        period.pop("u", None)  # recomputed under the rate card in force now
+        for part in ("q", "v"):
+            period[part] = {charge: Decimal(value) for charge, value in period[part].items()}
+    return entry
+
+
+def quantity_of(record: AttributedUsage, charge: Charge) -> Decimal:
+    metric = charge.metric
+    if metric == "cost_usd":
+        return record.cost_usd
+    if metric == "requests":
+        return Decimal(1)
+    usage = record.usage
+    if metric == "input_tokens":
+        return Decimal(usage.input_tokens)
+    if metric == "output_tokens":
+        return Decimal(usage.output_tokens)
+    return Decimal(usage.input_tokens + usage.output_tokens)
+
+
+class RevenueMeter:
+    def __init__(self, plans: Plans) -> None:
+        self.plans = plans
+        self.lead = plans.watermark_lead
+        self.grace = timedelta(seconds=plans.billing_grace_seconds)
+        self._cards: dict[str, tuple[RateCard | None, ZoneInfo]] = {}
+        self._matching: dict[tuple[int, str, str, str, str | None], list[Charge]] = {}
+        self._last_period: dict[ZoneInfo, Period] = {}
+
+    def rate(self, record: AttributedUsage, table: MutableMapping[str, dict[str, Any]],
+             now: datetime | None = None) -> RevenueOutcome:
+        """Rates ``record`` into its tenant's period in ``table`` (tenant → entry); ``now`` is the
+        worker's clock, which bounds how far the tenant's watermark moves."""
+        tenant = record.tenant_id
+        card, zone = self._card_of(tenant)
+        if card is None:
+            return _UNRATED
+        at = record.event_time
+        lead_limit = (now or datetime.now(UTC)) + self.lead
+        entry = table.get(tenant)
+        if entry is None:
+            entry = {"w": min(at, lead_limit), "periods": {}}
+        watermark = entry["w"] = max(entry["w"], min(at, lead_limit))
+        periods: dict[str, dict[str, Any]] = entry["periods"]
+        for start_text, open_period in list(periods.items()):
+            if datetime.fromisoformat(open_period["end"]) + self.grace <= watermark:
+                del periods[start_text]
+        period = self._period_of(at, zone)
+        if period.end + self.grace <= watermark:
+            table[tenant] = entry
+            return _CLOSED
+        state = periods.get(period.start_text)
+        if state is None:
+            state = periods[period.start_text] = {"end": period.end_text, "q": {}, "v": {}}
+        with localcontext(EXACT):
+            running = state.get("u")
+            if running is None:
+                running = _running(card, state)
+            added = _ZERO
+            q, v = state["q"], state["v"]
+            for charge in self._charges_for(card, record):
+                before = q.get(charge.id, _ZERO)
+                after = q[charge.id] = before + quantity_of(record, charge)
+                step = increment(charge, before, after)
+                if charge.price == "volume":
+                    v[charge.id] = v.get(charge.id, _ZERO) + step
+                added += net(charge, step)
+            state["u"] = running + added
+            revenue = capped(card, running + added).quantize(_PLACES) - capped(card, running).quantize(_PLACES)
+        table[tenant] = entry
+        return RevenueOutcome(revenue, False, period.label)
+
+    def rates(self, tenant: str) -> bool:
+        """Whether the tenant's plan has a rate card."""
+        return self._card_of(tenant)[0] is not None
+
+    def _card_of(self, tenant: str) -> tuple[RateCard | None, ZoneInfo]:
+        found = self._cards.get(tenant)
+        if found is None:
+            if len(self._cards) >= _MEMO_SIZE:
+                self._cards.clear()
+            plan, zone = self.plans.plan_of(tenant)
+            found = self._cards[tenant] = (plan.rate_card if plan else None), zone
+        return found
+
+    def _charges_for(self, card: RateCard, record: AttributedUsage) -> list[Charge]:
+        """The card's charges that count this call (memoized by the fields they filter on)."""
+        ident = (id(card), record.provider, record.model, record.business_path, record.feature)
+        found = self._matching.get(ident)
+        if found is None:
+            if len(self._matching) >= _MEMO_SIZE:
+                self._matching.clear()
+            call = {"provider": record.provider, "model": record.model, "business_path": record.business_path,
+                    "feature": record.feature}
+            found = self._matching[ident] = [charge for charge in card.charges if charge.when.matches(call)]
+        return found
+
+    def _period_of(self, at: datetime, zone: ZoneInfo) -> Period:
+        last = self._last_period.get(zone)
+        if last is not None and last.start <= at < last.end:
+            return last
+        start, end = window_bounds("month", at, zone)
+        period = self._last_period[zone] = Period(start, end, start.isoformat(), end.isoformat(),
+                                                  f"{start.astimezone(zone):%Y-%m}")
+        return period
+
+
+def _running(card: RateCard, state: dict[str, Any]) -> Decimal:
+    """The period's usage amount before the cap, from its running quantities (``u``)."""
+    total = _ZERO
+    for charge in card.charges:
+        if charge.price == "volume":
+            amount = state["v"].get(charge.id, _ZERO)
+        else:
+            amount = charge_amount(charge, state["q"].get(charge.id, _ZERO))
+        total += net(charge, amount)
+    return total
