@@ -27,9 +27,12 @@ from streams.stages.quotas import QuotaEngine, QuotaTables, restore_entry
 
 TOPICS = Topics.with_prefix("")
 CHANGELOG = "costline-quota-changelog"
-#: A daily spend limit of 1 USD per tenant with alerts at 50% and 100%.
+#: A daily spend limit of 1 USD per tenant with alerts at 50% and 100%, and a rate card whose
+#: tiers the tests' events cross (so each event's revenue depends on everything counted before it).
 PLANS = ("default_plan: team\n"
-         "plans: {team: {limits: [{id: daily-spend, metric: cost_usd, window: day, limit: 1, thresholds: [50, 100]}]}}\n")
+         "plans: {team: {limits: [{id: daily-spend, metric: cost_usd, window: day, limit: 1, thresholds: [50, 100]}],\n"
+         "  rate_card: {charges: [{id: tokens, metric: tokens, per: 1000, price: graduated, free_units: 20000,\n"
+         "    tiers: [{up_to: 100, unit_amount: '0.01'}, {up_to: 300, unit_amount: '0.008'}, {unit_amount: '0.005'}]}]}}}\n")
 AT = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(hours=1)
 
 

@@ -11,9 +11,12 @@ import pytest
 
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import HEADER_OFFSET, HEADER_REASON
+from schemas.usage import UsageEvent
 from streams.runtime.checkpoint import Unlanded
 from streams.runtime.memory import MemoryBroker, MemorySink
 from streams.runtime.ports import TransactionFailed
+from streams.stages.plans import Plans
+from streams.stages.rating import usage_amount
 from tests.runtime.conftest import CHANGELOG, TOPICS, alerts, cost_of, states, usage_event
 
 TENANTS = {0: "acme", 1: "globex"}
@@ -46,6 +49,30 @@ def expected_alerts(last: int) -> list[tuple[str, Decimal, str]]:
 
 def ledger_ids(sink: MemorySink) -> list[str]:
     return [record.event_id for record in sink.tables.get("usage_ledger", [])]
+
+
+def ledger_revenue(*sinks: MemorySink) -> dict[str, Decimal]:
+    """Each tenant's revenue in the ledger, each event once; an event landed again (after a
+    rewind or by the next owner) must carry the same revenue as before."""
+    by_event: dict[str, tuple[str, Decimal]] = {}
+    for sink in sinks:
+        for record in sink.tables.get("usage_ledger", []):
+            seen = by_event.setdefault(record.event_id, (record.tenant_id, record.revenue_usd))
+            assert seen[1] == record.revenue_usd, f"{record.event_id} rated twice, differently"
+    totals: dict[str, Decimal] = {}
+    for tenant, revenue in by_event.values():
+        totals[tenant] = totals.get(tenant, Decimal(0)) + revenue
+    return totals
+
+
+def expected_revenue(plans: Plans, last: int) -> dict[str, Decimal]:
+    """Each tenant's usage rating of its period's total tokens (the events' revenue must add up to it)."""
+    card = plans.plans["team"].rate_card
+    tokens: dict[str, Decimal] = {}
+    for i in range(last):
+        usage = UsageEvent.model_validate_json(usage_event(i)).usage
+        tokens[TENANTS[i % 2]] = tokens.get(TENANTS[i % 2], Decimal(0)) + usage.input_tokens + usage.output_tokens
+    return {tenant: usage_amount(card, {"tokens": total}).quantize(Decimal("1e-12")) for tenant, total in tokens.items()}
 
 
 def test_a_batch_is_attributed_counted_landed_and_committed_with_its_dead_letters(make_worker):
@@ -105,7 +132,7 @@ def test_a_worker_stopped_while_its_batch_cannot_land_commits_nothing_of_it(make
     assert (worker.transactions.committed, broker.group_offsets, broker.records(TOPICS.state)) == (0, {}, [])
 
 
-def test_an_aborted_transaction_is_rewound_and_its_events_counted_once(make_worker):
+def test_an_aborted_transaction_is_rewound_and_its_events_counted_once(make_worker, plans):
     broker = MemoryBroker(partitions=2)
     fill(broker, 0, 40)
     worker = make_worker(broker, batch_size=10)
@@ -126,12 +153,13 @@ def test_an_aborted_transaction_is_rewound_and_its_events_counted_once(make_work
     assert worker.transactions.aborted == 2
     assert states(broker) == expected_usage(40)                 # counted once, not once per attempt
     assert alerts(broker) == expected_alerts(40)                # each crossing published once
+    assert ledger_revenue(worker.sink) == expected_revenue(plans, 40)  # rated once, not once per attempt
     # The ledger saw the rewound batches land again: the same events, collapsing by event_id.
     assert sorted(set(ledger_ids(worker.sink))) == [f"e-{i:05d}" for i in range(40)]
     assert len(ledger_ids(worker.sink)) > 40
 
 
-def test_the_next_owner_restores_the_state_and_reads_on_from_the_committed_positions(make_worker):
+def test_the_next_owner_restores_the_state_and_reads_on_from_the_committed_positions(make_worker, plans):
     broker = MemoryBroker(partitions=2)
     fill(broker, 0, 30)
     first = make_worker(broker, batch_size=8).start()
@@ -148,9 +176,10 @@ def test_the_next_owner_restores_the_state_and_reads_on_from_the_committed_posit
     assert sorted(ledger_ids(first.sink) + ledger_ids(second.sink)) == [f"e-{i:05d}" for i in range(64)]
     assert states(broker) == expected_usage(64)
     assert alerts(broker) == expected_alerts(64)
+    assert ledger_revenue(first.sink, second.sink) == expected_revenue(plans, 64)  # the period's tiers carried on
 
 
-def test_a_rebalance_commits_the_batch_in_flight_and_restores_the_assignment(make_worker):
+def test_a_rebalance_commits_the_batch_in_flight_and_restores_the_assignment(make_worker, plans):
     broker = MemoryBroker(partitions=2)
     fill(broker, 0, 24)
     worker = make_worker(broker, batch_size=6).start()
@@ -161,6 +190,7 @@ def test_a_rebalance_commits_the_batch_in_flight_and_restores_the_assignment(mak
     worker.stop()
     assert states(broker) == expected_usage(50) and alerts(broker) == expected_alerts(50)
     assert sorted(ledger_ids(worker.sink)) == [f"e-{i:05d}" for i in range(50)]
+    assert ledger_revenue(worker.sink) == expected_revenue(plans, 50)
 
 
 def test_the_stream_role_publishes_what_the_sink_role_lands(make_worker):
