@@ -4,6 +4,13 @@ The period is the calendar month in the tenant's time zone (plans.yaml). The led
 the period are summed per provider, model, business path and feature; each charge of the
 tenant's rate card counts the groups it matches; ``streams.stages.rating.rate`` turns those
 quantities into the invoice's lines. The cost beside it is the same calls' provider cost.
+
+Beside the bill, the invoice reconciles it with the stream: ``streamed`` is the sum of the
+period's ``revenue_usd`` in the ledger (what the stream rated, event by event), ``rated_usage``
+the same usage charges rated from the period's totals, unrounded (``rating.usage_amount``), both
+to the ledger's 12 places. They are equal unless the card has a volume charge (whose true-up is
+their difference) or some of the period's calls were not rated in the stream (``unrated_calls``:
+they came after the period closed, or before the plan had a rate card).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Any
 
 from streams.errors import CostlineError
 from streams.stages.plans import Plans, window_bounds
-from streams.stages.rating import Rating, Usage, quantities, rate
+from streams.stages.rating import Rating, Usage, quantities, rate, usage_amount
 from streams.storage.query import sql_string, sql_time
 
 #: Runs a read-only query and returns its rows (``streams.storage.query.query`` with the settings).
@@ -35,6 +42,16 @@ class Invoice:
     end: datetime
     rating: Rating
     cost_usd: Decimal
+    #: The period's ``revenue_usd`` in the ledger, and how many of its calls have none.
+    streamed_usd: Decimal
+    unrated_calls: int
+    #: The usage charges rated from the period's totals, unrounded, to 12 places.
+    rated_usage_usd: Decimal
+
+    @property
+    def stream_difference_usd(self) -> Decimal:
+        """What the stream's per-event revenue misses of the rating: volume true-ups and unrated calls."""
+        return self.rated_usage_usd - self.streamed_usd
 
     @property
     def total(self) -> Decimal:
@@ -56,6 +73,12 @@ class Invoice:
                       for line in self.rating.lines],
             "total": format(self.total, "f"), "cost_usd": format(self.cost_usd, "f"),
             "margin_usd": format(self.margin_usd, "f"),
+            "reconciliation": {
+                "streamed_revenue_usd": format(self.streamed_usd, "f"),
+                "rated_usage_usd": format(self.rated_usage_usd, "f"),
+                "difference_usd": format(self.stream_difference_usd, "f"),
+                "unrated_calls": self.unrated_calls,
+            },
         }
 
 
@@ -70,10 +93,19 @@ def invoice(plans: Plans, tenant: str, period: str, run_query: Query) -> Invoice
     start, end = window_bounds("month", first + timedelta(hours=12), zone)
     rows = run_query(
         "SELECT provider, model, business_path, feature, count(), sum(input_tokens), sum(output_tokens), "
-        f"sum(cost_usd) FROM usage WHERE tenant_id = {sql_string(tenant)} AND event_time >= {sql_time(start)} "
+        "sum(cost_usd), sum(revenue_usd), countIf(revenue_usd IS NULL) "
+        f"FROM usage WHERE tenant_id = {sql_string(tenant)} AND event_time >= {sql_time(start)} "
         f"AND event_time < {sql_time(end)} GROUP BY provider, model, business_path, feature")
     groups = [({"provider": provider, "model": model, "business_path": path, "feature": feature or None},
                Usage(Decimal(calls), Decimal(tokens_in), Decimal(tokens_out), Decimal(cost)))
-              for provider, model, path, feature, calls, tokens_in, tokens_out, cost in rows]
-    rating = rate(plan.rate_card, quantities(plan.rate_card, groups))
-    return Invoice(tenant, period, start, end, rating, sum((usage.cost_usd for _, usage in groups), Decimal(0)))
+              for provider, model, path, feature, calls, tokens_in, tokens_out, cost, *_ in rows]
+    card = plan.rate_card
+    totals = quantities(card, groups)
+    return Invoice(tenant, period, start, end, rate(card, totals),
+                   cost_usd=sum((usage.cost_usd for _, usage in groups), Decimal(0)),
+                   streamed_usd=sum((Decimal(row[8] or 0) for row in rows), Decimal(0)).quantize(_PLACES),
+                   unrated_calls=sum(row[9] for row in rows),
+                   rated_usage_usd=usage_amount(card, totals).quantize(_PLACES))
+
+
+_PLACES = Decimal("1e-12")

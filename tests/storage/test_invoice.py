@@ -10,6 +10,7 @@ import pytest
 from schemas.usage import TokenUsage, UsageEvent
 from streams.operations.invoice import InvoiceRefused, invoice
 from streams.stages.plans import Plans
+from streams.stages.revenue import RevenueMeter
 from streams.storage.query import connect_readonly, run_readonly
 from streams.storage.tables import LEDGER
 
@@ -37,9 +38,17 @@ def test_an_invoice_rates_the_months_calls_in_the_tenants_time_zone(ch_client, a
     rows = [attribution.attribute(UsageEvent(
         event_id=event_id, timestamp=at, tenant_id="tokyo-co", provider="openai", model=model, service=service,
         feature="answer", usage=TokenUsage(input_tokens=1_000, output_tokens=10))) for event_id, at, model, service in calls]
+    plans = Plans.model_validate(PLANS)
+    # Rated as the stream rates them, but for in-3, which (say) came after its period closed.
+    meter, periods = RevenueMeter(plans), {}
+    outcomes = [meter.rate(row, periods, datetime(2026, 11, 30, 12, tzinfo=UTC)) for row in rows]
+    rated = [outcome.revenue for outcome in outcomes]
+    rows = [row.model_copy(update={"revenue_usd": out.revenue, "margin_usd": out.revenue - row.cost_usd,
+                                   "billing_period": out.period})
+            if row.event_id != "in-3" and out.revenue is not None else row
+            for row, out in zip(rows, outcomes, strict=True)]
     LEDGER.insert(ch_client, rows, LEDGER.dedup_token(rows))
     reader = connect_readonly(f"chdb://{ch_client.path}")
-    plans = Plans.model_validate(PLANS)
     bill = invoice(plans, "tokyo-co", "2026-11", lambda sql: run_readonly(reader, sql).rows)
     assert (bill.start, bill.end) == (datetime(2026, 10, 31, 15, tzinfo=UTC), datetime(2026, 11, 30, 15, tzinfo=UTC))
     # 3,000 input tokens, the first 1,000 free: 1,000 at $5/M (tier 1 up to 2,000) and 1,000 at $4/M.
@@ -57,6 +66,20 @@ def test_an_invoice_rates_the_months_calls_in_the_tenants_time_zone(ch_client, a
     assert bill.to_json()["lines"][0] == {
         "id": "gpt-4o-input:tier-1", "kind": "usage", "description": "gpt-4o-input, tier 1", "quantity": "0.001",
         "unit_amount": "5", "amount_unrounded": "0.005", "amount": "0.01"}
+    # The stream rated in-1 (0.01 for the call; its tokens free) and in-2 (1,000 tokens at $5/M):
+    # 0.015. Rated from the totals, the usage is 0.029: the 0.014 of in-3, not rated in the stream.
+    assert rated[:3] == [Decimal("0.01"), Decimal("0.005"), Decimal("0.014")]
+    assert (bill.streamed_usd, bill.rated_usage_usd, bill.stream_difference_usd, bill.unrated_calls) == (
+        Decimal("0.015"), Decimal("0.029"), Decimal("0.014"), 1)
+    assert bill.to_json()["reconciliation"] == {"streamed_revenue_usd": "0.015000000000",
+                                               "rated_usage_usd": "0.029000000000",
+                                               "difference_usd": "0.014000000000", "unrated_calls": 1}
+    # The margin view groups the stream's revenue by the tenant's own months (out-2 is December's).
+    by_period = run_readonly(reader, "SELECT billing_period, calls, revenue_usd, margin_usd, cost_usd "
+                                     "FROM margin_by_tenant_period ORDER BY billing_period").rows
+    in_cost = rows[0].cost_usd + rows[1].cost_usd
+    assert by_period == [["2026-11", 2, Decimal("0.015"), Decimal("0.015") - in_cost, in_cost],
+                         ["2026-12", 1, Decimal("0.01"), Decimal("0.01") - rows[4].cost_usd, rows[4].cost_usd]]
     reader.close()
 
 
