@@ -43,7 +43,7 @@ _COUNTERS = [
     ("unpriced", "Attributed events without a price (unknown model)"),
     ("dead_lettered", "Records sent to usage.dlq"),
     ("late", "Events later than their quota windows' grace period"),
-    ("duplicates", "Re-sent copies of events, not counted again in quota windows"),
+    ("duplicates", "Re-sent copies of events, not counted again in quota windows, revenue or the ledger"),
     ("alerts", "Quota alerts sent"),
     ("quota_errors", "Events whose quota update failed"),
 ]

@@ -141,7 +141,12 @@ class BatchProcessor:
             c.quota_errors += 1
             log.exception("quota update failed for %s[%s]@%s", record.topic(), partition, offset)
         else:
-            c.duplicates += quota.duplicate
+            if quota.duplicate:
+                # Not landed again: the ledger keeps the copy that the quota windows and the revenue
+                # counted (landed with its batch, before that batch's commit). Landed, the copy would
+                # replace it (a later attributed_at) without its revenue.
+                c.duplicates += 1
+                return
             revenue = quota.revenue
             if quota.late or revenue is not None:
                 c.late += quota.late

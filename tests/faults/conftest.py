@@ -18,6 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from schemas.quota import QuotaState
 from schemas.usage import TokenUsage, UsageEvent
@@ -25,6 +26,8 @@ from streams.messaging.producer import UsageProducer
 from streams.messaging.topics import ensure_topics
 from streams.operations.processes import ROOT, WorkerProcess, free_port, isolated_env, remove_isolated_topics, wait_for
 from streams.settings import Settings
+from streams.stages.plans import Plans
+from streams.stages.rating import usage_amount
 from streams.storage.query import query
 from tests.integration.conftest import read_topic
 
@@ -37,6 +40,11 @@ plans:
   metered:
     limits:
       - {id: daily-spend, metric: cost_usd, window: day, limit: 1000000, thresholds: [100]}
+    rate_card:
+      charges:
+        - {id: tokens, metric: tokens, per: 1000000, price: graduated, free_units: 100000,
+           tiers: [{up_to: 1, unit_amount: "2.0"}, {up_to: 2, unit_amount: "1.5"}, {unit_amount: "1.0"}]}
+        - {id: cost-plus, metric: cost_usd, price: unit, unit_amount: "1.25", discount_percent: "3.3"}
 """
 REPORT: list[str] = []
 
@@ -167,12 +175,29 @@ class Pipeline:
         distinct, rows, total = query(settings, f"SELECT uniqExact(event_id), count(), sum(cost_usd) FROM usage "
                                                 f"WHERE {prefix}").rows[0]
         expected = sum((cost_of(i) for i in range(sent)), Decimal(0))
+        revenue, expected_revenue = self.revenue()
         figures = {"sent": sent, "landed": distinct, "lost": sent - distinct, "duplicated": rows - distinct,
-                   "cost": total, "expected_cost": expected, "quota": self.quota_usage(sent)}
+                   "cost": total, "expected_cost": expected, "quota": self.quota_usage(sent),
+                   "revenue": revenue, "expected_revenue": expected_revenue}
         REPORT.append(f"{self.name}: sent={sent} landed={distinct} lost={sent - distinct} "
                       f"duplicated={rows - distinct} cost={total} expected={expected} "
+                      f"revenue={revenue} expected={expected_revenue} "
                       f"quota_windows={'exact' if figures['quota'] == self.expected_quota(sent) else 'MISMATCH'}")
         return figures
+
+    def revenue(self) -> tuple[Decimal, Decimal]:
+        """The ledger's revenue, and the rating of each tenant's period totals (by the periods the
+        stream rated the events in: a run across midnight on the 1st has two), which the events'
+        revenue must add up to exactly."""
+        card = Plans.model_validate(yaml.safe_load(PLANS)).plans["metered"].rate_card
+        rows = query(self.settings, "SELECT tenant_id, billing_period, sum(input_tokens + output_tokens), "
+                                    "sum(cost_usd), sum(revenue_usd), countIf(revenue_usd IS NULL) FROM usage "
+                                    f"WHERE startsWith(event_id, '{self.name}-') GROUP BY tenant_id, billing_period").rows
+        assert all(unrated == 0 for *_, unrated in rows), "every event is rated in the stream"
+        streamed = sum((Decimal(row[4]) for row in rows), Decimal(0))
+        rated = sum((usage_amount(card, {"tokens": Decimal(tokens), "cost-plus": Decimal(cost)}).quantize(Decimal("1e-12"))
+                     for _, _, tokens, cost, *_ in rows), Decimal(0))
+        return streamed, rated
 
     def expected_quota(self, sent: int) -> dict[str, Decimal]:
         totals: dict[str, Decimal] = {}

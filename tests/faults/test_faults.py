@@ -27,6 +27,7 @@ from tests.integration.conftest import read_topic
 def assert_exact(figures: dict, pipeline: Pipeline, sent: int) -> None:
     assert (figures["lost"], figures["duplicated"]) == (0, 0), figures
     assert figures["cost"] == figures["expected_cost"]
+    assert figures["revenue"] == figures["expected_revenue"] > 0, "each event rated once, in order of its tiers"
     assert figures["quota"] == pipeline.expected_quota(sent), "quota windows count every event exactly once"
 
 
