@@ -9,6 +9,15 @@ ALTER TABLE usage_ledger
 CREATE OR REPLACE VIEW usage AS
 SELECT * FROM usage_ledger FINAL;
 
+-- costline reprice re-rates revenue too: the audit keeps the revenue it replaced.
+ALTER TABLE attribution_audit
+    ADD COLUMN IF NOT EXISTS revenue_usd Nullable(Decimal(18, 12)),
+    ADD COLUMN IF NOT EXISTS new_revenue_usd Nullable(Decimal(18, 12));
+
+ALTER TABLE reprice_runs
+    ADD COLUMN IF NOT EXISTS old_revenue_usd Decimal(38, 12),
+    ADD COLUMN IF NOT EXISTS new_revenue_usd Decimal(38, 12);
+
 -- Per tenant and billing period: the usage revenue rated in the stream, the provider cost of
 -- the same calls, and the margin. The invoice (costline invoice) adds the flat fee, the
 -- commitment true-up and any volume true-up; these are usage only. Calls without revenue (late,

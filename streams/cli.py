@@ -196,12 +196,14 @@ def reprice(
     until: Annotated[str | None, typer.Option(help="event time until (exclusive)")] = None,
     tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
 ) -> None:
-    """Re-price stored usage with the current prices.yaml and path rules; old figures stay in attribution_audit."""
+    """Re-price stored usage with the current prices.yaml, path rules and rate cards (plans.yaml); old figures stay
+    in attribution_audit."""
     from pydantic import ValidationError
 
     from streams.operations.reprice import RepriceWindow
     from streams.operations.reprice import reprice as run_reprice
     from streams.stages.attribution import Attribution
+    from streams.stages.plans import Plans
     from streams.storage.clickhouse import connect, is_embedded
     from streams.storage.migrations import migrate
     from streams.storage.query import connect_readonly, owning_worker, post_to_worker
@@ -224,12 +226,13 @@ def reprice(
         migrate(writer)
         sink = ClickHouseSink(writer, connect_readonly(settings.clickhouse_url, settings))
         try:
-            result = run_reprice(sink, attribution, window.since, window.until, window.tenant).to_json()
+            result = run_reprice(sink, attribution, window.since, window.until, window.tenant,
+                                 plans=Plans.from_file(settings.plans_file)).to_json()
         finally:
             sink.close()
     console.print(f"re-priced {result['events']:,} events ({result['changed']:,} changed) with "
-                  f"{result['pricing_version']}: {result['old_cost_usd']} → {result['new_cost_usd']} USD "
-                  f"(run {result['reprice_id']})")
+                  f"{result['pricing_version']}: cost {result['old_cost_usd']} → {result['new_cost_usd']} USD, "
+                  f"revenue {result['old_revenue_usd']} → {result['new_revenue_usd']} USD (run {result['reprice_id']})")
 
 
 @cli.command()
@@ -276,7 +279,7 @@ def invoice(
     from streams.storage.query import query as run_query
 
     settings = _settings()
-    plans = Plans.from_file(settings.config_dir / "plans.yaml")
+    plans = Plans.from_file(settings.plans_file)
     bill = make_invoice(plans, tenant, period, lambda sql: run_query(settings, sql).rows)
     if fmt == "json":
         print(json.dumps(bill.to_json(), indent=2))
@@ -403,7 +406,7 @@ def _print_margins(settings: Settings, tenants: list[str]) -> None:
     from streams.stages.plans import Plans
     from streams.storage.query import query as run_query
 
-    plans = Plans.from_file(settings.config_dir / "plans.yaml")
+    plans = Plans.from_file(settings.plans_file)
     table = Table("tenant", "invoice (USD)", "provider cost (USD)", "margin (USD)", "margin %",
                   title=f"This month so far: revenue, cost and margin per tenant ({datetime.now(UTC):%Y-%m})")
     for tenant in tenants:

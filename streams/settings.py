@@ -105,6 +105,11 @@ class Settings(BaseModel):
     #: What a worker runs: everything, only the stream (validate → quotas), or only the ClickHouse sink.
     role: Literal["all", "stream", "sink"] = "all"
 
+    @property
+    def plans_file(self) -> Path:
+        """Plans, their limits and rate cards (``streams.stages.plans``)."""
+        return self.config_dir / "plans.yaml"
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ

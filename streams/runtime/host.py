@@ -37,6 +37,7 @@ from streams.runtime.loop import LoopThread
 from streams.runtime.metrics import Counters, render
 from streams.settings import Settings
 from streams.stages.attribution import Attribution
+from streams.stages.plans import Plans
 from streams.storage.clickhouse import redact
 from streams.storage.faults import ClickHouseFaults
 from streams.storage.query import QueryError, connect_readonly, run_readonly
@@ -145,10 +146,11 @@ def _add_database(app: faust.App, settings: Settings, sink: ClickHouseSink, faul
     repricer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-reprice")
     reprice_reader: list[Client] = []
 
-    def reprice_on_its_thread(window: RepriceWindow, attribution: Attribution) -> RepriceResult:
+    def reprice_on_its_thread(window: RepriceWindow, attribution: Attribution, plans: Plans) -> RepriceResult:
         if not reprice_reader:
             reprice_reader.append(connect_readonly(settings.clickhouse_url, settings))
-        return reprice(sink, attribution, window.since, window.until, window.tenant, reader=reprice_reader[0])
+        return reprice(sink, attribution, window.since, window.until, window.tenant, reader=reprice_reader[0],
+                       plans=plans)
 
     @app.page("/v1/faults/clickhouse")
     class Faults(Guarded):
@@ -185,13 +187,15 @@ def _add_database(app: faust.App, settings: Settings, sink: ClickHouseSink, faul
             try:
                 window = RepriceWindow.model_validate(await self.body(request))
                 fresh = Attribution.from_settings(settings)
+                plans = Plans.from_file(settings.plans_file)  # as the files say now, like the prices
             except ValidationError as exc:
                 error = exc.errors()[0]
                 return self.json({"error": f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}"}, status=400)
             except (BadRequest, CostlineError) as exc:
                 return self.json({"error": str(exc).splitlines()[0]}, status=400)
             try:
-                result = await asyncio.get_running_loop().run_in_executor(repricer, reprice_on_its_thread, window, fresh)
+                result = await asyncio.get_running_loop().run_in_executor(repricer, reprice_on_its_thread, window, fresh,
+                                                                            plans)
             except (RepriceRefused, SinkFailed) as exc:
                 return self.json({"error": str(exc)}, status=400)
             return self.json(result.to_json())

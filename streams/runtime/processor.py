@@ -34,6 +34,7 @@ from streams.runtime.state import ChangelogTables
 from streams.settings import Topics
 from streams.stages.attribution import Attribution
 from streams.stages.quotas import Counted, QuotaEngine
+from streams.stages.revenue import RevenueOutcome, stamped
 from streams.storage.tables import LEDGER, RecordBatch
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,8 @@ class BatchProcessor:
                 # replace it (a later attributed_at) without its revenue.
                 c.duplicates += 1
                 return
-            revenue = quota.revenue
-            if quota.late or revenue is not None:
-                c.late += quota.late
-                out = out.model_copy(update={"late": quota.late} if revenue is None else {
-                    "late": quota.late, "revenue_usd": revenue, "margin_usd": revenue - out.cost_usd,
-                    "billing_period": quota.period})
+            c.late += quota.late
+            out = stamped(out, RevenueOutcome(quota.revenue, quota.late, quota.period))
             batch.alerts.extend(quota.alerts)
             if quota.expired:
                 batch.expired.extend(quota.expired)

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 def run_worker(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT. The worker owns an embedded database path while it runs."""
     attribution = Attribution.from_settings(settings)
-    plans = Plans.from_file(settings.config_dir / "plans.yaml")
+    plans = Plans.from_file(settings.plans_file)
     ensure_topics(settings)
     counters = Counters()
     faults = ClickHouseFaults() if settings.fault_injection else None

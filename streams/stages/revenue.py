@@ -82,6 +82,17 @@ def restore_entry(entry: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def stamped(record: AttributedUsage, outcome: RevenueOutcome, late: bool | None = None) -> AttributedUsage:
+    """The record with its revenue, margin and billing period (and ``late``: by default the
+    outcome's), or the record itself when there is nothing to add."""
+    late = outcome.late if late is None else late
+    revenue = outcome.revenue
+    if revenue is None:
+        return record.model_copy(update={"late": True}) if late and not record.late else record
+    return record.model_copy(update={"late": late, "revenue_usd": revenue, "margin_usd": revenue - record.cost_usd,
+                                     "billing_period": outcome.period})
+
+
 def quantity_of(record: AttributedUsage, charge: Charge) -> Decimal:
     metric = charge.metric
     if metric == "cost_usd":

@@ -352,6 +352,8 @@ class Superseded:
     price_source: str
     pricing_version: str
     new_pricing_version: str
+    revenue_usd: Decimal | None
+    new_revenue_usd: Decimal | None
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,8 @@ class RepriceRun:
     old_cost_usd: Decimal
     new_cost_usd: Decimal
     pricing_version: str
+    old_revenue_usd: Decimal
+    new_revenue_usd: Decimal
 
 
 def _columns(record_type: type, types: dict[str, str]) -> list[tuple[str, str, str, Convert | None]]:
@@ -383,7 +387,8 @@ AUDIT: TableSpec[Superseded] = TableSpec(
         "event_time": "DateTime64(3, 'UTC')", "tenant_id": "LowCardinality(String)",
         "attributed_at": "DateTime64(3, 'UTC')", "cost_usd": _DECIMAL, "new_cost_usd": _DECIMAL, "priced": "Bool",
         "price_source": "LowCardinality(String)", "pricing_version": "LowCardinality(String)",
-        "new_pricing_version": "LowCardinality(String)"}))
+        "new_pricing_version": "LowCardinality(String)", "revenue_usd": f"Nullable({_DECIMAL})",
+        "new_revenue_usd": f"Nullable({_DECIMAL})"}))
 
 REPRICE_RUNS: TableSpec[RepriceRun] = TableSpec(
     "reprice_runs",
@@ -392,4 +397,5 @@ REPRICE_RUNS: TableSpec[RepriceRun] = TableSpec(
         "reprice_id": "String", "started_at": "DateTime64(3, 'UTC')", "since": "DateTime64(3, 'UTC')",
         "until": "Nullable(DateTime64(3, 'UTC'))", "tenant_id": "Nullable(String)", "events": "UInt64",
         "changed": "UInt64", "old_cost_usd": "Decimal(38, 12)", "new_cost_usd": "Decimal(38, 12)",
-        "pricing_version": "LowCardinality(String)"}))
+        "pricing_version": "LowCardinality(String)", "old_revenue_usd": "Decimal(38, 12)",
+        "new_revenue_usd": "Decimal(38, 12)"}))

@@ -282,3 +282,43 @@ def test_views_roll_up_traces_paths_and_steps(ch_client, attribution):
                             "ORDER BY step").result_rows
     assert steps == [("generation", 2, Decimal("0.011")), ("refinement", 1, Decimal("0.00325")),
                      ("retrieval", 1, Decimal("0.0051"))]
+
+
+def test_reprice_re_rates_revenue_counting_the_periods_earlier_calls_first(ch_client, ch_sink, attribution):
+    from streams.operations.reprice import reprice
+    from streams.stages.plans import Plans
+    from streams.stages.revenue import RevenueMeter, stamped
+
+    def plans(tiers):
+        card = {"charges": [{"id": "calls", "metric": "requests", "price": "graduated", "tiers": tiers}]}
+        return Plans.model_validate({"default_plan": "p", "plans": {"p": {"rate_card": card}}})
+
+    def revenue():
+        return ch_client.query("SELECT event_id, revenue_usd FROM usage WHERE tenant_id = 't-rerate' "
+                               "ORDER BY event_id").result_rows
+
+    graduated = plans([{"up_to": 3, "unit_amount": "0.10"}, {"unit_amount": "0.05"}])
+    meter, periods = RevenueMeter(graduated), {}
+    batch = [stamped(r, meter.rate(r, periods, AT)) for r in records(attribution, 6, "t-rerate")]
+    LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
+    first = [(f"t-rerate-{i}", Decimal("0.10") if i < 3 else Decimal("0.05")) for i in range(6)]
+    assert revenue() == first
+
+    # From the 4th call on: the three calls before it are counted first, so the 4th is still in tier 2.
+    later = reprice(ch_sink, attribution, since=AT + timedelta(seconds=3), tenant="t-rerate", plans=graduated)
+    assert (later.events, later.changed, later.old_revenue_usd, later.new_revenue_usd) == (
+        3, 0, Decimal("0.15"), Decimal("0.15"))
+    assert revenue() == first
+
+    # A new rate card, re-rated from the period's start: every call at 0.02.
+    flat = plans([{"unit_amount": "0.02"}])
+    whole = reprice(ch_sink, attribution, since=AT.replace(day=1, hour=0, minute=0), tenant="t-rerate", plans=flat)
+    assert (whole.events, whole.changed, whole.old_revenue_usd, whole.new_revenue_usd) == (
+        6, 6, Decimal("0.45"), Decimal("0.12"))
+    assert revenue() == [(f"t-rerate-{i}", Decimal("0.02")) for i in range(6)]
+    margins = ch_client.query("SELECT sum(margin_usd), sum(revenue_usd) - sum(cost_usd) FROM usage "
+                              "WHERE tenant_id = 't-rerate'").result_rows
+    assert margins[0][0] == margins[0][1] == Decimal("0.12") - Decimal("0.021")
+    audit = ch_client.query(f"SELECT sum(revenue_usd), sum(new_revenue_usd) FROM attribution_audit "
+                            f"WHERE reprice_id = '{whole.reprice_id}'").result_rows
+    assert audit == [(Decimal("0.45"), Decimal("0.12"))]
