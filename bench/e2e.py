@@ -47,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import yaml  # noqa: E402
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # noqa: E402
 
 from schemas.usage import UsageEvent  # noqa: E402
@@ -267,6 +268,16 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def without_rating(path: Path) -> None:
+    """Rewrites a plans.yaml without its rate cards and the limits that need them."""
+    plans = yaml.safe_load(path.read_text())
+    for plan in plans.get("plans", {}).values():
+        plan.pop("rate_card", None)
+        plan["limits"] = [limit for limit in plan.get("limits", [])
+                          if limit["metric"] not in ("revenue_usd", "margin_percent")]
+    path.write_text(yaml.safe_dump(plans))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=100_000)
@@ -277,6 +288,9 @@ def main() -> None:
     parser.add_argument("--latency-rate", type=int, help="events/s of the latency phase (default: half the sustained "
                                                              "rate measured in phase 1), to compare runs at one rate")
     parser.add_argument("--plans", type=Path, help="a plans.yaml to use instead of config/plans.yaml")
+    parser.add_argument("--without-rating", action="store_true",
+                        help="strip the plans' rate cards and revenue limits: the baseline that revenue rating in "
+                             "the stream is measured against (run it paired with a run without this flag)")
     parser.add_argument("--role", choices=["all", "stream"], default="all",
                         help="stream: the worker publishes usage.attributed instead of writing the embedded "
                              "ClickHouse, so its RSS holds no database; timed until its offsets are committed, "
@@ -290,6 +304,8 @@ def main() -> None:
     shutil.copytree(ROOT / "config", config)
     if args.plans:
         shutil.copy(args.plans, config / "plans.yaml")
+    if args.without_rating:
+        without_rating(config / "plans.yaml")
     env = isolated_env(work / "home", servers, config, COSTLINE_ROLE=args.role)
     worker = WorkerProcess(env, work / "worker.log")
     settings = worker.settings
