@@ -407,7 +407,8 @@ def _print_margins(settings: Settings, tenants: list[str]) -> None:
     from streams.storage.query import query as run_query
 
     plans = Plans.from_file(settings.plans_file)
-    table = Table("tenant", "invoice (USD)", "provider cost (USD)", "margin (USD)", "margin %",
+    table = Table("tenant", "usage revenue, streamed (USD)", "invoice total (USD)", "provider cost (USD)",
+                  "margin (USD)", "margin %",
                   title=f"This month so far: revenue, cost and margin per tenant ({datetime.now(UTC):%Y-%m})")
     for tenant in tenants:
         zone = plans.plan_of(tenant)[1]
@@ -416,7 +417,8 @@ def _print_margins(settings: Settings, tenants: list[str]) -> None:
         except InvoiceRefused:
             continue  # no rate card on the tenant's plan
         percent = f"{bill.margin_usd / bill.total * 100:.1f}%" if bill.total else ""
-        table.add_row(tenant, f"{bill.total:.2f}", f"{bill.cost_usd:.6f}", f"{bill.margin_usd:.6f}", percent)
+        table.add_row(tenant, f"{bill.streamed_usd:.6f}", f"{bill.total:.2f}", f"{bill.cost_usd:.6f}",
+                      f"{bill.margin_usd:.6f}", percent)
     if table.rows:
         console.print(table)
 

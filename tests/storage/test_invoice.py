@@ -76,7 +76,8 @@ def test_an_invoice_rates_the_months_calls_in_the_tenants_time_zone(ch_client, a
                                                "difference_usd": "0.014000000000", "unrated_calls": 1}
     # The margin view groups the stream's revenue by the tenant's own months (out-2 is December's).
     by_period = run_readonly(reader, "SELECT billing_period, calls, revenue_usd, margin_usd, cost_usd "
-                                     "FROM margin_by_tenant_period ORDER BY billing_period").rows
+                                     "FROM margin_by_tenant_period WHERE tenant_id = 'tokyo-co' "
+                                     "ORDER BY billing_period").rows
     in_cost = rows[0].cost_usd + rows[1].cost_usd
     assert by_period == [["2026-11", 2, Decimal("0.015"), Decimal("0.015") - in_cost, in_cost],
                          ["2026-12", 1, Decimal("0.01"), Decimal("0.01") - rows[4].cost_usd, rows[4].cost_usd]]
