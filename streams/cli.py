@@ -293,8 +293,8 @@ def invoice(
     table.add_row("total", "", "", format(bill.total, "f"))
     console.print(table)
     console.print(f"provider cost {bill.cost_usd:.6f} USD, margin {bill.margin_usd:.6f} USD")
-    console.print(f"rated in the stream: {bill.streamed_usd} USD of usage; rated from the period's totals: "
-                  f"{bill.rated_usage_usd} USD (difference {bill.stream_difference_usd}: volume true-ups and "
+    console.print(f"usage rated in the stream: {bill.streamed_usd:f} USD; from the month's totals: "
+                  f"{bill.rated_usage_usd:f} USD (difference {bill.stream_difference_usd:f}: volume true-ups, and "
                   f"{bill.unrated_calls} calls not rated in the stream)")
 
 
