@@ -55,6 +55,7 @@ from streams.messaging.topics import ensure_topics  # noqa: E402
 from streams.operations.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics, wait_for  # noqa: E402
 from streams.operations.simulate import Workload  # noqa: E402
 from streams.settings import Settings  # noqa: E402
+from streams.stages.plans import Plans  # noqa: E402
 from streams.storage.query import query  # noqa: E402
 
 
@@ -268,14 +269,10 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def without_rating(path: Path) -> None:
-    """Rewrites a plans.yaml without its rate cards and the limits that need them."""
-    plans = yaml.safe_load(path.read_text())
-    for plan in plans.get("plans", {}).values():
-        plan.pop("rate_card", None)
-        plan["limits"] = [limit for limit in plan.get("limits", [])
-                          if limit["metric"] not in ("revenue_usd", "margin_percent")]
-    path.write_text(yaml.safe_dump(plans))
+def without_rating(path: Path, keep_cards: bool) -> None:
+    """Rewrites a plans.yaml without the limits that need rate cards (and without the cards)."""
+    plans = Plans.from_file(path).without_rating(keep_cards)
+    path.write_text(yaml.safe_dump(plans.model_dump(mode="json")))
 
 
 def main() -> None:
@@ -288,6 +285,8 @@ def main() -> None:
     parser.add_argument("--latency-rate", type=int, help="events/s of the latency phase (default: half the sustained "
                                                              "rate measured in phase 1), to compare runs at one rate")
     parser.add_argument("--plans", type=Path, help="a plans.yaml to use instead of config/plans.yaml")
+    parser.add_argument("--without-revenue-limits", action="store_true",
+                        help="keep the rate cards, strip the revenue_usd and margin_percent limits")
     parser.add_argument("--without-rating", action="store_true",
                         help="strip the plans' rate cards and revenue limits: the baseline that revenue rating in "
                              "the stream is measured against (run it paired with a run without this flag)")
@@ -304,8 +303,8 @@ def main() -> None:
     shutil.copytree(ROOT / "config", config)
     if args.plans:
         shutil.copy(args.plans, config / "plans.yaml")
-    if args.without_rating:
-        without_rating(config / "plans.yaml")
+    if args.without_rating or args.without_revenue_limits:
+        without_rating(config / "plans.yaml", keep_cards=not args.without_rating)
     env = isolated_env(work / "home", servers, config, COSTLINE_ROLE=args.role)
     worker = WorkerProcess(env, work / "worker.log")
     settings = worker.settings

@@ -37,6 +37,7 @@ from streams.settings import Settings  # noqa: E402
 from streams.stages.attribution import Attribution  # noqa: E402
 from streams.stages.plans import Plans  # noqa: E402
 from streams.stages.quotas import QuotaEngine, QuotaTables, restore_entry  # noqa: E402
+from streams.stages.revenue import RevenueMeter, stamp_fresh  # noqa: E402
 from streams.stages.validation import validate  # noqa: E402
 from streams.storage.tables import LEDGER, RecordBatch  # noqa: E402
 
@@ -49,6 +50,10 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=1_000)
     parser.add_argument("--distinct-tenants", action="store_true", help="every tenant occurs (round robin)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--without-revenue-limits", action="store_true",
+                        help="keep the rate cards, strip the revenue_usd and margin_percent limits")
+    parser.add_argument("--without-rating", action="store_true",
+                        help="plans without rate cards and revenue limits: the baseline for what rating costs")
     args = parser.parse_args()
     os.sched_setaffinity(0, {0})  # one core, as the loop thread has
 
@@ -62,7 +67,9 @@ def main() -> None:
     batches = [[MemoryRecord(raw_topic, 0, base + i, None, raw) for i, raw in enumerate(raws[base:base + BATCH])]
                for base in range(0, len(raws), BATCH)]
     attribution = Attribution.from_settings(settings)
-    plans = Plans.from_file(settings.config_dir / "plans.yaml")
+    plans = Plans.from_file(settings.plans_file)
+    if args.without_rating or args.without_revenue_limits:
+        plans = plans.without_rating(keep_cards=not args.without_rating)
 
     def engine_run() -> float:
         """The loop thread's work, batch after batch, with fresh quota tables; µs an event."""
@@ -73,8 +80,8 @@ def main() -> None:
         for records in batches:
             batch = processor.process(records)
             LEDGER.encode(batch.records)
-            for ref, usage, as_of in batch.windows.values():
-                ref.state(usage, as_of).model_dump_json().encode()
+            for counted in batch.windows.values():
+                counted.state().model_dump_json().encode()
         elapsed = time.perf_counter() - started
         return elapsed / len(raws) * 1e6
 
@@ -91,6 +98,15 @@ def main() -> None:
             quotas.end_batch()
             state.drain({0: base + BATCH})
 
+    def revenue_run() -> None:
+        meter, periods = RevenueMeter(plans), {}
+        for record in records:
+            stamp_fresh(record.model_copy(), meter.rate(record, periods, now), False)
+
+    def copies_run() -> None:  # what revenue_run spends on its copies, which the worker does not make
+        for record in records:
+            record.model_copy()
+
     def encode_run() -> None:
         for base in range(0, len(records), BATCH):
             batch = RecordBatch(LEDGER)
@@ -104,6 +120,8 @@ def main() -> None:
         "tag": lambda: [attribution.paths.path_for(event) for event in valid],
         "attribute (price, tag, record)": lambda: [attribution.attribute(event, now) for event in valid],
         "quota windows + changelog": quota_run,
+        "revenue (rate, stamp) + copy": revenue_run,
+        "  of which the copy": copies_run,
         "ledger row + encode": encode_run,
     }
     tune_gc()

@@ -34,7 +34,7 @@ from streams.runtime.state import ChangelogTables
 from streams.settings import Topics
 from streams.stages.attribution import Attribution
 from streams.stages.quotas import Counted, QuotaEngine
-from streams.stages.revenue import RevenueOutcome, stamped
+from streams.stages.revenue import stamp_fresh
 from streams.storage.tables import LEDGER, RecordBatch
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class BatchProcessor:
                 c.duplicates += 1
                 return
             c.late += quota.late
-            out = stamped(out, RevenueOutcome(quota.revenue, quota.late, quota.period))
+            stamp_fresh(out, quota.rated, quota.late)  # (``out`` is this batch's own, not yet kept)
             batch.alerts.extend(quota.alerts)
             if quota.expired:
                 batch.expired.extend(quota.expired)

@@ -179,6 +179,14 @@ class Plans(Strict):
         plan, zone = self.plan_of(tenant)
         return (plan.limits if plan else []), zone
 
+    def without_rating(self, keep_cards: bool = False) -> Plans:
+        """These plans without the limits that need a rate card, and without rate cards unless
+        ``keep_cards`` (``bench/``'s baselines for what rating and those limits cost)."""
+        return self.model_copy(update={"plans": {
+            name: plan.model_copy(update={"rate_card": plan.rate_card if keep_cards else None, "limits": [
+                limit for limit in plan.limits if limit.metric not in ("revenue_usd", "margin_percent")]})
+            for name, plan in self.plans.items()}})
+
     @classmethod
     def from_file(cls, path: Path | None) -> Plans:
         """The plans in ``path``; none (no quotas) when the file does not exist."""

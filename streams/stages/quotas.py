@@ -51,7 +51,7 @@ from schemas.attributed import AttributedUsage
 from schemas.quota import QuotaAlert, QuotaState, Status, alert_id, state_key
 from streams.stages import revenue as revenue_stage
 from streams.stages.plans import Limit, Plans, WindowKind, window_bounds
-from streams.stages.revenue import RevenueMeter
+from streams.stages.revenue import UNRATED, RevenueMeter, RevenueOutcome
 
 _ONE = Decimal(1)
 _ZERO = Decimal(0)
@@ -145,10 +145,8 @@ class Counted(NamedTuple):
 class QuotaOutcome:
     late: bool = False
     duplicate: bool = False
-    #: What the event added to its tenant's bill (``streams.stages.revenue``); None: not rated.
-    revenue: Decimal | None = None
-    #: The billing period it was rated in (``YYYY-MM``).
-    period: str | None = None
+    #: What the event added to its tenant's bill, and in which period (``streams.stages.revenue``).
+    rated: RevenueOutcome = UNRATED
     alerts: list[QuotaAlert] = field(default_factory=list)
     #: Each window the event was counted into, with the window's usage and ``as_of`` right after it.
     counted: list[Counted] = field(default_factory=list)
@@ -269,8 +267,8 @@ class QuotaEngine:
             outcome.duplicate = True
             return outcome
         # Rated before the windows are counted: revenue_usd and margin_percent limits count it.
-        revenue, outcome.late, outcome.period = self.revenue.rate(record, state.rating_periods, now)
-        outcome.revenue = revenue
+        outcome.rated = rated = self.revenue.rate(record, state.rating_periods, now)
+        revenue, outcome.late = rated.revenue, rated.late
         if not limits:
             return outcome
         at = record.event_time

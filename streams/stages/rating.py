@@ -31,6 +31,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Context, Decimal, localcontext
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -86,6 +87,11 @@ class Charge(Strict):
     package_amount: Amount | None = None
     free_units: Amount = _ZERO
     discount_percent: Annotated[Decimal, Field(ge=0, le=100)] = _ZERO
+
+    @cached_property
+    def free(self) -> Decimal:
+        """The free units in units of ``per``."""
+        return self.free_units / self.per
 
     @model_validator(mode="after")
     def _complete(self) -> Charge:
@@ -226,7 +232,7 @@ def increment(charge: Charge, before: Decimal, after: Decimal) -> Decimal:
     settled at period end by ``volume_true_up``."""
     if charge.price != "volume":
         return _unrounded(charge, after / charge.per) - _unrounded(charge, before / charge.per)
-    free = charge.free_units / charge.per
+    free = charge.free
     low, high = max(before / charge.per, free), max(after / charge.per, free)
     if high <= low:
         return _ZERO
@@ -241,38 +247,57 @@ def volume_true_up(charge: Charge, quantity: Decimal, streamed: Decimal) -> Deci
 
 
 def _unrounded(charge: Charge, units: Decimal) -> Decimal:
-    return sum((line.unrounded for line in _base_lines(charge, units)), _ZERO)
+    total = _ZERO
+    for part in _parts(charge, units):
+        total += part[3]
+    return total
 
 
 def _base_lines(charge: Charge, units: Decimal) -> list[Line]:
-    free = charge.free_units / charge.per
     cid = charge.id
-    if charge.price == "unit":
-        billed = max(units - free, _ZERO)
-        return [Line(f"{cid}:unit", "usage", cid, billed, charge.unit_amount, billed * charge.unit_amount)]
-    if charge.price == "package":
-        billed = max(units - free, _ZERO)
+    lines = []
+    for number, quantity, unit_amount, amount in _parts(charge, units):
+        if number:
+            lines.append(Line(f"{cid}:tier-{number}", "usage", f"{cid}, tier {number}", quantity, unit_amount, amount))
+        elif charge.price == "package":
+            lines.append(Line(f"{cid}:package", "usage", f"{cid}, packages of {charge.package_size}", quantity,
+                              unit_amount, amount))
+        else:
+            lines.append(Line(f"{cid}:unit", "usage", cid, quantity, unit_amount, amount))
+    return lines
+
+
+#: One part of a charge's bill: (tier number, 0 for a price without tiers; quantity billed; unit
+#: price; unrounded amount). Tuples, not ``Line``s: the stream rates through these for every event.
+Part = tuple[int, Decimal, Decimal | None, Decimal]
+
+
+def _parts(charge: Charge, units: Decimal) -> list[Part]:
+    free = charge.free
+    price = charge.price
+    if price == "unit" or price == "package":
+        billed = units - free if units > free else _ZERO
+        if price == "unit":
+            return [(0, billed, charge.unit_amount, billed * charge.unit_amount)]
         packages = (billed / charge.package_size).to_integral_value(rounding=ROUND_CEILING)
-        return [Line(f"{cid}:package", "usage", f"{cid}, packages of {charge.package_size}", packages,
-                     charge.package_amount, packages * charge.package_amount)]
-    if charge.price == "volume":
+        return [(0, packages, charge.package_amount, packages * charge.package_amount)]
+    if price == "volume":
         if units <= free:
             return []
         index, tier = _tier_of(charge.tiers, units)
         billed = units - free
-        return [Line(f"{cid}:tier-{index + 1}", "usage", f"{cid}, tier {index + 1}", billed, tier.unit_amount,
-                     billed * tier.unit_amount + tier.flat_amount)]
-    lines, lower = [], _ZERO  # graduated: each tier's share of (free, units]
+        return [(index + 1, billed, tier.unit_amount, billed * tier.unit_amount + tier.flat_amount)]
+    parts, lower = [], _ZERO  # graduated: each tier's share of (free, units]
     for index, tier in enumerate(charge.tiers):
-        upper = units if tier.up_to is None else min(tier.up_to, units)
-        billed = upper - max(lower, free)
+        up_to = tier.up_to
+        upper = units if up_to is None or units < up_to else up_to
+        billed = upper - (lower if lower > free else free)
         if billed > 0:  # the tier's flat amount comes with its first billed unit
-            lines.append(Line(f"{cid}:tier-{index + 1}", "usage", f"{cid}, tier {index + 1}", billed,
-                              tier.unit_amount, billed * tier.unit_amount + tier.flat_amount))
-        if tier.up_to is None or units <= tier.up_to:
+            parts.append((index + 1, billed, tier.unit_amount, billed * tier.unit_amount + tier.flat_amount))
+        if up_to is None or units <= up_to:
             break
-        lower = tier.up_to
-    return lines
+        lower = up_to
+    return parts
 
 
 def _tier_of(tiers: list[Tier], units: Decimal) -> tuple[int, Tier]:

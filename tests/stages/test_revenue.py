@@ -71,8 +71,8 @@ def test_a_filtered_charge_counts_only_its_calls_and_its_discount_is_in_the_reve
 def test_cost_plus_bills_the_provider_cost_times_the_factor_and_margin_is_the_markup():
     engine = QuotaEngine(plans(), QuotaTables({}, {}, {}, {}))
     out = engine.apply(rec(cost="0.012345678901", path="support/triage"), 0, 0, NOV)
-    assert out.revenue == D("0.016049382571")   # 0.0160493825713 to 12 places, as the ledger keeps it
-    assert out.period == "2026-11"
+    assert out.rated.revenue == D("0.016049382571")   # 0.0160493825713 to 12 places, as the ledger keeps it
+    assert out.rated.period == "2026-11"
 
 
 def test_the_spend_cap_stops_revenue_mid_event_and_then_entirely():
@@ -122,7 +122,7 @@ def test_duplicates_are_not_rated_twice():
     engine = QuotaEngine(plans(), QuotaTables({}, {}, {}, {}))
     first = engine.apply(rec(model="o3", event_id="x"), 0, 0, NOV)
     copy = engine.apply(rec(model="o3", event_id="x"), 0, 5, NOV)
-    assert (first.revenue, copy.duplicate, copy.revenue) == (D("0.00175"), True, None)
+    assert (first.rated.revenue, copy.duplicate, copy.rated.revenue) == (D("0.00175"), True, None)
 
 
 def restored(table: dict) -> dict:
@@ -195,3 +195,22 @@ def test_a_revenue_limit_needs_a_rate_card():
     with pytest.raises(ValueError, match="needs the plan to have a rate_card"):
         Plans.model_validate({"plans": {"p": {"limits": [{"id": "x", "metric": "revenue_usd", "window": "month",
                                                           "limit": 5}]}}})
+
+
+def test_the_readme_worked_example():
+    """README, "Revenue and margin": the starter plan of config/plans.yaml, a month of 12.5M tokens
+    with 300 o3 calls among them."""
+    from pathlib import Path
+
+    from streams.stages.rating import rate
+
+    starter = Plans.from_file(Path(__file__).parents[2] / "config" / "plans.yaml")
+    card = starter.plans["starter"].rate_card
+    lines = rate(card, {"tokens": D(12_500_000), "reasoning-models": D(300)}).lines
+    assert [(line.description, line.quantity, line.amount) for line in lines] == [
+        ("tokens, tier 1", D(9), D("54.00")), ("tokens, tier 2", D("2.5"), D("11.25")),
+        ("reasoning-models", D(300), D("0.60")), ("flat fee", D(1), D("19.00"))]
+    assert sum(line.amount for line in lines) == D("84.85")
+    meter, table = RevenueMeter(starter), {}
+    meter.rate(rec(tokens=9_999_000), table, NOV)
+    assert meter.rate(rec(tokens=2_000), table, NOV).revenue == D("0.0105")
