@@ -272,7 +272,7 @@ def pct(values: list[float], q: float) -> float:
 def without_rating(path: Path, keep_cards: bool) -> None:
     """Rewrites a plans.yaml without the limits that need rate cards (and without the cards)."""
     plans = Plans.from_file(path).without_rating(keep_cards)
-    path.write_text(yaml.safe_dump(plans.model_dump(mode="json")))
+    path.write_text(yaml.safe_dump(plans.model_dump(mode="json", exclude_unset=True)))
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 -- card, or the event came after its period closed (then the invoice rates it from the ledger).
 ALTER TABLE usage_ledger
     ADD COLUMN IF NOT EXISTS revenue_usd Nullable(Decimal(18, 12)) COMMENT 'what the call added to the tenant''s bill for billing_period' AFTER cost_usd,
-    ADD COLUMN IF NOT EXISTS margin_usd Nullable(Decimal(18, 12)) COMMENT 'revenue_usd - cost_usd' AFTER revenue_usd,
+    -- Computed by ClickHouse on insert (the worker does not send it): one Decimal subtraction and
+    -- one column less to encode per event on the worker's busiest thread.
+    ADD COLUMN IF NOT EXISTS margin_usd Nullable(Decimal(18, 12)) DEFAULT revenue_usd - cost_usd COMMENT 'revenue_usd - cost_usd' AFTER revenue_usd,
     ADD COLUMN IF NOT EXISTS billing_period LowCardinality(String) COMMENT 'YYYY-MM in the tenant''s time zone; empty when not rated' AFTER margin_usd;
 
 CREATE OR REPLACE VIEW usage AS

@@ -265,6 +265,9 @@ def backfill(
     rejected = sum(result.rejected.values())
     console.print(f"read {result.read:,} records, re-attributed {result.resubmitted:,}"
                   + (f", {rejected:,} invalid ({dict(result.rejected)}; they are in usage.dlq)" if rejected else ""))
+    if result.resubmitted:
+        console.print("Their revenue is rated again by `costline reprice --since <the first day of their billing "
+                      "month>` once the worker has landed them (backfilled rows carry no revenue_usd).")
 
 
 @cli.command()

@@ -71,7 +71,7 @@ class Limit(Strict):
                 raise ValueError("a margin_percent limit is a floor in percent: at most 100")
             if "thresholds" in self.model_fields_set:
                 raise ValueError("a margin_percent limit takes no thresholds: it alerts once, below its limit")
-        elif "min_revenue" in self.model_fields_set:
+        elif self.min_revenue:
             raise ValueError("min_revenue applies to margin_percent limits only")
         return self
 

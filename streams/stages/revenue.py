@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, localcontext
+from decimal import Decimal, getcontext, setcontext
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -142,6 +142,17 @@ class RevenueMeter:
              now: datetime | None = None) -> RevenueOutcome:
         """Rates ``record`` into its tenant's period in ``table`` (tenant → entry); ``now`` is the
         worker's clock, which bounds how far the tenant's watermark moves."""
+        # In the exact context, set and restored by hand: ``localcontext`` copies the context on
+        # every entry, 1.3 µs an event against 0.35.
+        saved = getcontext()
+        setcontext(EXACT)
+        try:
+            return self._rate(record, table, now)
+        finally:
+            setcontext(saved)
+
+    def _rate(self, record: AttributedUsage, table: MutableMapping[str, dict[str, Any]],
+              now: datetime | None) -> RevenueOutcome:
         tenant = record.tenant_id
         card, zone = self._card_of(tenant)
         if card is None:
@@ -169,28 +180,27 @@ class RevenueMeter:
                 return _CLOSED
             if state is None:
                 state = periods[period.start_text] = {"end": period.end, "q": {}, "v": {}}
-        with localcontext(EXACT):
-            running = state.get("u")
-            if running is None:  # (new, or restored from the changelog: under the card in force now)
-                running, state["a"] = _running(card, state)
-                state["r"] = capped(card, running).quantize(_PLACES)
-            amounts = state["a"]
-            added = _ZERO
-            q = state["q"]
-            for charge in self._charges_for(card, record):
-                cid = charge.id
-                before = q.get(cid, _ZERO)
-                after = q[cid] = before + quantity_of(record, charge)
-                if charge.price == "volume":
-                    step = increment(charge, before, after)
-                    state["v"][cid] = amounts[cid] = amounts[cid] + step
-                else:  # the exact difference of the two ratings; the one before is kept from the last event
-                    amount = charge_amount(charge, after)
-                    step, amounts[cid] = amount - amounts[cid], amount
-                added += net(charge, step)
-            state["u"] = running + added
-            billed = capped(card, running + added).quantize(_PLACES)
-            revenue, state["r"] = billed - state["r"], billed
+        running = state.get("u")
+        if running is None:  # (new, or restored from the changelog: under the card in force now)
+            running, state["a"] = _running(card, state)
+            state["r"] = capped(card, running).quantize(_PLACES)
+        amounts = state["a"]
+        added = _ZERO
+        q = state["q"]
+        for charge in self._charges_for(card, record):
+            cid = charge.id
+            before = q.get(cid, _ZERO)
+            after = q[cid] = before + quantity_of(record, charge)
+            if charge.price == "volume":
+                step = increment(charge, before, after)
+                state["v"][cid] = amounts[cid] = amounts[cid] + step
+            else:  # the exact difference of the two ratings; the one before is kept from the last event
+                amount = charge_amount(charge, after)
+                step, amounts[cid] = amount - amounts[cid], amount
+            added += net(charge, step)
+        state["u"] = running + added
+        billed = capped(card, running + added).quantize(_PLACES)
+        revenue, state["r"] = billed - state["r"], billed
         table[tenant] = entry
         return RevenueOutcome(revenue, False, period.label)
 

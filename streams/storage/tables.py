@@ -304,8 +304,7 @@ LEDGER: TableSpec[AttributedUsage] = TableSpec("usage_ledger", identity=_ledger_
     *[(name, "UInt64", f"usage.{name}", None) for name in _TOKEN_CLASSES],
     *[(f"cost_{name}", _DECIMAL, f"cost.{name}", None) for name in _COST_CLASSES],
     ("cost_usd", _DECIMAL, "cost_usd", None),
-    ("revenue_usd", f"Nullable({_DECIMAL})", "revenue_usd", None),
-    ("margin_usd", f"Nullable({_DECIMAL})", "margin_usd", None),
+    ("revenue_usd", f"Nullable({_DECIMAL})", "revenue_usd", None),  # (margin_usd: ClickHouse computes it, sql/0006)
     ("billing_period", "LowCardinality(String)", "billing_period", _texts),
     ("currency", "LowCardinality(String)", "currency", None),
     ("priced", "Bool", "priced", None),
