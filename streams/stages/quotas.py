@@ -242,6 +242,7 @@ class QuotaEngine:
         the table when next needed."""
         self._expiry.clear()
         self._seen_index.clear()
+        self.revenue.forget()
         self._open_groups.clear()
         self._by_partition.clear()
 

@@ -241,6 +241,36 @@ def increment(charge: Charge, before: Decimal, after: Decimal) -> Decimal:
     return (high - low) * tier.unit_amount + (tier.flat_amount if entered else _ZERO)
 
 
+#: A straight piece of a charge's bill: (from, exclusive; up to, inclusive, None for no end; amount
+#: per raw unit), all in raw metric units (before ``per``).
+Segment = tuple[Decimal, Decimal | None, Decimal]
+_BELOW_ALL = Decimal("-Infinity")
+
+
+def segment_of(charge: Charge, quantity: Decimal) -> Segment | None:
+    """The straight piece of the charge's bill that the units after ``quantity`` fall on: for any
+    ``before`` above its start and ``after`` up to its end, ``increment(charge, before, after)``
+    is ``(after - before) * amount per raw unit`` (the stream's fast path, which must agree with
+    ``increment``: ``tests/stages/test_rating.py`` checks that it does). None where the bill is not
+    straight there: package prices, and a quantity on a bound (the next unit opens a tier, whose
+    flat amount comes with it)."""
+    per, free = charge.per, charge.free_units
+    if quantity < free:
+        return _BELOW_ALL, free, _ZERO  # free units cost nothing, whatever the price
+    if charge.price == "package":
+        return None
+    if charge.price == "unit":
+        return (free, None, charge.unit_amount / per) if quantity > free else None
+    lower = _ZERO
+    for tier in charge.tiers:
+        upper = None if tier.up_to is None else tier.up_to * per
+        if upper is None or quantity < upper:
+            start = lower if lower > free else free
+            return (start, upper, tier.unit_amount / per) if quantity > start else None
+        lower = upper
+    return None
+
+
 def volume_true_up(charge: Charge, quantity: Decimal, streamed: Decimal) -> Decimal:
     """The end-of-period line of a volume charge: its rating less what its events were charged."""
     return _unrounded(charge, quantity / charge.per) - streamed

@@ -27,11 +27,14 @@ stage, by the quota stage's dedup). A period is closed once the tenant's waterma
 event time, at most the worker's clock plus ``watermark_lead_seconds``) passes the period's end
 plus ``billing_grace_seconds``. An event of a closed period is not rated in the stream
 (``revenue_usd`` stays empty, the event is flagged ``late``); the invoice rates it from the ledger
-with the rest of its period and shows it apart. The running total before rounding (``u``) is
-recomputed from ``q`` and ``v`` after a restore, under the rate card then in force, so a changed
-card applies to the rest of the period without a jump; so are each charge's amount so far (``a``)
-and the rounded, capped bill so far (``r``), kept so that an event rates each of its charges once,
-not twice (before and after).
+with the rest of its period and shows it apart.
+
+Derived from the entry and kept in memory only (rebuilt after a restore, under the rate card then
+in force, so a changed card applies to the rest of the period without a jump): the running bill
+before the cap, the rounded bill so far, and each charge's current straight piece of its bill
+(``rating.segment_of``). Most events fall on the piece the last one did, and cost one multiplication
+per charge; an event that crosses a tier bound, or the first of a period, is rated by
+``rating.increment`` and finds the next piece.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from zoneinfo import ZoneInfo
 
 from schemas.attributed import AttributedUsage
 from streams.stages.plans import Plans, window_bounds
-from streams.stages.rating import EXACT, Charge, RateCard, capped, charge_amount, increment, net
+from streams.stages.rating import EXACT, Charge, RateCard, capped, charge_amount, increment, net, segment_of
 
 _ZERO = Decimal(0)
 _PLACES = Decimal("1e-12")
@@ -79,8 +82,6 @@ def restore_entry(entry: dict[str, Any]) -> dict[str, Any]:
     entry["w"] = datetime.fromisoformat(entry["w"])
     for period in entry["periods"].values():
         period["end"] = datetime.fromisoformat(period["end"])
-        for derived in ("u", "a", "r"):  # recomputed under the rate card in force now
-            period.pop(derived, None)
         for part in ("q", "v"):
             period[part] = {charge: Decimal(value) for charge, value in period[part].items()}
     return entry
@@ -137,6 +138,14 @@ class RevenueMeter:
         self._last_period: dict[ZoneInfo, Period] = {}
         self._now: datetime | None = None
         self._lead_limit = datetime.now(UTC) + self.lead
+        #: (tenant, period start) → [running bill before the cap, rounded capped bill, each charge's
+        #: current straight piece (``rating.segment_of``)]: derived from the table's entry, so kept
+        #: in memory only and rebuilt after a restore (``forget``), under the card in force then.
+        self._derived: dict[tuple[str, str], list[Any]] = {}
+
+    def forget(self) -> None:
+        """After a restore or a rebalance: what is derived from the table is rebuilt from it."""
+        self._derived.clear()
 
     def rate(self, record: AttributedUsage, table: MutableMapping[str, dict[str, Any]],
              now: datetime | None = None) -> RevenueOutcome:
@@ -175,32 +184,36 @@ class RevenueMeter:
             for start_text, open_period in list(periods.items()):
                 if open_period["end"] + grace <= watermark:
                     del periods[start_text]
+                    self._derived.pop((tenant, start_text), None)
             if period.end + grace <= watermark:
                 table[tenant] = entry
                 return _CLOSED
             if state is None:
                 state = periods[period.start_text] = {"end": period.end, "q": {}, "v": {}}
-        running = state.get("u")
-        if running is None:  # (new, or restored from the changelog: under the card in force now)
-            running, state["a"] = _running(card, state)
-            state["r"] = capped(card, running).quantize(_PLACES)
-        amounts = state["a"]
+        derived = self._derived.get((tenant, period.start_text))
+        if derived is None:  # (new, or restored from the changelog: under the card in force now)
+            running = _running(card, state)
+            derived = self._derived[(tenant, period.start_text)] = [running, capped(card, running).quantize(_PLACES), {}]
+        running, billed_before, segments = derived
         added = _ZERO
         q = state["q"]
         for charge in self._charges_for(card, record):
             cid = charge.id
             before = q.get(cid, _ZERO)
             after = q[cid] = before + quantity_of(record, charge)
-            if charge.price == "volume":
+            segment = segments.get(cid)
+            if segment is not None and segment[0] < before and (segment[1] is None or after <= segment[1]):
+                step = (after - before) * segment[2]  # on one straight piece of the bill: most events
+            else:
                 step = increment(charge, before, after)
-                state["v"][cid] = amounts[cid] = amounts[cid] + step
-            else:  # the exact difference of the two ratings; the one before is kept from the last event
-                amount = charge_amount(charge, after)
-                step, amounts[cid] = amount - amounts[cid], amount
+                segments[cid] = segment_of(charge, after)
+            if charge.price == "volume":
+                v = state["v"]
+                v[cid] = v.get(cid, _ZERO) + step
             added += net(charge, step)
-        state["u"] = running + added
-        billed = capped(card, running + added).quantize(_PLACES)
-        revenue, state["r"] = billed - state["r"], billed
+        derived[0] = running = running + added
+        derived[1] = billed = capped(card, running).quantize(_PLACES)
+        revenue = billed - billed_before
         table[tenant] = entry
         return RevenueOutcome(revenue, False, period.label)
 
@@ -239,15 +252,13 @@ class RevenueMeter:
         return period
 
 
-def _running(card: RateCard, state: dict[str, Any]) -> tuple[Decimal, dict[str, Decimal]]:
-    """The period's usage amount before the cap (``u``), and each charge's amount before its
-    discount (``a``), from its running quantities."""
-    total, amounts = _ZERO, {}
+def _running(card: RateCard, state: dict[str, Any]) -> Decimal:
+    """The period's usage bill before the cap, from its running quantities."""
+    total = _ZERO
     for charge in card.charges:
         if charge.price == "volume":
             amount = state["v"].get(charge.id, _ZERO)
         else:
             amount = charge_amount(charge, state["q"].get(charge.id, _ZERO))
-        amounts[charge.id] = amount
         total += net(charge, amount)
-    return total, amounts
+    return total

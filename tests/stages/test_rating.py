@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.config import ConfigError, load_model
-from streams.stages.rating import Charge, RateCard, increment, rate, round_line, volume_true_up
+from streams.stages.rating import Charge, RateCard, increment, rate, round_line, segment_of, volume_true_up
 
 D = Decimal
 TIERS = [{"up_to": 1000, "unit_amount": "0.10"}, {"up_to": 5000, "unit_amount": "0.08"}, {"unit_amount": "0.05"}]
@@ -153,3 +153,36 @@ def test_a_volume_charge_is_settled_by_its_true_up_line(quantities, free):
         total += quantity
     rated = sum((line.unrounded for line in rate(RateCard(charges=[volume]), {"calls": total}).lines), Decimal(0))
     assert streamed + volume_true_up(volume, total, streamed) == rated
+
+
+volume_st = st.builds(lambda bounds, prices, flats, f, per: charge(price="volume", free_units=f, per=per, tiers=[
+    *({"up_to": b, "unit_amount": p, "flat_amount": fl} for b, p, fl in zip(sorted(set(bounds)), prices, flats)),
+    {"unit_amount": prices[-1]}]),
+    st.lists(st.decimals(min_value=1, max_value=50, places=2), min_size=1, max_size=4),
+    st.lists(amounts_st, min_size=5, max_size=5), st.lists(amounts_st, min_size=5, max_size=5), amounts_st,
+    st.sampled_from([1, 10, 1000]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(charges_st, volume_st), st.lists(st.decimals(min_value=0, max_value=800, places=3), min_size=1,
+                                                   max_size=30))
+def test_the_streams_straight_pieces_agree_with_increment(priced, quantities):
+    """The stream prices an event on its charge's current straight piece (``segment_of``) when it
+    stays on it: that must be exactly ``increment``, for every price type, free units, flat
+    amounts and ``per``."""
+    total = Decimal(0)
+    for quantity in quantities:
+        piece, after = segment_of(priced, total), total + quantity
+        if piece is not None and piece[0] < total and (piece[1] is None or after <= piece[1]):
+            assert (after - total) * piece[2] == increment(priced, total, after)
+        total = after
+
+
+def test_straight_pieces_end_at_tier_bounds_and_free_units():
+    graduated = charge(price="graduated", tiers=TIERS, free_units=500, per=10)
+    assert segment_of(graduated, D(100)) == (D("-Infinity"), D(500), D(0))          # free: nothing to pay
+    assert segment_of(graduated, D(500)) is None                                      # the first billed unit
+    assert segment_of(graduated, D(501)) == (D(500), D(10_000), D("0.01"))           # tier 1: 0.10 per 10 units
+    assert segment_of(graduated, D(10_000)) is None                                   # on the bound: tier 2 opens
+    assert segment_of(graduated, D(50_001)) == (D(50_000), None, D("0.005"))
+    assert segment_of(charge(price="package", package_size=10, package_amount=1), D(20)) is None
