@@ -242,3 +242,46 @@ def test_hundreds_of_concurrent_producers_sum_exactly_and_the_hard_cap_fires_on_
     for a in alerts(worker, kafka_servers, 3):
         by_level[a.level] += 1
     assert dict(by_level) == {"warning": 2, "hard_cap": 1}
+
+
+RATED_PLANS = """
+default_plan: rated
+plans:
+  rated:
+    limits:
+      - {id: monthly-bill, metric: revenue_usd, window: month, limit: 1.00, thresholds: [100], hard_cap: 100}
+      - {id: margin-floor, metric: margin_percent, window: month, limit: 50, min_revenue: 0.50}
+    rate_card:
+      charges:
+        - {id: calls, metric: requests, price: unit, unit_amount: 0.05}
+"""
+
+
+def test_a_spend_cap_on_revenue_blocks_through_the_enforcer_and_a_margin_floor_alerts_once(
+        worker, kafka_servers, enforcer):
+    use_plans(worker, RATED_PLANS)
+    worker.start()
+    url = enforcer.start().url
+    now = datetime.now(UTC)
+    month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
+        for i in range(30):
+            producer.send(call(f"rated-{i:02d}", "rated-co", max(month, now - timedelta(seconds=30 - i))))
+
+    got = alerts(worker, kafka_servers, 2)
+    # Each call earns $0.05 and costs $0.035, a 30% margin: below the 50% floor as soon as the
+    # month's revenue reaches $0.50 (the 10th call); the bill reaches the $1.00 cap at the 20th.
+    assert [(a.limit_id, a.level, a.usage, a.event_id) for a in got] == [
+        ("margin-floor", "soft_cap", Decimal("30.0000"), "rated-09"),
+        ("monthly-bill", "hard_cap", Decimal("1.00"), "rated-19"),
+    ]
+    blocked = wait_for(lambda: (d := decision(url, "rated-co"))["decision"] == "block" and d, 30,
+                       "the enforcer to block on the bill")
+    assert {limit["limit_id"]: limit["status"] for limit in blocked["limits"]}["monthly-bill"] == "hard_cap"
+
+    def ledger():
+        rows = query(worker.settings, "SELECT count(), sum(revenue_usd), sum(margin_usd) FROM usage "
+                                      "WHERE tenant_id = 'rated-co'").rows
+        return rows[0] if rows[0][0] == 30 else None
+
+    assert wait_for(ledger, 60, "30 rated calls in the ledger") == [30, Decimal("1.5"), Decimal("1.5") - 30 * CALL_COST]
