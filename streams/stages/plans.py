@@ -119,6 +119,26 @@ class Plan(Strict):
         return self
 
 
+class WatermarkBound:
+    """Where an event moves its tenant's watermark (the latest event time seen): to its own time,
+    but never past the worker's clock plus ``watermark_lead_seconds``. One event stamped an hour
+    ahead (a producer's clock running fast) would otherwise make the next hour's events late for
+    every stage that keeps a watermark: counted in no quota window, rated in no billing period,
+    and a capped tenant let through."""
+
+    def __init__(self, lead: timedelta) -> None:
+        self.lead = lead
+        self._now: datetime | None = None
+        self._limit = datetime.now(UTC) + lead
+
+    def moved_to(self, at: datetime, now: datetime | None) -> datetime:
+        """``now``: the worker's clock (the processor passes its batch's, so the limit is
+        computed once per batch); None: read it."""
+        if now is None or now is not self._now:
+            self._now, self._limit = now, (now or datetime.now(UTC)) + self.lead
+        return at if at <= self._limit else self._limit
+
+
 class TenantAssignment(Strict):
     plan: str
     time_zone: str = "UTC"

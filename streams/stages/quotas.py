@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -50,7 +50,7 @@ from zoneinfo import ZoneInfo
 from schemas.attributed import AttributedUsage
 from schemas.quota import QuotaAlert, QuotaState, Status, alert_id, state_key
 from streams.stages import revenue as revenue_stage
-from streams.stages.plans import Limit, Plans, WindowKind, window_bounds
+from streams.stages.plans import Limit, Plans, WatermarkBound, WindowKind, window_bounds
 from streams.stages.revenue import UNRATED, RevenueMeter, RevenueOutcome
 
 _ONE = Decimal(1)
@@ -222,10 +222,8 @@ class QuotaEngine:
         self.tables: Callable[[int], QuotaTables] = (lambda _: tables) if isinstance(tables, QuotaTables) \
             else tables
         self.clock = clock
-        self.lead = plans.watermark_lead
+        self.bound = WatermarkBound(plans.watermark_lead)
         self.revenue = RevenueMeter(plans)
-        self._now: datetime | None = None
-        self._lead_limit = datetime.now(UTC) + self.lead
         self._by_partition: dict[int, QuotaTables] = {}
         self.grace = plans.grace
         self._expiry: dict[int, deque[tuple[float, str]]] = {}
@@ -274,12 +272,7 @@ class QuotaEngine:
             return outcome
         at = record.event_time
         grace = self.grace
-        # The watermark moves to the event time, but never past the worker's clock and a small
-        # lead: one event stamped an hour ahead would otherwise make the next hour's events late,
-        # counted in no window, and let a capped tenant through.
-        if now is None or now is not self._now:  # (once per batch: the processor passes the batch's time)
-            self._now, self._lead_limit = now, (now or datetime.now(UTC)) + self.lead
-        moved_to = at if at <= self._lead_limit else self._lead_limit
+        moved_to = self.bound.moved_to(at, now)
         tenant_state = tenants.get(tenant)
         if tenant_state is None:
             tenant_state = {"watermark": moved_to, "windows": {}, "next_expiry": None}

@@ -40,13 +40,13 @@ per charge; an event that crosses a tier bound, or the first of a period, is rat
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal, getcontext, setcontext
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from schemas.attributed import AttributedUsage
-from streams.stages.plans import Plans, window_bounds
+from streams.stages.plans import Plans, WatermarkBound, window_bounds
 from streams.stages.rating import EXACT, Charge, RateCard, capped, charge_amount, increment, net, segment_of
 
 _ZERO = Decimal(0)
@@ -131,13 +131,11 @@ def quantity_of(record: AttributedUsage, charge: Charge) -> Decimal:
 class RevenueMeter:
     def __init__(self, plans: Plans) -> None:
         self.plans = plans
-        self.lead = plans.watermark_lead
+        self.bound = WatermarkBound(plans.watermark_lead)
         self.grace = timedelta(seconds=plans.billing_grace_seconds)
         self._cards: dict[str, tuple[RateCard | None, ZoneInfo]] = {}
         self._matching: dict[tuple[int, str, str, str, str | None], list[Charge]] = {}
         self._last_period: dict[ZoneInfo, Period] = {}
-        self._now: datetime | None = None
-        self._lead_limit = datetime.now(UTC) + self.lead
         #: (tenant, period start) → [running bill before the cap, rounded capped bill, each charge's
         #: current straight piece (``rating.segment_of``)]: derived from the table's entry, so kept
         #: in memory only and rebuilt after a restore (``forget``), under the card in force then.
@@ -167,9 +165,7 @@ class RevenueMeter:
         if card is None:
             return UNRATED
         at = record.event_time
-        if now is None or now is not self._now:  # (once per batch: the processor passes the batch's time)
-            self._now, self._lead_limit = now, (now or datetime.now(UTC)) + self.lead
-        moved_to = at if at <= self._lead_limit else self._lead_limit
+        moved_to = self.bound.moved_to(at, now)
         entry = table.get(tenant)
         if entry is None:
             entry = {"w": moved_to, "periods": {}}
