@@ -9,11 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,6 +22,9 @@ from rich.table import Table
 
 from streams.errors import CostlineError
 from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from streams.storage.sink import ClickHouseSink
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Costline: real-time cost attribution for AI products.")
@@ -204,10 +207,8 @@ def reprice(
     from streams.operations.reprice import reprice as run_reprice
     from streams.stages.attribution import Attribution
     from streams.stages.plans import Plans
-    from streams.storage.clickhouse import connect, is_embedded
-    from streams.storage.migrations import migrate
-    from streams.storage.query import connect_readonly, owning_worker, post_to_worker
-    from streams.storage.sink import ClickHouseSink
+    from streams.storage.clickhouse import is_embedded
+    from streams.storage.query import owning_worker
 
     settings = _settings()
     try:
@@ -215,24 +216,36 @@ def reprice(
     except ValidationError as exc:
         raise CommandFailed(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
     attribution = Attribution.from_settings(settings)  # validates the files before anything runs
+    plans = Plans.from_file(settings.plans_file)
     health = owning_worker(settings) if is_embedded(settings.clickhouse_url) else None
-    if health:
-        if health.get("pricing_version") != attribution.pricer.version:
-            err.print(f"note: the running worker prices new events with {health.get('pricing_version')}, "
-                      f"the files say {attribution.pricer.version}: restart the worker to price new events alike")
-        result = post_to_worker(settings, "/v1/reprice", window.model_dump(mode="json"))
-    else:
-        writer = connect(settings.clickhouse_url)
-        migrate(writer)
-        sink = ClickHouseSink(writer, connect_readonly(settings.clickhouse_url, settings))
-        try:
-            result = run_reprice(sink, attribution, window.since, window.until, window.tenant,
-                                 plans=Plans.from_file(settings.plans_file)).to_json()
-        finally:
-            sink.close()
+    if health and health.get("pricing_version") != attribution.pricer.version:
+        err.print(f"note: the running worker prices new events with {health.get('pricing_version')}, "
+                  f"the files say {attribution.pricer.version}: restart the worker to price new events alike")
+    result = _write_on_database(settings, "/v1/reprice", window.model_dump(mode="json"), lambda sink: run_reprice(
+        sink, attribution, window.since, window.until, window.tenant, plans=plans).to_json())
     console.print(f"re-priced {result['events']:,} events ({result['changed']:,} changed) with "
                   f"{result['pricing_version']}: cost {result['old_cost_usd']} → {result['new_cost_usd']} USD, "
                   f"revenue {result['old_revenue_usd']} → {result['new_revenue_usd']} USD (run {result['reprice_id']})")
+
+
+def _write_on_database(settings: Settings, path: str, payload: dict[str, Any],
+                       run: Callable[[ClickHouseSink], dict[str, Any]]) -> dict[str, Any]:
+    """Runs a write: through the worker that has the embedded database open (the engine lets one
+    process open it: POST ``payload`` to its ``path``), or else on a writer of its own."""
+    from streams.storage.clickhouse import connect, is_embedded
+    from streams.storage.migrations import migrate
+    from streams.storage.query import connect_readonly, owning_worker, post_to_worker
+    from streams.storage.sink import ClickHouseSink
+
+    if is_embedded(settings.clickhouse_url) and owning_worker(settings):
+        return post_to_worker(settings, path, payload)
+    writer = connect(settings.clickhouse_url)
+    migrate(writer)
+    sink = ClickHouseSink(writer, connect_readonly(settings.clickhouse_url, settings))
+    try:
+        return run(sink)
+    finally:
+        sink.close()
 
 
 @cli.command()
@@ -275,30 +288,39 @@ def invoice(
     tenant: Annotated[str, typer.Option(help="the tenant to bill")],
     period: Annotated[str, typer.Option(help="the calendar month, in the tenant's time zone: 2026-11")],
     fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    record: Annotated[bool, typer.Option("--record", help="also store it in ClickHouse (invoices, invoice_lines)")] = False,
 ) -> None:
     """A tenant's invoice for one month, rated from the ledger with its plan's rate card (plans.yaml)."""
     from streams.operations.invoice import invoice as make_invoice
+    from streams.operations.invoice import issue
     from streams.stages.plans import Plans
     from streams.storage.query import query as run_query
 
     settings = _settings()
     plans = Plans.from_file(settings.plans_file)
-    bill = make_invoice(plans, tenant, period, lambda sql: run_query(settings, sql).rows)
+    if record:
+        bill = _write_on_database(settings, "/v1/invoices", {"tenant": tenant, "period": period},
+                                  lambda sink: issue(sink, plans, tenant, period))
+    else:
+        bill = make_invoice(plans, tenant, period, lambda sql: run_query(settings, sql).rows).to_json()
     if fmt == "json":
-        print(json.dumps(bill.to_json(), indent=2))
+        print(json.dumps(bill, indent=2))
         return
     table = Table("line", "quantity", "unit price", "amount (USD)",
-                  title=f"Invoice of {tenant} for {period} ({bill.start:%Y-%m-%d} to {bill.end:%Y-%m-%d} UTC)")
-    for line in bill.rating.lines:
-        table.add_row(line.description, format(line.quantity.normalize(), "f"),
-                      "" if line.unit_amount is None else format(line.unit_amount, "f"), format(line.amount, "f"))
+                  title=f"Invoice of {tenant} for {period} ({bill['period_start'][:10]} to {bill['period_end'][:10]})")
+    for line in bill["lines"]:
+        table.add_row(line["description"], format(Decimal(line["quantity"]).normalize(), "f"),
+                      line["unit_amount"] or "", line["amount"])
     table.add_section()
-    table.add_row("total", "", "", format(bill.total, "f"))
+    table.add_row("total", "", "", bill["total"])
     console.print(table)
-    console.print(f"provider cost {bill.cost_usd:.6f} USD, margin {bill.margin_usd:.6f} USD")
-    console.print(f"usage rated in the stream: {bill.streamed_usd:f} USD; from the month's totals: "
-                  f"{bill.rated_usage_usd:f} USD (difference {bill.stream_difference_usd:f}: volume true-ups, and "
-                  f"{bill.unrated_calls} calls not rated in the stream)")
+    reconciled = bill["reconciliation"]
+    console.print(f"provider cost {bill['cost_usd']} USD, margin {bill['margin_usd']} USD")
+    console.print(f"usage rated in the stream: {reconciled['streamed_revenue_usd']} USD; from the month's totals: "
+                  f"{reconciled['rated_usage_usd']} USD (difference {reconciled['difference_usd']}: volume true-ups, "
+                  f"and {reconciled['unrated_calls']} calls not rated in the stream)")
+    if record:
+        console.print(f"recorded as invoice {bill['invoice_id']} (see the latest_invoices view)")
 
 
 def _instant(text: str) -> datetime:

@@ -11,20 +11,28 @@ the same usage charges rated from the period's totals, unrounded (``rating.usage
 to the ledger's 12 places. They are equal unless the card has a volume charge (whose true-up is
 their difference) or some of the period's calls were not rated in the stream (``unrated_calls``:
 they came after the period closed, or before the plan had a rate card).
+
+``record`` lands an invoice in ClickHouse (``invoices``, ``invoice_lines``; the ``latest_*`` views
+read each month's latest issue) through the sink, like every other write.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+
+from clickhouse_connect.driver.client import Client
 
 from streams.errors import CostlineError
 from streams.stages.plans import Plans, window_bounds
 from streams.stages.rating import Rating, Usage, quantities, rate, usage_amount
-from streams.storage.query import sql_string, sql_time
+from streams.storage.query import run_readonly, sql_string, sql_time
+from streams.storage.sink import ClickHouseSink, SinkFailed
+from streams.storage.tables import INVOICE_LINES, INVOICES, IssuedInvoice, IssuedLine
 
 #: Runs a read-only query and returns its rows (``streams.storage.query.query`` with the settings).
 Query = Callable[[str], list[list[Any]]]
@@ -109,3 +117,31 @@ def invoice(plans: Plans, tenant: str, period: str, run_query: Query) -> Invoice
 
 
 _PLACES = Decimal("1e-12")
+
+
+#: Attempts at writing an invoice before ``record`` gives up (a worker's own batches retry without end).
+_WRITE_ATTEMPTS = 5
+
+
+def record(sink: ClickHouseSink, bill: Invoice, issued_at: datetime | None = None) -> str:
+    """Lands ``bill`` as a new issue of its tenant's month; returns its ``invoice_id`` (derived
+    from the tenant, the month and the time of issue, so a retried write collapses into one)."""
+    at = issued_at or datetime.now(UTC)
+    invoice_id = hashlib.sha256(f"{bill.tenant}\x1f{bill.period}\x1f{at.isoformat()}".encode()).hexdigest()[:24]
+    head = IssuedInvoice(invoice_id, bill.tenant, bill.period, bill.start, bill.end, at, "USD", bill.total,
+                         bill.cost_usd, bill.margin_usd, bill.streamed_usd, bill.rated_usage_usd, bill.unrated_calls)
+    lines = [IssuedLine(invoice_id, bill.tenant, bill.period, at, position, line.id, line.kind, line.description,
+                        line.quantity.quantize(_PLACES), line.unit_amount, line.unrounded.quantize(_PLACES),
+                        line.amount)
+             for position, line in enumerate(bill.rating.lines)]
+    # The lines first: an issue whose head row is there is complete.
+    if not sink.land([(INVOICE_LINES, lines), (INVOICES, [head])], attempts=_WRITE_ATTEMPTS).result():
+        raise SinkFailed("the worker is stopping: record the invoice again once it runs")
+    return invoice_id
+
+
+def issue(sink: ClickHouseSink, plans: Plans, tenant: str, period: str, reader: Client | None = None) -> dict[str, Any]:
+    """Rates the month from the ledger (read with ``reader``, by default the sink's), records it,
+    and returns the invoice as JSON with its ``invoice_id``."""
+    bill = invoice(plans, tenant, period, lambda sql: run_readonly(reader or sink.reader, sql).rows)
+    return {"invoice_id": record(sink, bill), **bill.to_json()}

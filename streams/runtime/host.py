@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from streams.errors import CostlineError
 from streams.httpjson import bearer_ok
+from streams.operations.invoice import issue
 from streams.operations.reprice import RepriceRefused, RepriceResult, RepriceWindow, reprice
 from streams.runtime.checkpoint import Checkpoint
 from streams.runtime.loop import LoopThread
@@ -151,6 +152,33 @@ def _add_database(app: faust.App, settings: Settings, sink: ClickHouseSink, faul
             reprice_reader.append(connect_readonly(settings.clickhouse_url, settings))
         return reprice(sink, attribution, window.since, window.until, window.tenant, reader=reprice_reader[0],
                        plans=plans)
+
+    def issue_on_its_thread(plans: Plans, tenant: str, period: str) -> dict[str, Any]:
+        if not reprice_reader:
+            reprice_reader.append(connect_readonly(settings.clickhouse_url, settings))
+        return issue(sink, plans, tenant, period, reader=reprice_reader[0])
+
+    @app.page("/v1/invoices")
+    class Invoices(Guarded):
+        """Rates a tenant's month from the ledger and records it (``costline invoice --record``)."""
+
+        async def post(self, request: faust.web.Request) -> faust.web.Response:
+            try:
+                body = await self.body(request)
+                tenant, period = body["tenant"], body["period"]
+                if not isinstance(tenant, str) or not isinstance(period, str):
+                    raise TypeError
+                plans = Plans.from_file(settings.plans_file)
+            except (BadRequest, KeyError, TypeError):
+                return self.json({"error": 'send a JSON object {"tenant": "acme", "period": "2026-11"}'}, status=400)
+            except CostlineError as exc:
+                return self.json({"error": str(exc).splitlines()[0]}, status=400)
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(repricer, issue_on_its_thread, plans, tenant,
+                                                                            period)
+            except (CostlineError, SinkFailed, QueryError) as exc:
+                return self.json({"error": str(exc).splitlines()[0]}, status=400)
+            return self.json(result)
 
     @app.page("/v1/faults/clickhouse")
     class Faults(Guarded):

@@ -398,3 +398,63 @@ REPRICE_RUNS: TableSpec[RepriceRun] = TableSpec(
         "changed": "UInt64", "old_cost_usd": "Decimal(38, 12)", "new_cost_usd": "Decimal(38, 12)",
         "pricing_version": "LowCardinality(String)", "old_revenue_usd": "Decimal(38, 12)",
         "new_revenue_usd": "Decimal(38, 12)"}))
+
+
+@dataclass(frozen=True)
+class IssuedInvoice:
+    """One issue of a tenant's invoice for a month (``costline invoice --record``)."""
+
+    invoice_id: str
+    tenant_id: str
+    period: str
+    period_start: datetime
+    period_end: datetime
+    issued_at: datetime
+    currency: str
+    total: Decimal
+    cost_usd: Decimal
+    margin_usd: Decimal
+    streamed_revenue_usd: Decimal
+    rated_usage_usd: Decimal
+    unrated_calls: int
+
+
+@dataclass(frozen=True)
+class IssuedLine:
+    """One line of an issued invoice, in its order (``position``)."""
+
+    invoice_id: str
+    tenant_id: str
+    period: str
+    issued_at: datetime
+    position: int
+    line_id: str
+    kind: str
+    description: str
+    quantity: Decimal
+    unit_amount: Decimal | None
+    amount_unrounded: Decimal
+    amount: Decimal
+
+
+_INVOICE_ID = operator.attrgetter("invoice_id")
+_MONEY = "Decimal(38, 12)"
+_TIME = "DateTime64(3, 'UTC')"
+
+INVOICES: TableSpec[IssuedInvoice] = TableSpec(
+    "invoices",
+    identity=lambda rows: map(_INVOICE_ID, rows),
+    columns=_columns(IssuedInvoice, {
+        "invoice_id": "String", "tenant_id": "LowCardinality(String)", "period": "LowCardinality(String)",
+        "period_start": _TIME, "period_end": _TIME, "issued_at": _TIME, "currency": "LowCardinality(String)",
+        "total": "Decimal(38, 2)", "cost_usd": _MONEY, "margin_usd": _MONEY, "streamed_revenue_usd": _MONEY,
+        "rated_usage_usd": _MONEY, "unrated_calls": "UInt64"}))
+
+INVOICE_LINES: TableSpec[IssuedLine] = TableSpec(
+    "invoice_lines",
+    identity=lambda rows: [f"{row.invoice_id}:{row.position}" for row in rows],
+    columns=_columns(IssuedLine, {
+        "invoice_id": "String", "tenant_id": "LowCardinality(String)", "period": "LowCardinality(String)",
+        "issued_at": _TIME, "position": "UInt16", "line_id": "String", "kind": "LowCardinality(String)",
+        "description": "String", "quantity": _MONEY, "unit_amount": f"Nullable({_MONEY})",
+        "amount_unrounded": _MONEY, "amount": "Decimal(38, 2)"}))

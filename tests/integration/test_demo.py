@@ -40,5 +40,14 @@ def test_the_demo_prints_margins_and_every_invoice_reconciles_with_the_ledger(ka
             assert reconciled["rated_usage_usd"] == reconciled["streamed_revenue_usd"], (row, reconciled)
             assert (reconciled["difference_usd"], reconciled["unrated_calls"]) == ("0.000000000000", 0)
             assert Decimal(bill["total"]) == sum(Decimal(line["amount"]) for line in bill["lines"])
+        # Recorded (on a writer of the command's own: the demo's worker has stopped), then read back.
+        first = ledger[0]
+        recorded = json.loads(cli(env, "invoice", "--tenant", first["tenant_id"], "--period", first["billing_period"],
+                                  "--record", "--format", "json"))
+        [stored] = [json.loads(line) for line in cli(
+            env, "query", "--format", "jsonl", "SELECT invoice_id, toString(total) AS total, "
+            "toString(streamed_revenue_usd) AS streamed FROM latest_invoices").splitlines()]
+        assert (stored["invoice_id"], Decimal(stored["total"]), Decimal(stored["streamed"])) == (
+            recorded["invoice_id"], Decimal(recorded["total"]), Decimal(first["revenue"]))
     finally:
         remove_isolated_topics(Settings.from_env(env))

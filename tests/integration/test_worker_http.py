@@ -63,6 +63,7 @@ def test_every_endpoint_needs_the_token_when_one_is_set(guarded):
     assert post(guarded, "/v1/query", b'{"sql": "SELECT 1"}', token=None)[0] == 401
     assert post(guarded, "/v1/query", b'{"sql": "SELECT 1"}', token="wrong")[0] == 401
     assert post(guarded, "/v1/reprice", b'{"since": "2026-01-01T00:00:00Z"}', token=None)[0] == 401
+    assert post(guarded, "/v1/invoices", b'{"tenant": "acme", "period": "2026-11"}', token=None)[0] == 401
     for path in ("/v1/health", "/metrics"):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{guarded.settings.web_url}{path}", timeout=10)
@@ -70,3 +71,23 @@ def test_every_endpoint_needs_the_token_when_one_is_set(guarded):
     assert guarded.health()["status"] == "ok"  # with the token (the harness sends it)
     status, answer = post(guarded, "/v1/reprice", b'{"since": "yesterday"}')
     assert status == 400 and answer["error"].startswith("since: ")
+
+
+@pytest.mark.parametrize(("body", "status", "error"), [
+    (b'{"tenant": "acme", "period": "2026-11"}', 200, None),
+    (b'{"tenant": "acme", "period": "November"}', 400, "period 'November' is not a month: use YYYY-MM"),
+    (b'{"tenant": "acme"}', 400, 'send a JSON object {"tenant": "acme", "period": "2026-11"}'),
+    (b'{"tenant": 7, "period": "2026-11"}', 400, 'send a JSON object {"tenant": "acme", "period": "2026-11"}'),
+    (b'["acme", "2026-11"]', 400, 'send a JSON object {"tenant": "acme", "period": "2026-11"}'),
+    (b"not json", 400, 'send a JSON object {"tenant": "acme", "period": "2026-11"}'),
+])
+def test_an_invoice_is_recorded_through_the_worker_and_bad_bodies_get_400(guarded, body, status, error):
+    got_status, answer = post(guarded, "/v1/invoices", body)
+    assert got_status == status, answer
+    if error is None:
+        # No usage yet: the starter plan's flat fee alone, recorded as the month's latest issue.
+        assert (answer["total"], [line["id"] for line in answer["lines"]]) == ("19.00", ["flat_fee"])
+        _, latest = post(guarded, "/v1/query", b'{"sql": "SELECT invoice_id, toString(total) FROM latest_invoices"}')
+        assert latest["rows"] == [[answer["invoice_id"], "19"]]
+    else:
+        assert answer["error"] == error or error in answer["error"]

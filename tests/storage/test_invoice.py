@@ -93,3 +93,35 @@ def test_an_invoice_is_refused_with_one_line(tenant, period, message):
     expected = message or "tenant 'someone' is on no plan with a rate_card in plans.yaml"
     with pytest.raises(InvoiceRefused, match=expected):
         invoice(plans, tenant, period, lambda sql: [])
+
+
+def test_a_recorded_invoice_is_its_months_latest_issue_until_it_is_issued_again(ch_client, ch_sink, attribution):
+    from streams.operations.invoice import issue, record
+
+    plans = Plans.model_validate(PLANS)
+    reader = connect_readonly(f"chdb://{ch_client.path}")
+    bill = invoice(plans, "billed-co", "2026-09", lambda sql: run_readonly(reader, sql).rows)
+    first = record(ch_sink, bill, issued_at=datetime(2026, 10, 1, tzinfo=UTC))
+    assert bill.total == Decimal("15.00")  # no usage: the flat fee and the commitment true-up
+
+    # Usage arrives late; the month is issued again, from the ledger, through the same function.
+    rows = [attribution.attribute(UsageEvent(
+        event_id=f"sep-{i}", timestamp=datetime(2026, 9, 20, tzinfo=UTC), tenant_id="billed-co", provider="openai",
+        model="gpt-4o", service="support", feature="answer", usage=TokenUsage(input_tokens=1_000, output_tokens=10)))
+        for i in range(600)]
+    LEDGER.insert(ch_client, rows, LEDGER.dedup_token(rows))
+    second = issue(ch_sink, plans, "billed-co", "2026-09")
+
+    latest = run_readonly(reader, "SELECT invoice_id, total, unrated_calls FROM latest_invoices "
+                                  "WHERE tenant_id = 'billed-co'").rows
+    # 600,000 input tokens, 1,000 free: 1,000 at $5/M (0.01) and 598,000 at $4/M (2.39); 600 calls on
+    # support/* at 0.01 (6.00); the fee (10.00): 18.40, above the commitment of 15.
+    assert latest == [[second["invoice_id"], Decimal("18.40"), 600]]
+    lines = run_readonly(reader, "SELECT line_id, amount FROM latest_invoice_lines WHERE tenant_id = 'billed-co' "
+                                 "ORDER BY position").rows
+    assert lines == [[line["id"], Decimal(line["amount"])] for line in second["lines"]]
+    assert sum(amount for _, amount in lines) == Decimal(second["total"]) == Decimal("18.40")
+    history = run_readonly(reader, "SELECT invoice_id FROM invoices WHERE tenant_id = 'billed-co' "
+                                   "ORDER BY issued_at").rows
+    assert history == [[first], [second["invoice_id"]]]
+    reader.close()
