@@ -79,6 +79,8 @@ class AttributedUsage(BaseModel):
     parent_span_id: str | None = None
     status: str = "ok"
     latency_ms: int | None = None
+    #: The enforcer's reservation the call was admitted on, if any.
+    reservation_id: str | None = None
     batch: bool = False
     tags: dict[str, str] = Field(default_factory=dict)
     #: Fields of the event beyond the contract, kept as sent.

@@ -18,7 +18,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from schemas.trusted import construct
 
@@ -74,6 +74,10 @@ class QuotaState(QuotaWindow):
     status: Status
     #: Event time of the latest event counted.
     as_of: datetime
+    #: The reservations (``UsageEvent.reservation_id``) whose calls this record's batch counted
+    #: into the window: an enforcer drops their hold on this limit as it applies this usage, so
+    #: no moment sees the call both held and counted, or neither.
+    settled: list[str] = Field(default_factory=list)
 
     @property
     def key(self) -> str:

@@ -144,6 +144,9 @@ class UsageEvent(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict, max_length=64)
     status: Literal["ok", "error"] = "ok"
     latency_ms: Annotated[int, Field(ge=0, le=MAX_LATENCY_MS)] | None = None
+    #: The enforcer's reservation this call was admitted on (``POST /v1/reservations``): the
+    #: stream reports it counted, and the enforcer then drops the hold.
+    reservation_id: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
 
     @model_validator(mode="after")
     def _has_usage(self) -> UsageEvent:

@@ -170,8 +170,9 @@ class Checkpoint:
                      headers=dead_letter_headers(rejection, record.topic(), record.partition(), record.offset()))
             for alert in batch.alerts:
                 send(t.alerts, alert.tenant_id.encode(), alert.model_dump_json().encode())
-            for counted in batch.windows.values():
-                send(t.state, counted.ref.state_key.encode(), counted.state().model_dump_json().encode())
+            for key, counted in batch.windows.items():
+                send(t.state, counted.ref.state_key.encode(),
+                     counted.state(batch.settled.get(key)).model_dump_json().encode())
             for key in batch.expired:  # compaction then drops the window's state
                 send(t.state, key.encode(), None)
             if self.publish_attributed:

@@ -68,6 +68,9 @@ class Batch:
     read_alerts: list[QuotaAlert] = field(default_factory=list)
     #: The latest count of each quota window the batch counted into, by window key.
     windows: dict[str, Counted] = field(default_factory=dict)
+    #: The reservations whose calls the batch counted into each window, by window key (published
+    #: with the window's state, so an enforcer drops a hold as it applies the usage).
+    settled: dict[str, list[str]] = field(default_factory=dict)
     dead: list[tuple[Record, Rejection]] = field(default_factory=list)
     #: The quota.state keys of windows past their grace period (tombstones, after the states).
     expired: list[str] = field(default_factory=list)
@@ -153,8 +156,11 @@ class BatchProcessor:
             batch.alerts.extend(quota.alerts)
             if quota.expired:
                 batch.expired.extend(quota.expired)
+            reservation = out.reservation_id
             for counted in quota.counted:
                 batch.windows[counted.ref.key] = counted
+                if reservation is not None:
+                    batch.settled.setdefault(counted.ref.key, []).append(reservation)
         keep(out)
 
     def _landed(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage], None]) -> None:

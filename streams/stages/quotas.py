@@ -117,15 +117,16 @@ class WindowRef(NamedTuple):
     #: Its ``quota.state`` key (``schemas.quota.state_key``), built once per window, not per state sent.
     state_key: str
 
-    def state(self, usage: Decimal, as_of: datetime, judged: bool = True) -> QuotaState:
+    def state(self, usage: Decimal, as_of: datetime, judged: bool = True, settled: list[str] | None = None) -> QuotaState:
         """The window's ``quota.state`` at ``usage`` (a margin window: its margin percent, and
-        ``remaining`` the margin left above the floor)."""
+        ``remaining`` the margin left above the floor), with the reservations it ``settled``."""
         limit = self.limit
         remaining = usage - limit.limit if limit.metric == "margin_percent" else limit.limit - usage
         return QuotaState.from_trusted(dict(
             tenant_id=self.tenant, limit_id=limit.id, metric=limit.metric, scope=limit.scope,
             scope_value=self.scope_value, window_start=self.start, window_end=self.end, usage=usage,
-            limit=limit.limit, remaining=max(remaining, _ZERO), status=status_of(limit, usage, judged), as_of=as_of))
+            limit=limit.limit, remaining=max(remaining, _ZERO), status=status_of(limit, usage, judged), as_of=as_of,
+            settled=settled or []))
 
 
 class Counted(NamedTuple):
@@ -137,8 +138,8 @@ class Counted(NamedTuple):
     #: A margin window: whether its revenue has reached ``min_revenue`` (always true otherwise).
     judged: bool = True
 
-    def state(self) -> QuotaState:
-        return self.ref.state(self.usage, self.as_of, self.judged)
+    def state(self, settled: list[str] | None = None) -> QuotaState:
+        return self.ref.state(self.usage, self.as_of, self.judged, settled)
 
 
 @dataclass

@@ -242,3 +242,22 @@ def test_partitions_lost_get_nothing_more_written_and_are_read_again_from_the_la
     assert worker.counters.events_in == 40       # the dropped batch was read again
     assert worker.transactions.committed == 2 and broker.group_offsets[(TOPICS.raw, 0)] == 15
     assert states(broker) == expected_usage(30) and alerts(broker) == expected_alerts(30)
+
+
+def test_a_counted_calls_reservation_is_published_with_the_state_that_counts_it(make_worker):
+    """An enforcer drops a hold as it applies the usage that counted its call: the reservation id
+    travels in the window's state record of the same batch, never in an earlier one."""
+    from schemas.quota import QuotaState
+
+    broker = MemoryBroker(partitions=1)
+    for i in range(6):
+        event = UsageEvent.model_validate_json(usage_event(i)).model_copy(
+            update={"reservation_id": f"r-{i}" if i % 2 == 0 else None})
+        broker.append(TOPICS.raw, 0, b"acme", event.model_dump_json().encode())
+    worker = make_worker(broker, batch_size=4).start()
+    worker.committed_offsets(6)
+    worker.stop()
+    published = [QuotaState.model_validate_json(r.value()) for r in broker.records(TOPICS.state)]
+    # Two batches (4 events, then 2), each with its reservations and the usage that counted them.
+    assert [(state.settled, state.usage) for state in published] == [
+        (["r-0", "r-2"], sum(map(cost_of, range(4)))), (["r-4"], sum(map(cost_of, range(6))))]
