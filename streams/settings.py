@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +69,8 @@ _ENV = {
     "query_max_memory_mb": "COSTLINE_QUERY_MAX_MEMORY_MB",
     "query_max_rows": "COSTLINE_QUERY_MAX_ROWS",
     "query_max_threads": "COSTLINE_QUERY_MAX_THREADS",
+    "reserve_max_output_tokens": "COSTLINE_RESERVE_MAX_OUTPUT_TOKENS",
+    "reserve_unknown_usd": "COSTLINE_RESERVE_UNKNOWN_USD",
 }
 
 
@@ -99,6 +102,10 @@ class Settings(BaseModel):
     enforcer_host: str = "127.0.0.1"
     enforcer_port: int = Field(default=6067, ge=1, le=65535)
     enforcer_token: str | None = Field(default=None, repr=False)
+    #: A reservation without ``max_tokens`` holds this many output tokens (``streams.enforcement.estimate``).
+    reserve_max_output_tokens: int = Field(default=8192, ge=1, le=10_000_000)
+    #: What a reservation for a model without a known price holds (it is then not a bound).
+    reserve_unknown_usd: Decimal = Field(default=Decimal("1.00"), ge=0)
     #: Enables POST /v1/faults/clickhouse on the worker (fault tests only).
     fault_injection: bool = False
     log_format: Literal["text", "json"] = "text"

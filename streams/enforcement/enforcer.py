@@ -29,13 +29,19 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 from pydantic import ValidationError
 
 from schemas.quota import QuotaAlert, QuotaState, limit_key
+from streams.enforcement.estimate import Estimator
+from streams.enforcement.reservations import ReservationBook, ReservationRequest
 from streams.httpjson import bearer_ok
 from streams.messaging.topics import READ_TRANSACTIONAL
 from streams.settings import Settings
+from streams.stages.attribution import Attribution
+from streams.stages.plans import Plans
 
 log = logging.getLogger(__name__)
 
 Verdict = Literal["allow", "warn", "block"]
+#: The largest request body the enforcer reads (a reservation is a few hundred bytes).
+MAX_BODY_BYTES = 16_384
 _RANK: dict[str, int] = {"ok": 0, "warning": 1, "soft_cap": 2, "hard_cap": 3}
 _VERDICT: dict[str, Verdict] = {"ok": "allow", "warning": "warn", "soft_cap": "warn", "hard_cap": "block"}
 
@@ -100,6 +106,12 @@ class DecisionBook:
         windows[state.window_start] = state
         self._by_tenant.setdefault(state.tenant_id, set()).add(state.limit_key)
 
+    def usage_of(self, key: str, window_start: datetime) -> Decimal:
+        """The stream's counted usage of one window (0 before its first state)."""
+        with self._lock:
+            state = self._windows.get(key, {}).get(window_start)
+        return state.usage if state is not None else Decimal(0)
+
     def decide(self, tenant: str, *, user: str | None = None, model: str | None = None,
                business_path: str | None = None, now: datetime | None = None) -> Decision:
         now = now or datetime.now(UTC)
@@ -123,11 +135,15 @@ class DecisionBook:
 
 
 class Enforcer:
-    """A ``DecisionBook`` kept current from Kafka by a background thread."""
+    """A ``DecisionBook`` kept current from Kafka by a background thread, and the reservations
+    (``streams.enforcement.reservations``) that the usage it applies settles."""
 
     def __init__(self, settings: Settings, book: DecisionBook | None = None) -> None:
         self.settings = settings
         self.book = book or DecisionBook()
+        self.reservations = ReservationBook(Plans.from_file(settings.plans_file), self.book.usage_of)
+        self.estimator = Estimator(Attribution.from_settings(settings).pricer, settings.reserve_max_output_tokens,
+                                   settings.reserve_unknown_usd)
         self.ready = threading.Event()
         self.errors = 0
         self._stop = threading.Event()
@@ -149,6 +165,10 @@ class Enforcer:
 
     def decide(self, tenant: str, **scope: str | None) -> Decision:
         return self.book.decide(tenant, **scope)
+
+    def reserve(self, request: ReservationRequest, now: datetime | None = None) -> dict[str, Any]:
+        now = now or datetime.now(UTC)
+        return self.reservations.reserve(request, self.estimator.estimate(request, now), now)
 
     def _run(self) -> None:
         topics = self.settings.topics
@@ -178,7 +198,12 @@ class Enforcer:
             consumer.assign(assignment)
             if not behind:
                 self.ready.set()
+            expired_at = time.monotonic()
             while not self._stop.is_set():
+                if time.monotonic() - expired_at >= 1.0:  # leases end on time even without requests
+                    expired_at = time.monotonic()
+                    if self.reservations.expire(datetime.now(UTC)):
+                        log.info("reservations expired unsettled: %d so far", self.reservations.counters.expired)
                 msg = consumer.poll(0.1)
                 if msg is None:
                     continue
@@ -202,7 +227,9 @@ class Enforcer:
             return
         try:
             if topic == self.settings.topics.state:
-                self.book.apply_state(QuotaState.model_validate_json(value))
+                state = QuotaState.model_validate_json(value)
+                self.book.apply_state(state)
+                self.reservations.settle(state)  # after its usage is applied: never counted nowhere
             else:
                 self.book.apply_alert(QuotaAlert.model_validate_json(value))
         except ValidationError as exc:
@@ -211,8 +238,9 @@ class Enforcer:
 
 
 def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> ThreadingHTTPServer:
-    """``GET /v1/decisions/{tenant}[?user=&model=&business_path=]`` and ``GET /v1/health``.
-    With a token configured, decisions need ``Authorization: Bearer <token>``."""
+    """``GET /v1/decisions/{tenant}[?user=&model=&business_path=]``, ``POST /v1/reservations``,
+    ``POST /v1/reservations/{id}/release`` and ``GET /v1/health``. With a token configured, all
+    but the health check need ``Authorization: Bearer <token>``."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the http.server hook
@@ -221,6 +249,8 @@ def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> 
                 ready = enforcer.ready.is_set()
                 self._send(200 if ready else 503, {"status": "ok" if ready else "starting",
                                                    "states_applied": enforcer.book.applied,
+                                                   "reservations": {"live": len(enforcer.reservations.holds),
+                                                                    **vars(enforcer.reservations.counters)},
                                                    "errors": enforcer.errors})
                 return
             if not url.path.startswith("/v1/decisions/") or len(url.path) <= len("/v1/decisions/"):
@@ -232,6 +262,44 @@ def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> 
             tenant = unquote(url.path[len("/v1/decisions/"):])
             query = {k: v[-1] for k, v in parse_qs(url.query).items() if k in ("user", "model", "business_path")}
             self._send(200, enforcer.decide(tenant, **query).to_json())
+
+        def do_POST(self) -> None:  # noqa: N802 - the http.server hook
+            path = urlsplit(self.path).path
+            if not bearer_ok(self.headers.get("Authorization"), token):
+                self._send(401, {"error": "missing or wrong bearer token"})
+                return
+            if path == "/v1/reservations":
+                body = self._body()
+                if body is None:
+                    return
+                try:
+                    request = ReservationRequest.model_validate_json(body)
+                except ValidationError as exc:
+                    error = exc.errors()[0]
+                    where = ".".join(map(str, error["loc"])) or "body"
+                    self._send(400, {"error": f"{where}: {error['msg']}"})
+                    return
+                self._send(200, enforcer.reserve(request))
+                return
+            parts = path.split("/")
+            if len(parts) == 5 and parts[:3] == ["", "v1", "reservations"] and parts[4] == "release" and parts[3]:
+                self._body()
+                self._send(200, {"released": enforcer.reservations.release(unquote(parts[3]))})
+                return
+            self._send(404, {"error": "use POST /v1/reservations or POST /v1/reservations/{id}/release"})
+
+        def _body(self) -> bytes | None:
+            """The request's body, at most ``MAX_BODY_BYTES``; None once a 4xx has been sent."""
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0 or length > MAX_BODY_BYTES:
+                self._send(413 if length > MAX_BODY_BYTES else 400,
+                           {"error": f"send a JSON body of at most {MAX_BODY_BYTES} bytes, with its Content-Length"})
+                self.close_connection = True
+                return None
+            return self.rfile.read(length)
 
         def _send(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()

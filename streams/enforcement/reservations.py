@@ -1,0 +1,237 @@
+"""Reservations: budget held before a model call, dropped when the stream has counted the call.
+
+The enforcer's decisions trail the stream by a batch or more (100-250 ms), and every caller
+that asks within that time sees the same ``allow``: fifty concurrent callers of a tenant one
+call below its hard cap all get through. A reservation closes that gap. Before the call the
+caller asks for a hold of the call's upper-bound cost (``estimate``); it is granted only if,
+for every hard-capped limit of the tenant that the call counts toward,
+
+    usage counted by the stream + live holds + this estimate ≤ the hard cap
+
+and the hold then counts against every later request. The call's usage event carries the
+reservation id; the stream lists it in the ``quota.state`` record of each window that counted
+the call (``QuotaState.settled``), and the enforcer drops the hold's part on that limit as it
+applies that record's usage, after it (``Enforcer._apply``). So at no moment is the call
+counted neither as held nor as used; for a moment it may count as both, which only refuses
+more. A hold not settled by the end of its lease (a call never made and never released, or its
+event late for its window) is dropped then, and counted.
+
+The guarantee: with upper-bound estimates, spend beyond a hard cap is 0; with underestimates it
+is at most the sum of (actual − reserved) of the calls in flight.
+
+Pure logic, thread-safe, no I/O: ``Enforcer`` feeds it and serves it over HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Any, NamedTuple
+
+from pydantic import Field
+
+from schemas.quota import QuotaState, limit_key
+from streams.config import Strict
+from streams.stages.plans import Limit, Plans, window_bounds
+
+_ZERO = Decimal(0)
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class ReservationRequest(Strict):
+    """``POST /v1/reservations``: a call about to be made."""
+
+    tenant_id: Name
+    user_id: Name | None = None
+    provider: Annotated[str, Field(min_length=1, max_length=64)]
+    model: Name
+    #: Known only when the caller tags its calls itself; a business-path limit counts only then.
+    business_path: Name | None = None
+    input_tokens: Annotated[int, Field(ge=0, le=100_000_000)] = 0
+    max_tokens: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    #: The same key returns the same reservation (the middleware uses the call's event id).
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=128)]
+    lease_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
+
+
+class Estimate(NamedTuple):
+    """The most a call can add to each metric; ``bounded`` False when its model has no known price
+    (then ``cost_usd`` is the configured default, which the call may exceed)."""
+
+    cost_usd: Decimal
+    tokens: Decimal
+    requests: Decimal
+    bounded: bool = True
+
+    def of(self, metric: str) -> Decimal | None:
+        """The estimate of a metric, or None for one the enforcer cannot bound before the call."""
+        if metric == "cost_usd":
+            return self.cost_usd
+        if metric == "tokens":
+            return self.tokens
+        if metric == "requests":
+            return self.requests
+        return None
+
+
+#: One window of one limit: (limit key, window start).
+WindowId = tuple[str, datetime]
+
+
+@dataclass
+class Hold:
+    reservation_id: str
+    tenant_id: str
+    idempotency_key: str
+    expires_at: datetime
+    #: What the hold counts against each window until the stream settles it there.
+    amounts: dict[WindowId, Decimal]
+    answer: dict[str, Any]
+
+
+@dataclass
+class Counters:
+    granted: int = 0
+    refused: int = 0
+    released: int = 0
+    settled: int = 0
+    expired: int = 0
+    unbounded: int = 0
+
+
+@dataclass
+class ReservationBook:
+    """Live holds, and the rule that grants a new one (see the module docstring)."""
+
+    plans: Plans
+    #: The stream's counted usage of a window: (limit key, window start) → usage.
+    counted: Any
+    holds: dict[str, Hold] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
+    _by_key: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: The answers of holds already settled or released, until their lease would have ended: a
+    #: retried request (same idempotency key) gets the same reservation, not a second hold.
+    _answered: dict[tuple[str, str], tuple[dict[str, Any], datetime]] = field(default_factory=dict)
+    _held: dict[WindowId, Decimal] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reserve(self, request: ReservationRequest, estimate: Estimate, now: datetime) -> dict[str, Any]:
+        """Grants or refuses a hold; the same idempotency key gets the same answer while its hold lives."""
+        with self._lock:
+            self._expire(now)
+            ident = (request.tenant_id, request.idempotency_key)
+            known = self._by_key.get(ident)
+            if known is not None:
+                return self.holds[known].answer
+            if ident in self._answered:
+                return self._answered[ident][0]
+            limits, zone = self.plans.for_tenant(request.tenant_id)
+            checked, amounts, overage = [], {}, False
+            for limit in limits:
+                scope = _scope_value(limit, request)
+                amount = estimate.of(limit.metric)
+                if scope is None or amount is None or (limit.hard_cap is None and not _soft(limit)):
+                    continue
+                start, end = window_bounds(limit.window, now, zone)
+                window = (limit_key(request.tenant_id, limit.id, scope), start)
+                counted, held = self.counted(*window), self._held.get(window, _ZERO)
+                view = {"limit_id": limit.id, "metric": limit.metric, "scope_value": scope,
+                        "window_start": start.isoformat(), "window_end": end.isoformat(),
+                        "counted": format(counted, "f"), "held": format(held, "f"), "estimate": format(amount, "f")}
+                if limit.hard_cap is not None:
+                    cap = limit.limit * limit.hard_cap / 100
+                    view.update(hard_cap=format(cap, "f"), remaining=format(max(cap - counted - held, _ZERO), "f"))
+                    if counted + held + amount > cap:
+                        self.counters.refused += 1
+                        return {"granted": False, "tenant_id": request.tenant_id, "refused_by": view,
+                                "bounded": estimate.bounded}
+                if counted + held + amount >= limit.limit:
+                    overage = True  # past the soft cap (the limit itself): served, flagged
+                amounts[window] = amount
+                checked.append(view)
+            reservation_id = uuid.uuid4().hex
+            expires = now + timedelta(seconds=request.lease_s)
+            answer = {"granted": True, "reservation_id": reservation_id, "tenant_id": request.tenant_id,
+                      "expires_at": expires.isoformat(), "overage": overage, "bounded": estimate.bounded,
+                      "estimate_usd": format(estimate.cost_usd, "f"), "limits": checked}
+            self.holds[reservation_id] = Hold(reservation_id, request.tenant_id, request.idempotency_key, expires,
+                                              amounts, answer)
+            self._by_key[(request.tenant_id, request.idempotency_key)] = reservation_id
+            for window, amount in amounts.items():
+                if amount:
+                    self._held[window] = self._held.get(window, _ZERO) + amount
+            self.counters.granted += 1
+            self.counters.unbounded += not estimate.bounded
+            return answer
+
+    def release(self, reservation_id: str) -> bool:
+        """Drops a hold whose call was never made; False when there is none (settled, expired, unknown)."""
+        with self._lock:
+            hold = self.holds.get(reservation_id)
+            if hold is None:
+                return False
+            self._drop(hold, list(hold.amounts))
+            self.counters.released += 1
+            return True
+
+    def settle(self, state: QuotaState) -> None:
+        """Drops the parts on ``state``'s window of the holds its batch counted. Call it after the
+        state's usage is applied: in between, a call counts as held and as used (only stricter)."""
+        if not state.settled:
+            return
+        window = (state.limit_key, state.window_start)
+        with self._lock:
+            for reservation_id in state.settled:
+                hold = self.holds.get(reservation_id)
+                if hold is not None and window in hold.amounts:
+                    self._drop(hold, [window])
+                    if not hold.amounts:
+                        self.counters.settled += 1
+
+    def expire(self, now: datetime) -> int:
+        with self._lock:
+            return self._expire(now)
+
+    def _expire(self, now: datetime) -> int:
+        ended = [hold for hold in self.holds.values() if hold.expires_at <= now]
+        for hold in ended:
+            self._drop(hold, list(hold.amounts))
+        for ident in [ident for ident, (_, until) in self._answered.items() if until <= now]:
+            del self._answered[ident]
+        self.counters.expired += len(ended)
+        return len(ended)
+
+    def _drop(self, hold: Hold, windows: list[WindowId]) -> None:
+        for window in windows:
+            left = self._held.get(window, _ZERO) - hold.amounts.pop(window)
+            if left > 0:
+                self._held[window] = left
+            else:  # (a window held at 0, e.g. a call of no tokens, was never stored)
+                self._held.pop(window, None)
+        if not hold.amounts:
+            del self.holds[hold.reservation_id]
+            ident = (hold.tenant_id, hold.idempotency_key)
+            del self._by_key[ident]
+            self._answered[ident] = hold.answer, hold.expires_at
+
+
+def _scope_value(limit: Limit, request: ReservationRequest) -> str | None:
+    """The window of ``limit`` the call counts in, or None when the request cannot say (a
+    business-path limit of a call whose path the caller does not give)."""
+    if limit.scope == "tenant":
+        return "*"
+    if limit.scope == "user":
+        return request.user_id or "(no user)"
+    if limit.scope == "model":
+        return request.model
+    return request.business_path
+
+
+def _soft(limit: Limit) -> bool:
+    """A limit without a hard cap still flags calls past it as overage."""
+    return limit.metric in ("cost_usd", "tokens", "requests")
+
