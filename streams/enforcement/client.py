@@ -36,6 +36,38 @@ class EnforcerClient:
         self.timeout_s = timeout_s
         self.fail_open = fail_open
 
+    def reserve(self, tenant: str, provider: str, model: str, idempotency_key: str, *, input_tokens: int = 0,
+                max_tokens: int | None = None, n: int = 1, user: str | None = None, business_path: str | None = None,
+                lease_s: float | None = None) -> dict[str, Any]:
+        """Holds budget for a call about to be made (``POST /v1/reservations``): the answer has
+        ``granted``, and then the ``reservation_id`` to put on the call's usage event; refused, it
+        has ``refused_by`` (the limit, its window and what remains). Never fails open: a call that
+        cannot be reserved raises ``EnforcerUnavailable``."""
+        body = {"tenant_id": tenant, "user_id": user, "provider": provider, "model": model,
+                "business_path": business_path, "input_tokens": input_tokens, "max_tokens": max_tokens, "n": n,
+                "idempotency_key": idempotency_key, **({"lease_s": lease_s} if lease_s else {})}
+        return self._post("/v1/reservations", body)
+
+    def release(self, reservation_id: str) -> bool:
+        """Frees a reservation whose call was never made; False when it was settled or had expired."""
+        return bool(self._post(f"/v1/reservations/{quote(reservation_id, safe='')}/release", {})["released"])
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
+        request = urllib.request.Request(f"{self.base_url}{path}", data=json.dumps(body).encode(), headers=headers,
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                return json.load(resp)
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.load(exc).get("error", exc.reason)
+            except ValueError:
+                detail = exc.reason
+            raise EnforcerUnavailable(f"the enforcer refused the request ({exc.code}): {detail}") from None
+        except (OSError, ValueError) as exc:
+            raise EnforcerUnavailable(f"the enforcer at {self.base_url} did not answer: {exc}") from None
+
     def decision(self, tenant: str, *, user: str | None = None, model: str | None = None,
                  business_path: str | None = None) -> dict[str, Any]:
         scope = {k: v for k, v in {"user": user, "model": model, "business_path": business_path}.items() if v}

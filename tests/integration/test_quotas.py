@@ -15,6 +15,7 @@ from aiokafka.partitioner import murmur2
 
 from schemas.quota import QuotaAlert, QuotaState
 from schemas.usage import TokenUsage, UsageEvent
+from streams.httpjson import get_json
 from streams.messaging.producer import UsageProducer
 from streams.operations.processes import EnforcerProcess, wait_for
 from streams.storage.query import query
@@ -285,3 +286,44 @@ def test_a_spend_cap_on_revenue_blocks_through_the_enforcer_and_a_margin_floor_a
         return rows[0] if rows[0][0] == 30 else None
 
     assert wait_for(ledger, 60, "30 rated calls in the ledger") == [30, Decimal("1.5"), Decimal("1.5") - 30 * CALL_COST]
+
+
+def test_fifty_threads_admitted_through_reservations_never_pass_the_hard_cap(worker, kafka_servers, enforcer):
+    """The race of deciding on state that trails the stream: 50 threads, each reserving before
+    its call and publishing the call (with its reservation id) when granted, against a $1.00 hard
+    cap with $0.10 calls. Without reservations about 20 times the cap got through."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streams.enforcement.client import EnforcerClient
+
+    use_plans(worker, PLANS.replace("limit: 1.00, thresholds: [50, 80, 100]", "limit: 1.00, thresholds: [100]"))
+    worker.start()
+    url = enforcer.start().url
+    client = EnforcerClient(url, token="s3cret", timeout_s=10)
+    tenant, tenth = "racing-co", TokenUsage(input_tokens=40_000)  # gpt-4o: 40,000 x $2.50/M = $0.10
+    granted = []
+
+    with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
+        def call_once(i: int) -> None:
+            answer = client.reserve(tenant, "openai", "gpt-4o", f"race-{i}", input_tokens=40_000, max_tokens=1)
+            if answer["granted"]:
+                granted.append(answer["reservation_id"])
+                event = call(f"race-{i}", tenant, datetime.now(UTC), usage=tenth)
+                producer.send(event.model_copy(update={"reservation_id": answer["reservation_id"]}))
+                producer.flush()
+
+        with ThreadPoolExecutor(50) as pool:
+            list(pool.map(call_once, range(500)))
+
+    # Each hold is $0.10001 (40,000 input tokens and 1 output token at the dearest rates): 9 fit.
+    assert len(granted) == 9
+    def landed():
+        rows = query(worker.settings, f"SELECT count(), sum(cost_usd) FROM usage WHERE tenant_id = '{tenant}'").rows
+        return rows[0] if rows[0][0] == len(granted) else None
+    count, spent = wait_for(landed, 60, "the granted calls in the ledger")
+    assert spent == Decimal("0.90") <= Decimal("1.00")   # overshoot 0
+    # Once the stream has counted them, the holds are gone and the counted usage refuses the 10th.
+    wait_for(lambda: get_json(f"{url}/v1/health")["reservations"]["live"] == 0, 30, "every hold to settle")
+    assert get_json(f"{url}/v1/health")["reservations"]["settled"] == 9
+    assert not client.reserve(tenant, "openai", "gpt-4o", "race-again", input_tokens=40_000, max_tokens=1)["granted"]
+    assert client.reserve(tenant, "openai", "gpt-4o", "small", input_tokens=1_000, max_tokens=1)["granted"]
