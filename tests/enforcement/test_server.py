@@ -63,3 +63,45 @@ def test_a_burst_of_300_clients_is_answered_in_full(server):
     with ThreadPoolExecutor(max_workers=300) as pool:
         answers = list(pool.map(lambda _: decision(server, "Bearer t0ken")[0], range(300)))
     assert answers == [200] * 300
+
+
+def post(httpd, path: str, body: bytes, authorization: str = "Bearer t0ken") -> tuple[int, dict]:
+    url = f"http://127.0.0.1:{httpd.server_address[1]}{path}"
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Authorization": authorization, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+RESERVE = b'{"tenant_id": "acme", "provider": "openai", "model": "gpt-4o", "input_tokens": 1000, "idempotency_key": "k1"}'
+
+
+@pytest.mark.parametrize(("body", "status", "error"), [
+    (RESERVE, 200, None),
+    (b'{"tenant_id": "acme", "provider": "openai", "model": "gpt-4o"}', 400, "idempotency_key: Field required"),
+    (RESERVE.replace(b"1000", b"-5"), 400, "input_tokens: Input should be greater than or equal to 0"),
+    (RESERVE[:-1] + b', "lease_s": 86400}', 400, "lease_s: Input should be less than or equal to 3600"),
+    (RESERVE[:-1] + b', "surprise": 1}', 400, "surprise: Extra inputs are not permitted"),
+    (b"not json", 400, "body: Invalid JSON"),
+    (b"[" * 20_000, 413, "send a JSON body of at most 16384 bytes"),
+])
+def test_reservations_take_bounded_valid_bodies_and_say_what_is_wrong_in_one_line(server, body, status, error):
+    got, answer = post(server, "/v1/reservations", body)
+    assert got == status, answer
+    if error is None:
+        assert answer["granted"] and answer["reservation_id"] and answer["bounded"]
+        again = post(server, "/v1/reservations", body)[1]   # the same idempotency key
+        assert again["reservation_id"] == answer["reservation_id"]
+        released = post(server, f"/v1/reservations/{answer['reservation_id']}/release", b"")
+        assert released == (200, {"released": True})
+        assert post(server, f"/v1/reservations/{answer['reservation_id']}/release", b"") == (200, {"released": False})
+    else:
+        assert answer["error"].startswith(error) and "\n" not in answer["error"]
+
+
+def test_reservations_need_the_token(server):
+    assert post(server, "/v1/reservations", RESERVE, authorization="Bearer nope")[0] == 401
+    assert post(server, "/v1/reservations/x/release", b"", authorization="")[0] == 401
