@@ -31,6 +31,8 @@ class Topics:
     dlq: str
     alerts: str
     state: str
+    #: The enforcer's live reservations (compacted): what a restarted enforcer holds again.
+    reservations: str = "quota.reservations"
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
@@ -40,6 +42,7 @@ class Topics:
             dlq=f"{prefix}usage.dlq",
             alerts=f"{prefix}quota.alerts",
             state=f"{prefix}quota.state",
+            reservations=f"{prefix}quota.reservations",
         )
 
 

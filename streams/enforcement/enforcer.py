@@ -25,12 +25,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from pydantic import ValidationError
 
 from schemas.quota import QuotaAlert, QuotaState, limit_key
 from streams.enforcement.estimate import Estimator
 from streams.enforcement.reservations import ReservationBook, ReservationRequest
+from streams.errors import CostlineError
 from streams.httpjson import bearer_ok
 from streams.messaging.topics import READ_TRANSACTIONAL
 from streams.settings import Settings
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 Verdict = Literal["allow", "warn", "block"]
 #: The largest request body the enforcer reads (a reservation is a few hundred bytes).
 MAX_BODY_BYTES = 16_384
+#: How long a grant waits for its journal record to be acknowledged before it is refused.
+JOURNAL_TIMEOUT_S = 5.0
+
+
+class EnforcerStarting(CostlineError):
+    """Reservations are not taken until the enforcer has restored them and read the counted usage."""
 _RANK: dict[str, int] = {"ok": 0, "warning": 1, "soft_cap": 2, "hard_cap": 3}
 _VERDICT: dict[str, Verdict] = {"ok": "allow", "warning": "warn", "soft_cap": "warn", "hard_cap": "block"}
 
@@ -134,14 +141,91 @@ class DecisionBook:
         return Decision(tenant_id=tenant, decision=_VERDICT[worst], limits=limits, as_of=now)
 
 
+class JournalFailed(CostlineError):
+    """A reservation could not be made durable: it is not granted."""
+
+
+class KafkaJournal:
+    """The reservations' journal on the compacted ``quota.reservations`` topic: a grant is written
+    (``acks=all``) and its delivery awaited before it is answered; a hold gone (settled, released,
+    expired) gets a tombstone, sent without waiting (lost, the hold comes back after a restart and
+    ends with its lease: budget held longer, never spent twice)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.topics.reservations
+        self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all",
+                                  "enable.idempotence": True, "linger.ms": 0})
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="reservation-journal", daemon=True)
+        self._poller.start()
+
+    def __call__(self, reservation_id: str, record: dict[str, Any] | None) -> None:
+        key = reservation_id.encode()
+        if record is None:
+            self.producer.produce(self.topic, key=key, value=None)
+            return
+        delivered, failures = threading.Event(), []
+
+        def report(error: KafkaError | None, _: object) -> None:
+            if error is not None:
+                failures.append(error)
+            delivered.set()
+
+        self.producer.produce(self.topic, key=key, value=json.dumps(record).encode(), on_delivery=report)
+        if not delivered.wait(JOURNAL_TIMEOUT_S) or failures:
+            raise JournalFailed(f"the reservation could not be written to {self.topic}: "
+                                f"{failures[0].str() if failures else 'no answer from Kafka'}; retry it")
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.producer.poll(0.05)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join(5)
+        self.producer.flush(5)
+
+
+def read_journal(consumer: Consumer, topic: str, timeout_s: float = 30) -> list[dict[str, Any]]:
+    """The live records of the journal: the latest of each reservation id, tombstones applied."""
+    metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    if metadata is None or metadata.error is not None:
+        return []
+    ends = {}
+    for partition in metadata.partitions:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        if high > 0:
+            ends[partition] = high
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+    live: dict[bytes, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while ends and time.monotonic() < deadline:
+        msg = consumer.poll(0.1)
+        if msg is None or msg.error() is not None:
+            continue
+        if msg.value() is None:
+            live.pop(msg.key(), None)
+        else:
+            live[msg.key()] = json.loads(msg.value())
+        if msg.offset() + 1 >= ends.get(msg.partition(), 0):
+            ends.pop(msg.partition(), None)
+    consumer.unassign()
+    if ends:
+        raise KafkaException(f"could not read {topic} to its end in {timeout_s:.0f} s")
+    return list(live.values())
+
+
 class Enforcer:
     """A ``DecisionBook`` kept current from Kafka by a background thread, and the reservations
-    (``streams.enforcement.reservations``) that the usage it applies settles."""
+    (``streams.enforcement.reservations``) that the usage it applies settles. With ``durable``,
+    reservations are journaled to ``quota.reservations`` and restored from it at start."""
 
-    def __init__(self, settings: Settings, book: DecisionBook | None = None) -> None:
+    def __init__(self, settings: Settings, book: DecisionBook | None = None, durable: bool = True) -> None:
         self.settings = settings
         self.book = book or DecisionBook()
-        self.reservations = ReservationBook(Plans.from_file(settings.plans_file), self.book.usage_of)
+        self.journal = KafkaJournal(settings) if durable else None
+        self.reservations = ReservationBook(Plans.from_file(settings.plans_file), self.book.usage_of,
+                                            journal=self.journal)
         self.estimator = Estimator(Attribution.from_settings(settings).pricer, settings.reserve_max_output_tokens,
                                    settings.reserve_unknown_usd)
         self.ready = threading.Event()
@@ -156,6 +240,8 @@ class Enforcer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        if self.journal is not None:
+            self.journal.close()
 
     def __enter__(self) -> Enforcer:
         return self.start()
@@ -167,6 +253,8 @@ class Enforcer:
         return self.book.decide(tenant, **scope)
 
     def reserve(self, request: ReservationRequest, now: datetime | None = None) -> dict[str, Any]:
+        if not self.ready.is_set():  # (reservations restored and the counted usage read)
+            raise EnforcerStarting("the enforcer is starting: retry in a moment")
         now = now or datetime.now(UTC)
         return self.reservations.reserve(request, self.estimator.estimate(request, now), now)
 
@@ -180,6 +268,9 @@ class Enforcer:
             **READ_TRANSACTIONAL,  # the worker writes both topics in transactions
         })
         try:
+            if self.journal is not None:
+                restored = self.reservations.restore(read_journal(consumer, topics.reservations), datetime.now(UTC))
+                log.info("reservations restored: %d live", restored)
             metadata = consumer.list_topics(timeout=10)
             deadline = time.monotonic() + 10  # a topic created a moment ago can be missing from metadata
             while not {topics.state, topics.alerts} <= set(metadata.topics) and time.monotonic() < deadline:
@@ -279,7 +370,10 @@ def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> 
                     where = ".".join(map(str, error["loc"])) or "body"
                     self._send(400, {"error": f"{where}: {error['msg']}"})
                     return
-                self._send(200, enforcer.reserve(request))
+                try:
+                    self._send(200, enforcer.reserve(request))
+                except CostlineError as exc:  # starting, or the journal did not take it: retry
+                    self._send(503, {"error": str(exc)})
                 return
             parts = path.split("/")
             if len(parts) == 5 and parts[:3] == ["", "v1", "reservations"] and parts[4] == "release" and parts[3]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -92,6 +93,25 @@ class Hold:
     amounts: dict[WindowId, Decimal]
     answer: dict[str, Any]
 
+    def to_record(self) -> dict[str, Any]:
+        """The hold as its journal keeps it (JSON)."""
+        return {"reservation_id": self.reservation_id, "tenant_id": self.tenant_id,
+                "idempotency_key": self.idempotency_key, "expires_at": self.expires_at.isoformat(),
+                "amounts": [[key, start.isoformat(), format(amount, "f")] for (key, start), amount in self.amounts.items()],
+                "answer": self.answer}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Hold:
+        return cls(record["reservation_id"], record["tenant_id"], record["idempotency_key"],
+                   datetime.fromisoformat(record["expires_at"]),
+                   {(key, datetime.fromisoformat(start)): Decimal(amount) for key, start, amount in record["amounts"]},
+                   record["answer"])
+
+
+#: Where holds are kept durably (``Enforcer``'s compacted topic): called with a hold's id and its
+#: record when it is granted, before the grant is answered, and with None once it is gone.
+Journal = Callable[[str, dict[str, Any] | None], None]
+
 
 @dataclass
 class Counters:
@@ -112,6 +132,7 @@ class ReservationBook:
     counted: Any
     holds: dict[str, Hold] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
+    journal: Journal | None = None
     _by_key: dict[tuple[str, str], str] = field(default_factory=dict)
     #: The answers of holds already settled or released, until their lease would have ended: a
     #: retried request (same idempotency key) gets the same reservation, not a second hold.
@@ -166,7 +187,14 @@ class ReservationBook:
                     self._held[window] = self._held.get(window, _ZERO) + amount
             self.counters.granted += 1
             self.counters.unbounded += not estimate.bounded
-            return answer
+            hold = self.holds[reservation_id]
+        if self.journal is not None:
+            try:  # durable before it is answered: a restarted enforcer must hold it again
+                self.journal(reservation_id, hold.to_record())
+            except Exception:
+                self.release(reservation_id)
+                raise
+        return answer
 
     def release(self, reservation_id: str) -> bool:
         """Drops a hold whose call was never made; False when there is none (settled, expired, unknown)."""
@@ -217,6 +245,26 @@ class ReservationBook:
             ident = (hold.tenant_id, hold.idempotency_key)
             del self._by_key[ident]
             self._answered[ident] = hold.answer, hold.expires_at
+            if self.journal is not None:
+                try:
+                    self.journal(hold.reservation_id, None)
+                except Exception:  # noqa: BLE001 - a restarted enforcer then holds it until its lease ends
+                    pass
+
+    def restore(self, records: Iterable[dict[str, Any]], now: datetime) -> int:
+        """The holds of a journal read back (the latest record of each id that is not gone), but
+        those whose lease has ended; returns how many are held again."""
+        with self._lock:
+            for record in records:
+                hold = Hold.from_record(record)
+                if hold.expires_at <= now or hold.reservation_id in self.holds:
+                    continue
+                self.holds[hold.reservation_id] = hold
+                self._by_key[(hold.tenant_id, hold.idempotency_key)] = hold.reservation_id
+                for window, amount in hold.amounts.items():
+                    if amount:
+                        self._held[window] = self._held.get(window, _ZERO) + amount
+            return len(self.holds)
 
 
 def _scope_value(limit: Limit, request: ReservationRequest) -> str | None:

@@ -51,6 +51,7 @@ def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
         t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000), **big},
         t.alerts: {},
         t.state: {"cleanup.policy": "compact"},
+        t.reservations: {"cleanup.policy": "compact"},
         changelog_topic(settings): {"cleanup.policy": "compact"},
     }
 

@@ -19,7 +19,9 @@ from streams.settings import Settings
 def server(monkeypatch):
     monkeypatch.setattr(BoundedHTTPServer, "READ_TIMEOUT_S", 0.5)
     monkeypatch.setattr(BoundedHTTPServer, "MAX_CONNECTIONS", 16)
-    httpd = make_server(Enforcer(Settings.from_env({})), "127.0.0.1", 0, "t0ken")
+    enforcer = Enforcer(Settings.from_env({}), durable=False)  # not fed from Kafka: ready with nothing counted
+    enforcer.ready.set()
+    httpd = make_server(enforcer, "127.0.0.1", 0, "t0ken")
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield httpd

@@ -327,3 +327,37 @@ def test_fifty_threads_admitted_through_reservations_never_pass_the_hard_cap(wor
     assert get_json(f"{url}/v1/health")["reservations"]["settled"] == 9
     assert not client.reserve(tenant, "openai", "gpt-4o", "race-again", input_tokens=40_000, max_tokens=1)["granted"]
     assert client.reserve(tenant, "openai", "gpt-4o", "small", input_tokens=1_000, max_tokens=1)["granted"]
+
+
+def test_reservations_survive_a_kill_9_of_the_enforcer_and_settle_after_it(worker, kafka_servers, enforcer):
+    import signal
+
+    from streams.enforcement.client import EnforcerClient
+
+    use_plans(worker, PLANS.replace("limit: 1.00, thresholds: [50, 80, 100]", "limit: 1.00, thresholds: [100]"))
+    worker.start()
+    client = EnforcerClient(enforcer.start().url, token="s3cret", timeout_s=10)
+    tenant = "restart-co"
+
+    def reserve(key: str, tokens: int = 60_000, **options) -> dict:  # gpt-4o: 60,000 input tokens = $0.15
+        return client.reserve(tenant, "openai", "gpt-4o", key, input_tokens=tokens, max_tokens=1, **options)
+
+    held = [reserve(f"held-{i}") for i in range(5)]                  # $0.75 held, nothing counted yet
+    short = reserve("short-lease", tokens=20_000, lease_s=1)          # $0.05, ends before the restart is over
+    assert all(answer["granted"] for answer in [*held, short])
+    assert enforcer.stop(signal.SIGKILL) == -signal.SIGKILL
+    enforcer.start()
+    # The five are held again; the short lease ends (dropped at restore, or by the next second's expiry).
+    wait_for(lambda: get_json(f"{enforcer.url}/v1/health")["reservations"]["live"] == 5, 10, "the five holds alone")
+    assert reserve("sixth")["granted"] and not reserve("seventh")["granted"]   # 0.90 held, then 1.05 > 1.00
+    assert reserve("held-0") == held[0]                               # a retried request: the same reservation
+
+    # The calls are made: the stream counts them, and each hold is settled by the state that counts it.
+    with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
+        for i, answer in enumerate(held):
+            event = call(f"held-{i}", tenant, datetime.now(UTC), usage=TokenUsage(input_tokens=60_000))
+            producer.send(event.model_copy(update={"reservation_id": answer["reservation_id"]}))
+    wait_for(lambda: get_json(f"{enforcer.url}/v1/health")["reservations"]["live"] == 1, 30, "five holds settled")
+    assert not reserve("eighth")["granted"]                           # 0.75 counted + 0.15 held + 0.15 > 1.00
+    assert client.release(reserve("sixth")["reservation_id"])
+    assert reserve("ninth")["granted"]                                # 0.75 counted + 0.15
