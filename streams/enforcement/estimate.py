@@ -9,7 +9,8 @@ time of the request), on the worst case of the call:
 - output: ``max_tokens`` (or ``COSTLINE_RESERVE_MAX_OUTPUT_TOKENS`` when the request gives none)
   at the output rate, times ``n``.
 
-A model with no known price reserves ``COSTLINE_RESERVE_UNKNOWN_USD`` and the estimate says it is
+The rates are read per token from probes of a million tokens of each class, so that an estimate
+is a multiplication, not a pricing. A model with no known price reserves ``COSTLINE_RESERVE_UNKNOWN_USD`` and the estimate says it is
 not a bound (``bounded`` False): such a call may spend more than it held.
 """
 
@@ -17,36 +18,72 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
+from typing import NamedTuple
 
 from schemas.usage import TokenUsage, UsageEvent
 from streams.enforcement.reservations import Estimate, ReservationRequest
 from streams.stages.pricing import Pricer
 
+#: Tokens of the probes a model's rates are read from: enough that a rate of 1e-12 USD a token shows.
+_PROBE = 1_000_000
+_PER_TOKEN = Decimal(_PROBE)
+_CENT_PLACES = Decimal("1e-12")
+
+
+class Rates(NamedTuple):
+    """A model's dearest input-side rate and its output rate, per token, and its per-call fee."""
+
+    input: Decimal
+    output: Decimal
+    fee: Decimal
+
 
 class Estimator:
+    """Upper bounds from the rates of each (tenant, provider, model), read from the pricer once a
+    minute (a price that changes mid-minute is used from the next minute: an estimate that much
+    late); each estimate is then a few multiplications instead of three pricings (90 µs)."""
+
     def __init__(self, pricer: Pricer, max_output_tokens: int, unknown_usd: Decimal) -> None:
         self.pricer = pricer
         self.max_output_tokens = max_output_tokens
         self.unknown_usd = unknown_usd
         self._lock = threading.Lock()  # ``Pricer`` keeps memos: one request prices at a time
+        self._rates: dict[tuple[str, str, str, datetime], Rates | None] = {}
 
     def estimate(self, request: ReservationRequest, at: datetime) -> Estimate:
         output = (request.max_tokens or self.max_output_tokens) * request.n
-        tokens_in = request.input_tokens
-        worst = [
-            TokenUsage(input_tokens=tokens_in, output_tokens=output),
-            TokenUsage(input_tokens=tokens_in, cache_write_tokens=tokens_in, output_tokens=output),
-            TokenUsage(input_tokens=tokens_in, cache_write_tokens=tokens_in, cache_write_1h_tokens=tokens_in,
-                       output_tokens=output),
-        ]
-        costs = []
+        tokens = Decimal(request.input_tokens + output)
+        rates = self._rates_of(request.tenant_id, request.provider, request.model, at)
+        if rates is None:
+            return Estimate(self.unknown_usd, tokens, Decimal(1), bounded=False)
+        cost = request.input_tokens * rates.input + output * rates.output
+        # Rounded up: the stream rounds each class to 12 places, half-even; this stays above it.
+        return Estimate(cost.quantize(_CENT_PLACES, rounding=ROUND_CEILING) + rates.fee, tokens, Decimal(1))
+
+    def _rates_of(self, tenant: str, provider: str, model: str, at: datetime) -> Rates | None:
+        key = (tenant, provider, model, at.replace(second=0, microsecond=0))
+        found = self._rates.get(key, False)
+        if found is not False:
+            return found
         with self._lock:
-            for usage in worst:
-                priced = self.pricer.price(UsageEvent(
-                    event_id="reservation-estimate", timestamp=at, tenant_id=request.tenant_id,
-                    provider=request.provider, model=request.model, usage=usage))
+            if len(self._rates) >= 10_000:
+                self._rates.clear()
+            probes = {"fee": TokenUsage(), "output": TokenUsage(output_tokens=_PROBE),
+                      "input": TokenUsage(input_tokens=_PROBE),
+                      "cache_write": TokenUsage(input_tokens=_PROBE, cache_write_tokens=_PROBE),
+                      "cache_write_1h": TokenUsage(input_tokens=_PROBE, cache_write_tokens=_PROBE,
+                                                   cache_write_1h_tokens=_PROBE)}
+            costs = {}
+            for name, usage in probes.items():
+                priced = self.pricer.price(UsageEvent(event_id="reservation-estimate", timestamp=at, tenant_id=tenant,
+                                                      provider=provider, model=model, usage=usage))
                 if not priced.priced:
-                    return Estimate(self.unknown_usd, Decimal(tokens_in + output), Decimal(1), bounded=False)
-                costs.append(priced.cost.total)
-        return Estimate(max(costs), Decimal(tokens_in + output), Decimal(1))
+                    self._rates[key] = None
+                    return None
+                costs[name] = priced.cost.total
+            fee = costs["fee"]
+            rates = Rates(max(costs["input"], costs["cache_write"], costs["cache_write_1h"]) - fee,
+                          costs["output"] - fee, fee)
+            self._rates[key] = found = Rates(rates.input / _PER_TOKEN, rates.output / _PER_TOKEN, fee)
+            return found
