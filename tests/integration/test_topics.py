@@ -10,7 +10,7 @@ from streams.settings import Settings
 def test_an_isolated_pipelines_topics_are_created_and_deleted(kafka_servers, tmp_path):
     settings = Settings.from_env(isolated_env(tmp_path / "home", kafka_servers, tmp_path / "config"))
     names = set(pipeline_topics(settings))
-    assert len(names) == 6 and all(n.startswith(settings.topic_prefix) for n in names)
+    assert len(names) == 7 and all(n.startswith(settings.topic_prefix) for n in names)
     assert set(ensure_topics(settings)) == names
     remove_isolated_topics(settings)
     wait_for(lambda: names.isdisjoint(admin(settings).list_topics(timeout=10).topics), 30,
