@@ -33,3 +33,29 @@ def get_json(url: str, timeout_s: float = 2.0, headers: Mapping[str, str] | None
             return None
     except (OSError, ValueError):
         return None
+
+
+class Refused(Exception):
+    """An HTTP error status, with the ``error`` of its JSON body (or the reason phrase)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def post_json(url: str, body: Mapping[str, Any], timeout_s: float, headers: Mapping[str, str] | None = None
+              ) -> dict[str, Any]:
+    """POSTs ``body`` as JSON and returns the JSON answer; an error status raises ``Refused``, a
+    server that does not answer ``OSError``."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.load(exc).get("error", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        raise Refused(exc.code, str(detail)) from None

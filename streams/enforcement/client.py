@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from streams.errors import CostlineError
+from streams.httpjson import Refused, post_json
 
 
 class EnforcerUnavailable(CostlineError):
@@ -53,18 +54,11 @@ class EnforcerClient:
         return bool(self._post(f"/v1/reservations/{quote(reservation_id, safe='')}/release", {})["released"])
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
-        request = urllib.request.Request(f"{self.base_url}{path}", data=json.dumps(body).encode(), headers=headers,
-                                         method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                return json.load(resp)
-        except urllib.error.HTTPError as exc:
-            try:
-                detail = json.load(exc).get("error", exc.reason)
-            except ValueError:
-                detail = exc.reason
-            raise EnforcerUnavailable(f"the enforcer refused the request ({exc.code}): {detail}") from None
+            return post_json(f"{self.base_url}{path}", body, self.timeout_s,
+                             {"Authorization": f"Bearer {self.token}"} if self.token else {})
+        except Refused as exc:
+            raise EnforcerUnavailable(f"the enforcer refused the request ({exc.status}): {exc.detail}") from None
         except (OSError, ValueError) as exc:
             raise EnforcerUnavailable(f"the enforcer at {self.base_url} did not answer: {exc}") from None
 

@@ -157,7 +157,7 @@ class ReservationBook:
             limits, zone = self.plans.for_tenant(request.tenant_id)
             checked, amounts, overage = [], {}, False
             for limit in limits:
-                scope = _scope_value(limit, request)
+                scope = limit.scope_value(request.user_id, request.model, request.business_path)
                 amount = estimate.of(limit.metric)
                 if scope is None or amount is None or (limit.hard_cap is None and not _soft(limit)):
                     continue
@@ -278,18 +278,6 @@ class ReservationBook:
                     if amount:
                         self._held[window] = self._held.get(window, _ZERO) + amount
             return len(self.holds)
-
-
-def _scope_value(limit: Limit, request: ReservationRequest) -> str | None:
-    """The window of ``limit`` the call counts in, or None when the request cannot say (a
-    business-path limit of a call whose path the caller does not give)."""
-    if limit.scope == "tenant":
-        return "*"
-    if limit.scope == "user":
-        return request.user_id or "(no user)"
-    if limit.scope == "model":
-        return request.model
-    return request.business_path
 
 
 def _soft(limit: Limit) -> bool:

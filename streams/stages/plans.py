@@ -92,6 +92,18 @@ class Limit(Strict):
         points = sorted(set(self.thresholds) | ({self.hard_cap} if self.hard_cap else set()))
         return [(p, self.level_of(p), self.limit * p / 100, format(p.normalize(), "f")) for p in points]
 
+    def scope_value(self, user_id: str | None, model: str, business_path: str | None) -> str | None:
+        """The value of this limit's scope for a call (``"*"`` tenant-wide; a call without a user
+        counts as ``"(no user)"``); None for a business-path limit when the path is not known."""
+        scope = self.scope
+        if scope == "tenant":
+            return "*"
+        if scope == "user":
+            return user_id or "(no user)"
+        if scope == "model":
+            return model
+        return business_path
+
     def level_of(self, percent: Decimal) -> Level:
         if self.hard_cap is not None and percent >= self.hard_cap:
             return "hard_cap"

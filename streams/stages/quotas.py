@@ -161,14 +161,6 @@ class QuotaOutcome:
         return [counted.state() for counted in self.counted]
 
 
-def scope_value(record: AttributedUsage, limit: Limit) -> str:
-    if limit.scope == "tenant":
-        return "*"
-    if limit.scope == "user":
-        return record.user_id or "(no user)"
-    if limit.scope == "model":
-        return record.model
-    return record.business_path
 
 
 def metric_amount(record: AttributedUsage, limit: Limit, revenue: Decimal | None) -> Decimal:
@@ -287,7 +279,7 @@ class QuotaEngine:
             if expires <= watermark:
                 outcome.late = True
                 continue
-            ref = self._ref(tenant, limit, scope_value(record, limit), bounds)
+            ref = self._ref(tenant, limit, limit.scope_value(record.user_id, record.model, record.business_path), bounds)
             key = ref.key
             window = windows.get(key)
             if window is None:

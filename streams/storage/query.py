@@ -7,10 +7,7 @@ worker's ``POST /v1/query`` endpoint, which runs it read-only on the worker's cl
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -20,7 +17,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from streams.errors import CostlineError
-from streams.httpjson import get_json
+from streams.httpjson import Refused, get_json, post_json
 from streams.settings import Settings
 from streams.storage.clickhouse import connect, is_embedded, redact
 
@@ -167,21 +164,10 @@ def worker_owns_database(settings: Settings) -> bool:
 
 def post_to_worker(settings: Settings, path: str, payload: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
     """POSTs JSON to the worker's endpoint; its error answers become ``QueryError``."""
-    request = urllib.request.Request(
-        f"{settings.web_url}{path}",
-        data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json", **settings.web_headers},
-        method="POST",
-    )
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.load(exc).get("error", exc.reason)
-        except ValueError:
-            detail = exc.reason
-        raise QueryError(str(detail)) from None
+        return post_json(f"{settings.web_url}{path}", payload, timeout_s, settings.web_headers)
+    except Refused as exc:
+        raise QueryError(exc.detail) from None
     except OSError as exc:
         raise QueryError(f"the worker at {settings.web_url} did not answer: {exc}") from None
 
