@@ -1,0 +1,71 @@
+"""The middleware around the official ``openai`` SDK's chat completions (``pip install costline[providers]``).
+
+    chat = MeteredChat(openai.OpenAI(), meter, tenant="acme", user="u-42")
+    response = chat.create(model="gpt-4o", messages=[...], max_completion_tokens=500)
+    for chunk in chat.create(model="gpt-4o", messages=[...], stream=True): ...
+
+Each call is reserved before it is sent (``Refused`` when a hard cap would be passed), and its
+usage published when it ends (see ``streams.middleware.meter``). A stream is sent with
+``stream_options.include_usage`` so that its last chunk carries the usage; that chunk (no
+choices) is passed on only when the caller asked for it itself.
+
+The expected input tokens are bounded by the messages' size in UTF-8 bytes: no tokenizer gives a
+token less than one byte of text, so the bound holds for any model (images and audio, priced by
+their own rules, are not in it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import openai
+
+from streams.middleware.meter import Meter
+
+
+def input_bound(messages: Any) -> int:
+    """An upper bound of the prompt's tokens: its messages' size in UTF-8 bytes."""
+    return len(json.dumps(messages, ensure_ascii=False, default=str).encode())
+
+
+class MeteredChat:
+    def __init__(self, client: openai.OpenAI, meter: Meter, *, tenant: str, user: str | None = None,
+                 **context: str | None) -> None:
+        self.client, self.meter, self.tenant, self.user, self.context = client, meter, tenant, user, context
+
+    def create(self, **kwargs: Any) -> Any:
+        admission = dict(tenant=self.tenant, user=self.user, provider="openai", model=kwargs["model"],
+                         input_tokens=input_bound(kwargs.get("messages")), n=kwargs.get("n") or 1,
+                         max_tokens=kwargs.get("max_completion_tokens") or kwargs.get("max_tokens"), **self.context)
+        if not kwargs.get("stream"):
+            with self.meter.admit(**admission) as call:
+                response = self.client.chat.completions.create(**kwargs)
+                call.record(raw_usage=response.usage.model_dump(exclude_none=True), raw_usage_format="openai_chat")
+                return response
+        asked = bool((kwargs.get("stream_options") or {}).get("include_usage"))
+        kwargs["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
+        stack = ExitStack()
+        call = stack.enter_context(self.meter.admit(**admission))  # refused here, before any chunk
+        try:
+            stream = self.client.chat.completions.create(**kwargs)
+        except BaseException:
+            stack.close()
+            raise
+        return self._chunks(stream, call, stack, asked)
+
+    @staticmethod
+    def _chunks(stream: Any, call: Any, stack: ExitStack, asked: bool) -> Iterator[Any]:
+        with stack:
+            call.started()
+            for chunk in stream:
+                if chunk.usage is not None:
+                    call.record(raw_usage=chunk.usage.model_dump(exclude_none=True), raw_usage_format="openai_chat")
+                    if not chunk.choices and not asked:
+                        continue  # the usage chunk the caller did not ask for
+                for choice in chunk.choices:
+                    if choice.delta and choice.delta.content:
+                        call.output_tokens_seen += 1  # (a chunk carries about one token)
+                yield chunk

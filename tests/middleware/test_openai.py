@@ -1,0 +1,126 @@
+"""The middleware around the real ``openai`` SDK, against a local server speaking its wire format,
+a real enforcer (in-process, its HTTP server on loopback) and a real Kafka topic."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from decimal import Decimal
+
+import openai
+import pytest
+
+from schemas.usage import UsageEvent
+from streams.enforcement.client import EnforcerClient
+from streams.enforcement.enforcer import Enforcer, make_server
+from streams.messaging.producer import UsageProducer
+from streams.messaging.topics import admin, ensure_topics
+from streams.middleware.meter import Meter, Refused
+from streams.middleware.openai_sdk import MeteredChat
+from streams.settings import Settings
+from tests.integration.conftest import read_topic
+from tests.middleware.fake_providers import USAGE, FakeOpenAI
+
+PLANS = """
+default_plan: p
+plans:
+  p:
+    limits:
+      - {id: daily-spend, metric: cost_usd, window: day, limit: 1.00, thresholds: [100], hard_cap: 100}
+"""
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture
+def setup(kafka_servers, tmp_path):
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "plans.yaml").write_text(PLANS)
+    prefix = f"mw-{uuid.uuid4().hex[:8]}."
+    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": kafka_servers, "COSTLINE_CONFIG_DIR": str(config),
+                                  "COSTLINE_TOPIC_PREFIX": prefix})
+    ensure_topics(settings)
+    enforcer = Enforcer(settings, durable=False)  # not fed from Kafka here: nothing counted, only holds
+    enforcer.ready.set()
+    httpd = make_server(enforcer, "127.0.0.1", 0, None)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    producer = UsageProducer(kafka_servers, settings.topics.raw)
+    meter = Meter(EnforcerClient(f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=10), producer,
+                  service="chat-api")
+    with FakeOpenAI() as provider:
+        client = openai.OpenAI(base_url=provider.url, api_key="test", max_retries=0)
+        yield {"chat": MeteredChat(client, meter, tenant="acme", user="u-1"), "provider": provider,
+               "enforcer": enforcer, "producer": producer, "settings": settings, "servers": kafka_servers}
+    producer.close()
+    httpd.shutdown()
+    httpd.server_close()
+    admin(settings).delete_topics(list({settings.topics.raw, settings.topics.state, settings.topics.alerts,
+                                        settings.topics.attributed, settings.topics.dlq, settings.topics.reservations}))
+
+
+def published(setup, expected: int) -> list[UsageEvent]:
+    setup["producer"].flush()
+    records = read_topic(setup["servers"], setup["settings"].topics.raw, expected, 10)
+    return [UsageEvent.model_validate_json(r.value()) for r in records]
+
+
+def test_a_call_is_reserved_then_published_with_the_providers_usage_verbatim(setup):
+    response = setup["chat"].create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=50)
+    assert response.choices[0].message.content == "Hello there."
+    [event] = published(setup, 1)
+    reservation = event.reservation_id
+    assert reservation and event.raw_usage == USAGE and event.raw_usage_format == "openai_chat"
+    assert (event.tenant_id, event.user_id, event.service, event.provider, event.model) == (
+        "acme", "u-1", "chat-api", "openai", "gpt-4o")
+    hold = setup["enforcer"].reservations.holds[reservation]   # held until the stream counts the call
+    assert hold.idempotency_key == event.event_id
+
+
+def test_a_stream_carries_usage_that_the_caller_sees_only_when_it_asked(setup):
+    chunks = list(setup["chat"].create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=50, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello there."
+    assert all(c.usage is None for c in chunks)                  # the usage chunk was not the caller's
+    assert setup["provider"].requests[-1]["stream_options"] == {"include_usage": True}
+    asked = list(setup["chat"].create(model="gpt-4o", messages=MESSAGES, stream=True,
+                                      stream_options={"include_usage": True}))
+    assert asked[-1].usage is not None and asked[-1].choices == []
+    events = published(setup, 2)
+    assert [e.raw_usage for e in events] == [USAGE, USAGE] and len({e.reservation_id for e in events}) == 2
+
+
+def test_a_stream_broken_off_is_recorded_at_the_input_floor_not_dropped(setup):
+    setup["provider"].mode = "break"   # the connection drops after two chunks: no usage, no [DONE]
+    chunks = list(setup["chat"].create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=50, stream=True))
+    assert len(chunks) == 2
+    [event] = published(setup, 1)
+    assert event.tags == {"usage": "estimated"} and event.raw_usage is None
+    # The prompt bound (its UTF-8 bytes) and the two chunks of output it got.
+    assert (event.usage.input_tokens, event.usage.output_tokens) == (len(b'[{"role": "user", "content": "Say hello."}]'),
+                                                                     len(chunks))
+
+
+def test_a_provider_error_before_an_answer_releases_the_reservation(setup):
+    setup["provider"].mode = "fail"
+    with pytest.raises(openai.InternalServerError):
+        setup["chat"].create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=50)
+    counters = setup["enforcer"].reservations.counters
+    assert (counters.granted, counters.released, len(setup["enforcer"].reservations.holds)) == (1, 1, 0)
+    setup["producer"].flush()
+    assert read_topic(setup["servers"], setup["settings"].topics.raw, 0, 1) == []   # nothing spent, nothing sent
+
+
+def test_a_call_past_the_hard_cap_is_refused_before_it_is_sent(setup):
+    with pytest.raises(Refused) as refused:   # a million-token answer at $10/M cannot fit in $1.00
+        setup["chat"].create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=1_000_000)
+    assert refused.value.answer["refused_by"]["limit_id"] == "daily-spend"
+    assert Decimal(refused.value.answer["refused_by"]["estimate"]) > Decimal(1)
+    assert setup["provider"].requests == []
+
+
+def test_a_stream_the_caller_stops_reading_is_recorded_with_what_it_got(setup):
+    stream = setup["chat"].create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=50, stream=True)
+    first = next(stream)
+    assert first.choices[0].delta.content == "Hel"
+    stream.close()   # the caller gives up after one chunk
+    [event] = published(setup, 1)
+    assert (event.tags, event.usage.output_tokens) == ({"usage": "estimated"}, 1)
