@@ -75,3 +75,52 @@ class FakeOpenAI:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+ANTHROPIC_USAGE = {"input_tokens": 900, "output_tokens": 1, "cache_read_input_tokens": 300,
+                   "cache_creation_input_tokens": 0}
+
+
+class FakeAnthropic(FakeOpenAI):
+    """The Anthropic messages wire format: a JSON reply, or named server-sent events whose
+    ``message_delta`` usage is cumulative (three deltas here: 10, 25, then 40 output tokens)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        fake = self
+
+        class Handler(self.server.RequestHandlerClass):  # type: ignore[name-defined,misc]
+            def do_POST(self) -> None:  # noqa: N802 - the http.server hook
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(body)
+                if not body.get("stream"):
+                    self._json(200, {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                                     "content": [{"type": "text", "text": "Hello there."}], "stop_reason": "end_turn",
+                                     "stop_sequence": None, "usage": {**ANTHROPIC_USAGE, "output_tokens": 40}})
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                message = {"id": "msg_2", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+                           "stop_reason": None, "stop_sequence": None, "usage": ANTHROPIC_USAGE}
+                self._named("message_start", {"type": "message_start", "message": message})
+                self._named("content_block_start", {"type": "content_block_start", "index": 0,
+                                                    "content_block": {"type": "text", "text": ""}})
+                for i, (word, so_far) in enumerate([("Hello", 10), (" there", 25), (".", 40)]):
+                    self._named("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                        "delta": {"type": "text_delta", "text": word}})
+                    if fake.mode == "break" and i == 1:
+                        self.wfile.flush()
+                        self.connection.shutdown(2)
+                        return
+                    self._named("message_delta", {"type": "message_delta", "usage": {"output_tokens": so_far},
+                                                  "delta": {"stop_reason": "end_turn" if so_far == 40 else None,
+                                                            "stop_sequence": None}})
+                self._named("content_block_stop", {"type": "content_block_stop", "index": 0})
+                self._named("message_stop", {"type": "message_stop"})
+
+            def _named(self, name: str, payload: dict[str, Any]) -> None:
+                self.wfile.write(f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode())
+                self.wfile.flush()
+
+        self.server.RequestHandlerClass = Handler

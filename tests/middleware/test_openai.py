@@ -3,65 +3,25 @@ a real enforcer (in-process, its HTTP server on loopback) and a real Kafka topic
 
 from __future__ import annotations
 
-import threading
-import uuid
 from decimal import Decimal
 
 import openai
 import pytest
 
-from schemas.usage import UsageEvent
-from streams.enforcement.client import EnforcerClient
-from streams.enforcement.enforcer import Enforcer, make_server
-from streams.messaging.producer import UsageProducer
-from streams.messaging.topics import admin, ensure_topics
-from streams.middleware.meter import Meter, Refused
+from streams.middleware.meter import Refused
 from streams.middleware.openai_sdk import MeteredChat
-from streams.settings import Settings
 from tests.integration.conftest import read_topic
+from tests.middleware.conftest import published
 from tests.middleware.fake_providers import USAGE, FakeOpenAI
 
-PLANS = """
-default_plan: p
-plans:
-  p:
-    limits:
-      - {id: daily-spend, metric: cost_usd, window: day, limit: 1.00, thresholds: [100], hard_cap: 100}
-"""
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture
-def setup(kafka_servers, tmp_path):
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "plans.yaml").write_text(PLANS)
-    prefix = f"mw-{uuid.uuid4().hex[:8]}."
-    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": kafka_servers, "COSTLINE_CONFIG_DIR": str(config),
-                                  "COSTLINE_TOPIC_PREFIX": prefix})
-    ensure_topics(settings)
-    enforcer = Enforcer(settings, durable=False)  # not fed from Kafka here: nothing counted, only holds
-    enforcer.ready.set()
-    httpd = make_server(enforcer, "127.0.0.1", 0, None)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    producer = UsageProducer(kafka_servers, settings.topics.raw)
-    meter = Meter(EnforcerClient(f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=10), producer,
-                  service="chat-api")
+def setup(metering):
     with FakeOpenAI() as provider:
         client = openai.OpenAI(base_url=provider.url, api_key="test", max_retries=0)
-        yield {"chat": MeteredChat(client, meter, tenant="acme", user="u-1"), "provider": provider,
-               "enforcer": enforcer, "producer": producer, "settings": settings, "servers": kafka_servers}
-    producer.close()
-    httpd.shutdown()
-    httpd.server_close()
-    admin(settings).delete_topics(list({settings.topics.raw, settings.topics.state, settings.topics.alerts,
-                                        settings.topics.attributed, settings.topics.dlq, settings.topics.reservations}))
-
-
-def published(setup, expected: int) -> list[UsageEvent]:
-    setup["producer"].flush()
-    records = read_topic(setup["servers"], setup["settings"].topics.raw, expected, 10)
-    return [UsageEvent.model_validate_json(r.value()) for r in records]
+        yield {**metering, "chat": MeteredChat(client, metering["meter"], tenant="acme", user="u-1"), "provider": provider}
 
 
 def test_a_call_is_reserved_then_published_with_the_providers_usage_verbatim(setup):
