@@ -361,3 +361,48 @@ def test_reservations_survive_a_kill_9_of_the_enforcer_and_settle_after_it(worke
     assert not reserve("eighth")["granted"]                           # 0.75 counted + 0.15 held + 0.15 > 1.00
     assert client.release(reserve("sixth")["reservation_id"])
     assert reserve("ninth")["granted"]                                # 0.75 counted + 0.15
+
+
+def test_the_race_through_the_middleware_overshoots_by_nothing(worker, kafka_servers, enforcer):
+    """The scenario of 50 threads against a $1.00 hard cap with $0.10 calls, made through
+    ``MeteredChat`` with the real openai SDK (a local server answering for the provider): the
+    middleware reserves, calls, publishes, and the stream settles."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from streams.enforcement.client import EnforcerClient
+    from streams.middleware.meter import Meter, Refused
+    from streams.middleware.openai_sdk import MeteredChat
+    from tests.middleware.fake_providers import FakeOpenAI
+
+    use_plans(worker, PLANS.replace("limit: 1.00, thresholds: [50, 80, 100]", "limit: 1.00, thresholds: [100]"))
+    worker.start()
+    url = enforcer.start().url
+    tenant, prompt = "metered-co", "a" * 40_000     # 40,000 bytes: at most 40,000 tokens
+    refused = []
+    with FakeOpenAI() as provider, UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
+        provider.usage_for = lambda body: {"prompt_tokens": 40_000, "completion_tokens": 1, "total_tokens": 40_001}
+        meter = Meter(EnforcerClient(url, token="s3cret", timeout_s=10), producer)
+        chat = MeteredChat(openai.OpenAI(base_url=provider.url, api_key="test", max_retries=0), meter, tenant=tenant)
+
+        def call_once(_: int) -> None:
+            try:
+                chat.create(model="gpt-4o", messages=[{"role": "user", "content": prompt}], max_completion_tokens=1)
+            except Refused as exc:
+                refused.append(exc.answer)
+
+        with ThreadPoolExecutor(50) as pool:
+            list(pool.map(call_once, range(500)))
+        made = len(provider.requests)
+    # $0.10001 a call (40,000 input tokens, 1 output); each hold a little more (the prompt's
+    # 40,000-odd bytes bound its tokens): 9 calls fit under $1.00, and only 9 reach the provider.
+    assert (made, len(refused)) == (9, 491)
+    assert {answer["refused_by"]["limit_id"] for answer in refused} == {"daily-spend"}
+
+    def landed():
+        rows = query(worker.settings, f"SELECT count(), sum(cost_usd) FROM usage WHERE tenant_id = '{tenant}'").rows
+        return rows[0] if rows[0][0] == made else None
+
+    assert wait_for(landed, 60, "the calls in the ledger") == [9, Decimal("0.90009")]   # overshoot 0
+    wait_for(lambda: get_json(f"{url}/v1/health")["reservations"]["live"] == 0, 30, "every hold to settle")

@@ -17,6 +17,8 @@ class FakeOpenAI:
     def __init__(self) -> None:
         self.mode = "answer"
         self.requests: list[dict[str, Any]] = []
+        #: The usage it reports (by default ``USAGE``); a function of the request body when set.
+        self.usage_for: Any = None
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -31,7 +33,7 @@ class FakeOpenAI:
                     self._json(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
                                      "choices": [{"index": 0, "finish_reason": "stop",
                                                   "message": {"role": "assistant", "content": "Hello there."}}],
-                                     "usage": USAGE})
+                                     "usage": fake.usage_for(body) if fake.usage_for else USAGE})
 
             def _json(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
