@@ -5,7 +5,7 @@ at the same rate on the same enforcer as the baseline.
 
 Starts its own enforcer (isolated topics, loopback only, no worker: nothing is counted, so every
 reservation is granted, journaled and later ended by its lease). ``--clients`` threads share the
-rate; each request's latency is measured from its scheduled start (so a slow answer that delays
+rate, each on one kept-alive connection; each request's latency is measured from its scheduled start (so a slow answer that delays
 the next request counts against the next one too: no coordinated omission). Prints p50, p99 and
 max of both, the achieved rates, then one JSON line.
 """
@@ -13,13 +13,13 @@ max of both, the achieved rates, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,22 +30,27 @@ from streams.settings import Settings  # noqa: E402
 
 
 def run(url: str, rate: float, seconds: float, clients: int, make: callable) -> tuple[list[float], float]:
-    """Latencies in ms of ``rate`` requests a second for ``seconds``, from ``clients`` threads."""
+    """Latencies in ms of ``rate`` requests a second for ``seconds``, from ``clients`` threads, each
+    on one kept-alive connection (as a gateway's client would be)."""
     latencies: list[float] = []
     lock = threading.Lock()
     total = int(rate * seconds)
     start = time.perf_counter() + 0.2
+    host, port = url.removeprefix("http://").split(":")
 
     def client(first: int) -> None:
         mine = []
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
         for i in range(first, total, clients):
             due = start + i / rate
             pause = due - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)
-            with urllib.request.urlopen(make(i), timeout=30) as resp:
-                resp.read()
+            method, path, body = make(i)
+            connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            connection.getresponse().read()
             mine.append((time.perf_counter() - due) * 1000)
+        connection.close()
         with lock:
             latencies.extend(mine)
 
@@ -74,14 +79,13 @@ def main() -> None:
     ensure_topics(settings)
     enforcer = EnforcerProcess(env, work / "enforcer.log").start()
     try:
-        def decision(i: int) -> urllib.request.Request:
-            return urllib.request.Request(f"{enforcer.url}/v1/decisions/tenant-{i % 1000}")
+        def decision(i: int) -> tuple[str, str, bytes | None]:
+            return "GET", f"/v1/decisions/tenant-{i % 1000}", None
 
-        def reservation(i: int) -> urllib.request.Request:
+        def reservation(i: int) -> tuple[str, str, bytes | None]:
             body = {"tenant_id": f"tenant-{i % 1000}", "provider": "openai", "model": "gpt-4o",
                     "input_tokens": 1000, "max_tokens": 200, "idempotency_key": f"bench-{i}", "lease_s": 5}
-            return urllib.request.Request(f"{enforcer.url}/v1/reservations", data=json.dumps(body).encode(),
-                                          headers={"Content-Type": "application/json"}, method="POST")
+            return "POST", "/v1/reservations", json.dumps(body).encode()
 
         run(enforcer.url, args.rate, 1, args.clients, decision)  # warm-up
         base, base_rate = run(enforcer.url, args.rate, args.seconds, args.clients, decision)

@@ -334,6 +334,11 @@ def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> 
     but the health check need ``Authorization: Bearer <token>``."""
 
     class Handler(BaseHTTPRequestHandler):
+        #: Connections are kept alive between requests (every answer has its Content-Length): a
+        #: gateway's requests then cost no new connection and no new thread each. An idle
+        #: connection is closed after the read timeout.
+        protocol_version = "HTTP/1.1"
+
         def do_GET(self) -> None:  # noqa: N802 - the http.server hook
             url = urlsplit(self.path)
             if url.path == "/v1/health":
@@ -355,14 +360,16 @@ def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> 
             self._send(200, enforcer.decide(tenant, **query).to_json())
 
         def do_POST(self) -> None:  # noqa: N802 - the http.server hook
+            # The body is read first, whatever the answer: on a kept-alive connection an unread
+            # body would be taken for the next request.
+            body = self._body()
+            if body is None:
+                return
             path = urlsplit(self.path).path
             if not bearer_ok(self.headers.get("Authorization"), token):
                 self._send(401, {"error": "missing or wrong bearer token"})
                 return
             if path == "/v1/reservations":
-                body = self._body()
-                if body is None:
-                    return
                 try:
                     request = ReservationRequest.model_validate_json(body)
                 except ValidationError as exc:
@@ -377,7 +384,6 @@ def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> 
                 return
             parts = path.split("/")
             if len(parts) == 5 and parts[:3] == ["", "v1", "reservations"] and parts[4] == "release" and parts[3]:
-                self._body()
                 self._send(200, {"released": enforcer.reservations.release(unquote(parts[3]))})
                 return
             self._send(404, {"error": "use POST /v1/reservations or POST /v1/reservations/{id}/release"})
