@@ -27,10 +27,11 @@ around the official SDKs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -61,6 +62,8 @@ class Call:
 
     reservation: dict[str, Any]
     input_tokens: int
+    #: The usage event's id, which is also the reservation's idempotency key.
+    event_id: str = ""
     usage: TokenUsage | None = None
     raw_usage: dict[str, Any] | None = None
     raw_usage_format: str | None = None
@@ -94,19 +97,28 @@ class Meter:
     def admit(self, *, tenant: str, provider: str, model: str, input_tokens: int, max_tokens: int | None = None,
               n: int = 1, user: str | None = None, business_path: str | None = None,
               event_id: str | None = None, **context: str | None) -> Iterator[Call]:
+        call = self._reserve(tenant, provider, model, input_tokens, max_tokens, n, user, business_path, event_id)
+        try:
+            yield call
+        finally:
+            self._finish(call, tenant, user, provider, model, context)
+
+    def _reserve(self, tenant: str, provider: str, model: str, input_tokens: int, max_tokens: int | None, n: int,
+                 user: str | None, business_path: str | None, event_id: str | None) -> Call:
         event_id = event_id or uuid.uuid4().hex
         answer = self.enforcer.reserve(tenant, provider, model, event_id, input_tokens=input_tokens,
                                        max_tokens=max_tokens, n=n, user=user, business_path=business_path)
         if not answer.get("granted"):
             raise Refused(answer)
-        call = Call(answer, input_tokens)
-        try:
-            yield call
-        finally:
-            if call.recorded or call._started:
-                self._publish(call, event_id, tenant, user, provider, model, context)
-            else:
-                self._release(answer["reservation_id"])
+        return Call(answer, input_tokens, event_id=event_id)
+
+    def _finish(self, call: Call, tenant: str, user: str | None, provider: str, model: str,
+                context: dict[str, str | None]) -> None:
+        """Publishes the call's usage (or its input floor), or releases a call that never began."""
+        if call.recorded or call._started:
+            self._publish(call, call.event_id, tenant, user, provider, model, context)
+        else:
+            self._release(call.reservation["reservation_id"])
 
     def _publish(self, call: Call, event_id: str, tenant: str, user: str | None, provider: str, model: str,
                  context: dict[str, str | None]) -> None:
@@ -128,3 +140,21 @@ class Meter:
             self.enforcer.release(reservation_id)
         except CostlineError as exc:  # the lease ends it anyway; the caller's own error goes on
             log.warning("could not release reservation %s (its lease will end it): %s", reservation_id, exc)
+
+
+class AsyncMeter(Meter):
+    """``Meter`` for asyncio code (``openai.AsyncOpenAI``, ``anthropic.AsyncAnthropic``): the
+    enforcer's answers are awaited on a worker thread, and a cancelled call still publishes or
+    releases on its way out."""
+
+    @asynccontextmanager
+    async def admit(self, *, tenant: str, provider: str, model: str, input_tokens: int,  # type: ignore[override]
+                    max_tokens: int | None = None, n: int = 1, user: str | None = None,
+                    business_path: str | None = None, event_id: str | None = None,
+                    **context: str | None) -> AsyncIterator[Call]:
+        call = await asyncio.to_thread(self._reserve, tenant, provider, model, input_tokens, max_tokens, n, user,
+                                       business_path, event_id)
+        try:
+            yield call
+        finally:  # (shielded: a second cancellation must not leave the hold to its lease)
+            await asyncio.shield(asyncio.to_thread(self._finish, call, tenant, user, provider, model, context))

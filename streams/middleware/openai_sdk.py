@@ -17,18 +17,47 @@ their own rules, are not in it).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, ExitStack
 from typing import Any
 
 import openai
 
-from streams.middleware.meter import Meter
+from streams.middleware.meter import AsyncMeter, Call, Meter
 
 
 def input_bound(messages: Any) -> int:
     """An upper bound of the prompt's tokens: its messages' size in UTF-8 bytes."""
     return len(json.dumps(messages, ensure_ascii=False, default=str).encode())
+
+
+def _admission(kwargs: dict[str, Any], tenant: str, user: str | None, context: dict[str, str | None]) -> dict[str, Any]:
+    return dict(tenant=tenant, user=user, provider="openai", model=kwargs["model"],
+                input_tokens=input_bound(kwargs.get("messages")), n=kwargs.get("n") or 1,
+                max_tokens=kwargs.get("max_completion_tokens") or kwargs.get("max_tokens"), **context)
+
+
+def _ask_for_usage(kwargs: dict[str, Any]) -> bool:
+    """Makes a stream end with its usage; returns whether the caller asked for that chunk itself."""
+    asked = bool((kwargs.get("stream_options") or {}).get("include_usage"))
+    kwargs["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
+    return asked
+
+
+def _record(call: Call, usage: Any) -> None:
+    call.record(raw_usage=usage.model_dump(exclude_none=True), raw_usage_format="openai_chat")
+
+
+def _observe(call: Call, chunk: Any, asked: bool) -> bool:
+    """Takes what a stream's chunk says of usage; returns whether the caller gets the chunk."""
+    if chunk.usage is not None:
+        _record(call, chunk.usage)
+        if not chunk.choices and not asked:
+            return False  # the usage chunk the caller did not ask for
+    for choice in chunk.choices:
+        if choice.delta and choice.delta.content:
+            call.output_tokens_seen += 1  # (a chunk carries about one token)
+    return True
 
 
 class MeteredChat:
@@ -37,16 +66,13 @@ class MeteredChat:
         self.client, self.meter, self.tenant, self.user, self.context = client, meter, tenant, user, context
 
     def create(self, **kwargs: Any) -> Any:
-        admission = dict(tenant=self.tenant, user=self.user, provider="openai", model=kwargs["model"],
-                         input_tokens=input_bound(kwargs.get("messages")), n=kwargs.get("n") or 1,
-                         max_tokens=kwargs.get("max_completion_tokens") or kwargs.get("max_tokens"), **self.context)
+        admission = _admission(kwargs, self.tenant, self.user, self.context)
         if not kwargs.get("stream"):
             with self.meter.admit(**admission) as call:
                 response = self.client.chat.completions.create(**kwargs)
-                call.record(raw_usage=response.usage.model_dump(exclude_none=True), raw_usage_format="openai_chat")
+                _record(call, response.usage)
                 return response
-        asked = bool((kwargs.get("stream_options") or {}).get("include_usage"))
-        kwargs["stream_options"] = {**(kwargs.get("stream_options") or {}), "include_usage": True}
+        asked = _ask_for_usage(kwargs)
         stack = ExitStack()
         call = stack.enter_context(self.meter.admit(**admission))  # refused here, before any chunk
         try:
@@ -57,15 +83,42 @@ class MeteredChat:
         return self._chunks(stream, call, stack, asked)
 
     @staticmethod
-    def _chunks(stream: Any, call: Any, stack: ExitStack, asked: bool) -> Iterator[Any]:
+    def _chunks(stream: Any, call: Call, stack: ExitStack, asked: bool) -> Iterator[Any]:
         with stack:
             call.started()
             for chunk in stream:
-                if chunk.usage is not None:
-                    call.record(raw_usage=chunk.usage.model_dump(exclude_none=True), raw_usage_format="openai_chat")
-                    if not chunk.choices and not asked:
-                        continue  # the usage chunk the caller did not ask for
-                for choice in chunk.choices:
-                    if choice.delta and choice.delta.content:
-                        call.output_tokens_seen += 1  # (a chunk carries about one token)
-                yield chunk
+                if _observe(call, chunk, asked):
+                    yield chunk
+
+
+class AsyncMeteredChat:
+    """``MeteredChat`` for ``openai.AsyncOpenAI``, with an ``AsyncMeter``."""
+
+    def __init__(self, client: openai.AsyncOpenAI, meter: AsyncMeter, *, tenant: str, user: str | None = None,
+                 **context: str | None) -> None:
+        self.client, self.meter, self.tenant, self.user, self.context = client, meter, tenant, user, context
+
+    async def create(self, **kwargs: Any) -> Any:
+        admission = _admission(kwargs, self.tenant, self.user, self.context)
+        if not kwargs.get("stream"):
+            async with self.meter.admit(**admission) as call:
+                response = await self.client.chat.completions.create(**kwargs)
+                _record(call, response.usage)
+                return response
+        asked = _ask_for_usage(kwargs)
+        stack = AsyncExitStack()
+        call = await stack.enter_async_context(self.meter.admit(**admission))
+        try:
+            stream = await self.client.chat.completions.create(**kwargs)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self._chunks(stream, call, stack, asked)
+
+    @staticmethod
+    async def _chunks(stream: Any, call: Call, stack: AsyncExitStack, asked: bool) -> AsyncIterator[Any]:
+        async with stack:
+            call.started()
+            async for chunk in stream:
+                if _observe(call, chunk, asked):
+                    yield chunk

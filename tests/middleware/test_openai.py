@@ -84,3 +84,27 @@ def test_a_stream_the_caller_stops_reading_is_recorded_with_what_it_got(setup):
     stream.close()   # the caller gives up after one chunk
     [event] = published(setup, 1)
     assert (event.tags, event.usage.output_tokens) == ({"usage": "estimated"}, 1)
+
+
+def test_the_async_client_is_metered_alike_and_a_cancelled_stream_is_recorded(setup):
+    import asyncio
+
+    from streams.middleware.meter import AsyncMeter
+    from streams.middleware.openai_sdk import AsyncMeteredChat
+
+    meter = AsyncMeter(setup["meter"].enforcer, setup["producer"], service="chat-api")
+    chat = AsyncMeteredChat(openai.AsyncOpenAI(base_url=setup["provider"].url, api_key="test", max_retries=0), meter,
+                            tenant="acme")
+
+    async def calls() -> str:
+        response = await chat.create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=50)
+        stream = await chat.create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=50, stream=True)
+        async for _ in stream:
+            break   # the caller stops after one chunk
+        await stream.aclose()
+        return response.choices[0].message.content
+
+    assert asyncio.run(calls()) == "Hello there."
+    first, second = published(setup, 2)
+    assert (first.raw_usage, first.service) == (USAGE, "chat-api")
+    assert (second.tags, second.usage.output_tokens) == ({"usage": "estimated"}, 1)
