@@ -23,12 +23,11 @@ from typing import NamedTuple
 
 from schemas.usage import TokenUsage, UsageEvent
 from streams.enforcement.reservations import Estimate, ReservationRequest
-from streams.stages.pricing import Pricer
+from streams.stages.pricing import MONEY_QUANTUM, Pricer
 
 #: Tokens of the probes a model's rates are read from: enough that a rate of 1e-12 USD a token shows.
 _PROBE = 1_000_000
 _PER_TOKEN = Decimal(_PROBE)
-_CENT_PLACES = Decimal("1e-12")
 
 
 class Rates(NamedTuple):
@@ -59,7 +58,7 @@ class Estimator:
             return Estimate(self.unknown_usd, tokens, Decimal(1), bounded=False)
         cost = request.input_tokens * rates.input + output * rates.output
         # Rounded up: the stream rounds each class to 12 places, half-even; this stays above it.
-        return Estimate(cost.quantize(_CENT_PLACES, rounding=ROUND_CEILING) + rates.fee, tokens, Decimal(1))
+        return Estimate(cost.quantize(MONEY_QUANTUM, rounding=ROUND_CEILING) + rates.fee, tokens, Decimal(1))
 
     def _rates_of(self, tenant: str, provider: str, model: str, at: datetime) -> Rates | None:
         key = (tenant, provider, model, at.replace(second=0, microsecond=0))

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from schemas.quota import QuotaState, limit_key
 from streams.config import Strict
-from streams.stages.plans import Limit, Plans, window_bounds
+from streams.stages.plans import Plans, window_bounds
 
 _ZERO = Decimal(0)
 Name = Annotated[str, Field(min_length=1, max_length=256)]
@@ -159,7 +159,7 @@ class ReservationBook:
             for limit in limits:
                 scope = limit.scope_value(request.user_id, request.model, request.business_path)
                 amount = estimate.of(limit.metric)
-                if scope is None or amount is None or (limit.hard_cap is None and not _soft(limit)):
+                if scope is None or amount is None:  # (amount: None for a metric no call can bound beforehand)
                     continue
                 start, end = window_bounds(limit.window, now, zone)
                 window = (limit_key(request.tenant_id, limit.id, scope), start)
@@ -278,9 +278,3 @@ class ReservationBook:
                     if amount:
                         self._held[window] = self._held.get(window, _ZERO) + amount
             return len(self.holds)
-
-
-def _soft(limit: Limit) -> bool:
-    """A limit without a hard cap still flags calls past it as overage."""
-    return limit.metric in ("cost_usd", "tokens", "requests")
-

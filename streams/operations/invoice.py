@@ -29,6 +29,7 @@ from clickhouse_connect.driver.client import Client
 
 from streams.errors import CostlineError
 from streams.stages.plans import Plans, window_bounds
+from streams.stages.pricing import MONEY_QUANTUM
 from streams.stages.rating import Rating, Usage, quantities, rate, usage_amount
 from streams.storage.query import run_readonly, sql_string, sql_time
 from streams.storage.sink import ClickHouseSink, SinkFailed
@@ -111,12 +112,11 @@ def invoice(plans: Plans, tenant: str, period: str, run_query: Query) -> Invoice
     totals = quantities(card, groups)
     return Invoice(tenant, period, start, end, rate(card, totals),
                    cost_usd=sum((usage.cost_usd for _, usage in groups), Decimal(0)),
-                   streamed_usd=sum((Decimal(row[8] or 0) for row in rows), Decimal(0)).quantize(_PLACES),
+                   streamed_usd=sum((Decimal(row[8] or 0) for row in rows), Decimal(0)).quantize(MONEY_QUANTUM),
                    unrated_calls=sum(row[9] for row in rows),
-                   rated_usage_usd=usage_amount(card, totals).quantize(_PLACES))
+                   rated_usage_usd=usage_amount(card, totals).quantize(MONEY_QUANTUM))
 
 
-_PLACES = Decimal("1e-12")
 
 
 #: Attempts at writing an invoice before ``record`` gives up (a worker's own batches retry without end).
@@ -131,7 +131,7 @@ def record(sink: ClickHouseSink, bill: Invoice, issued_at: datetime | None = Non
     head = IssuedInvoice(invoice_id, bill.tenant, bill.period, bill.start, bill.end, at, "USD", bill.total,
                          bill.cost_usd, bill.margin_usd, bill.streamed_usd, bill.rated_usage_usd, bill.unrated_calls)
     lines = [IssuedLine(invoice_id, bill.tenant, bill.period, at, position, line.id, line.kind, line.description,
-                        line.quantity.quantize(_PLACES), line.unit_amount, line.unrounded.quantize(_PLACES),
+                        line.quantity.quantize(MONEY_QUANTUM), line.unit_amount, line.unrounded.quantize(MONEY_QUANTUM),
                         line.amount)
              for position, line in enumerate(bill.rating.lines)]
     # The lines first: an issue whose head row is there is complete.

@@ -47,10 +47,10 @@ from zoneinfo import ZoneInfo
 
 from schemas.attributed import AttributedUsage
 from streams.stages.plans import Plans, WatermarkBound, window_bounds
+from streams.stages.pricing import MONEY_QUANTUM
 from streams.stages.rating import EXACT, Charge, RateCard, capped, charge_amount, increment, net, segment_of
 
 _ZERO = Decimal(0)
-_PLACES = Decimal("1e-12")
 #: Entries kept by the look-up memos (tenant → card; call → matching charges).
 _MEMO_SIZE = 50_000
 
@@ -91,11 +91,11 @@ def stamped(record: AttributedUsage, outcome: RevenueOutcome, late: bool | None 
     """The record with its revenue, margin and billing period (and ``late``: by default the
     outcome's), or the record itself when there is nothing to add."""
     late = outcome.late if late is None else late
-    revenue = outcome.revenue
-    if revenue is None:
-        return record.model_copy(update={"late": True}) if late and not record.late else record
-    return record.model_copy(update={"late": late, "revenue_usd": revenue, "margin_usd": revenue - record.cost_usd,
-                                     "billing_period": outcome.period})
+    if outcome.revenue is None and (record.late or not late):
+        return record
+    copy = record.model_copy()
+    stamp_fresh(copy, outcome, late)
+    return copy
 
 
 def stamp_fresh(record: AttributedUsage, outcome: RevenueOutcome, late: bool) -> None:
@@ -189,7 +189,7 @@ class RevenueMeter:
         derived = self._derived.get((tenant, period.start_text))
         if derived is None:  # (new, or restored from the changelog: under the card in force now)
             running = _running(card, state)
-            derived = self._derived[(tenant, period.start_text)] = [running, capped(card, running).quantize(_PLACES), {}]
+            derived = self._derived[(tenant, period.start_text)] = [running, capped(card, running).quantize(MONEY_QUANTUM), {}]
         running, billed_before, segments = derived
         added = _ZERO
         q = state["q"]
@@ -208,7 +208,7 @@ class RevenueMeter:
                 v[cid] = v.get(cid, _ZERO) + step
             added += net(charge, step)
         derived[0] = running = running + added
-        derived[1] = billed = capped(card, running).quantize(_PLACES)
+        derived[1] = billed = capped(card, running).quantize(MONEY_QUANTUM)
         revenue = billed - billed_before
         table[tenant] = entry
         return RevenueOutcome(revenue, False, period.label)
