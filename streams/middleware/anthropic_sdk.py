@@ -12,13 +12,12 @@ merged over the start's. ``max_tokens`` is required by the API, so the output bo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
 
-from streams.middleware.meter import Meter
+from streams.middleware.meter import Call, Meter
 from streams.middleware.openai_sdk import input_bound
 
 
@@ -36,27 +35,24 @@ class MeteredMessages:
                 reply = self.client.messages.create(**kwargs)
                 call.record(raw_usage=reply.usage.model_dump(exclude_none=True), raw_usage_format="anthropic_messages")
                 return reply
-        stack = ExitStack()
-        call = stack.enter_context(self.meter.admit(**admission))  # refused here, before any event
-        try:
-            stream = self.client.messages.create(**kwargs)
-        except BaseException:
-            stack.close()
-            raise
-        return self._events(stream, call, stack)
+        return self.meter.stream(admission, lambda: self.client.messages.create(**kwargs), _observer())
 
-    @staticmethod
-    def _events(stream: Any, call: Any, stack: ExitStack) -> Iterator[Any]:
-        with stack:
-            call.started()
-            usage: dict[str, Any] = {}
-            for event in stream:
-                if event.type == "message_start":
-                    usage = event.message.usage.model_dump(exclude_none=True)
-                elif event.type == "message_delta" and event.usage is not None:
-                    # Cumulative: each delta's counts replace the ones before (a sum would count twice).
-                    usage = {**usage, **event.usage.model_dump(exclude_none=True)}
-                    call.record(raw_usage=usage, raw_usage_format="anthropic_messages")
-                elif event.type == "content_block_delta":
-                    call.output_tokens_seen += 1  # (a delta carries about one token)
-                yield event
+
+def _observer() -> Callable[[Call, Any], bool]:
+    """What a stream's events say of usage: ``message_start`` the input side, then each
+    ``message_delta`` the usage so far (cumulative: its counts replace the ones before, a sum would
+    count twice)."""
+    usage: dict[str, Any] = {}
+
+    def observe(call: Call, event: Any) -> bool:
+        nonlocal usage
+        if event.type == "message_start":
+            usage = event.message.usage.model_dump(exclude_none=True)
+        elif event.type == "message_delta" and event.usage is not None:
+            usage = {**usage, **event.usage.model_dump(exclude_none=True)}
+            call.record(raw_usage=usage, raw_usage_format="anthropic_messages")
+        elif event.type == "content_block_delta":
+            call.output_tokens_seen += 1  # (a delta carries about one token)
+        return True
+
+    return observe

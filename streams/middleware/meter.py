@@ -30,11 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas.usage import TokenUsage, UsageEvent
 from streams.enforcement.client import EnforcerClient
@@ -42,6 +42,7 @@ from streams.errors import CostlineError
 from streams.messaging.producer import UsageProducer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Refused(CostlineError):
@@ -103,6 +104,20 @@ class Meter:
         finally:
             self._finish(call, tenant, user, provider, model, context)
 
+    def stream(self, admission: dict[str, Any], open_stream: Callable[[], Iterable[T]],
+               observe: Callable[[Call, T], bool]) -> Iterator[T]:
+        """A provider's stream, metered: reserved now (``Refused`` before any item), each item shown
+        to ``observe`` (which records usage and says whether the caller gets the item), and
+        published or released when the stream ends, fails or is closed by the caller."""
+        stack = ExitStack()
+        call = stack.enter_context(self.admit(**admission))
+        try:
+            items = open_stream()
+        except BaseException:
+            stack.close()
+            raise
+        return _metered(items, call, stack, observe)
+
     def _reserve(self, tenant: str, provider: str, model: str, input_tokens: int, max_tokens: int | None, n: int,
                  user: str | None, business_path: str | None, event_id: str | None) -> Call:
         event_id = event_id or uuid.uuid4().hex
@@ -158,3 +173,32 @@ class AsyncMeter(Meter):
             yield call
         finally:  # (shielded: a second cancellation must not leave the hold to its lease)
             await asyncio.shield(asyncio.to_thread(self._finish, call, tenant, user, provider, model, context))
+
+    async def stream(self, admission: dict[str, Any], open_stream: Callable[[], Awaitable[AsyncIterable[T]]],  # type: ignore[override]
+                     observe: Callable[[Call, T], bool]) -> AsyncIterator[T]:
+        """``Meter.stream`` for an async provider stream (awaited open, async items)."""
+        stack = AsyncExitStack()
+        call = await stack.enter_async_context(self.admit(**admission))
+        try:
+            items = await open_stream()
+        except BaseException:
+            await stack.aclose()
+            raise
+        return _metered_async(items, call, stack, observe)
+
+
+def _metered(items: Iterable[T], call: Call, stack: ExitStack, observe: Callable[[Call, T], bool]) -> Iterator[T]:
+    with stack:
+        call.started()
+        for item in items:
+            if observe(call, item):
+                yield item
+
+
+async def _metered_async(items: AsyncIterable[T], call: Call, stack: AsyncExitStack,
+                         observe: Callable[[Call, T], bool]) -> AsyncIterator[T]:
+    async with stack:
+        call.started()
+        async for item in items:
+            if observe(call, item):
+                yield item

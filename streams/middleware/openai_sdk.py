@@ -17,8 +17,6 @@ their own rules, are not in it).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, ExitStack
 from typing import Any
 
 import openai
@@ -73,22 +71,8 @@ class MeteredChat:
                 _record(call, response.usage)
                 return response
         asked = _ask_for_usage(kwargs)
-        stack = ExitStack()
-        call = stack.enter_context(self.meter.admit(**admission))  # refused here, before any chunk
-        try:
-            stream = self.client.chat.completions.create(**kwargs)
-        except BaseException:
-            stack.close()
-            raise
-        return self._chunks(stream, call, stack, asked)
-
-    @staticmethod
-    def _chunks(stream: Any, call: Call, stack: ExitStack, asked: bool) -> Iterator[Any]:
-        with stack:
-            call.started()
-            for chunk in stream:
-                if _observe(call, chunk, asked):
-                    yield chunk
+        return self.meter.stream(admission, lambda: self.client.chat.completions.create(**kwargs),
+                                 lambda call, chunk: _observe(call, chunk, asked))
 
 
 class AsyncMeteredChat:
@@ -106,19 +90,5 @@ class AsyncMeteredChat:
                 _record(call, response.usage)
                 return response
         asked = _ask_for_usage(kwargs)
-        stack = AsyncExitStack()
-        call = await stack.enter_async_context(self.meter.admit(**admission))
-        try:
-            stream = await self.client.chat.completions.create(**kwargs)
-        except BaseException:
-            await stack.aclose()
-            raise
-        return self._chunks(stream, call, stack, asked)
-
-    @staticmethod
-    async def _chunks(stream: Any, call: Call, stack: AsyncExitStack, asked: bool) -> AsyncIterator[Any]:
-        async with stack:
-            call.started()
-            async for chunk in stream:
-                if _observe(call, chunk, asked):
-                    yield chunk
+        return await self.meter.stream(admission, lambda: self.client.chat.completions.create(**kwargs),
+                                       lambda call, chunk: _observe(call, chunk, asked))
