@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -57,22 +56,28 @@ def worker() -> None:
 @cli.command()
 def enforcer() -> None:
     """Serve allow / warn / block decisions per tenant from quota.state and quota.alerts, until Ctrl-C."""
-    from streams.enforcement.enforcer import Enforcer, make_server
+    from streams.enforcement.enforcer import Enforcer
+    from streams.enforcement.server import EnforcerServer
     from streams.messaging.topics import check_reachable
 
     settings = _settings()
     check_reachable(settings)
     running = Enforcer(settings).start()
-    server = make_server(running, settings.enforcer_host, settings.enforcer_port, settings.enforcer_token)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    server = EnforcerServer(running, settings.enforcer_host, settings.enforcer_port, settings.enforcer_token)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    layout = running.layout
     err.print(f"enforcer serving on http://{settings.enforcer_host}:{settings.enforcer_port}/v1/decisions/{{tenant}}"
-              + (" (bearer token required)" if settings.enforcer_token else ""))
+              + (" (bearer token required)" if settings.enforcer_token else "")
+              + (f"; reservations of the tenants of peer {layout.me + 1} of {len(layout.peers)}"
+                 if len(layout.peers) > 1 else ""))
     try:
-        server.serve_forever(poll_interval=0.2)
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        raise CostlineError(f"the enforcer cannot listen on {settings.enforcer_host}:{settings.enforcer_port}: "
+                            f"{exc.strerror}; set COSTLINE_ENFORCER_PORT to a free port") from None
     finally:
-        server.server_close()
         running.stop()
 
 

@@ -64,6 +64,8 @@ _ENV = {
     "enforcer_host": "COSTLINE_ENFORCER_HOST",
     "enforcer_port": "COSTLINE_ENFORCER_PORT",
     "enforcer_token": "COSTLINE_ENFORCER_TOKEN",
+    "enforcer_url": "COSTLINE_ENFORCER_URL",
+    "enforcer_peers": "COSTLINE_ENFORCER_PEERS",
     "fault_injection": "COSTLINE_FAULT_INJECTION",
     "role": "COSTLINE_ROLE",
     "log_format": "COSTLINE_LOG_FORMAT",
@@ -105,6 +107,11 @@ class Settings(BaseModel):
     enforcer_host: str = "127.0.0.1"
     enforcer_port: int = Field(default=6067, ge=1, le=65535)
     enforcer_token: str | None = Field(default=None, repr=False)
+    #: This enforcer's base URL as clients and the other enforcers reach it (default: from host and port).
+    enforcer_url: str = ""
+    #: The base URLs of all the enforcers sharing the tenants, comma-separated, the same list in
+    #: the same order on each (``streams.enforcement.layout``); empty: this one serves them all.
+    enforcer_peers: str = ""
     #: A reservation without ``max_tokens`` holds this many output tokens (``streams.enforcement.estimate``).
     reserve_max_output_tokens: int = Field(default=8192, ge=1, le=10_000_000)
     #: What a reservation for a model without a known price holds (it is then not a bound).
@@ -136,11 +143,15 @@ class Settings(BaseModel):
         if settings.web_token is None and not is_loopback(settings.web_host):
             raise SettingsError(f"COSTLINE_WEB_HOST={settings.web_host!r} is reachable from other hosts: set "
                                 "COSTLINE_WEB_TOKEN, which its endpoints then require as a bearer token")
+        if settings.enforcer_token is None and not is_loopback(settings.enforcer_host):
+            raise SettingsError(f"COSTLINE_ENFORCER_HOST={settings.enforcer_host!r} is reachable from other hosts: "
+                                "set COSTLINE_ENFORCER_TOKEN, which its endpoints then require as a bearer token")
         home = settings.home.resolve()
         return settings.model_copy(update={
             "home": home,
             "config_dir": settings.config_dir.resolve(),
             "clickhouse_url": settings.clickhouse_url or f"chdb://{home / 'chdb'}",
+            "enforcer_url": settings.enforcer_url or f"http://{settings.enforcer_host}:{settings.enforcer_port}",
         })
 
     @property

@@ -18,21 +18,21 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from pydantic import ValidationError
 
 from schemas.quota import QuotaAlert, QuotaState, limit_key
 from streams.enforcement.estimate import Estimator
+from streams.enforcement.layout import EnforcerLayout
 from streams.enforcement.reservations import ReservationBook, ReservationRequest
 from streams.errors import CostlineError
-from streams.httpjson import bearer_ok
 from streams.messaging.topics import READ_TRANSACTIONAL
 from streams.settings import Settings
 from streams.stages.attribution import Attribution
@@ -41,8 +41,6 @@ from streams.stages.plans import Plans
 log = logging.getLogger(__name__)
 
 Verdict = Literal["allow", "warn", "block"]
-#: The largest request body the enforcer reads (a reservation is a few hundred bytes).
-MAX_BODY_BYTES = 16_384
 #: How long a grant waits for its journal record to be acknowledged before it is refused.
 JOURNAL_TIMEOUT_S = 5.0
 
@@ -144,6 +142,11 @@ class DecisionBook:
 class JournalFailed(CostlineError):
     """A reservation could not be made durable: it is not granted."""
 
+    @classmethod
+    def timed_out(cls, topic: str) -> JournalFailed:
+        return cls(f"the reservation could not be written to {topic}: no answer from Kafka "
+                   f"in {JOURNAL_TIMEOUT_S:.0f} s; retry it")
+
 
 class KafkaJournal:
     """The reservations' journal on the compacted ``quota.reservations`` topic: a grant is written
@@ -153,28 +156,45 @@ class KafkaJournal:
 
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.topics.reservations
+        # linger.ms 1: the grants of a burst share a request to the broker (one round trip to all
+        # replicas, ~3 ms) instead of queueing behind each other's; the idempotent producer keeps
+        # a record and the tombstone after it in order.
         self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all",
-                                  "enable.idempotence": True, "linger.ms": 0})
+                                  "enable.idempotence": True, "linger.ms": 1})
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="reservation-journal", daemon=True)
         self._poller.start()
 
-    def __call__(self, reservation_id: str, record: dict[str, Any] | None) -> None:
-        key = reservation_id.encode()
-        if record is None:
-            self.producer.produce(self.topic, key=key, value=None)
-            return
-        delivered, failures = threading.Event(), []
+    def write(self, reservation_id: str, record: dict[str, Any]) -> Future[None]:
+        """Sends a grant's record; the future ends when the broker has it (or raises ``JournalFailed``)."""
+        written: Future[None] = Future()
+        topic = self.topic
 
         def report(error: KafkaError | None, _: object) -> None:
-            if error is not None:
-                failures.append(error)
-            delivered.set()
+            try:
+                if error is None:
+                    written.set_result(None)
+                else:
+                    written.set_exception(JournalFailed(f"the reservation could not be written to {topic}: "
+                                                        f"{error.str()}; retry it"))
+            except InvalidStateError:  # (cancelled: its caller stopped waiting and released the hold)
+                pass
 
-        self.producer.produce(self.topic, key=key, value=json.dumps(record).encode(), on_delivery=report)
-        if not delivered.wait(JOURNAL_TIMEOUT_S) or failures:
-            raise JournalFailed(f"the reservation could not be written to {self.topic}: "
-                                f"{failures[0].str() if failures else 'no answer from Kafka'}; retry it")
+        try:
+            self.producer.produce(topic, key=reservation_id.encode(), value=json.dumps(record).encode(),
+                                  on_delivery=report)
+        except (BufferError, KafkaException) as exc:
+            written.set_exception(JournalFailed(f"the reservation could not be written to {topic}: {exc}; retry it"))
+        return written
+
+    def __call__(self, reservation_id: str, record: dict[str, Any] | None) -> None:
+        if record is None:
+            self.producer.produce(self.topic, key=reservation_id.encode(), value=None)
+            return
+        try:
+            self.write(reservation_id, record).result(JOURNAL_TIMEOUT_S)
+        except FutureTimeout:
+            raise JournalFailed.timed_out(self.topic) from None
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -224,8 +244,11 @@ class Enforcer:
         self.settings = settings
         self.book = book or DecisionBook()
         self.journal = KafkaJournal(settings) if durable else None
+        self.layout = EnforcerLayout.from_settings(settings)
         self.reservations = ReservationBook(Plans.from_file(settings.plans_file), self.book.usage_of,
-                                            journal=self.journal)
+                                            journal=self.journal, new_id=self.layout.reservation_id)
+        #: Grants whose journal write is in flight: a retry of one waits for the same write.
+        self._pending: dict[str, Future[None]] = {}
         self.estimator = Estimator(Attribution.from_settings(settings).pricer, settings.reserve_max_output_tokens,
                                    settings.reserve_unknown_usd)
         self.ready = threading.Event()
@@ -252,11 +275,42 @@ class Enforcer:
     def decide(self, tenant: str, **scope: str | None) -> Decision:
         return self.book.decide(tenant, **scope)
 
+    @property
+    def journal_topic(self) -> str:
+        return self.settings.topics.reservations
+
     def reserve(self, request: ReservationRequest, now: datetime | None = None) -> dict[str, Any]:
+        """``admit``, waiting for the journal: for a gateway that embeds the enforcer."""
+        answer, durable = self.admit(request, now)
+        if durable is not None:
+            try:
+                durable.result(JOURNAL_TIMEOUT_S)
+            except FutureTimeout:
+                durable.cancel()
+                raise JournalFailed.timed_out(self.journal_topic) from None
+        return answer
+
+    def admit(self, request: ReservationRequest, now: datetime | None = None) -> tuple[dict[str, Any],
+                                                                                       Future[None] | None]:
+        """The answer to a reservation request, and, for a grant, the future of its journal write,
+        which must end before the answer is given (None when there is nothing to wait for). A
+        write that fails or is cancelled releases its hold."""
         if not self.ready.is_set():  # (reservations restored and the counted usage read)
             raise EnforcerStarting("the enforcer is starting: retry in a moment")
         now = now or datetime.now(UTC)
-        return self.reservations.reserve(request, self.estimator.estimate(request, now), now)
+        answer, hold = self.reservations.grant(request, self.estimator.estimate(request, now), now)
+        if hold is None or self.journal is None:
+            return answer, self._pending.get(answer.get("reservation_id", ""))
+        reservation_id = hold.reservation_id
+        durable = self._pending[reservation_id] = self.journal.write(reservation_id, hold.to_record())
+
+        def written(future: Future[None]) -> None:
+            self._pending.pop(reservation_id, None)
+            if future.cancelled() or future.exception() is not None:
+                self.reservations.release(reservation_id)
+
+        durable.add_done_callback(written)
+        return answer, durable
 
     def _run(self) -> None:
         topics = self.settings.topics
@@ -269,7 +323,9 @@ class Enforcer:
         })
         try:
             if self.journal is not None:
-                restored = self.reservations.restore(read_journal(consumer, topics.reservations), datetime.now(UTC))
+                mine = [record for record in read_journal(consumer, topics.reservations)
+                        if self.layout.owns(record["tenant_id"])]  # (the other enforcers restore theirs)
+                restored = self.reservations.restore(mine, datetime.now(UTC))
                 log.info("reservations restored: %d live", restored)
             metadata = consumer.list_topics(timeout=10)
             deadline = time.monotonic() + 10  # a topic created a moment ago can be missing from metadata
@@ -326,121 +382,3 @@ class Enforcer:
         except ValidationError as exc:
             self.errors += 1
             log.warning("ignored a malformed record on %s: %s", topic, exc.errors()[0]["msg"])
-
-
-def make_server(enforcer: Enforcer, host: str, port: int, token: str | None) -> ThreadingHTTPServer:
-    """``GET /v1/decisions/{tenant}[?user=&model=&business_path=]``, ``POST /v1/reservations``,
-    ``POST /v1/reservations/{id}/release`` and ``GET /v1/health``. With a token configured, all
-    but the health check need ``Authorization: Bearer <token>``."""
-
-    class Handler(BaseHTTPRequestHandler):
-        #: Connections are kept alive between requests (every answer has its Content-Length): a
-        #: gateway's requests then cost no new connection and no new thread each. An idle
-        #: connection is closed after the read timeout.
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:  # noqa: N802 - the http.server hook
-            url = urlsplit(self.path)
-            if url.path == "/v1/health":
-                ready = enforcer.ready.is_set()
-                self._send(200 if ready else 503, {"status": "ok" if ready else "starting",
-                                                   "states_applied": enforcer.book.applied,
-                                                   "reservations": {"live": len(enforcer.reservations.holds),
-                                                                    **vars(enforcer.reservations.counters)},
-                                                   "errors": enforcer.errors})
-                return
-            if not url.path.startswith("/v1/decisions/") or len(url.path) <= len("/v1/decisions/"):
-                self._send(404, {"error": "use GET /v1/decisions/{tenant} or GET /v1/health"})
-                return
-            if not bearer_ok(self.headers.get("Authorization"), token):
-                self._send(401, {"error": "missing or wrong bearer token"})
-                return
-            tenant = unquote(url.path[len("/v1/decisions/"):])
-            query = {k: v[-1] for k, v in parse_qs(url.query).items() if k in ("user", "model", "business_path")}
-            self._send(200, enforcer.decide(tenant, **query).to_json())
-
-        def do_POST(self) -> None:  # noqa: N802 - the http.server hook
-            # The body is read first, whatever the answer: on a kept-alive connection an unread
-            # body would be taken for the next request.
-            body = self._body()
-            if body is None:
-                return
-            path = urlsplit(self.path).path
-            if not bearer_ok(self.headers.get("Authorization"), token):
-                self._send(401, {"error": "missing or wrong bearer token"})
-                return
-            if path == "/v1/reservations":
-                try:
-                    request = ReservationRequest.model_validate_json(body)
-                except ValidationError as exc:
-                    error = exc.errors()[0]
-                    where = ".".join(map(str, error["loc"])) or "body"
-                    self._send(400, {"error": f"{where}: {error['msg']}"})
-                    return
-                try:
-                    self._send(200, enforcer.reserve(request))
-                except CostlineError as exc:  # starting, or the journal did not take it: retry
-                    self._send(503, {"error": str(exc)})
-                return
-            parts = path.split("/")
-            if len(parts) == 5 and parts[:3] == ["", "v1", "reservations"] and parts[4] == "release" and parts[3]:
-                self._send(200, {"released": enforcer.reservations.release(unquote(parts[3]))})
-                return
-            self._send(404, {"error": "use POST /v1/reservations or POST /v1/reservations/{id}/release"})
-
-        def _body(self) -> bytes | None:
-            """The request's body, at most ``MAX_BODY_BYTES``; None once a 4xx has been sent."""
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if length < 0 or length > MAX_BODY_BYTES:
-                self._send(413 if length > MAX_BODY_BYTES else 400,
-                           {"error": f"send a JSON body of at most {MAX_BODY_BYTES} bytes, with its Content-Length"})
-                self.close_connection = True
-                return None
-            return self.rfile.read(length)
-
-        def _send(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server signature
-            log.debug("%s " + format, self.address_string(), *args)
-
-    return BoundedHTTPServer((host, port), Handler)
-
-
-class BoundedHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most ``MAX_CONNECTIONS`` at once, each given ``READ_TIMEOUT_S`` to
-    send its request. The standard library's server queues 5 connections (a burst of 300 clients
-    then waited up to 50 s) and waits without end for a request that is never finished (200
-    half-sent requests held 200 threads)."""
-
-    request_queue_size = 1024
-    daemon_threads = True
-    MAX_CONNECTIONS = 128
-    READ_TIMEOUT_S = 5.0
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        handler.timeout = self.READ_TIMEOUT_S  # socket timeout of each connection (StreamRequestHandler)
-        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
-        super().__init__(address, handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self._slots.acquire()  # past the limit, connections wait in the listen queue
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()

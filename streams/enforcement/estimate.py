@@ -54,11 +54,12 @@ class Estimator:
         output = (request.max_tokens or self.max_output_tokens) * request.n
         tokens = Decimal(request.input_tokens + output)
         rates = self._rates_of(request.tenant_id, request.provider, request.model, at)
+        sides = {"input_tokens": Decimal(request.input_tokens), "output_tokens": Decimal(output)}
         if rates is None:
-            return Estimate(self.unknown_usd, tokens, Decimal(1), bounded=False)
+            return Estimate(self.unknown_usd, tokens, Decimal(1), bounded=False, **sides)
         cost = request.input_tokens * rates.input + output * rates.output
         # Rounded up: the stream rounds each class to 12 places, half-even; this stays above it.
-        return Estimate(cost.quantize(MONEY_QUANTUM, rounding=ROUND_CEILING) + rates.fee, tokens, Decimal(1))
+        return Estimate(cost.quantize(MONEY_QUANTUM, rounding=ROUND_CEILING) + rates.fee, tokens, Decimal(1), **sides)
 
     def _rates_of(self, tenant: str, provider: str, model: str, at: datetime) -> Rates | None:
         key = (tenant, provider, model, at.replace(second=0, microsecond=0))

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal, localcontext
 from typing import Annotated, Any, NamedTuple
 
 from pydantic import Field
@@ -38,6 +38,8 @@ from pydantic import Field
 from schemas.quota import QuotaState, limit_key
 from streams.config import Strict
 from streams.stages.plans import Plans, window_bounds
+from streams.stages.pricing import MONEY_QUANTUM
+from streams.stages.rating import EXACT, RateCard, capped, increment_bound
 
 _ZERO = Decimal(0)
 Name = Annotated[str, Field(min_length=1, max_length=256)]
@@ -68,16 +70,36 @@ class Estimate(NamedTuple):
     tokens: Decimal
     requests: Decimal
     bounded: bool = True
+    input_tokens: Decimal = _ZERO
+    output_tokens: Decimal = _ZERO
 
     def of(self, metric: str) -> Decimal | None:
-        """The estimate of a metric, or None for one the enforcer cannot bound before the call."""
+        """The estimate of a metric, or None for one the enforcer cannot bound before the call
+        (``revenue_usd`` is bounded from the rate card: ``revenue_bound``)."""
         if metric == "cost_usd":
             return self.cost_usd
         if metric == "tokens":
             return self.tokens
         if metric == "requests":
             return self.requests
+        if metric == "input_tokens":
+            return self.input_tokens
+        if metric == "output_tokens":
+            return self.output_tokens
         return None
+
+
+def revenue_bound(card: RateCard, request: ReservationRequest, estimate: Estimate) -> Decimal:
+    """The most a call can add to its tenant's ``revenue_usd``: each charge it may count toward
+    (a filter on a field the request does not give, such as the feature, is taken to match) at
+    ``rating.increment_bound`` of the estimate's quantity, and no more than the spend cap (the
+    period's usage charges never pass it). An unbounded cost estimate makes a cost-plus charge's
+    bound a default, not a bound: the answer says so (``bounded``)."""
+    call = {"provider": request.provider, "model": request.model, "business_path": request.business_path}
+    with localcontext(EXACT):
+        bound = sum((increment_bound(charge, estimate.of(charge.metric) or _ZERO) for charge in card.charges
+                     if charge.when.matches(call, unknown_matches=True)), _ZERO)
+    return capped(card, bound).quantize(MONEY_QUANTUM, rounding=ROUND_CEILING)
 
 
 #: One window of one limit: (limit key, window start).
@@ -134,6 +156,9 @@ class ReservationBook:
     holds: dict[str, Hold] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
     journal: Journal | None = None
+    #: A new reservation's id from its tenant (``EnforcerLayout.reservation_id`` puts the owner's
+    #: partition in it, so any enforcer can route its release).
+    new_id: Callable[[str], str] = lambda _tenant: uuid.uuid4().hex
     _by_key: dict[tuple[str, str], str] = field(default_factory=dict)
     #: The answers of holds already settled or released, until their lease would have ended: a
     #: retried request (same idempotency key) gets the same reservation, not a second hold.
@@ -145,20 +170,36 @@ class ReservationBook:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reserve(self, request: ReservationRequest, estimate: Estimate, now: datetime) -> dict[str, Any]:
-        """Grants or refuses a hold; the same idempotency key gets the same answer while its hold lives."""
+        """Grants or refuses a hold; the same idempotency key gets the same answer while its hold
+        lives. A new hold is journaled before it is answered."""
+        answer, hold = self.grant(request, estimate, now)
+        if hold is not None and self.journal is not None:
+            try:  # durable before it is answered: a restarted enforcer must hold it again
+                self.journal(hold.reservation_id, hold.to_record())
+            except Exception:
+                self.release(hold.reservation_id)
+                raise
+        return answer
+
+    def grant(self, request: ReservationRequest, estimate: Estimate, now: datetime) -> tuple[dict[str, Any],
+                                                                                              Hold | None]:
+        """The rule alone: the answer, and the new hold when one was made (not yet journaled: the
+        caller journals it before answering, and releases it when the journal fails)."""
         with self._lock:
             self._expire(now)
             ident = (request.tenant_id, request.idempotency_key)
             known = self._by_key.get(ident)
             if known is not None:
-                return self.holds[known].answer
+                return self.holds[known].answer, None
             if ident in self._answered:
-                return self._answered[ident][0]
-            limits, zone = self.plans.for_tenant(request.tenant_id)
-            checked, amounts, overage = [], {}, False
-            for limit in limits:
+                return self._answered[ident][0], None
+            plan, zone = self.plans.plan_of(request.tenant_id)
+            checked, amounts, overage, revenue = [], {}, False, None
+            for limit in plan.limits if plan else ():
                 scope = limit.scope_value(request.user_id, request.model, request.business_path)
                 amount = estimate.of(limit.metric)
+                if amount is None and limit.metric == "revenue_usd":  # (a revenue limit has a rate card)
+                    amount = revenue = revenue_bound(plan.rate_card, request, estimate) if revenue is None else revenue
                 if scope is None or amount is None:  # (amount: None for a metric no call can bound beforehand)
                     continue
                 start, end = window_bounds(limit.window, now, zone)
@@ -173,33 +214,26 @@ class ReservationBook:
                     if counted + held + amount > cap:
                         self.counters.refused += 1
                         return {"granted": False, "tenant_id": request.tenant_id, "refused_by": view,
-                                "bounded": estimate.bounded}
+                                "bounded": estimate.bounded}, None
                 if counted + held + amount >= limit.limit:
                     overage = True  # past the soft cap (the limit itself): served, flagged
                 amounts[window] = amount
                 checked.append(view)
-            reservation_id = uuid.uuid4().hex
+            reservation_id = self.new_id(request.tenant_id)
             expires = now + timedelta(seconds=request.lease_s)
             answer = {"granted": True, "reservation_id": reservation_id, "tenant_id": request.tenant_id,
                       "expires_at": expires.isoformat(), "overage": overage, "bounded": estimate.bounded,
                       "estimate_usd": format(estimate.cost_usd, "f"), "limits": checked}
-            self.holds[reservation_id] = Hold(reservation_id, request.tenant_id, request.idempotency_key, expires,
-                                              amounts, answer)
-            self._by_key[(request.tenant_id, request.idempotency_key)] = reservation_id
-            heapq.heappush(self._leases, (expires, reservation_id, (request.tenant_id, request.idempotency_key)))
+            hold = self.holds[reservation_id] = Hold(reservation_id, request.tenant_id, request.idempotency_key,
+                                                     expires, amounts, answer)
+            self._by_key[ident] = reservation_id
+            heapq.heappush(self._leases, (expires, reservation_id, ident))
             for window, amount in amounts.items():
                 if amount:
                     self._held[window] = self._held.get(window, _ZERO) + amount
             self.counters.granted += 1
             self.counters.unbounded += not estimate.bounded
-            hold = self.holds[reservation_id]
-        if self.journal is not None:
-            try:  # durable before it is answered: a restarted enforcer must hold it again
-                self.journal(reservation_id, hold.to_record())
-            except Exception:
-                self.release(reservation_id)
-                raise
-        return answer
+            return answer, hold
 
     def release(self, reservation_id: str) -> bool:
         """Drops a hold whose call was never made; False when there is none (settled, expired, unknown)."""

@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.messaging.partitioning import partition_of
 from streams.runtime.ports import BEGINNING, OnAssign, OnRevoke, TransactionFailed, TransportError
 from streams.runtime.processor import TopicPartitionKey
 from streams.runtime.state import ChangelogRecord
@@ -191,8 +192,8 @@ class MemoryTransactions:
                 timestamp: int = 0, headers: Any = None) -> None:
         if self.open is None:
             raise TransactionFailed("no transaction is open")
-        if partition < 0:  # a stable partition per key, as the murmur2 partitioner gives
-            partition = sum(key or b"") % self.broker.partitions
+        if partition < 0:  # where a real broker's murmur2 producer puts the key
+            partition = partition_of(key or b"", self.broker.partitions)
         self.open.append((topic, partition, key, value, timestamp, headers))
 
     def commit(self) -> None:

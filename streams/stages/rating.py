@@ -62,11 +62,15 @@ class ChargeFilter(Strict):
     business_path: list[str] | None = None
     feature: list[str] | None = None
 
-    def matches(self, call: Mapping[str, str | None]) -> bool:
+    def matches(self, call: Mapping[str, str | None], unknown_matches: bool = False) -> bool:
+        """``unknown_matches``: a field the call does not give (None) may match (a reservation's
+        upper bound, made before the stream has tagged the call); else it does not."""
         for name in ("provider", "model", "business_path", "feature"):
             globs = getattr(self, name)
             value = call.get(name)
-            if globs is not None and (value is None or not any(fnmatch.fnmatchcase(value, g) for g in globs)):
+            if globs is None or (value is None and unknown_matches):
+                continue
+            if value is None or not any(fnmatch.fnmatchcase(value, g) for g in globs):
                 return False
         return True
 
@@ -239,6 +243,26 @@ def increment(charge: Charge, before: Decimal, after: Decimal) -> Decimal:
     index, tier = _tier_of(charge.tiers, high)
     entered = index != _tier_of(charge.tiers, low)[0] or low == free
     return (high - low) * tier.unit_amount + (tier.flat_amount if entered else _ZERO)
+
+
+def increment_bound(charge: Charge, quantity: Decimal) -> Decimal:
+    """The most ``quantity`` more units can add to the charge's bill from any point of the period,
+    net of its discount: the dearest tier's price on every unit, every tier's flat amount (a call
+    can cross several bounds), and for packages one more package than the units fill (the call
+    may open one). Reservations hold this for a ``revenue_usd`` hard cap, so it must never be
+    below ``increment``; ``tests/stages/test_rating.py`` checks that it is not."""
+    if quantity <= 0:
+        return _ZERO
+    units = quantity / charge.per
+    if charge.price == "unit":
+        bound = units * charge.unit_amount
+    elif charge.price == "package":
+        packages = (units / charge.package_size).to_integral_value(rounding=ROUND_CEILING) + 1
+        bound = packages * charge.package_amount
+    else:
+        bound = (units * max(tier.unit_amount for tier in charge.tiers)
+                 + sum((tier.flat_amount for tier in charge.tiers), _ZERO))
+    return net(charge, bound)
 
 
 #: A straight piece of a charge's bill: (from, exclusive; up to, inclusive, None for no end; amount

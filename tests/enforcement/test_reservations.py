@@ -127,10 +127,11 @@ def test_the_estimate_is_the_worst_input_rate_and_max_tokens_times_n():
     bound = estimator.estimate(ReservationRequest(tenant_id="t", provider="anthropic", model="claude-sonnet-4-20250514",
                                                   input_tokens=10_000, max_tokens=1_000, n=2,
                                                   idempotency_key="k"), NOW)
-    assert bound == Estimate(D("0.09"), D(12_000), D(1))  # 10,000 x $6/M + 2,000 x $15/M
+    # 10,000 x $6/M + 2,000 x $15/M
+    assert bound == Estimate(D("0.09"), D(12_000), D(1), input_tokens=D(10_000), output_tokens=D(2_000))
     unknown = estimator.estimate(ReservationRequest(tenant_id="t", provider="acme-ai", model="secret-model",
                                                     idempotency_key="k"), NOW)
-    assert unknown == Estimate(D("0.50"), D(4096), D(1), bounded=False)
+    assert unknown == Estimate(D("0.50"), D(4096), D(1), bounded=False, input_tokens=D(0), output_tokens=D(4096))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -179,3 +180,30 @@ def test_concurrent_reservations_never_overspend_a_hard_cap_with_upper_bound_est
     assert stream(*SPEND) <= D(1)
     assert refusals and all(total > D(1) for total in refusals)
     assert book.holds == {} and book.counters.granted + book.counters.refused == 1000
+
+
+REVENUE_PLANS = Plans.model_validate({"default_plan": "p", "plans": {"p": {
+    "rate_card": {"charges": [
+        {"id": "out", "metric": "output_tokens", "per": 1_000_000, "price": "graduated",
+         "tiers": [{"up_to": 1, "unit_amount": 20}, {"unit_amount": 30, "flat_amount": 5}]},
+        {"id": "markup", "metric": "cost_usd", "price": "unit", "unit_amount": "1.5", "when": {"model": ["gpt-4o*"]}},
+        {"id": "support", "metric": "requests", "price": "unit", "unit_amount": 1, "when": {"feature": ["support"]}},
+        {"id": "claude", "metric": "requests", "price": "unit", "unit_amount": 100, "when": {"provider": ["anthropic"]}},
+    ]},
+    "limits": [{"id": "spend-cap", "metric": "revenue_usd", "window": "month", "limit": 50, "thresholds": [100],
+                "hard_cap": 100}]}}})
+
+
+def test_a_revenue_cap_holds_the_most_the_call_can_add_to_the_bill():
+    """Output at the dearest tier ($30/M) plus the second tier's $5 flat amount, cost-plus on the
+    cost bound, the support feature's fee (the feature is not known before the call: it may match);
+    the anthropic-only charge does not apply to an openai call."""
+    book = ReservationBook(REVENUE_PLANS, Stream())
+    estimate = Estimate(D("0.02"), D(2000), D(1), input_tokens=D(1000), output_tokens=D(1000))
+    first = book.reserve(request("a"), estimate, NOW)
+    # 1,000 x $30/M + $5 + 1.5 x $0.02 + $1 = $6.06 held against the $50 cap
+    assert first["limits"][0]["estimate"] == "6.060000000000"
+    answers = [book.reserve(request(f"r{i}"), estimate, NOW)["granted"] for i in range(8)]
+    assert answers == [True] * 7 + [False]   # 8 x $6.06 = $48.48; a ninth would pass $50
+    held = sum(hold.amounts[next(iter(hold.amounts))] for hold in book.holds.values())
+    assert held == D("48.48")

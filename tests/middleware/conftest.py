@@ -3,14 +3,14 @@ them, for the middleware's tests against local servers that speak each provider'
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 import pytest
 
 from schemas.usage import UsageEvent
 from streams.enforcement.client import EnforcerClient
-from streams.enforcement.enforcer import Enforcer, make_server
+from streams.enforcement.enforcer import Enforcer
+from streams.enforcement.server import EnforcerServer
 from streams.messaging.producer import UsageProducer
 from streams.messaging.topics import admin, ensure_topics
 from streams.middleware.meter import Meter
@@ -36,15 +36,13 @@ def metering(kafka_servers, tmp_path):
     ensure_topics(settings)
     enforcer = Enforcer(settings, durable=False)  # not fed from Kafka here: nothing counted, only holds
     enforcer.ready.set()
-    httpd = make_server(enforcer, "127.0.0.1", 0, None)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    httpd = EnforcerServer(enforcer, "127.0.0.1", 0, None).start()
     producer = UsageProducer(kafka_servers, settings.topics.raw)
-    meter = Meter(EnforcerClient(f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=10), producer,
+    meter = Meter(EnforcerClient(httpd.url, timeout_s=10), producer,
                   service="chat-api")
     yield {"meter": meter, "enforcer": enforcer, "producer": producer, "settings": settings, "servers": kafka_servers}
     producer.close()
-    httpd.shutdown()
-    httpd.server_close()
+    httpd.stop()
     admin(settings).delete_topics(list({settings.topics.raw, settings.topics.state, settings.topics.alerts,
                                         settings.topics.attributed, settings.topics.dlq, settings.topics.reservations}))
 

@@ -10,7 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.config import ConfigError, load_model
-from streams.stages.rating import Charge, RateCard, increment, rate, round_line, segment_of, volume_true_up
+from streams.stages.rating import (
+    Charge,
+    RateCard,
+    increment,
+    increment_bound,
+    net,
+    rate,
+    round_line,
+    segment_of,
+    volume_true_up,
+)
 
 D = Decimal
 TIERS = [{"up_to": 1000, "unit_amount": "0.10"}, {"up_to": 5000, "unit_amount": "0.08"}, {"unit_amount": "0.05"}]
@@ -186,3 +196,17 @@ def test_straight_pieces_end_at_tier_bounds_and_free_units():
     assert segment_of(graduated, D(10_000)) is None                                   # on the bound: tier 2 opens
     assert segment_of(graduated, D(50_001)) == (D(50_000), None, D("0.005"))
     assert segment_of(charge(price="package", package_size=10, package_amount=1), D(20)) is None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(charges_st, volume_st), st.lists(st.decimals(min_value=0, max_value=800, places=3), min_size=1,
+                                                   max_size=30), st.sampled_from([0, 15, 100]))
+def test_a_reservations_revenue_bound_is_never_below_what_the_call_adds(priced, quantities, discount):
+    """A ``revenue_usd`` hard cap holds ``increment_bound`` before the call: whatever the period
+    counted before it, the call may add no more than that (net of the discount)."""
+    priced = priced.model_copy(update={"discount_percent": Decimal(discount)})
+    total = Decimal(0)
+    for quantity in quantities:
+        added = net(priced, increment(priced, total, total + quantity))
+        assert added <= increment_bound(priced, quantity)
+        total += quantity
