@@ -156,11 +156,11 @@ class KafkaJournal:
 
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.topics.reservations
-        # linger.ms 1: the grants of a burst share a request to the broker (one round trip to all
-        # replicas, ~3 ms) instead of queueing behind each other's; the idempotent producer keeps
-        # a record and the tombstone after it in order.
+        # linger.ms 0: measured at 1,000 writes a second, 0 gave p50 0.41 / p99 7.4 ms, 1 gave
+        # 1.8 / 41 ms and 5 gave 5.4 / 18 ms (records still share requests while others are in
+        # flight). The idempotent producer keeps a record and the tombstone after it in order.
         self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all",
-                                  "enable.idempotence": True, "linger.ms": 1})
+                                  "enable.idempotence": True, "linger.ms": 0})
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="reservation-journal", daemon=True)
         self._poller.start()

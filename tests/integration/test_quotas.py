@@ -11,11 +11,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from aiokafka.partitioner import murmur2
 
 from schemas.quota import QuotaAlert, QuotaState
 from schemas.usage import TokenUsage, UsageEvent
 from streams.httpjson import get_json
+from streams.messaging.partitioning import partition_of
 from streams.messaging.producer import UsageProducer
 from streams.operations.processes import EnforcerProcess, wait_for
 from streams.storage.query import query
@@ -187,8 +187,7 @@ def test_two_tenants_on_different_partitions_never_affect_each_other(worker, kaf
     partitions = worker.settings.partitions
     names = [f"tenant-{i}" for i in range(50)]
     heavy = names[0]
-    light = next(n for n in names if (murmur2(n.encode()) & 0x7FFFFFFF) % partitions
-                 != (murmur2(heavy.encode()) & 0x7FFFFFFF) % partitions)
+    light = next(n for n in names if partition_of(n.encode(), partitions) != partition_of(heavy.encode(), partitions))
     worker.start()
     at = datetime.now(UTC) - timedelta(minutes=1)
     with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
@@ -406,3 +405,90 @@ def test_the_race_through_the_middleware_overshoots_by_nothing(worker, kafka_ser
 
     assert wait_for(landed, 60, "the calls in the ledger") == [9, Decimal("0.90009")]   # overshoot 0
     wait_for(lambda: get_json(f"{url}/v1/health")["reservations"]["live"] == 0, 30, "every hold to settle")
+
+
+def test_a_thousand_reservations_from_fifty_clients_keep_the_cap_through_a_kill_9(worker, kafka_servers, enforcer):
+    """1,000 reservations from 50 threads against a $2.00 hard cap; each granted call is made at a
+    random actual cost within its hold and published with its reservation id. Half-way through,
+    the enforcer is killed (-9) and restarted; clients retry with the same idempotency key. The
+    counted spend stays under the cap, each refusal says counted + held + estimate passed it,
+    re-sent events change nothing, and once the leases are over nothing stays held."""
+    import random
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streams.enforcement.client import EnforcerClient, EnforcerUnavailable
+
+    use_plans(worker, PLANS.replace("limit: 1.00, thresholds: [50, 80, 100]", "limit: 2.00, thresholds: [100]"))
+    worker.start()
+    url = enforcer.start().url
+    client = EnforcerClient(url, token="s3cret", timeout_s=10)
+    tenant, cap = "thousand-co", Decimal("2.00")
+    lock, asked = threading.Lock(), [0]
+    granted, refused, events = [], [], []
+    restarted = threading.Event()
+
+    def reserve(key: str, input_tokens: int, max_tokens: int = 100) -> dict:
+        deadline = time.monotonic() + 120
+        while True:  # the enforcer is down or restoring for a moment: the same key again
+            try:
+                return client.reserve(tenant, "openai", "gpt-4o", key, input_tokens=input_tokens,
+                                      max_tokens=max_tokens, lease_s=5)
+            except EnforcerUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                restarted.wait(0.05)
+
+    def kill_and_restart() -> None:
+        assert enforcer.stop(signal.SIGKILL) == -signal.SIGKILL
+        enforcer.start()
+        restarted.set()
+
+    with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
+        def call_once(i: int) -> None:
+            rng = random.Random(i)
+            bound = 10_000 + (i % 7) * 5_000           # input tokens: a $0.025 to $0.10 hold (+100 output)
+            answer = reserve(f"k-{i}", bound)
+            with lock:
+                asked[0] += 1
+                if asked[0] == 500:
+                    threading.Thread(target=kill_and_restart).start()
+                (granted if answer["granted"] else refused).append(answer)
+            if answer["granted"]:
+                usage = TokenUsage(input_tokens=rng.randint(1, bound), output_tokens=rng.randint(0, 100))
+                event = call(f"k-{i}", tenant, datetime.now(UTC), usage=usage).model_copy(
+                    update={"reservation_id": answer["reservation_id"]})
+                producer.send(event)
+                with lock:
+                    events.append(event)
+
+        with ThreadPoolExecutor(50) as pool:
+            list(pool.map(call_once, range(1000)))
+        assert restarted.wait(120), "the enforcer was killed and restarted during the run"
+        producer.flush()
+        # Each event sent again: the stream counts a call once, and its reservation is settled already.
+        for event in events[:20]:
+            producer.send(event)
+
+    assert len(granted) + len(refused) == 1000 and len({a["reservation_id"] for a in granted}) == len(granted)
+    for answer in refused:   # every refusal: what was counted and held, plus this call, passed the cap
+        view = answer["refused_by"]
+        assert Decimal(view["counted"]) + Decimal(view["held"]) + Decimal(view["estimate"]) > Decimal(view["hard_cap"])
+    # gpt-4o: $2.50 per million input tokens, $10 per million output tokens, exactly.
+    spent = sum((Decimal(e.usage.input_tokens) * Decimal("2.5") + Decimal(e.usage.output_tokens) * 10) / 1_000_000
+                for e in events)
+
+    def landed():
+        rows = query(worker.settings, f"SELECT count(), sum(cost_usd) FROM usage WHERE tenant_id = '{tenant}'").rows
+        return rows[0] if rows[0][0] >= len(events) else None
+
+    assert wait_for(landed, 90, "the calls in the ledger") == [len(events), spent]
+    assert spent <= cap
+    wait_for(lambda: get_json(f"{url}/v1/health")["reservations"]["live"] == 0, 30, "no hold left once leases end")
+    # Nothing stays pinned: a call a token over what is left is refused on the counted usage
+    # alone, and one a token under it is granted. (A hold: input x $2.50/M + 1 output token x $10/M.)
+    over = int((cap - spent - Decimal("0.00001")) / Decimal("0.0000025")) + 1
+    refused_after = reserve("over", over, max_tokens=1)
+    assert (Decimal(refused_after["refused_by"]["counted"]), refused_after["refused_by"]["held"]) == (spent, "0")
+    assert reserve("under", over - 1, max_tokens=1)["granted"]
