@@ -21,18 +21,12 @@ from typing import Any
 
 import openai
 
-from streams.middleware.meter import AsyncMeter, Call, Meter
+from streams.middleware.meter import Adapter, AsyncMeter, Call
 
 
 def input_bound(messages: Any) -> int:
     """An upper bound of the prompt's tokens: its messages' size in UTF-8 bytes."""
     return len(json.dumps(messages, ensure_ascii=False, default=str).encode())
-
-
-def _admission(kwargs: dict[str, Any], tenant: str, user: str | None, context: dict[str, str | None]) -> dict[str, Any]:
-    return dict(tenant=tenant, user=user, provider="openai", model=kwargs["model"],
-                input_tokens=input_bound(kwargs.get("messages")), n=kwargs.get("n") or 1,
-                max_tokens=kwargs.get("max_completion_tokens") or kwargs.get("max_tokens"), **context)
 
 
 def _ask_for_usage(kwargs: dict[str, Any]) -> bool:
@@ -42,53 +36,42 @@ def _ask_for_usage(kwargs: dict[str, Any]) -> bool:
     return asked
 
 
-def _record(call: Call, usage: Any) -> None:
-    call.record(raw_usage=usage.model_dump(exclude_none=True), raw_usage_format="openai_chat")
+def _record_chat(call: Call, usage: Any) -> None:
+    if usage is not None:  # (none: published at the input floor, as an answer without usage is)
+        call.record(raw_usage=usage.model_dump(exclude_none=True), raw_usage_format="openai_chat")
 
 
-def _observe(call: Call, chunk: Any, asked: bool) -> bool:
+def _observe_chat(call: Call, chunk: Any, asked: bool) -> bool:
     """Takes what a stream's chunk says of usage; returns whether the caller gets the chunk."""
-    if chunk.usage is not None:
-        _record(call, chunk.usage)
-        if not chunk.choices and not asked:
-            return False  # the usage chunk the caller did not ask for
+    _record_chat(call, chunk.usage)
+    if chunk.usage is not None and not chunk.choices and not asked:
+        return False  # the usage chunk the caller did not ask for
     for choice in chunk.choices:
         if choice.delta and choice.delta.content:
             call.output_tokens_seen += 1  # (a chunk carries about one token)
     return True
 
 
-class MeteredChat:
-    def __init__(self, client: openai.OpenAI, meter: Meter, *, tenant: str, user: str | None = None,
-                 **context: str | None) -> None:
-        self.client, self.meter, self.tenant, self.user, self.context = client, meter, tenant, user, context
+class MeteredChat(Adapter):
+    """``openai.OpenAI().chat.completions``, metered: ``MeteredChat(client, meter, tenant=..., user=...)``."""
+
+    client: openai.OpenAI
 
     def create(self, **kwargs: Any) -> Any:
-        admission = _admission(kwargs, self.tenant, self.user, self.context)
-        if not kwargs.get("stream"):
-            with self.meter.admit(**admission) as call:
-                response = self.client.chat.completions.create(**kwargs)
-                _record(call, response.usage)
-                return response
-        asked = _ask_for_usage(kwargs)
-        return self.meter.stream(admission, lambda: self.client.chat.completions.create(**kwargs),
-                                 lambda call, chunk: _observe(call, chunk, asked))
+        admission = self._admission("openai", kwargs["model"], input_bound(kwargs.get("messages")),
+                                    kwargs.get("max_completion_tokens") or kwargs.get("max_tokens"),
+                                    kwargs.get("n") or 1)
+        asked = _ask_for_usage(kwargs) if kwargs.get("stream") else False
+        return self._send(self.client.chat.completions.create, kwargs, admission,
+                          lambda call, response: _record_chat(call, response.usage),
+                          lambda call, chunk: _observe_chat(call, chunk, asked))
 
 
-class AsyncMeteredChat:
+class AsyncMeteredChat(MeteredChat):
     """``MeteredChat`` for ``openai.AsyncOpenAI``, with an ``AsyncMeter``."""
 
-    def __init__(self, client: openai.AsyncOpenAI, meter: AsyncMeter, *, tenant: str, user: str | None = None,
-                 **context: str | None) -> None:
-        self.client, self.meter, self.tenant, self.user, self.context = client, meter, tenant, user, context
+    client: openai.AsyncOpenAI  # type: ignore[assignment]
+    meter: AsyncMeter
 
     async def create(self, **kwargs: Any) -> Any:
-        admission = _admission(kwargs, self.tenant, self.user, self.context)
-        if not kwargs.get("stream"):
-            async with self.meter.admit(**admission) as call:
-                response = await self.client.chat.completions.create(**kwargs)
-                _record(call, response.usage)
-                return response
-        asked = _ask_for_usage(kwargs)
-        return await self.meter.stream(admission, lambda: self.client.chat.completions.create(**kwargs),
-                                       lambda call, chunk: _observe(call, chunk, asked))
+        return await super().create(**kwargs)
