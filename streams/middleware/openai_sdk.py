@@ -1,17 +1,28 @@
-"""The middleware around the official ``openai`` SDK's chat completions (``pip install costline[providers]``).
+"""The middleware around the official ``openai`` SDK (``pip install costline[providers]``): chat
+completions and the Responses API, sync and async.
 
     chat = MeteredChat(openai.OpenAI(), meter, tenant="acme", user="u-42")
     response = chat.create(model="gpt-4o", messages=[...], max_completion_tokens=500)
     for chunk in chat.create(model="gpt-4o", messages=[...], stream=True): ...
 
-Each call is reserved before it is sent (``Refused`` when a hard cap would be passed), and its
-usage published when it ends (see ``streams.middleware.meter``). A stream is sent with
-``stream_options.include_usage`` so that its last chunk carries the usage; that chunk (no
-choices) is passed on only when the caller asked for it itself.
+    responses = MeteredResponses(openai.OpenAI(), meter, tenant="acme", user="u-42")
+    response = responses.create(model="gpt-4o", input="...", max_output_tokens=500)
+    for event in responses.create(model="gpt-4o", input="...", stream=True): ...
 
-The expected input tokens are bounded by the messages' size in UTF-8 bytes: no tokenizer gives a
-token less than one byte of text, so the bound holds for any model (images and audio, priced by
-their own rules, are not in it).
+Each call is reserved before it is sent (``Refused`` when a hard cap would be passed), and its
+usage published when it ends (see ``streams.middleware.meter``). A chat stream is sent with
+``stream_options.include_usage`` so that its last chunk carries the usage; that chunk (no
+choices) is passed on only when the caller asked for it itself. A Responses stream carries its
+usage on its last event, the whole response (``response.completed``, or ``response.incomplete``
+when it stopped at ``max_output_tokens``, or ``response.failed``); one that ends without it is
+published with estimated usage, as any begun call without usage is.
+
+The expected input tokens are bounded by the prompt's size in UTF-8 bytes: no tokenizer gives a
+token less than one byte of text, so the bound holds for any model. Images and audio, priced by
+their own rules, are not in it, nor is the earlier conversation a Responses call names by
+``previous_response_id`` or ``conversation`` (the provider holds it, the request does not). A
+call without an output bound (``max_completion_tokens``/``max_tokens``, ``max_output_tokens``)
+holds the enforcer's default output.
 """
 
 from __future__ import annotations
@@ -69,6 +80,48 @@ class MeteredChat(Adapter):
 
 class AsyncMeteredChat(MeteredChat):
     """``MeteredChat`` for ``openai.AsyncOpenAI``, with an ``AsyncMeter``."""
+
+    client: openai.AsyncOpenAI  # type: ignore[assignment]
+    meter: AsyncMeter
+
+    async def create(self, **kwargs: Any) -> Any:
+        return await super().create(**kwargs)
+
+
+#: The events that end a Responses stream, each carrying the whole response with its usage
+#: (``response.failed``'s may be null: then the call is published at its input floor).
+_LAST_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+#: The events that carry generated text, about a token each, counted for a stream that breaks off.
+_TEXT_DELTAS = frozenset({"response.output_text.delta", "response.refusal.delta", "response.reasoning_text.delta",
+                          "response.reasoning_summary_text.delta", "response.function_call_arguments.delta"})
+
+
+def _record_response(call: Call, response: Any) -> None:
+    if response.usage is not None:
+        call.record(raw_usage=response.usage.model_dump(exclude_none=True), raw_usage_format="openai_responses")
+
+
+def _observe_response(call: Call, event: Any) -> bool:
+    if event.type in _LAST_EVENTS:
+        _record_response(call, event.response)
+    elif event.type in _TEXT_DELTAS:
+        call.output_tokens_seen += 1
+    return True
+
+
+class MeteredResponses(Adapter):
+    """``openai.OpenAI().responses``, metered: ``MeteredResponses(client, meter, tenant=..., user=...)``."""
+
+    client: openai.OpenAI
+
+    def create(self, **kwargs: Any) -> Any:
+        prompt = [kwargs.get("instructions"), kwargs.get("input"), kwargs.get("tools")]
+        admission = self._admission("openai", kwargs["model"], input_bound(prompt), kwargs.get("max_output_tokens"))
+        return self._send(self.client.responses.create, kwargs, admission, _record_response, _observe_response)
+
+
+class AsyncMeteredResponses(MeteredResponses):
+    """``MeteredResponses`` for ``openai.AsyncOpenAI``, with an ``AsyncMeter``."""
 
     client: openai.AsyncOpenAI  # type: ignore[assignment]
     meter: AsyncMeter
