@@ -6,7 +6,7 @@
     with meter.admit(tenant="acme", user="u-42", provider="openai", model="gpt-4o",
                      input_tokens=1200, max_tokens=500) as call:
         response = client.chat.completions.create(...)       # the provider call
-        call.record(raw_usage=response.usage.model_dump(), raw_usage_format="openai")
+        call.record(raw_usage=response.usage.model_dump(exclude_none=True), raw_usage_format="openai_chat")
 
 ``admit`` reserves the call's upper-bound cost with the enforcer (``Refused``, carrying the
 enforcer's answer, when a hard cap would be passed), and on leaving the block always does one of:
@@ -21,8 +21,8 @@ enforcer's answer, when a hard cap would be passed), and on leaving the block al
 - **release** the reservation when the call never began (the block raised before the provider
   answered): nothing was spent, and the budget is free at once instead of at the lease's end.
 
-The adapters (``streams.middleware.openai``, ``streams.middleware.anthropic``) do all of this
-around the official SDKs.
+The adapters (``streams.middleware.openai_sdk``, ``streams.middleware.anthropic_sdk``) do all of
+this around the official SDKs, on ``Meter.call`` (an answer whole) and ``Meter.stream``.
 """
 
 from __future__ import annotations
@@ -104,6 +104,15 @@ class Meter:
         finally:
             self._finish(call, tenant, user, provider, model, context)
 
+    def call(self, admission: dict[str, Any], send: Callable[[], T], record: Callable[[Call, T], None]) -> T:
+        """A provider's call answered whole, metered: reserved now, sent, its usage taken from the
+        answer by ``record``; published when it returns, released when ``send`` raises."""
+        with self.admit(**admission) as call:
+            answer = send()
+            call.started()  # answered: billed even if the answer carries no usage
+            record(call, answer)
+            return answer
+
     def stream(self, admission: dict[str, Any], open_stream: Callable[[], Iterable[T]],
                observe: Callable[[Call, T], bool]) -> Iterator[T]:
         """A provider's stream, metered: reserved now (``Refused`` before any item), each item shown
@@ -174,6 +183,15 @@ class AsyncMeter(Meter):
         finally:  # (shielded: a second cancellation must not leave the hold to its lease)
             await asyncio.shield(asyncio.to_thread(self._finish, call, tenant, user, provider, model, context))
 
+    async def call(self, admission: dict[str, Any], send: Callable[[], Awaitable[T]],  # type: ignore[override]
+                   record: Callable[[Call, T], None]) -> T:
+        """``Meter.call`` for an async provider call."""
+        async with self.admit(**admission) as call:
+            answer = await send()
+            call.started()
+            record(call, answer)
+            return answer
+
     async def stream(self, admission: dict[str, Any], open_stream: Callable[[], Awaitable[AsyncIterable[T]]],  # type: ignore[override]
                      observe: Callable[[Call, T], bool]) -> AsyncIterator[T]:
         """``Meter.stream`` for an async provider stream (awaited open, async items)."""
@@ -185,6 +203,28 @@ class AsyncMeter(Meter):
             await stack.aclose()
             raise
         return _metered_async(items, call, stack, observe)
+
+
+class Adapter:
+    """What an adapter of a provider's SDK is bound to: the SDK's client, a meter, and whom the
+    calls are for. ``_send`` meters one call of an endpoint, whole or streamed (``stream=True``);
+    with an ``AsyncMeter`` and an async client the same code returns awaitables, so each async
+    adapter is its sync one with ``create`` awaited."""
+
+    def __init__(self, client: Any, meter: Meter, *, tenant: str, user: str | None = None,
+                 **context: str | None) -> None:
+        self.client, self.meter, self.tenant, self.user, self.context = client, meter, tenant, user, context
+
+    def _admission(self, provider: str, model: str, input_tokens: int, max_tokens: int | None,
+                   n: int = 1) -> dict[str, Any]:
+        return dict(tenant=self.tenant, user=self.user, provider=provider, model=model, input_tokens=input_tokens,
+                    max_tokens=max_tokens, n=n, **self.context)
+
+    def _send(self, endpoint: Callable[..., Any], kwargs: dict[str, Any], admission: dict[str, Any],
+              record: Callable[[Call, Any], None], observe: Callable[[Call, Any], bool]) -> Any:
+        if kwargs.get("stream"):
+            return self.meter.stream(admission, lambda: endpoint(**kwargs), observe)
+        return self.meter.call(admission, lambda: endpoint(**kwargs), record)
 
 
 def _metered(items: Iterable[T], call: Call, stack: ExitStack, observe: Callable[[Call, T], bool]) -> Iterator[T]:
