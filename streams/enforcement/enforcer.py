@@ -161,9 +161,26 @@ class KafkaJournal:
         # flight). The idempotent producer keeps a record and the tombstone after it in order.
         self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all",
                                   "enable.idempotence": True, "linger.ms": 0})
+        #: Writes sent and not yet reported on.
+        self.in_flight = 0
         self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll, name="reservation-journal", daemon=True)
-        self._poller.start()
+        self._poller: threading.Thread | None = None
+        self.start_polling()
+
+    def start_polling(self) -> None:
+        """Serves the delivery reports on a thread of its own (for callers that wait on a write)."""
+        if self._poller is None:
+            self._stop.clear()
+            self._poller = threading.Thread(target=self._poll, name="reservation-journal", daemon=True)
+            self._poller.start()
+
+    def stop_polling(self) -> None:
+        """Leaves the delivery reports to the caller, who then calls ``producer.poll`` (the
+        enforcer's event loop does, and answers each grant in the report's callback)."""
+        if self._poller is not None:
+            self._stop.set()
+            self._poller.join(5)
+            self._poller = None
 
     def write(self, reservation_id: str, record: dict[str, Any]) -> Future[None]:
         """Sends a grant's record; the future ends when the broker has it (or raises ``JournalFailed``)."""
@@ -171,6 +188,7 @@ class KafkaJournal:
         topic = self.topic
 
         def report(error: KafkaError | None, _: object) -> None:
+            self.in_flight -= 1
             try:
                 if error is None:
                     written.set_result(None)
@@ -183,6 +201,7 @@ class KafkaJournal:
         try:
             self.producer.produce(topic, key=reservation_id.encode(), value=json.dumps(record).encode(),
                                   on_delivery=report)
+            self.in_flight += 1
         except (BufferError, KafkaException) as exc:
             written.set_exception(JournalFailed(f"the reservation could not be written to {topic}: {exc}; retry it"))
         return written
@@ -201,8 +220,7 @@ class KafkaJournal:
             self.producer.poll(0.05)
 
     def close(self) -> None:
-        self._stop.set()
-        self._poller.join(5)
+        self.stop_polling()
         self.producer.flush(5)
 
 
