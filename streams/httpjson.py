@@ -38,12 +38,10 @@ def get_json(url: str, timeout_s: float = 2.0, headers: Mapping[str, str] | None
 class Refused(Exception):
     """An HTTP error status, with the ``error`` of its JSON body (or the reason phrase)."""
 
-    def __init__(self, status: int, detail: str, location: str | None = None) -> None:
+    def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
-        #: Where a redirect points (urllib follows none for a POST).
-        self.location = location
 
 
 def post_json(url: str, body: Mapping[str, Any], timeout_s: float, headers: Mapping[str, str] | None = None
@@ -60,4 +58,4 @@ def post_json(url: str, body: Mapping[str, Any], timeout_s: float, headers: Mapp
             detail = json.load(exc).get("error", exc.reason)
         except ValueError:
             detail = exc.reason
-        raise Refused(exc.code, str(detail), exc.headers.get("Location")) from None
+        raise Refused(exc.code, str(detail)) from None

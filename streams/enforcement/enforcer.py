@@ -18,18 +18,17 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import Future, InvalidStateError
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import ValidationError
 
 from schemas.quota import QuotaAlert, QuotaState, limit_key
 from streams.enforcement.estimate import Estimator
+from streams.enforcement.journal import ReservationJournal
 from streams.enforcement.layout import EnforcerLayout
 from streams.enforcement.reservations import ReservationBook, ReservationRequest
 from streams.errors import CostlineError
@@ -41,8 +40,6 @@ from streams.stages.plans import Plans
 log = logging.getLogger(__name__)
 
 Verdict = Literal["allow", "warn", "block"]
-#: How long a grant waits for its journal record to be acknowledged before it is refused.
-JOURNAL_TIMEOUT_S = 5.0
 
 
 class EnforcerStarting(CostlineError):
@@ -139,134 +136,18 @@ class DecisionBook:
         return Decision(tenant_id=tenant, decision=_VERDICT[worst], limits=limits, as_of=now)
 
 
-class JournalFailed(CostlineError):
-    """A reservation could not be made durable: it is not granted."""
-
-    @classmethod
-    def timed_out(cls, topic: str) -> JournalFailed:
-        return cls(f"the reservation could not be written to {topic}: no answer from Kafka "
-                   f"in {JOURNAL_TIMEOUT_S:.0f} s; retry it")
-
-
-class KafkaJournal:
-    """The reservations' journal on the compacted ``quota.reservations`` topic: a grant is written
-    (``acks=all``) and its delivery awaited before it is answered; a hold gone (settled, released,
-    expired) gets a tombstone, sent without waiting (lost, the hold comes back after a restart and
-    ends with its lease: budget held longer, never spent twice)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.topic = settings.topics.reservations
-        # linger.ms 0: measured at 1,000 writes a second, 0 gave p50 0.41 / p99 7.4 ms, 1 gave
-        # 1.8 / 41 ms and 5 gave 5.4 / 18 ms (records still share requests while others are in
-        # flight). The idempotent producer keeps a record and the tombstone after it in order.
-        self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all",
-                                  "enable.idempotence": True, "linger.ms": 0})
-        #: Writes sent and not yet reported on.
-        self.in_flight = 0
-        self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
-        self.start_polling()
-
-    def start_polling(self) -> None:
-        """Serves the delivery reports on a thread of its own (for callers that wait on a write)."""
-        if self._poller is None:
-            self._stop.clear()
-            self._poller = threading.Thread(target=self._poll, name="reservation-journal", daemon=True)
-            self._poller.start()
-
-    def stop_polling(self) -> None:
-        """Leaves the delivery reports to the caller, who then calls ``producer.poll`` (the
-        enforcer's event loop does, and answers each grant in the report's callback)."""
-        if self._poller is not None:
-            self._stop.set()
-            self._poller.join(5)
-            self._poller = None
-
-    def write(self, reservation_id: str, record: dict[str, Any]) -> Future[None]:
-        """Sends a grant's record; the future ends when the broker has it (or raises ``JournalFailed``)."""
-        written: Future[None] = Future()
-        topic = self.topic
-
-        def report(error: KafkaError | None, _: object) -> None:
-            self.in_flight -= 1
-            try:
-                if error is None:
-                    written.set_result(None)
-                else:
-                    written.set_exception(JournalFailed(f"the reservation could not be written to {topic}: "
-                                                        f"{error.str()}; retry it"))
-            except InvalidStateError:  # (cancelled: its caller stopped waiting and released the hold)
-                pass
-
-        try:
-            self.producer.produce(topic, key=reservation_id.encode(), value=json.dumps(record).encode(),
-                                  on_delivery=report)
-            self.in_flight += 1
-        except (BufferError, KafkaException) as exc:
-            written.set_exception(JournalFailed(f"the reservation could not be written to {topic}: {exc}; retry it"))
-        return written
-
-    def __call__(self, reservation_id: str, record: dict[str, Any] | None) -> None:
-        if record is None:
-            self.producer.produce(self.topic, key=reservation_id.encode(), value=None)
-            return
-        try:
-            self.write(reservation_id, record).result(JOURNAL_TIMEOUT_S)
-        except FutureTimeout:
-            raise JournalFailed.timed_out(self.topic) from None
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.producer.poll(0.05)
-
-    def close(self) -> None:
-        self.stop_polling()
-        self.producer.flush(5)
-
-
-def read_journal(consumer: Consumer, topic: str, timeout_s: float = 30) -> list[dict[str, Any]]:
-    """The live records of the journal: the latest of each reservation id, tombstones applied."""
-    metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-    if metadata is None or metadata.error is not None:
-        return []
-    ends = {}
-    for partition in metadata.partitions:
-        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-        if high > 0:
-            ends[partition] = high
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-    live: dict[bytes, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    while ends and time.monotonic() < deadline:
-        msg = consumer.poll(0.1)
-        if msg is None or msg.error() is not None:
-            continue
-        if msg.value() is None:
-            live.pop(msg.key(), None)
-        else:
-            live[msg.key()] = json.loads(msg.value())
-        if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-            ends.pop(msg.partition(), None)
-    consumer.unassign()
-    if ends:
-        raise KafkaException(f"could not read {topic} to its end in {timeout_s:.0f} s")
-    return list(live.values())
-
-
 class Enforcer:
     """A ``DecisionBook`` kept current from Kafka by a background thread, and the reservations
     (``streams.enforcement.reservations``) that the usage it applies settles. With ``durable``,
-    reservations are journaled to ``quota.reservations`` and restored from it at start."""
+    reservations are journaled (``streams.enforcement.journal``) and restored at start."""
 
     def __init__(self, settings: Settings, book: DecisionBook | None = None, durable: bool = True) -> None:
         self.settings = settings
         self.book = book or DecisionBook()
-        self.journal = KafkaJournal(settings) if durable else None
+        self.journal = ReservationJournal(settings) if durable else None
         self.layout = EnforcerLayout.from_settings(settings)
         self.reservations = ReservationBook(Plans.from_file(settings.plans_file), self.book.usage_of,
                                             journal=self.journal, new_id=self.layout.reservation_id)
-        #: Grants whose journal write is in flight: a retry of one waits for the same write.
-        self._pending: dict[str, Future[None]] = {}
         self.estimator = Estimator(Attribution.from_settings(settings).pricer, settings.reserve_max_output_tokens,
                                    settings.reserve_unknown_usd)
         self.ready = threading.Event()
@@ -293,42 +174,12 @@ class Enforcer:
     def decide(self, tenant: str, **scope: str | None) -> Decision:
         return self.book.decide(tenant, **scope)
 
-    @property
-    def journal_topic(self) -> str:
-        return self.settings.topics.reservations
-
     def reserve(self, request: ReservationRequest, now: datetime | None = None) -> dict[str, Any]:
-        """``admit``, waiting for the journal: for a gateway that embeds the enforcer."""
-        answer, durable = self.admit(request, now)
-        if durable is not None:
-            try:
-                durable.result(JOURNAL_TIMEOUT_S)
-            except FutureTimeout:
-                durable.cancel()
-                raise JournalFailed.timed_out(self.journal_topic) from None
-        return answer
-
-    def admit(self, request: ReservationRequest, now: datetime | None = None) -> tuple[dict[str, Any],
-                                                                                       Future[None] | None]:
-        """The answer to a reservation request, and, for a grant, the future of its journal write,
-        which must end before the answer is given (None when there is nothing to wait for). A
-        write that fails or is cancelled releases its hold."""
+        """Grants (journaled before it returns) or refuses a hold (``streams.enforcement.reservations``)."""
         if not self.ready.is_set():  # (reservations restored and the counted usage read)
             raise EnforcerStarting("the enforcer is starting: retry in a moment")
         now = now or datetime.now(UTC)
-        answer, hold = self.reservations.grant(request, self.estimator.estimate(request, now), now)
-        if hold is None or self.journal is None:
-            return answer, self._pending.get(answer.get("reservation_id", ""))
-        reservation_id = hold.reservation_id
-        durable = self._pending[reservation_id] = self.journal.write(reservation_id, hold.to_record())
-
-        def written(future: Future[None]) -> None:
-            self._pending.pop(reservation_id, None)
-            if future.cancelled() or future.exception() is not None:
-                self.reservations.release(reservation_id)
-
-        durable.add_done_callback(written)
-        return answer, durable
+        return self.reservations.reserve(request, self.estimator.estimate(request, now), now)
 
     def _run(self) -> None:
         topics = self.settings.topics
@@ -341,7 +192,7 @@ class Enforcer:
         })
         try:
             if self.journal is not None:
-                mine = [record for record in read_journal(consumer, topics.reservations)
+                mine = [record for record in self.journal.restore(consumer)
                         if self.layout.owns(record["tenant_id"])]  # (the other enforcers restore theirs)
                 restored = self.reservations.restore(mine, datetime.now(UTC))
                 log.info("reservations restored: %d live", restored)

@@ -7,12 +7,11 @@
 
 Why an event loop, and why protocols rather than streams: at 1,000 reservations a second the
 standard library's thread-per-connection server spent a fifth of its time starting threads, and
-a coroutine per connection (``asyncio.start_server``) still cost ~700 µs of CPU per reservation
-in tasks, timeouts and stream buffers, on a machine whose two cores it shares with the broker.
-Here a request is parsed and answered in the callback that received its bytes; a reservation
-waits for its journal write (``acks=all``) as a callback on that write, not as a task. The
-journal's delivery reports are served by this loop too (``_pump``), so a grant is answered in
-the thread that decided it, with no wake-up across threads.
+a coroutine per connection (``asyncio.start_server``) still spent most of its CPU on tasks,
+timeouts and stream buffers, on a machine whose two cores it shares with the broker. Here a
+request is parsed and answered in the callback that received its bytes (uvloop's loop measured
+no faster here). Nothing in a request waits on the network: a grant is made durable by a local
+file write before it is answered, and sent to Kafka after (``streams.enforcement.journal``).
 
 Bounds, each one a failure measured before it was there:
 
@@ -41,14 +40,13 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from http import HTTPStatus
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import ValidationError
 
-from streams.enforcement.enforcer import JOURNAL_TIMEOUT_S, Enforcer, JournalFailed
+from streams.enforcement.enforcer import Enforcer
 from streams.enforcement.reservations import ReservationRequest
 from streams.errors import CostlineError
 from streams.httpjson import bearer_ok
@@ -62,23 +60,12 @@ MAX_BODY_BYTES = 16_384
 Answer = tuple[int, dict[str, Any], dict[str, str]]
 
 
-class Pending(NamedTuple):
-    """A grant waiting for its journal write: answered with ``answer`` once ``durable`` is done."""
-
-    durable: Future[None]
-    answer: dict[str, Any]
-
-
 class EnforcerServer:
     BACKLOG = 1024
     MAX_CONNECTIONS = 1024
     READ_TIMEOUT_S = 5.0
     IDLE_TIMEOUT_S = 60.0
     MAX_HEAD_BYTES = 16_384
-    #: How often the journal's delivery reports are served while writes are in flight (the
-    #: loop's timers have millisecond resolution), and while none are.
-    PUMP_BUSY_S = 0.001
-    PUMP_IDLE_S = 0.05
 
     def __init__(self, enforcer: Enforcer, host: str, port: int, token: str | None) -> None:
         self.enforcer, self.host, self.port, self.token = enforcer, host, port, token
@@ -94,8 +81,6 @@ class EnforcerServer:
         self._bound = threading.Event()
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
-        self._pump_handle: asyncio.Handle | None = None
-        self._pump_busy = False
 
     @property
     def url(self) -> str:
@@ -104,8 +89,7 @@ class EnforcerServer:
     def serve_forever(self) -> None:
         """Serves in this thread until ``stop()`` (from another thread or a signal handler)."""
         try:
-            with asyncio.Runner(loop_factory=_fast_loop()) as runner:
-                runner.run(self._serve())
+            asyncio.run(self._serve())
         except BaseException as exc:
             self._failure = exc
             self._bound.set()
@@ -141,10 +125,6 @@ class EnforcerServer:
         self._stopping = asyncio.Event()
         server = await loop.create_server(lambda: _Connection(self), self.host, self.port, backlog=self.BACKLOG)
         self.port = server.sockets[0].getsockname()[1]
-        journal = self.enforcer.journal
-        if journal is not None:
-            journal.stop_polling()  # its delivery reports are served here from now on
-            self._pump_handle = loop.call_soon(self._pump)
         self._bound.set()
         try:
             async with server:
@@ -152,26 +132,6 @@ class EnforcerServer:
         finally:
             for connection in list(self._open) + list(self.waiting):
                 connection.transport.abort()
-            if journal is not None:
-                self._pump_handle.cancel()
-                journal.start_polling()
-
-    def _pump(self) -> None:
-        """Serves the journal's delivery reports (their callbacks answer the grants), then again
-        soon: in a millisecond while writes are in flight, in 50 ms while none are (a new
-        write brings the next one forward: ``_hurry``)."""
-        journal = self.enforcer.journal
-        journal.producer.poll(0)
-        self._pump_busy = journal.in_flight > 0
-        self._pump_handle = self._loop.call_later(self.PUMP_BUSY_S if self._pump_busy else self.PUMP_IDLE_S,
-                                                  self._pump)
-
-    def _hurry(self) -> None:
-        """A journal write was sent: its report is served within ``PUMP_BUSY_S``."""
-        if not self._pump_busy and self._pump_handle is not None:
-            self._pump_handle.cancel()
-            self._pump_busy = True
-            self._pump_handle = self._loop.call_later(self.PUMP_BUSY_S, self._pump)
 
     # -- connections' slots ---------------------------------------------------------------
 
@@ -204,7 +164,7 @@ class EnforcerServer:
 
     # -- answers ----------------------------------------------------------------------------
 
-    def answer(self, head: Head, body: bytes) -> Answer | Pending:
+    def answer(self, head: Head, body: bytes) -> Answer:
         enforcer = self.enforcer
         path = urlsplit(head.target).path
         if head.method == "GET" and path == "/v1/health":
@@ -230,7 +190,7 @@ class EnforcerServer:
             return 200, {"released": enforcer.reservations.release(reservation_id)}, {}
         return 404, {"error": "use POST /v1/reservations or POST /v1/reservations/{id}/release"}, {}
 
-    def _reserve(self, body: bytes) -> Answer | Pending:
+    def _reserve(self, body: bytes) -> Answer:
         try:
             request = ReservationRequest.model_validate_json(body)
         except ValidationError as exc:
@@ -241,22 +201,12 @@ class EnforcerServer:
         if not layout.owns(request.tenant_id):
             return _elsewhere(layout.owner_of(request.tenant_id), "/v1/reservations", f"tenant {request.tenant_id}")
         try:
-            answer, durable = self.enforcer.admit(request)
+            return 200, self.enforcer.reserve(request), {}
         except CostlineError as exc:  # starting: retry
             return 503, {"error": str(exc)}, {}
-        # Journaled before it is answered: a restarted enforcer holds it again.
-        return (200, answer, {}) if durable is None else Pending(durable, answer)
-
-    def settled(self, pending: Pending) -> Answer:
-        """The answer to a grant once its journal write is done: failed or timed out (cancelled:
-        the hold was released with it), a 503 to retry."""
-        durable = pending.durable
-        if durable.cancelled():
-            return 503, {"error": str(JournalFailed.timed_out(self.enforcer.journal_topic))}, {}
-        failure = durable.exception()
-        if failure is not None:
-            return 503, {"error": str(failure)}, {}
-        return 200, pending.answer, {}
+        except OSError as exc:  # the journal file could not be written: not granted (the hold was released)
+            log.error("a reservation could not be journaled: %s", exc)
+            return 503, {"error": f"the reservation could not be journaled ({exc.strerror}): retry it"}, {}
 
     def health(self) -> dict[str, Any]:
         enforcer = self.enforcer
@@ -265,6 +215,8 @@ class EnforcerServer:
                 "connections": {"open": self.connections, "waiting": len(self.waiting),
                                 "turned_away": self.turned_away},
                 "layout": {"peers": len(enforcer.layout.peers), "me": enforcer.layout.me},
+                "journal": ({"lag": enforcer.journal.kafka.lag, "failed": enforcer.journal.kafka.failed}
+                            if enforcer.journal is not None else None),
                 "errors": enforcer.errors}
 
 
@@ -277,8 +229,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment] - set by connection_made
         self.buffer = bytearray()
         self.head: Head | None = None
-        #: An answer is awaited (a journal write): later requests wait, answers keep their order.
-        self.busy = False
         self.serving = False
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None
@@ -300,7 +250,7 @@ class _Connection(asyncio.Protocol):
         if not self.serving:  # (waiting for a slot: kept for when it has one)
             self.buffer += data
             return
-        if not self.buffer and self.head is None and not self.busy:
+        if not self.buffer and self.head is None:
             self._arm(self.server.READ_TIMEOUT_S)  # a request's first byte: it has this long to arrive whole
         self.buffer += data
         self._process()
@@ -334,7 +284,7 @@ class _Connection(asyncio.Protocol):
 
     def _process(self) -> None:
         server = self.server
-        while not self.busy and not self.closed and self.serving:
+        while not self.closed and self.serving:
             if self.head is None:
                 end = self.buffer.find(b"\r\n\r\n")
                 if end < 0 or end + 4 > server.MAX_HEAD_BYTES:
@@ -355,34 +305,7 @@ class _Connection(asyncio.Protocol):
             del self.buffer[:head.length]
             self.head = None
             self._disarm()
-            outcome = server.answer(head, body)
-            if isinstance(outcome, Pending):
-                self.busy = True
-                self._await_journal(outcome, head.keep)
-                return
-            self._send(outcome, close=not head.keep)
-
-    def _await_journal(self, pending: Pending, keep: bool) -> None:
-        durable = pending.durable
-        self.server._hurry()
-        timeout = self.loop.call_later(JOURNAL_TIMEOUT_S, durable.cancel)  # (cancelled: the hold is released)
-        loop_thread = threading.get_ident()
-
-        def done(_: Future[None]) -> None:
-            timeout.cancel()
-            if threading.get_ident() == loop_thread:  # (the pump serves the reports: the usual case)
-                self._journaled(pending, keep)
-            else:
-                self.loop.call_soon_threadsafe(self._journaled, pending, keep)
-
-        durable.add_done_callback(done)
-
-    def _journaled(self, pending: Pending, keep: bool) -> None:
-        self.busy = False
-        if self.closed:
-            return
-        self._send(self.server.settled(pending), close=not keep)
-        self._process()
+            self._send(server.answer(head, body), close=not head.keep)
 
     def _send(self, answer: Answer, *, close: bool) -> None:
         if self.closed:
@@ -392,7 +315,7 @@ class _Connection(asyncio.Protocol):
             self.closed = True
             self._disarm()
             self.transport.close()
-        elif not self.busy:
+        else:
             self._arm(self.server.READ_TIMEOUT_S if self.buffer else self.server.IDLE_TIMEOUT_S)
 
     # -- timers ---------------------------------------------------------------------------------
@@ -410,16 +333,6 @@ class _Connection(asyncio.Protocol):
         """Idle, or a request not sent whole in time: closed, nothing to answer."""
         self.closed = True
         self.transport.close()
-
-
-def _fast_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (a dependency on Linux and macOS): its transports
-    and timers cost a fraction of the standard loop's per request; else the standard loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 class Head(NamedTuple):
