@@ -492,3 +492,53 @@ def test_a_thousand_reservations_from_fifty_clients_keep_the_cap_through_a_kill_
     refused_after = reserve("over", over, max_tokens=1)
     assert (Decimal(refused_after["refused_by"]["counted"]), refused_after["refused_by"]["held"]) == (spent, "0")
     assert reserve("under", over - 1, max_tokens=1)["granted"]
+
+
+def test_two_enforcers_share_the_tenants_each_restores_its_own_holds_and_the_stream_settles_both(
+        worker, kafka_servers):
+    """Two ``costline enforcer`` processes with one layout; a client that knows only the first.
+    Each tenant's holds live on its owner; the second is killed (-9) and restores its own holds
+    alone (the journal topic has both's); the stream settles the holds on each."""
+    import signal
+
+    from streams.enforcement.client import EnforcerClient
+    from streams.enforcement.layout import EnforcerLayout
+    from streams.operations.processes import free_port
+
+    use_plans(worker, PLANS.replace("limit: 1.00, thresholds: [50, 80, 100]", "limit: 1.00, thresholds: [100]"))
+    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    enforcers = [EnforcerProcess({**worker.env, "COSTLINE_ENFORCER_PORT": url.rsplit(":", 1)[1],
+                                  "COSTLINE_ENFORCER_URL": url, "COSTLINE_ENFORCER_PEERS": ",".join(urls)},
+                                 worker.log_path.parent / f"enforcer-{i}.log") for i, url in enumerate(urls)]
+    worker.start()
+    try:
+        for enforcer in enforcers:
+            enforcer.start()
+        layout = EnforcerLayout.from_settings(enforcers[0].settings)
+        names = [f"shared-{i}" for i in range(50)]
+        tenants = [next(n for n in names if layout.owner_of(n) == url) for url in urls]  # one owned by each
+        client = EnforcerClient(urls[0], timeout_s=10)
+        holds = {t: [client.reserve(t, "openai", "gpt-4o", f"{t}-{i}", input_tokens=60_000, max_tokens=1)
+                     for i in range(3)] for t in tenants}              # $0.15 each, $0.45 held per tenant
+
+        def live(i: int) -> int:
+            return get_json(f"{urls[i]}/v1/health")["reservations"]["live"]
+
+        assert all(a["granted"] for answers in holds.values() for a in answers) and live(0) == live(1) == 3
+        assert enforcers[1].stop(signal.SIGKILL) == -signal.SIGKILL
+        enforcers[1].start()
+        assert live(1) == 3                                               # its own three, not the other's
+        # The restored holds still count: $0.45 held + $0.60 > $1.00.
+        assert not client.reserve(tenants[1], "openai", "gpt-4o", "big", input_tokens=240_000, max_tokens=1)["granted"]
+        with UsageProducer(kafka_servers, worker.settings.topics.raw) as producer:
+            for tenant, answers in holds.items():
+                for i, answer in enumerate(answers):
+                    event = call(f"{tenant}-{i}", tenant, datetime.now(UTC), usage=TokenUsage(input_tokens=60_000))
+                    producer.send(event.model_copy(update={"reservation_id": answer["reservation_id"]}))
+        wait_for(lambda: live(0) == live(1) == 0, 30, "the stream to settle the holds on both enforcers")
+        # Counted now, not held: $0.45 counted + a $0.55 hold reaches the cap exactly, and fits.
+        fits = client.reserve(tenants[1], "openai", "gpt-4o", "fits", input_tokens=219_996, max_tokens=1)
+        assert fits["granted"] and Decimal(fits["limits"][0]["counted"]) == Decimal("0.45") and fits["limits"][0]["held"] == "0"
+    finally:
+        for enforcer in enforcers:
+            enforcer.stop()
