@@ -245,6 +245,8 @@ class _Connection(asyncio.Protocol):
         self._disarm()
         if self.serving:
             self.server._release(self)
+        elif self in self.server.waiting:  # (gone while waiting for a slot: no longer counts as waiting)
+            self.server.waiting.remove(self)
 
     def data_received(self, data: bytes) -> None:
         if not self.serving:  # (waiting for a slot: kept for when it has one)
