@@ -36,7 +36,7 @@ class MeteredMessages(Adapter):
 
     def create(self, **kwargs: Any) -> Any:
         prompt = [kwargs.get("system"), kwargs.get("messages"), kwargs.get("tools")]
-        admission = self._admission("anthropic", kwargs["model"], input_bound(prompt), kwargs["max_tokens"])
+        admission = self._admission("anthropic", kwargs["model"], input_bound(*prompt), kwargs["max_tokens"])
         return self._send(self.client.messages.create, kwargs, admission,
                           lambda call, reply: _record(call, reply.usage.model_dump(exclude_none=True)), _observer())
 

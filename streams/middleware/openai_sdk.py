@@ -35,9 +35,10 @@ import openai
 from streams.middleware.meter import Adapter, AsyncMeter, Call
 
 
-def input_bound(messages: Any) -> int:
-    """An upper bound of the prompt's tokens: its messages' size in UTF-8 bytes."""
-    return len(json.dumps(messages, ensure_ascii=False, default=str).encode())
+def input_bound(*parts: Any) -> int:
+    """An upper bound of the prompt's tokens: the size in UTF-8 bytes of what is sent of it
+    (messages, instructions, tool schemas; None for a part not sent)."""
+    return sum(len(json.dumps(part, ensure_ascii=False, default=str).encode()) for part in parts if part is not None)
 
 
 def _ask_for_usage(kwargs: dict[str, Any]) -> bool:
@@ -69,7 +70,7 @@ class MeteredChat(Adapter):
     client: openai.OpenAI
 
     def create(self, **kwargs: Any) -> Any:
-        admission = self._admission("openai", kwargs["model"], input_bound(kwargs.get("messages")),
+        admission = self._admission("openai", kwargs["model"], input_bound(kwargs.get("messages"), kwargs.get("tools")),
                                     kwargs.get("max_completion_tokens") or kwargs.get("max_tokens"),
                                     kwargs.get("n") or 1)
         asked = _ask_for_usage(kwargs) if kwargs.get("stream") else False
@@ -116,7 +117,7 @@ class MeteredResponses(Adapter):
 
     def create(self, **kwargs: Any) -> Any:
         prompt = [kwargs.get("instructions"), kwargs.get("input"), kwargs.get("tools")]
-        admission = self._admission("openai", kwargs["model"], input_bound(prompt), kwargs.get("max_output_tokens"))
+        admission = self._admission("openai", kwargs["model"], input_bound(*prompt), kwargs.get("max_output_tokens"))
         return self._send(self.client.responses.create, kwargs, admission, _record_response, _observe_response)
 
 

@@ -108,3 +108,14 @@ def test_the_async_client_is_metered_alike_and_a_cancelled_stream_is_recorded(se
     first, second = published(setup, 2)
     assert (first.raw_usage, first.service) == (USAGE, "chat-api")
     assert (second.tags, second.usage.output_tokens) == ({"usage": "estimated"}, 1)
+
+
+def test_the_tools_sent_with_a_call_count_in_its_input_bound(setup):
+    """A tool's schema is prompt too: 40,000 bytes of it hold 40,000 input tokens more ($0.10 at gpt-4o's $2.50/M)."""
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "x" * 40_000,
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    setup["chat"].create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=1, tools=tools)
+    setup["chat"].create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=1)
+    with_tools, without = (setup["enforcer"].reservations.holds[event.reservation_id] for event in published(setup, 2))
+    cost = next(window for window in with_tools.amounts if "daily-spend" in window[0])
+    assert with_tools.amounts[cost] - without.amounts[cost] >= Decimal("0.10")

@@ -19,7 +19,7 @@ from tests.middleware.fake_providers import RESPONSES_USAGE, FakeOpenAI
 
 INSTRUCTIONS, INPUT = "Be brief.", [{"role": "user", "content": "Say hello."}]
 #: The prompt's bound: instructions, input and tools (none) in UTF-8 bytes.
-BOUND = len(json.dumps([INSTRUCTIONS, INPUT, None]).encode())
+BOUND = len(json.dumps(INSTRUCTIONS).encode()) + len(json.dumps(INPUT).encode())
 #: gpt-4o per token: input (its dearest input-side rate) and output.
 INPUT_RATE, OUTPUT_RATE = Decimal("2.50") / 10**6, Decimal("10.00") / 10**6
 
