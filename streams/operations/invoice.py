@@ -91,6 +91,19 @@ class Invoice:
         }
 
 
+#: What a period's calls are grouped by to be rated (the fields charges filter on), and what is
+#: summed of each group: the invoice and ``costline whatif`` read the ledger alike.
+LEDGER_GROUPS = "provider, model, business_path, feature"
+LEDGER_SUMS = "count(), sum(input_tokens), sum(output_tokens), sum(cost_usd)"
+
+
+def usage_group(row: list[Any]) -> tuple[dict[str, str | None], Usage]:
+    """A row that starts with ``LEDGER_GROUPS`` then ``LEDGER_SUMS``, as the charges' filters and ``Usage``."""
+    provider, model, path, feature, calls, tokens_in, tokens_out, cost = row[:8]
+    return ({"provider": provider, "model": model, "business_path": path, "feature": feature or None},
+            Usage(Decimal(calls), Decimal(tokens_in), Decimal(tokens_out), Decimal(cost)))
+
+
 def invoice(plans: Plans, tenant: str, period: str, run_query: Query) -> Invoice:
     plan, zone = plans.plan_of(tenant)
     if plan is None or plan.rate_card is None:
@@ -101,13 +114,10 @@ def invoice(plans: Plans, tenant: str, period: str, run_query: Query) -> Invoice
         raise InvoiceRefused(f"period {period!r} is not a month: use YYYY-MM, e.g. 2026-11") from None
     start, end = window_bounds("month", first + timedelta(hours=12), zone)
     rows = run_query(
-        "SELECT provider, model, business_path, feature, count(), sum(input_tokens), sum(output_tokens), "
-        "sum(cost_usd), sum(revenue_usd), countIf(revenue_usd IS NULL) "
+        f"SELECT {LEDGER_GROUPS}, {LEDGER_SUMS}, sum(revenue_usd), countIf(revenue_usd IS NULL) "
         f"FROM usage WHERE tenant_id = {sql_string(tenant)} AND event_time >= {sql_time(start)} "
-        f"AND event_time < {sql_time(end)} GROUP BY provider, model, business_path, feature")
-    groups = [({"provider": provider, "model": model, "business_path": path, "feature": feature or None},
-               Usage(Decimal(calls), Decimal(tokens_in), Decimal(tokens_out), Decimal(cost)))
-              for provider, model, path, feature, calls, tokens_in, tokens_out, cost, *_ in rows]
+        f"AND event_time < {sql_time(end)} GROUP BY {LEDGER_GROUPS}")
+    groups = [usage_group(row) for row in rows]
     card = plan.rate_card
     totals = quantities(card, groups)
     return Invoice(tenant, period, start, end, rate(card, totals),
