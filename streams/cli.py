@@ -334,6 +334,105 @@ def invoice(
         console.print(f"recorded as invoice {bill['invoice_id']} (see the latest_invoices view)")
 
 
+@cli.command()
+def whatif(
+    plans: Annotated[Path, typer.Option("--plans", help="candidate plans, in the plans.yaml format")] = None,  # type: ignore[assignment]
+    since: Annotated[str, typer.Option(help="from this date or time (UTC without a zone), e.g. 2026-11-01")] = "",
+    until: Annotated[str, typer.Option(help="up to this date or time, excluded")] = "",
+    tenants: Annotated[str, typer.Option(help="only these tenants, comma-separated")] = "",
+    fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    html: Annotated[Path | None, typer.Option("--html", help="also write the comparison as a page of charts")] = None,
+) -> None:
+    """Replay the ledger's usage through candidate plans: revenue, cost and margin of each, against the current plans."""
+    from streams.operations.whatif import CURRENT, candidates_of, compare, ledger_months
+    from streams.stages.plans import Plans
+    from streams.storage.query import query as run_query
+
+    settings = _settings()
+    if plans is None or not since or not until:
+        raise CommandFailed("give --plans FILE, --since and --until, e.g. costline whatif --plans "
+                            "config/candidates.yaml --since 2026-11-01 --until 2026-12-01")
+    if fmt not in ("table", "json"):
+        raise CommandFailed(f"--format {fmt!r} is not one of table, json")
+    current = Plans.from_file(settings.plans_file)
+    candidates = candidates_of(_plans_file(plans), str(plans))
+    start, end = _instant(since), _instant(until)
+    months = ledger_months(current, start, end, lambda sql: run_query(settings, sql).rows,
+                           [t.strip() for t in tenants.split(",") if t.strip()] or None)
+    outcomes = compare(current, candidates, months)
+    if html is not None:
+        from streams.reports.page import Section, render
+        from streams.reports.usage import whatif_items
+
+        html.write_text(render("Costline: which plan makes money", f"the ledger's usage from {start.isoformat()} "
+                               f"to {end.isoformat()}, {len({t for t, _ in months})} tenants", [],
+                               [Section("The plans compared", whatif_items(outcomes))]))
+    if fmt == "json":
+        print(json.dumps({"since": start.isoformat(), "until": end.isoformat(),
+                          "plans": [outcome.to_json() for outcome in outcomes]}, indent=2))
+    else:
+        _print_whatif(outcomes, start, end, CURRENT)
+    if html is not None:
+        err.print(f"wrote {html}")
+
+
+def _print_whatif(outcomes: list[Any], start: datetime, end: datetime, current: str) -> None:
+    table = Table("plan", "revenue", "cost", "margin", "margin %", "ARPU/month", "eff. discount", "overage share",
+                  "tenants at a loss", title=f"The plans on the ledger's usage, {start:%Y-%m-%d} to {end:%Y-%m-%d} (USD)")
+    for outcome in outcomes:
+        f = outcome.to_json()
+        table.add_row(outcome.plan, f["revenue_usd"], f["cost_usd"], f["margin_usd"], _percent(f["margin_percent"]),
+                      f["arpu_usd"] or "—", _percent(f["effective_discount_percent"]),
+                      _percent(f["overage_share_percent"]), str(f["negative_margin_tenants"]))
+    console.print(table)
+    for outcome in outcomes[1:]:
+        more = ", ".join(f"{t} +{d:.2f}" for t, d in outcome.pays_more) or "nobody"
+        less = ", ".join(f"{t} {d:.2f}" for t, d in outcome.pays_less) or "nobody"
+        console.print(f"{outcome.plan}: pays most more than on the {current} plans: {more}; pays most less: {less}")
+    console.print("Churn is not modelled: a replay cannot observe it.")
+
+
+def _percent(value: str | None) -> str:
+    return "—" if value is None else f"{value}%"
+
+
+@cli.command()
+def report(
+    html: Annotated[Path, typer.Option("--html", help="the page to write")] = None,  # type: ignore[assignment]
+    since: Annotated[str, typer.Option(help="from this date or time (UTC without a zone)")] = "",
+    until: Annotated[str, typer.Option(help="up to this date or time, excluded")] = "",
+    tenant: Annotated[str, typer.Option(help="only this tenant")] = "",
+    plans: Annotated[Path | None, typer.Option("--plans", help="also compare these candidate plans")] = None,
+) -> None:
+    """A self-contained HTML page of charts: cost, revenue and margin over time, per tenant, model and path; alerts."""
+    from streams.operations.whatif import candidates_of, compare, ledger_months
+    from streams.reports.usage import report as make_report
+    from streams.stages.plans import Plans
+    from streams.storage.query import query as run_query
+
+    settings = _settings()
+    if html is None or not since or not until:
+        raise CommandFailed("give --html FILE, --since and --until, e.g. costline report --html report.html "
+                            "--since 2026-11-01 --until 2026-12-01")
+    start, end = _instant(since), _instant(until)
+    run = lambda sql: run_query(settings, sql).rows  # noqa: E731
+    outcomes = None
+    if plans is not None:
+        current = Plans.from_file(settings.plans_file)
+        outcomes = compare(current, candidates_of(_plans_file(plans), str(plans)),
+                           ledger_months(current, start, end, run, [tenant] if tenant else None))
+    html.write_text(make_report(run, start, end, tenant or None, outcomes))
+    err.print(f"wrote {html} ({html.stat().st_size / 1e6:.1f} MB, opens without a network)")
+
+
+def _plans_file(path: Path) -> Any:
+    from streams.stages.plans import Plans
+
+    if not path.is_file():
+        raise CommandFailed(f"{path} is not a file: give the candidate plans' YAML (see config/candidates.yaml)")
+    return Plans.from_file(path)
+
+
 def _instant(text: str) -> datetime:
     """A date (UTC midnight) or an ISO 8601 time; without a zone, UTC."""
     try:
