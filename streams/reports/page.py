@@ -85,18 +85,25 @@ def _figure(chart: Chart) -> dict[str, object]:
     traces = []
     for index, (name, values) in enumerate(chart.series):
         trace: dict[str, object] = {"name": name, "x": chart.x, "y": [_text(v) for v in values]}
+        if name in _COLORS:  # the same colour for cost, revenue and margin in every chart
+            trace["marker"] = {"color": _COLORS[name]}
+            trace["line"] = {"color": _COLORS[name]}
         if chart.kind == "bar":
             trace["type"] = "bar"
         elif chart.kind == "line":
             trace.update(type="scatter", mode="lines+markers")
         else:  # markers: y is a category per point, values are shown on hover
             trace.update(type="scatter", mode="markers", x=chart.series_x[index], y=chart.y_labels[index],
-                         text=[_text(v) for v in values], marker={"size": 11})
+                         text=[_text(v) for v in values], marker={"size": 11, **_LEVELS.get(name, {})})
         traces.append(trace)
     layout = {"title": {"text": chart.title}, "barmode": "group", "height": 380,
               "margin": {"l": 70, "r": 20, "t": 50, "b": 90}, "legend": {"orientation": "h"},
               "yaxis": {"title": {"text": chart.y_title}} if chart.kind != "markers" else {"type": "category"}}
     return {"id": chart.id, "numeric": chart.kind != "markers", "data": traces, "layout": layout}
+
+
+_COLORS = {"cost": "#d9534f", "revenue": "#3b6fd8", "margin": "#2e9e6a"}
+_LEVELS = {"warning": {"color": "#f0ad4e"}, "soft_cap": {"color": "#e8590c"}, "hard_cap": {"color": "#b02a37"}}
 
 
 def _table(table: Table) -> str:
