@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -495,6 +495,7 @@ def demo(
 
             wait_for(all_landed, timeout, "every event to land in ClickHouse", alive=worker, interval_s=0.25)
         _print_summary(settings, where)
+        _print_demo_whatif(settings, where)
     finally:
         if worker is not None:
             worker.stop(timeout_s=30)
@@ -533,6 +534,26 @@ def _print_summary(settings: Settings, where: str) -> None:
         table.add_row(tenant, limit_id, f"{threshold:.0f}%", level, f"{usage:.2f} / {limit:.2f}",
                       str(crossed_at)[11:19])
     console.print(table if alerts.rows else "No quota alerts in open windows.")
+
+
+def _print_demo_whatif(settings: Settings, where: str) -> None:
+    """The founding article's table, on the demo's own calls: the plans in force against a flat
+    subscription, pay-per-call and usage-based pricing (config/candidates.yaml)."""
+    from streams.operations.whatif import CURRENT, candidates_of, compare, ledger_months
+    from streams.stages.plans import Plans
+    from streams.storage.query import query as run_query
+
+    current = Plans.from_file(settings.plans_file)
+    candidates_file = settings.config_dir / "candidates.yaml"
+    if not candidates_file.is_file():
+        return
+    now = datetime.now(UTC)
+    start, end = now - timedelta(days=40), now + timedelta(days=1)
+    months = ledger_months(current, start, end, lambda sql: run_query(settings, sql).rows, only=where)
+    _print_whatif(compare(current, candidates_of(Plans.from_file(candidates_file), str(candidates_file)), months),
+                  start, end, CURRENT)
+    console.print(f"The same for any window: costline whatif --plans {candidates_file} --since … --until … "
+                  "[--html page.html]; charts: costline report --html report.html --since … --until …")
 
 
 def _print_margins(settings: Settings, tenants: list[str]) -> None:

@@ -165,9 +165,10 @@ def list_card(card: RateCard) -> RateCard:
 
 
 def ledger_months(current: Plans, since: datetime, until: datetime, run_query: Query,
-                  tenants: Iterable[str] | None = None) -> Months:
-    """The ledger's usage in [since, until) by tenant, billing month and what charges filter on.
-    Months follow each tenant's time zone (plans.yaml): one query per zone in use."""
+                  tenants: Iterable[str] | None = None, only: str = "") -> Months:
+    """The ledger's usage in [since, until) by tenant, billing month and what charges filter on
+    (``only``: one more SQL condition on the ledger, e.g. one demo run's events). Months follow
+    each tenant's time zone (plans.yaml): one query per zone in use."""
     if until <= since:
         raise WhatIfRefused(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
     chosen = sorted(set(tenants)) if tenants else None
@@ -179,15 +180,19 @@ def ledger_months(current: Plans, since: datetime, until: datetime, run_query: Q
     where = f"event_time >= {sql_time(since)} AND event_time < {sql_time(until)}"
     if chosen is not None:
         where += f" AND tenant_id IN ({', '.join(map(sql_string, chosen))})"
+    if only:
+        where += f" AND ({only})"
     filters = [(current.default_time_zone,
                 f" AND tenant_id NOT IN ({', '.join(map(sql_string, elsewhere))})" if elsewhere else "")]
     filters += [(zone, f" AND tenant_id IN ({', '.join(map(sql_string, listed))})") for zone, listed in zones.items()]
     months: Months = defaultdict(list)
     for zone, only in filters:
-        rows = run_query(f"SELECT tenant_id, toStartOfMonth(event_time, {sql_string(zone)}), {LEDGER_GROUPS}, "
+        # (The month as text: read through a worker, a date would come back as a string anyway.)
+        rows = run_query(f"SELECT tenant_id, formatDateTime(toStartOfMonth(event_time, {sql_string(zone)}), '%Y-%m'), "
+                         f"{LEDGER_GROUPS}, "
                          f"{LEDGER_SUMS} FROM usage WHERE {where}{only} GROUP BY tenant_id, 2, {LEDGER_GROUPS}")
         for tenant, month, *group in rows:
-            months[(tenant, f"{month:%Y-%m}")].append(usage_group(group))
+            months[(tenant, month)].append(usage_group(group))
     if not months:
         raise WhatIfRefused(f"no calls in the ledger from {since.isoformat()} to {until.isoformat()}"
                             + (f" for {', '.join(chosen)}" if chosen else "") + ": widen --since/--until")

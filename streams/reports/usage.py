@@ -33,7 +33,7 @@ def report(run_query: Query, since: datetime, until: datetime, tenant: str | Non
         f" AND tenant_id = {sql_string(tenant)}" if tenant else "")
     totals_sql = f"SELECT {_SUMS} FROM usage WHERE {where}"
     calls, cost, revenue, margin = run_query(totals_sql)[0]
-    totals = [("total-calls", "calls", f"{calls:,}"), ("total-cost", "provider cost (USD)", _money(cost)),
+    totals = [("total-calls", "calls", f"{int(calls):,}"), ("total-cost", "provider cost (USD)", _money(cost)),
               ("total-revenue", "usage revenue (USD)", _money(revenue)), ("total-margin", "margin (USD)", _money(margin))]
     sections = [Section("Over time", [_over_time(run_query, where, until - since <= timedelta(days=3))]),
                 Section("Tenants", _tenants(run_query, where)),
@@ -49,11 +49,13 @@ def report(run_query: Query, since: datetime, until: datetime, tenant: str | Non
 
 def _over_time(run_query: Query, where: str, hourly: bool) -> Chart:
     """Per UTC day, or per hour for a window of three days or less (a day or two is no line)."""
-    bucket, label = ("toStartOfHour(event_time)", "hour") if hourly else ("toDate(event_time)", "day")
+    # Times as text from the query itself: read through a worker, every value comes back as text.
+    bucket, label = (("formatDateTime(toStartOfHour(event_time), '%Y-%m-%d %H:%i')", "hour") if hourly
+                     else ("formatDateTime(toDate(event_time), '%Y-%m-%d')", "day"))
     sql = f"SELECT {bucket} AS {label}, {_SUMS} FROM usage WHERE {where} GROUP BY {label} ORDER BY {label}"
     rows = run_query(sql)
     return Chart("over-time", f"Cost, revenue and margin per {label}", "line",
-                 [f"{r[0]:%Y-%m-%d %H:%M}" if hourly else f"{r[0]:%Y-%m-%d}" for r in rows],
+                 [r[0] for r in rows],
                  [("cost", [r[2] for r in rows]), ("revenue", [r[3] for r in rows]),
                   ("margin", [r[4] for r in rows])], sql)
 
@@ -74,7 +76,8 @@ def _tenants(run_query: Query, where: str) -> list[Chart | Table]:
                            [r[0] for r in negative], [("margin", [r[4] for r in negative])], negative_sql))
     items.append(Table("tenants-negative-margin-table", "Tenants with a negative margin",
                        ["tenant", "calls", "cost (USD)", "revenue (USD)", "margin (USD)"],
-                       [[r[0], f"{r[1]:,}", _money(r[2]), _money(r[3]), _money(r[4])] for r in negative], negative_sql))
+                       [[r[0], f"{int(r[1]):,}", _money(r[2]), _money(r[3]), _money(r[4])] for r in negative],
+                       negative_sql))
     return items
 
 
@@ -89,20 +92,21 @@ def _by(run_query: Query, where: str, name: str, column: str) -> Chart:
 
 
 def _alerts(run_query: Query, since: datetime, until: datetime, tenant: str | None) -> list[Chart | Table]:
-    sql = ("SELECT crossed_at, tenant_id, limit_id, level, threshold_percent, usage, limit_value "
+    sql = ("SELECT formatDateTime(crossed_at, '%Y-%m-%d %H:%i:%S') AS crossed, tenant_id, limit_id, level, "
+           "toUInt32(threshold_percent) AS threshold "
            f"FROM quota_alert_history WHERE crossed_at >= {sql_time(since)} AND crossed_at < {sql_time(until)}"
-           + (f" AND tenant_id = {sql_string(tenant)}" if tenant else "") + " ORDER BY crossed_at")
+           + (f" AND tenant_id = {sql_string(tenant)}" if tenant else "") + " ORDER BY crossed")
     rows = run_query(sql)
     table = Table("alerts-table", "Quota alerts", ["crossed at", "tenant", "limit", "level", "threshold"],
-                  [[f"{r[0]:%Y-%m-%d %H:%M:%S}", r[1], r[2], r[3], f"{r[4]:.0f}%"] for r in rows], sql)
+                  [[r[0], r[1], r[2], r[3], f"{r[4]}%"] for r in rows], sql)
     if not rows:
         return [table]
     # One series per level: x the crossing times, y the tenants, the hover text the limit.
     levels = sorted({r[3] for r in rows})
     series = [[r for r in rows if r[3] == level] for level in levels]
     chart = Chart("alerts", "Quota alerts over time (hover: the limit and its threshold)", "markers", [],
-                  [(level, [f"{r[2]} {r[4]:.0f}%" for r in points]) for level, points in zip(levels, series, strict=True)],
-                  sql, y_title="tenant", series_x=[[f"{r[0]:%Y-%m-%d %H:%M:%S}" for r in points] for points in series],
+                  [(level, [f"{r[2]} {r[4]}%" for r in points]) for level, points in zip(levels, series, strict=True)],
+                  sql, y_title="tenant", series_x=[[r[0] for r in points] for points in series],
                   y_labels=[[r[1] for r in points] for points in series])
     return [chart, table]
 
@@ -129,5 +133,5 @@ def _percent(value: str | None) -> str:
     return "" if value is None else f"{value}%"
 
 
-def _money(value: Decimal | None) -> str:
-    return format((value or _ZERO).quantize(Decimal("0.000001")), "f")
+def _money(value: Decimal | str | None) -> str:
+    return format(Decimal(value or _ZERO).quantize(Decimal("0.000001")), "f")

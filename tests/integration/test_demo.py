@@ -24,6 +24,17 @@ def test_the_demo_prints_margins_and_every_invoice_reconciles_with_the_ledger(ka
     try:
         out = cli(env, "demo", "-n", "1500", "-k", "4")
         assert "revenue, cost and margin per tenant" in out
+        # The three-plan comparison of the founding article, on the demo's own calls.
+        plans_table = out[out.index("The plans on the ledger's usage"):]
+        assert all(name in plans_table for name in ("current", "flat-subscription", "pay-per-call", "usage-based"))
+        whatif = json.loads(cli(env, "whatif", "--plans", str(ROOT / "config" / "candidates.yaml"),
+                                "--since", "2020-01-01", "--until", "2100-01-01", "--format", "json"))
+        flat = next(p for p in whatif["plans"] if p["plan"] == "flat-subscription")
+        assert Decimal(flat["revenue_usd"]) == 20 * flat["tenant_months"] and flat["tenant_months"] >= 4
+        page = tmp_path / "report.html"
+        cli(env, "report", "--html", str(page), "--since", "2020-01-01", "--until", "2100-01-01",
+            "--plans", str(ROOT / "config" / "candidates.yaml"))
+        assert "id='total-calls'>1,500<" in page.read_text() and "id='whatif-table'" in page.read_text()
         ledger = [json.loads(line) for line in cli(
             env, "query", "--format", "jsonl",
             "SELECT tenant_id, billing_period, toString(sum(revenue_usd)) AS revenue, "
