@@ -377,12 +377,16 @@ def whatif(
 
 
 def _print_whatif(outcomes: list[Any], start: datetime, end: datetime, current: str) -> None:
-    table = Table("plan", "revenue", "cost", "margin", "margin %", "ARPU/month", "eff. discount", "overage share",
-                  "tenants at a loss", title=f"The plans on the ledger's usage, {start:%Y-%m-%d} to {end:%Y-%m-%d} (USD)")
+    table = Table(title=f"The plans on the ledger's usage, {start:%Y-%m-%d} to {end:%Y-%m-%d} (USD; "
+                        "--format json for every digit)")
+    table.add_column("plan", no_wrap=True)
+    for name in ("revenue", "cost", "margin", "margin %", "ARPU/month", "discount", "overage", "at a loss"):
+        table.add_column(name, justify="right", no_wrap=True)
+    cents = Decimal("0.01")
     for outcome in outcomes:
         f = outcome.to_json()
-        table.add_row(outcome.plan, f["revenue_usd"], f["cost_usd"], f["margin_usd"], _percent(f["margin_percent"]),
-                      f["arpu_usd"] or "—", _percent(f["effective_discount_percent"]),
+        table.add_row(outcome.plan, f["revenue_usd"], f"{outcome.cost.quantize(cents)}", f"{outcome.margin.quantize(cents)}",
+                      _percent(f["margin_percent"]), f["arpu_usd"] or "—", _percent(f["effective_discount_percent"]),
                       _percent(f["overage_share_percent"]), str(f["negative_margin_tenants"]))
     console.print(table)
     for outcome in outcomes[1:]:
