@@ -35,7 +35,8 @@ def report(run_query: Query, since: datetime, until: datetime, tenant: str | Non
     calls, cost, revenue, margin = run_query(totals_sql)[0]
     totals = [("total-calls", "calls", f"{int(calls):,}"), ("total-cost", "provider cost (USD)", _money(cost)),
               ("total-revenue", "usage revenue (USD)", _money(revenue)), ("total-margin", "margin (USD)", _money(margin))]
-    sections = [Section("Over time", [_over_time(run_query, where, until - since <= timedelta(days=3))]),
+    hourly = until - since <= timedelta(days=3)
+    sections = [Section("Over time", [_over_time(run_query, where, hourly), _tenants_over_time(run_query, where, hourly)]),
                 Section("Tenants", _tenants(run_query, where)),
                 Section("Models and business paths", [_by(run_query, where, "model", "concat(provider, '/', model)"),
                                                       _by(run_query, where, "business-path", "business_path")]),
@@ -49,15 +50,33 @@ def report(run_query: Query, since: datetime, until: datetime, tenant: str | Non
 
 def _over_time(run_query: Query, where: str, hourly: bool) -> Chart:
     """Per UTC day, or per hour for a window of three days or less (a day or two is no line)."""
-    # Times as text from the query itself: read through a worker, every value comes back as text.
-    bucket, label = (("formatDateTime(toStartOfHour(event_time), '%Y-%m-%d %H:%i')", "hour") if hourly
-                     else ("formatDateTime(toDate(event_time), '%Y-%m-%d')", "day"))
+    bucket, label = _bucket(hourly)
     sql = f"SELECT {bucket} AS {label}, {_SUMS} FROM usage WHERE {where} GROUP BY {label} ORDER BY {label}"
     rows = run_query(sql)
     return Chart("over-time", f"Cost, revenue and margin per {label}", "line",
                  [r[0] for r in rows],
                  [("cost", [r[2] for r in rows]), ("revenue", [r[3] for r in rows]),
                   ("margin", [r[4] for r in rows])], sql)
+
+
+def _tenants_over_time(run_query: Query, where: str, hourly: bool) -> Chart:
+    """The cost of the five costliest tenants over time (a tenant without calls in a bucket: 0)."""
+    bucket, label = _bucket(hourly)
+    sql = (f"SELECT {bucket} AS {label}, tenant_id, sum(cost_usd) AS cost FROM usage WHERE {where} AND tenant_id IN "
+           f"(SELECT tenant_id FROM usage WHERE {where} GROUP BY tenant_id ORDER BY sum(cost_usd) DESC, tenant_id "
+           f"LIMIT 5) GROUP BY {label}, tenant_id ORDER BY {label}, tenant_id")
+    rows = run_query(sql)
+    times = sorted({r[0] for r in rows})
+    costs = {(r[0], r[1]): r[2] for r in rows}
+    tenants = sorted({r[1] for r in rows})
+    return Chart("tenants-over-time", f"Cost per {label} of the five costliest tenants", "line", times,
+                 [(tenant, [costs.get((t, tenant), _ZERO) for t in times]) for tenant in tenants], sql)
+
+
+def _bucket(hourly: bool) -> tuple[str, str]:
+    # Times as text from the query itself: read through a worker, every value comes back as text.
+    return (("formatDateTime(toStartOfHour(event_time), '%Y-%m-%d %H:%i')", "hour") if hourly
+            else ("formatDateTime(toDate(event_time), '%Y-%m-%d')", "day"))
 
 
 def _tenants(run_query: Query, where: str) -> list[Chart | Table]:

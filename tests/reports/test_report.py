@@ -80,7 +80,7 @@ def test_the_report_draws_every_chart_and_its_totals_are_clickhouses(ledger, tmp
     assert "<script src=" not in page.read_text()          # self-contained: nothing to fetch
     dom = open_page(page, "--dump-dom")
     # Every chart drew marks: bars (a path per bar) or points and lines, as many as its data has.
-    expected = {"over-time": 3 * 3 * 6, "tenants-by-cost": 3 * 3, "tenants-negative-margin": 1, "by-model": 2 * 3,
+    expected = {"over-time": 3 * 3 * 6, "tenants-over-time": 3 * 18, "tenants-by-cost": 3 * 3, "tenants-negative-margin": 1, "by-model": 2 * 3,
                 "by-business-path": 2 * 3, "alerts": 2, "whatif": 4 * 3}
     for chart, marks in expected.items():
         drawn = _section(dom, chart)
