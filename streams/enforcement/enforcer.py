@@ -152,6 +152,7 @@ class Enforcer:
                                    settings.reserve_unknown_usd)
         self.ready = threading.Event()
         self.errors = 0
+        self._restored = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="quota-enforcer", daemon=True)
 
@@ -182,6 +183,22 @@ class Enforcer:
         return self.reservations.reserve(request, self.estimator.estimate(request, now), now)
 
     def _run(self) -> None:
+        """Consumes until stopped; any failure (a broker away longer than the client retries, a
+        journal that cannot be read) is counted and logged, and the consumer started again, with
+        backoff: an enforcer never stays "starting" for good, nor stops applying usage."""
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                self._consume()
+                return
+            except Exception as exc:  # noqa: BLE001 - counted, logged, retried
+                self.errors += 1
+                log.error("the enforcer's consumer stopped (%s: %s); starting it again in %.0f s",
+                          type(exc).__name__, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _consume(self) -> None:
         topics = self.settings.topics
         consumer = Consumer({
             "bootstrap.servers": self.settings.kafka_bootstrap_servers,
@@ -191,10 +208,15 @@ class Enforcer:
             **READ_TRANSACTIONAL,  # the worker writes both topics in transactions
         })
         try:
-            if self.journal is not None:
+            if self.journal is not None and not self._restored:
+                now = datetime.now(UTC)
                 mine = [record for record in self.journal.restore(consumer)
                         if self.layout.owns(record["tenant_id"])]  # (the other enforcers restore theirs)
-                restored = self.reservations.restore(mine, datetime.now(UTC))
+                restored = self.reservations.restore(mine, now)
+                for record in mine:  # ended while no enforcer ran: gone from the topic too
+                    if datetime.fromisoformat(record["expires_at"]) <= now:
+                        self.journal.kafka(record["reservation_id"], None)
+                self._restored = True
                 log.info("reservations restored: %d live", restored)
             metadata = consumer.list_topics(timeout=10)
             deadline = time.monotonic() + 10  # a topic created a moment ago can be missing from metadata
@@ -232,9 +254,6 @@ class Enforcer:
                         behind.pop(msg.partition(), None)
                     if not behind:
                         self.ready.set()
-        except KafkaException as exc:
-            self.errors += 1
-            log.error("the enforcer's consumer stopped: %s", exc)
         finally:
             consumer.close()
 

@@ -61,6 +61,6 @@ class EnforcerLayout:
         """The instance holding a reservation; None when the id names no partition (an id from an
         enforcer before this layout, or not ours): then it can only be here, if anywhere."""
         head, dash, _ = reservation_id.partition("-")
-        if not dash or not head.isdigit() or int(head) >= self.partitions:
+        if not dash or not (head.isascii() and head.isdigit()) or int(head) >= self.partitions:
             return None
         return self.peers[int(head) % len(self.peers)]

@@ -177,9 +177,24 @@ class ReservationBook:
             try:  # durable before it is answered: a restarted enforcer must hold it again
                 self.journal(hold.reservation_id, hold.to_record())
             except Exception:
-                self.release(hold.reservation_id)
+                self._undo(hold)
                 raise
         return answer
+
+    def _undo(self, hold: Hold) -> None:
+        """Takes back a grant that could not be journaled, as if it was never made: no answer kept
+        for its key (a retry must be decided again, not told it was granted), no count, no tombstone."""
+        with self._lock:
+            if self.holds.pop(hold.reservation_id, None) is None:
+                return
+            self._by_key.pop((hold.tenant_id, hold.idempotency_key), None)
+            for window, amount in hold.amounts.items():
+                left = self._held.get(window, _ZERO) - amount
+                if left > 0:
+                    self._held[window] = left
+                else:
+                    self._held.pop(window, None)
+            self.counters.granted -= 1
 
     def grant(self, request: ReservationRequest, estimate: Estimate, now: datetime) -> tuple[dict[str, Any],
                                                                                               Hold | None]:

@@ -166,7 +166,11 @@ class EnforcerServer:
 
     def answer(self, head: Head, body: bytes) -> Answer:
         enforcer = self.enforcer
-        path = urlsplit(head.target).path
+        try:
+            url = urlsplit(head.target)
+        except ValueError:
+            return 400, {"error": "malformed request target"}, {}
+        path = url.path
         if head.method == "GET" and path == "/v1/health":
             return (200 if enforcer.ready.is_set() else 503), self.health(), {}
         if head.method not in ("GET", "POST"):
@@ -176,7 +180,7 @@ class EnforcerServer:
         if head.method == "GET":
             if not path.startswith("/v1/decisions/") or len(path) <= len("/v1/decisions/"):
                 return 404, {"error": "use GET /v1/decisions/{tenant} or GET /v1/health"}, {}
-            query = {k: v[-1] for k, v in parse_qs(urlsplit(head.target).query).items()
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()
                      if k in ("user", "model", "business_path")}
             return 200, enforcer.decide(unquote(path[len("/v1/decisions/"):]), **query).to_json(), {}
         if path == "/v1/reservations":
@@ -231,6 +235,8 @@ class _Connection(asyncio.Protocol):
         self.head: Head | None = None
         self.serving = False
         self.closed = False
+        #: The client is not reading its answers: no more requests are read or answered until it does.
+        self.writing_paused = False
         self.timer: asyncio.TimerHandle | None = None
 
     # -- asyncio's callbacks ------------------------------------------------------------------
@@ -258,10 +264,13 @@ class _Connection(asyncio.Protocol):
         self._process()
 
     def pause_writing(self) -> None:  # the client is not reading its answers: stop reading its requests
+        self.writing_paused = True
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         self.transport.resume_reading()
+        self._process()
 
     # -- slots ----------------------------------------------------------------------------------
 
@@ -286,7 +295,7 @@ class _Connection(asyncio.Protocol):
 
     def _process(self) -> None:
         server = self.server
-        while not self.closed and self.serving:
+        while not self.closed and self.serving and not self.writing_paused:
             if self.head is None:
                 end = self.buffer.find(b"\r\n\r\n")
                 if end < 0 or end + 4 > server.MAX_HEAD_BYTES:
@@ -307,7 +316,12 @@ class _Connection(asyncio.Protocol):
             del self.buffer[:head.length]
             self.head = None
             self._disarm()
-            self._send(server.answer(head, body), close=not head.keep)
+            try:
+                answer = server.answer(head, body)
+            except Exception as exc:  # noqa: BLE001 - one request's failure is its own 500, never the loop's
+                log.exception("a request failed: %s %s", head.method, head.target[:200])
+                answer = 500, {"error": f"the enforcer failed on this request ({type(exc).__name__}); see its log"}, {}
+            self._send(answer, close=not head.keep)
 
     def _send(self, answer: Answer, *, close: bool) -> None:
         if self.closed:
@@ -315,8 +329,9 @@ class _Connection(asyncio.Protocol):
         self.transport.write(_response(*answer, close=close))
         if close:
             self.closed = True
-            self._disarm()
             self.transport.close()
+            # A client that never reads would keep a closing connection (and its slot) for ever.
+            self._arm(self.server.READ_TIMEOUT_S, self.transport.abort)
         else:
             self._arm(self.server.READ_TIMEOUT_S if self.buffer else self.server.IDLE_TIMEOUT_S)
 
@@ -332,9 +347,10 @@ class _Connection(asyncio.Protocol):
             self.timer = None
 
     def _expire(self) -> None:
-        """Idle, or a request not sent whole in time: closed, nothing to answer."""
+        """Idle, a request not sent whole in time, or answers not read: dropped, nothing to answer
+        (``abort``: ``close`` would wait for a client that does not read to take the answers)."""
         self.closed = True
-        self.transport.close()
+        self.transport.abort()
 
 
 class Head(NamedTuple):
@@ -361,10 +377,8 @@ def _parse(head: bytes) -> Head | Answer:
             headers[name.strip().lower()] = value.strip()
     if "transfer-encoding" in headers:
         return 411, {"error": "send the body with a Content-Length, not chunked"}, {}
-    try:
-        length = int(headers.get("content-length") or 0)
-    except ValueError:
-        length = -1
+    given = headers.get("content-length") or "0"
+    length = int(given) if given.isascii() and given.isdigit() else -1  # (int() would take "+5" and "1_0")
     if length < 0 or length > MAX_BODY_BYTES:
         return (413 if length > MAX_BODY_BYTES else 400,
                 {"error": f"send a JSON body of at most {MAX_BODY_BYTES} bytes, with its Content-Length"}, {})

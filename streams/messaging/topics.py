@@ -125,7 +125,10 @@ def _wait_for_leaders(client: AdminClient, topics: list[str], timeout_s: float) 
 #: partition leaders; librdkafka does not always mark these retriable.
 _STARTING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
              KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._TIMED_OUT,
-             KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
+             KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+             # The client's metadata lacks the partition while the restarted broker has not yet
+             # served it (seen: a worker rewinding after an aborted transaction exited on it).
+             KafkaError._UNKNOWN_PARTITION}
 
 #: Consumer settings for topics the worker writes in transactions: read only what was committed,
 #: and learn the end of a partition from the consumer (its last offsets can be transaction markers,

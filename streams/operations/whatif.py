@@ -15,8 +15,8 @@ The figures of a plan, over the tenant-months with at least one call:
 - ``arpu``: revenue per active tenant-month;
 - ``effective_discount``: 1 − billed ÷ list, where list rates the same usage on the card without
   its free units, discounts, spend cap and minimum commitment;
-- ``overage_share``: the part of revenue billed above the plan's soft cap, a monthly
-  ``revenue_usd`` limit without a hard cap (the usage charges over it); None for a plan without one;
+- ``overage_share``: the part of revenue billed above the plan's soft cap, its monthly
+  tenant-wide ``revenue_usd`` limit (the usage charges over it); None for a plan without one;
 - ``negative_margin_tenants``: tenants whose bills over the window are below their cost;
 - ``pays_more`` / ``pays_less``: the five tenants whose bill over the window rises, or falls,
   most against the current plans.
@@ -30,7 +30,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from streams.errors import CostlineError
@@ -93,7 +93,7 @@ class Outcome:
 
     def to_json(self) -> dict[str, Any]:
         def amount(value: Decimal | None, places: str = "0.01") -> str | None:
-            return None if value is None else format(value.quantize(Decimal(places)), "f")
+            return None if value is None else format(value.quantize(Decimal(places), rounding=ROUND_HALF_UP), "f")
 
         return {"plan": self.plan, "revenue_usd": amount(self.revenue), "cost_usd": amount(self.cost, "0.000001"),
                 "margin_usd": amount(self.margin, "0.000001"), "margin_percent": amount(self.margin_percent, "0.1"),
@@ -149,10 +149,10 @@ def _replay(name: str, plan_of: Callable[[str], Plan | None], months: Months) ->
 
 
 def soft_cap(plan: Plan) -> Decimal | None:
-    """The plan's soft cap on the month's bill: its monthly ``revenue_usd`` limit without a hard cap."""
+    """The plan's soft cap on the month's bill: its tenant-wide monthly ``revenue_usd`` limit (past
+    the limit a call is served and flagged overage, whether or not a hard cap lies further on)."""
     caps = [limit.limit for limit in plan.limits
-            if limit.metric == "revenue_usd" and limit.window == "month" and limit.hard_cap is None
-            and limit.scope == "tenant"]
+            if limit.metric == "revenue_usd" and limit.window == "month" and limit.scope == "tenant"]
     return min(caps) if caps else None
 
 
@@ -186,11 +186,11 @@ def ledger_months(current: Plans, since: datetime, until: datetime, run_query: Q
                 f" AND tenant_id NOT IN ({', '.join(map(sql_string, elsewhere))})" if elsewhere else "")]
     filters += [(zone, f" AND tenant_id IN ({', '.join(map(sql_string, listed))})") for zone, listed in zones.items()]
     months: Months = defaultdict(list)
-    for zone, only in filters:
+    for zone, in_zone in filters:
         # (The month as text: read through a worker, a date would come back as a string anyway.)
         rows = run_query(f"SELECT tenant_id, formatDateTime(toStartOfMonth(event_time, {sql_string(zone)}), '%Y-%m'), "
                          f"{LEDGER_GROUPS}, "
-                         f"{LEDGER_SUMS} FROM usage WHERE {where}{only} GROUP BY tenant_id, 2, {LEDGER_GROUPS}")
+                         f"{LEDGER_SUMS} FROM usage WHERE {where}{in_zone} GROUP BY tenant_id, 2, {LEDGER_GROUPS}")
         for tenant, month, *group in rows:
             months[(tenant, month)].append(usage_group(group))
     if not months:

@@ -78,7 +78,13 @@ def render(title: str, subtitle: str, totals: list[tuple[str, str, str]], sectio
             else:
                 body.append(_table(item))
     return (_HEAD.format(title=_e(title)) + f"<script>{_plotly_js()}</script>\n" + "\n".join(body)
-            + _SCRIPT.replace("__FIGURES__", json.dumps(charts)) + "</body></html>\n")
+            + _SCRIPT.replace("__FIGURES__", _script_json(charts)) + "</body></html>\n")
+
+
+def _script_json(value: object) -> str:
+    """JSON safe inside a <script>: a label holding "</script>" (a tenant id, a model name) must
+    not end the script and run what follows it."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _figure(chart: Chart) -> dict[str, object]:

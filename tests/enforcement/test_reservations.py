@@ -207,3 +207,22 @@ def test_a_revenue_cap_holds_the_most_the_call_can_add_to_the_bill():
     assert answers == [True] * 7 + [False]   # 8 x $6.06 = $48.48; a ninth would pass $50
     held = sum(hold.amounts[next(iter(hold.amounts))] for hold in book.holds.values())
     assert held == D("48.48")
+
+
+def test_a_grant_the_journal_could_not_keep_is_undone_and_a_retry_decided_again():
+    """The journal failing (a full disk) answers 503 "retry it": the retry with the same key must be
+    decided on the budget, not told it was granted while nothing is held."""
+    failing = [True]
+
+    def journal(reservation_id: str, record: dict | None) -> None:
+        if record is not None and failing[0]:
+            raise OSError(28, "No space left on device")
+
+    book = ReservationBook(PLANS, Stream(), journal=journal)
+    with pytest.raises(OSError):
+        book.reserve(request("k"), cost("0.90"), NOW)
+    assert book.holds == {} and book.counters.granted == 0 and book.counters.released == 0
+    failing[0] = False
+    retried = book.reserve(request("k"), cost("0.90"), NOW)
+    assert retried["granted"] and len(book.holds) == 1          # held this time
+    assert not book.reserve(request("other"), cost("0.90"), NOW)["granted"]   # and it counts: 1.80 > 1.00

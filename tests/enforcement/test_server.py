@@ -224,3 +224,35 @@ def test_a_layout_that_does_not_name_this_enforcer_is_one_line(tmp_path):
     settings = Settings.from_env({"COSTLINE_ENFORCER_PEERS": "http://10.0.0.1:6067,http://10.0.0.2:6067"})
     with pytest.raises(SettingsError, match=r"^COSTLINE_ENFORCER_URL='http://127.0.0.1:6067' is not one of "):
         EnforcerLayout.from_settings(settings)
+
+
+@pytest.mark.parametrize(("target", "status"), [("//[", 400), ("/v1/reservations/%C2%B2-x/release", 200)])
+def test_odd_targets_get_an_answer_not_a_dropped_connection(server, target, status):
+    method = "GET" if target == "//[" else "POST"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"{method} {target} HTTP/1.1\r\nAuthorization: Bearer t0ken\r\nContent-Length: 0\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        reply = until_closed(sock)
+    assert reply.startswith(f"HTTP/1.1 {status} ".encode()), reply[:200]
+
+
+def test_a_client_that_never_reads_its_answers_loses_its_connection_not_the_servers_slot(monkeypatch):
+    monkeypatch.setattr(EnforcerServer, "IDLE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(EnforcerServer, "READ_TIMEOUT_S", 1.0)
+    enforcer = Enforcer(Settings.from_env({}), durable=False)
+    enforcer.ready.set()
+    httpd = EnforcerServer(enforcer, "127.0.0.1", 0, None).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", httpd.port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        request = b"GET /v1/decisions/acme HTTP/1.1\r\nHost: x\r\n\r\n" * 2000   # pipelined, never read
+        sock.setblocking(False)
+        try:
+            sock.sendall(request)
+        except BlockingIOError:
+            pass  # (the server stopped reading: that is the point)
+        wait_for(lambda: httpd.connections == 1, 10, "the connection to be served")
+        wait_for(lambda: httpd.connections == 0, 15, "the connection that does not read to be dropped")
+        sock.close()
+    finally:
+        httpd.stop()

@@ -105,3 +105,13 @@ def test_the_current_plans_replayed_on_the_ledger_are_the_invoices(ch_client, at
     assert now.cost == sum((bill.cost_usd for bill in invoices.values()), D(0)) == sum((r.cost_usd for r in rows), D(0))
     with pytest.raises(WhatIfRefused, match=r"^no calls in the ledger from 2020-01-01T00:00:00\+00:00 to "):
         ledger_months(plans, datetime(2020, 1, 1, tzinfo=UTC), datetime(2020, 2, 1, tzinfo=UTC), run)
+
+
+def test_a_spend_limit_with_a_hard_cap_further_on_is_still_the_plans_soft_cap():
+    """Past the limit a call is served and flagged overage, up to the hard cap: that part is overage."""
+    capped = Plans.model_validate({"plans": {"capped": {
+        "limits": [{"id": "bill", "metric": "revenue_usd", "window": "month", "limit": 20, "thresholds": [100],
+                    "hard_cap": 150}],
+        "rate_card": CANDIDATES.plans["usage"].rate_card.model_dump()}}})
+    _, outcome = compare(CURRENT, candidates_of(capped, "candidates.yaml"), MONTHS)
+    assert outcome.overage == D("2.05")   # c's 22.05 of usage, 2.05 above the limit of 20

@@ -109,3 +109,11 @@ def _section(dom: str, chart: str) -> str:
     start = dom.index(f'id="{chart}"')
     end = dom.find("<figure", start)
     return dom[start:end if end > 0 else len(dom)]
+
+
+def test_a_hostile_label_cannot_end_the_pages_script():
+    from streams.reports.page import Chart, Section, render
+
+    evil = "</script><script>document.title='owned'</script>"
+    page = render("t", "s", [], [Section("x", [Chart("c", "c", "bar", [evil], [("cost", [Decimal(1)])], "")])])
+    assert evil not in page and page.count("</script>") == 2   # plotly.js's own, then the page's
