@@ -73,7 +73,7 @@ def test_a_bad_candidates_file_is_one_line(plans, message):
 def test_the_current_plans_replayed_on_the_ledger_are_the_invoices(ch_client, attribution):
     """Two tenants in two time zones, calls on both sides of their month's bounds."""
     plans = Plans.model_validate({
-        "default_plan": "now", "tenants": {"tokyo-co": {"plan": "now", "time_zone": "Asia/Tokyo"}},
+        "default_plan": "now", "tenants": {"whatif-tokyo": {"plan": "now", "time_zone": "Asia/Tokyo"}},
         "plans": {"now": {"rate_card": {
             "flat_fee": 10, "minimum_commitment": 12,
             "charges": [{"id": "tokens", "metric": "tokens", "per": 1_000_000, "price": "graduated",
@@ -88,19 +88,19 @@ def test_the_current_plans_replayed_on_the_ledger_are_the_invoices(ch_client, at
         event_id=f"whatif-{tenant}-{i}", timestamp=at, tenant_id=tenant, provider="openai", model="gpt-4o",
         service=("support" if i % 2 else "search"), feature="answer",
         usage=TokenUsage(input_tokens=3_000 * (i + 1), output_tokens=500)))
-        for tenant in ("tokyo-co", "utc-co") for i, at in enumerate(times)]
+        for tenant in ("whatif-tokyo", "whatif-utc") for i, at in enumerate(times)]
     LEDGER.insert(ch_client, rows, LEDGER.dedup_token(rows))
     reader = connect_readonly(f"chdb://{ch_client.path}")
     run = lambda sql: run_readonly(reader, sql).rows  # noqa: E731
     months = ledger_months(plans, datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC), run,
-                           tenants=["tokyo-co", "utc-co"])
-    assert sorted(months) == [("tokyo-co", "2026-10"), ("tokyo-co", "2026-11"), ("tokyo-co", "2026-12"),
-                              ("utc-co", "2026-10"), ("utc-co", "2026-11"), ("utc-co", "2026-12")]
+                           tenants=["whatif-tokyo", "whatif-utc"])
+    assert sorted(months) == [("whatif-tokyo", "2026-10"), ("whatif-tokyo", "2026-11"), ("whatif-tokyo", "2026-12"),
+                              ("whatif-utc", "2026-10"), ("whatif-utc", "2026-11"), ("whatif-utc", "2026-12")]
     [now] = compare(plans, {}, months)
     invoices = {(tenant, month): invoice(plans, tenant, month, run) for tenant, month in months}
     assert {tenant: bills for tenant, (bills, _) in now.tenants.items()} == {
         tenant: sum((bill.total for (t, _), bill in invoices.items() if t == tenant), D(0))
-        for tenant in ("tokyo-co", "utc-co")}
+        for tenant in ("whatif-tokyo", "whatif-utc")}
     assert now.revenue == sum((bill.total for bill in invoices.values()), D(0))
     assert now.cost == sum((bill.cost_usd for bill in invoices.values()), D(0)) == sum((r.cost_usd for r in rows), D(0))
     with pytest.raises(WhatIfRefused, match=r"^no calls in the ledger from 2020-01-01T00:00:00\+00:00 to "):
