@@ -344,9 +344,7 @@ def whatif(
     html: Annotated[Path | None, typer.Option("--html", help="also write the comparison as a page of charts")] = None,
 ) -> None:
     """Replay the ledger's usage through candidate plans: revenue, cost and margin of each, against the current plans."""
-    from streams.operations.whatif import CURRENT, candidates_of, compare, ledger_months
-    from streams.stages.plans import Plans
-    from streams.storage.query import query as run_query
+    from streams.operations.whatif import CURRENT
 
     settings = _settings()
     if plans is None or not since or not until:
@@ -354,12 +352,9 @@ def whatif(
                             "config/candidates.yaml --since 2026-11-01 --until 2026-12-01")
     if fmt not in ("table", "json"):
         raise CommandFailed(f"--format {fmt!r} is not one of table, json")
-    current = Plans.from_file(settings.plans_file)
-    candidates = candidates_of(_plans_file(plans), str(plans))
     start, end = _instant(since), _instant(until)
-    months = ledger_months(current, start, end, lambda sql: run_query(settings, sql).rows,
-                           [t.strip() for t in tenants.split(",") if t.strip()] or None)
-    outcomes = compare(current, candidates, months)
+    chosen = [t.strip() for t in tenants.split(",") if t.strip()]
+    outcomes, months = _plan_outcomes(settings, plans, start, end, chosen)
     if html is not None:
         from streams.reports.page import Section, render
         from streams.reports.usage import whatif_items
@@ -409,9 +404,7 @@ def report(
     plans: Annotated[Path | None, typer.Option("--plans", help="also compare these candidate plans")] = None,
 ) -> None:
     """A self-contained HTML page of charts: cost, revenue and margin over time, per tenant, model and path; alerts."""
-    from streams.operations.whatif import candidates_of, compare, ledger_months
     from streams.reports.usage import report as make_report
-    from streams.stages.plans import Plans
     from streams.storage.query import query as run_query
 
     settings = _settings()
@@ -419,22 +412,26 @@ def report(
         raise CommandFailed("give --html FILE, --since and --until, e.g. costline report --html report.html "
                             "--since 2026-11-01 --until 2026-12-01")
     start, end = _instant(since), _instant(until)
-    run = lambda sql: run_query(settings, sql).rows  # noqa: E731
-    outcomes = None
-    if plans is not None:
-        current = Plans.from_file(settings.plans_file)
-        outcomes = compare(current, candidates_of(_plans_file(plans), str(plans)),
-                           ledger_months(current, start, end, run, [tenant] if tenant else None))
-    html.write_text(make_report(run, start, end, tenant or None, outcomes))
+    outcomes = None if plans is None else _plan_outcomes(settings, plans, start, end, [tenant] if tenant else [])[0]
+    html.write_text(make_report(lambda sql: run_query(settings, sql).rows, start, end, tenant or None, outcomes))
     err.print(f"wrote {html} ({html.stat().st_size / 1e6:.1f} MB, opens without a network)")
 
 
-def _plans_file(path: Path) -> Any:
+def _plan_outcomes(settings: Settings, candidates_file: Path, start: datetime, end: datetime, tenants: list[str],
+                   only: str = "") -> tuple[list[Any], dict[tuple[str, str], Any]]:
+    """The current plans' outcome and each candidate's on the ledger's usage (``whatif.compare``),
+    and the tenant-months they were rated on."""
+    from streams.operations.whatif import candidates_of, compare, ledger_months
     from streams.stages.plans import Plans
+    from streams.storage.query import query as run_query
 
-    if not path.is_file():
-        raise CommandFailed(f"{path} is not a file: give the candidate plans' YAML (see config/candidates.yaml)")
-    return Plans.from_file(path)
+    if not candidates_file.is_file():
+        raise CommandFailed(f"{candidates_file} is not a file: give the candidate plans' YAML "
+                            "(see config/candidates.yaml)")
+    current = Plans.from_file(settings.plans_file)
+    candidates = candidates_of(Plans.from_file(candidates_file), str(candidates_file))
+    months = ledger_months(current, start, end, lambda sql: run_query(settings, sql).rows, tenants or None, only)
+    return compare(current, candidates, months), months
 
 
 def _instant(text: str) -> datetime:
@@ -543,19 +540,14 @@ def _print_summary(settings: Settings, where: str) -> None:
 def _print_demo_whatif(settings: Settings, where: str) -> None:
     """The founding article's table, on the demo's own calls: the plans in force against a flat
     subscription, pay-per-call and usage-based pricing (config/candidates.yaml)."""
-    from streams.operations.whatif import CURRENT, candidates_of, compare, ledger_months
-    from streams.stages.plans import Plans
-    from streams.storage.query import query as run_query
+    from streams.operations.whatif import CURRENT
 
-    current = Plans.from_file(settings.plans_file)
     candidates_file = settings.config_dir / "candidates.yaml"
     if not candidates_file.is_file():
         return
     now = datetime.now(UTC)
     start, end = now - timedelta(days=40), now + timedelta(days=1)
-    months = ledger_months(current, start, end, lambda sql: run_query(settings, sql).rows, only=where)
-    _print_whatif(compare(current, candidates_of(Plans.from_file(candidates_file), str(candidates_file)), months),
-                  start, end, CURRENT)
+    _print_whatif(_plan_outcomes(settings, candidates_file, start, end, [], only=where)[0], start, end, CURRENT)
     console.print(f"The same for any window: costline whatif --plans {candidates_file} --since … --until … "
                   "[--html page.html]; charts: costline report --html report.html --since … --until …")
 
