@@ -87,16 +87,21 @@ class FileJournal:
         return live, gone
 
     def __call__(self, reservation_id: str, record: Record | None) -> None:
-        line = _line(reservation_id, record)
+        self.write([(reservation_id, record)])
+
+    def write(self, changes: list[tuple[str, Record | None]]) -> None:
+        """Appends the changes in one write."""
+        lines = [_line(reservation_id, record) for reservation_id, record in changes]
         with self._lock:
             if self._fd < 0:
                 self._open()
-            os.write(self._fd, line)
-            self._lines += 1
-            if record is None:
-                self._live.pop(reservation_id, None)
-            else:
-                self._live[reservation_id] = line
+            os.write(self._fd, b"".join(lines))
+            self._lines += len(lines)
+            for (reservation_id, record), line in zip(changes, lines, strict=True):
+                if record is None:
+                    self._live.pop(reservation_id, None)
+                else:
+                    self._live[reservation_id] = line
             if self._lines >= self.COMPACT_AFTER and self._lines >= 4 * len(self._live):
                 try:
                     self._rewrite()
@@ -189,6 +194,13 @@ class ReservationJournal:
     def __call__(self, reservation_id: str, record: Record | None) -> None:
         self.file(reservation_id, record)
         self.kafka(reservation_id, record)
+
+    def ended(self, reservation_ids: list[str]) -> None:
+        """Holds whose lease ended: gone from the file (in one write), not tombstoned on the topic.
+        A restore drops an ended hold by its expiry anyway, and the topic deletes records past the
+        longest lease; a second's expiries (a thousand tombstones at 1,000 reservations a second)
+        sent one by one took 30-50 ms from the thread that answers requests."""
+        self.file.write([(reservation_id, None) for reservation_id in reservation_ids])
 
     def restore(self, consumer: Consumer) -> list[Record]:
         """The live records: the topic's, with the file's changes over them."""

@@ -51,7 +51,9 @@ def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
         t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000), **big},
         t.alerts: {},
         t.state: {"cleanup.policy": "compact"},
-        t.reservations: {"cleanup.policy": "compact"},
+        # Compacted (a hold's latest record), and deleted a while after the longest lease (3,600 s)
+        # could have ended: an ended hold is never restored, so its expiry needs no tombstone here.
+        t.reservations: {"cleanup.policy": "compact,delete", "retention.ms": str(2 * 3600 * 1000)},
         changelog_topic(settings): {"cleanup.policy": "compact"},
     }
 

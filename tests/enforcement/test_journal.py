@@ -83,3 +83,17 @@ def test_restore_takes_the_topics_records_and_the_files_changes_over_them(kafka_
         consumer.close()
     finally:
         admin(settings).delete_topics(list(pipeline_topics(settings)))
+
+
+def test_holds_whose_lease_ended_leave_the_file_in_one_write(tmp_path, monkeypatch):
+    journal = FileJournal(tmp_path / "reservations.jsonl")
+    for n in range(1, 4):
+        journal(f"r{n}", hold(n=n))
+    writes = []
+    real_write = __import__("os").write
+    monkeypatch.setattr("streams.enforcement.journal.os.write", lambda fd, data: writes.append(data) or
+                        real_write(fd, data))
+    journal.write([("r1", None), ("r3", None)])
+    assert len(writes) == 1 and writes[0].count(b"\n") == 2
+    journal.close()
+    assert sorted(FileJournal(tmp_path / "reservations.jsonl").load()[0]) == ["r2"]
