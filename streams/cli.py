@@ -47,11 +47,19 @@ def _progress() -> Progress:
 
 
 @cli.command()
-def worker() -> None:
+def worker(
+    processes: Annotated[int, typer.Option("--processes", min=0, help="run this many stream workers and one sink "
+                                           "on this host, one core each (0: one worker does it all)")] = 0,
+) -> None:
     """Run the stream worker (validate, price, tag, land in ClickHouse) until Ctrl-C or SIGTERM."""
+    settings = _settings()
+    if processes:
+        from streams.runtime.supervisor import Supervisor
+
+        raise typer.Exit(Supervisor(settings, processes).run())
     from streams.runtime.worker import run_worker
 
-    run_worker(_settings())
+    run_worker(settings)
 
 
 @cli.command()

@@ -47,6 +47,25 @@ def wait_for(condition: Callable[[], T], timeout_s: float, what: str, *, alive: 
         time.sleep(interval_s)
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, theirs, ...), from /proc."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in open(f"/proc/{parent}/task/{task}/children").read().split()]
+            except (FileNotFoundError, ValueError):
+                continue
+            found += children
+            queue += children
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,9 +108,10 @@ def remove_isolated_topics(settings: Settings, timeout_s: float = 15.0) -> None:
 class Child:
     """A ``costline <command>`` child process with its output in a log file."""
 
-    def __init__(self, command: str, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, command: str, env: Mapping[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.name = f"costline {command}"
         self.command = command
+        self.args = args
         self.env = dict(env)
         self.settings = Settings.from_env(self.env)
         self.log_path = log_path
@@ -107,7 +127,7 @@ class Child:
     def start(self, timeout_s: float = 90) -> Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", self.command], env=self.env,
+            self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", self.command, *self.args], env=self.env,
                                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: (self.health() or {}).get("status") == "ok", timeout_s, f"{self.name} to be ready",
                  alive=self)
@@ -131,8 +151,9 @@ class Child:
 
 
 class WorkerProcess(Child):
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        super().__init__("worker", env, log_path)
+    def __init__(self, env: Mapping[str, str], log_path: Path, processes: int = 0) -> None:
+        """``processes``: ``costline worker --processes N`` (its health is the sink's)."""
+        super().__init__("worker", env, log_path, ("--processes", str(processes)) if processes else ())
 
     def health(self) -> dict[str, Any] | None:
         return get_json(f"{self.settings.web_url}/v1/health", headers=self.settings.web_headers)
