@@ -52,26 +52,42 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # no
 
 from schemas.usage import UsageEvent  # noqa: E402
 from streams.messaging.topics import ensure_topics  # noqa: E402
-from streams.operations.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics, wait_for  # noqa: E402
+from streams.operations.processes import (  # noqa: E402
+    ROOT,
+    WorkerProcess,
+    descendants,
+    isolated_env,
+    remove_isolated_topics,
+    wait_for,
+)
 from streams.operations.simulate import Workload  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.stages.plans import Plans  # noqa: E402
 from streams.storage.query import query  # noqa: E402
 
 
+def tree(pid: int) -> list[int]:
+    """A process and those below it (``costline worker --processes N``: the supervisor and its children)."""
+    return [pid, *descendants(pid)]
+
+
 def proc_stats(pid: int) -> tuple[float, float]:
-    """(peak RSS in MB, CPU seconds) of a process, from /proc."""
-    return proc_status_mb(pid)["VmHWM"], cpu_s(Path(f"/proc/{pid}/stat"))
+    """(peak RSS in MB, CPU seconds) of a process and those below it, from /proc: for several
+    processes, the sum of their peaks (an upper bound of the peak of their sum)."""
+    pids = tree(pid)
+    return (sum(proc_status_mb(p)["VmHWM"] for p in pids),
+            sum(cpu_s(Path(f"/proc/{p}/stat")) for p in pids))
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
-    """CPU seconds of each thread of a process, by thread id, from /proc."""
+    """CPU seconds of each thread of a process and those below it, by thread id, from /proc."""
     seconds = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            seconds[int(task.name)] = cpu_s(task / "stat")
-        except FileNotFoundError:  # a thread that has just ended
-            continue
+    for process in tree(pid):
+        for task in Path(f"/proc/{process}/task").iterdir():
+            try:
+                seconds[int(task.name)] = cpu_s(task / "stat")
+            except FileNotFoundError:  # a thread (or a process) that has just ended
+                continue
     return seconds
 
 
@@ -79,6 +95,12 @@ def cpu_s(stat: Path) -> float:
     """User and system CPU seconds from a /proc stat file (of a process or of one of its threads)."""
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_status_mb(pid: int) -> dict[str, float]:
+    """``proc_status_mb`` summed over a process and those below it."""
+    figures = [proc_status_mb(p) for p in tree(pid)]
+    return {name: sum(f[name] for f in figures) for name in figures[0]}
 
 
 def proc_status_mb(pid: int) -> dict[str, float]:
@@ -290,6 +312,9 @@ def main() -> None:
     parser.add_argument("--without-rating", action="store_true",
                         help="strip the plans' rate cards and revenue limits: the baseline that revenue rating in "
                              "the stream is measured against (run it paired with a run without this flag)")
+    parser.add_argument("--stream-workers", type=int, default=0,
+                        help="run costline worker --processes N: N stream workers and one sink (figures summed "
+                             "over the processes)")
     parser.add_argument("--role", choices=["all", "stream"], default="all",
                         help="stream: the worker publishes usage.attributed instead of writing the embedded "
                              "ClickHouse, so its RSS holds no database; timed until its offsets are committed, "
@@ -306,7 +331,7 @@ def main() -> None:
     if args.without_rating or args.without_revenue_limits:
         without_rating(config / "plans.yaml", keep_cards=not args.without_rating)
     env = isolated_env(work / "home", servers, config, COSTLINE_ROLE=args.role)
-    worker = WorkerProcess(env, work / "worker.log")
+    worker = WorkerProcess(env, work / "worker.log", processes=args.stream_workers)
     settings = worker.settings
     ensure_topics(settings)
     rows_lag: list[float] = []
@@ -328,7 +353,7 @@ def main() -> None:
         ended = time.perf_counter()
         elapsed = ended - started - ready
         rss_mb, cpu_s = proc_stats(worker.process.pid)
-        rss_now = proc_status_mb(worker.process.pid)  # at the end of phase 1, when the state is largest
+        rss_now = tree_status_mb(worker.process.pid)  # at the end of phase 1, when the state is largest
         # Cores in use while sustained: the whole worker, and its busiest thread (the batch loop's).
         used = {tid: cpu - progress.at_first.get(tid, 0.0) for tid, cpu in threads().items()}
         sustained_s = ended - progress.first[0]
@@ -349,7 +374,8 @@ def main() -> None:
 
     print(f"events                      {args.events:>12,}")
     print(f"tenants                     {args.tenants:>12,}{' (all occur)' if args.distinct_tenants else ''}")
-    print(f"worker role                 {args.role:>12}")
+    print(f"worker role                 {args.role:>12}"
+          + (f"  ({args.stream_workers} stream workers and a sink)" if args.stream_workers else ""))
     print(f"worker start-up s           {ready:>12.1f}")
     print(f"costline events/s           {eps:>12,.0f}  (sustained: from the first batch through to the last)")
     print(f"  from the worker's start   {eps_from_start:>12,.0f}  (its first batch through after "
@@ -380,7 +406,8 @@ def main() -> None:
                       "rss_mb": round(rss_mb), "rss_anon_mb": round(rss_now["RssAnon"]),
                       "rss_file_mb": round(rss_now["RssFile"]), "cpu_s_per_100k": round(cpu_s * 100_000 / args.events, 1),
                       "cores": round(worker_cores, 2), "busiest_thread_cores": round(busiest_cores, 2),
-                      "tenants": args.tenants, "distinct_tenants": args.distinct_tenants, "role": args.role}))
+                      "tenants": args.tenants, "distinct_tenants": args.distinct_tenants, "role": args.role,
+                      "stream_workers": args.stream_workers}))
 
 
 if __name__ == "__main__":
