@@ -19,7 +19,8 @@ Bounds, each one a failure measured before it was there:
   200 clients wait up to 54 s);
 - at most ``MAX_CONNECTIONS`` are served at once; past it a connection waits, unread, up to
   ``READ_TIMEOUT_S`` for a slot (a burst of short requests is served in full), and is answered
-  503 and closed when none frees up, or at once when ``BACKLOG`` are waiting already;
+  503 and closed when none frees up, or at once when ``BACKLOG`` are waiting already; a kept-alive
+  connection idle between requests gives its slot up to one waiting (its client opens a new one);
 - a request has ``READ_TIMEOUT_S`` from its first byte to its last (200 half-sent requests used
   to hold 200 threads without end), and a kept-alive connection is closed after
   ``IDLE_TIMEOUT_S`` without one;
@@ -73,8 +74,11 @@ class EnforcerServer:
         #: The most connections served at once.
         self.peak = 0
         self.turned_away = 0
-        #: Connections waiting for a slot, oldest first.
+        #: Connections waiting for a slot, oldest first; served connections with no request under
+        #: way (kept alive between requests), oldest first: these give their slots up to those.
         self.waiting: deque[_Connection] = deque()
+        self.idle: dict[_Connection, None] = {}
+        self.evicted = 0
         self._open: set[_Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -142,9 +146,14 @@ class EnforcerServer:
             return True
         if len(self.waiting) >= self.BACKLOG:
             connection.turn_away()
-        else:
-            self.waiting.append(connection)
-            connection.wait_for_slot(self.READ_TIMEOUT_S)
+            return False
+        self.waiting.append(connection)
+        connection.wait_for_slot(self.READ_TIMEOUT_S)
+        if self.idle:  # a kept-alive connection with nothing to send gives its slot up first
+            oldest = next(iter(self.idle))
+            del self.idle[oldest]
+            self.evicted += 1
+            oldest._expire()  # (its connection_lost hands the slot to the one waiting)
         return False
 
     def _take(self, connection: _Connection) -> None:
@@ -154,6 +163,7 @@ class EnforcerServer:
 
     def _release(self, connection: _Connection) -> None:
         self._open.discard(connection)
+        self.idle.pop(connection, None)
         self.connections -= 1
         while self.waiting:
             waiting = self.waiting.popleft()
@@ -216,8 +226,8 @@ class EnforcerServer:
         enforcer = self.enforcer
         return {"status": "ok" if enforcer.ready.is_set() else "starting", "states_applied": enforcer.book.applied,
                 "reservations": {"live": len(enforcer.reservations.holds), **vars(enforcer.reservations.counters)},
-                "connections": {"open": self.connections, "waiting": len(self.waiting),
-                                "turned_away": self.turned_away},
+                "connections": {"open": self.connections, "idle": len(self.idle), "waiting": len(self.waiting),
+                                "idle_closed_for_others": self.evicted, "turned_away": self.turned_away},
                 "layout": {"peers": len(enforcer.layout.peers), "me": enforcer.layout.me},
                 "journal": ({"lag": enforcer.journal.kafka.lag, "failed": enforcer.journal.kafka.failed}
                             if enforcer.journal is not None else None),
@@ -259,6 +269,7 @@ class _Connection(asyncio.Protocol):
             self.buffer += data
             return
         if not self.buffer and self.head is None:
+            self.server.idle.pop(self, None)
             self._arm(self.server.READ_TIMEOUT_S)  # a request's first byte: it has this long to arrive whole
         self.buffer += data
         self._process()
@@ -332,8 +343,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
             # A client that never reads would keep a closing connection (and its slot) for ever.
             self._arm(self.server.READ_TIMEOUT_S, self.transport.abort)
+        elif self.buffer:
+            self._arm(self.server.READ_TIMEOUT_S)
         else:
-            self._arm(self.server.READ_TIMEOUT_S if self.buffer else self.server.IDLE_TIMEOUT_S)
+            self.server.idle[self] = None
+            self._arm(self.server.IDLE_TIMEOUT_S)
 
     # -- timers ---------------------------------------------------------------------------------
 

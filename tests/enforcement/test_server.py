@@ -256,3 +256,31 @@ def test_a_client_that_never_reads_its_answers_loses_its_connection_not_the_serv
         sock.close()
     finally:
         httpd.stop()
+
+
+def test_idle_kept_alive_connections_give_their_slots_to_new_clients(monkeypatch):
+    """Two slots, both held by clients idle between requests: a third client is served at once,
+    and the oldest idle connection is the one closed."""
+    monkeypatch.setattr(EnforcerServer, "MAX_CONNECTIONS", 2)
+    enforcer = Enforcer(Settings.from_env({}), durable=False)
+    enforcer.ready.set()
+    httpd = EnforcerServer(enforcer, "127.0.0.1", 0, None).start()
+    ask = b"GET /v1/decisions/acme HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        kept = []
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", httpd.port), timeout=10)
+            sock.sendall(ask)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            kept.append(sock)
+        wait_for(lambda: len(httpd.idle) == 2, 5, "both connections idle")
+        with socket.create_connection(("127.0.0.1", httpd.port), timeout=10) as third:
+            third.sendall(ask)
+            assert third.recv(65536).startswith(b"HTTP/1.1 200 ")   # served, not 503 after 5 s
+        assert until_closed(kept[0]) == b"" and httpd.evicted == 1   # the oldest gave its slot up
+        kept[1].sendall(ask)
+        assert kept[1].recv(65536).startswith(b"HTTP/1.1 200 ")      # the other still served
+        for sock in kept:
+            sock.close()
+    finally:
+        httpd.stop()
