@@ -17,6 +17,7 @@ not a bound (``bounded`` False): such a call may spend more than it held.
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import NamedTuple
@@ -39,16 +40,23 @@ class Rates(NamedTuple):
 
 
 class Estimator:
-    """Upper bounds from the rates of each (tenant, provider, model), read from the pricer once a
-    minute (a price that changes mid-minute is used from the next minute: an estimate that much
-    late); each estimate is then a few multiplications instead of three pricings (90 µs)."""
+    """Upper bounds from the rates of each (tenant, provider, model), read from the pricer at most
+    once a minute per key (a price that changes is used within a minute: an estimate that much
+    late); each estimate is then a few multiplications instead of five pricings (~450 µs).
+
+    Each key keeps its rates for ``REFRESH_S`` from its own reading, not to the next wall-clock
+    minute: with minute buckets, every key of a thousand tenants was read again in the same
+    second after each minute's turn (0.45 s of pricing at once, 20-30 ms late answers)."""
+
+    REFRESH_S = 60.0
 
     def __init__(self, pricer: Pricer, max_output_tokens: int, unknown_usd: Decimal) -> None:
         self.pricer = pricer
         self.max_output_tokens = max_output_tokens
         self.unknown_usd = unknown_usd
         self._lock = threading.Lock()  # ``Pricer`` keeps memos: one request prices at a time
-        self._rates: dict[tuple[str, str, str, datetime], Rates | None] = {}
+        #: (tenant, provider, model) → (rates, or None for an unknown model; monotonic time to read them again).
+        self._rates: dict[tuple[str, str, str], tuple[Rates | None, float]] = {}
 
     def estimate(self, request: ReservationRequest, at: datetime) -> Estimate:
         output = (request.max_tokens or self.max_output_tokens) * request.n
@@ -62,10 +70,10 @@ class Estimator:
         return Estimate(cost.quantize(MONEY_QUANTUM, rounding=ROUND_CEILING) + rates.fee, tokens, Decimal(1), **sides)
 
     def _rates_of(self, tenant: str, provider: str, model: str, at: datetime) -> Rates | None:
-        key = (tenant, provider, model, at.replace(second=0, microsecond=0))
-        found = self._rates.get(key, False)
-        if found is not False:
-            return found
+        key = (tenant, provider, model)
+        found = self._rates.get(key)
+        if found is not None and found[1] > time.monotonic():
+            return found[0]
         with self._lock:
             if len(self._rates) >= 10_000:
                 self._rates.clear()
@@ -79,11 +87,12 @@ class Estimator:
                 priced = self.pricer.price(UsageEvent(event_id="reservation-estimate", timestamp=at, tenant_id=tenant,
                                                       provider=provider, model=model, usage=usage))
                 if not priced.priced:
-                    self._rates[key] = None
+                    self._rates[key] = None, time.monotonic() + self.REFRESH_S
                     return None
                 costs[name] = priced.cost.total
             fee = costs["fee"]
             rates = Rates(max(costs["input"], costs["cache_write"], costs["cache_write_1h"]) - fee,
                           costs["output"] - fee, fee)
-            self._rates[key] = found = Rates(rates.input / _PER_TOKEN, rates.output / _PER_TOKEN, fee)
-            return found
+            per_token = Rates(rates.input / _PER_TOKEN, rates.output / _PER_TOKEN, fee)
+            self._rates[key] = per_token, time.monotonic() + self.REFRESH_S
+            return per_token
