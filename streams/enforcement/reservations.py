@@ -198,11 +198,7 @@ class ReservationBook:
                 return
             self._by_key.pop((hold.tenant_id, hold.idempotency_key), None)
             for window, amount in hold.amounts.items():
-                left = self._held.get(window, _ZERO) - amount
-                if left > 0:
-                    self._held[window] = left
-                else:
-                    self._held.pop(window, None)
+                self._unhold(window, amount)
             self.counters.granted -= 1
 
     def grant(self, request: ReservationRequest, estimate: Estimate, now: datetime) -> tuple[dict[str, Any],
@@ -248,13 +244,8 @@ class ReservationBook:
             answer = {"granted": True, "reservation_id": reservation_id, "tenant_id": request.tenant_id,
                       "expires_at": expires.isoformat(), "overage": overage, "bounded": estimate.bounded,
                       "estimate_usd": format(estimate.cost_usd, "f"), "limits": checked}
-            hold = self.holds[reservation_id] = Hold(reservation_id, request.tenant_id, request.idempotency_key,
-                                                     expires, amounts, answer)
-            self._by_key[ident] = reservation_id
-            heapq.heappush(self._leases, (expires, reservation_id, ident))
-            for window, amount in amounts.items():
-                if amount:
-                    self._held[window] = self._held.get(window, _ZERO) + amount
+            hold = Hold(reservation_id, request.tenant_id, request.idempotency_key, expires, amounts, answer)
+            self._keep(hold)
             self.counters.granted += 1
             self.counters.unbounded += not estimate.bounded
             return answer, hold
@@ -316,11 +307,7 @@ class ReservationBook:
 
     def _drop(self, hold: Hold, windows: list[WindowId], ended: bool = False) -> None:
         for window in windows:
-            left = self._held.get(window, _ZERO) - hold.amounts.pop(window)
-            if left > 0:
-                self._held[window] = left
-            else:  # (a window held at 0, e.g. a call of no tokens, was never stored)
-                self._held.pop(window, None)
+            self._unhold(window, hold.amounts.pop(window))
         if not hold.amounts:
             del self.holds[hold.reservation_id]
             ident = (hold.tenant_id, hold.idempotency_key)
@@ -351,11 +338,22 @@ class ReservationBook:
                 hold = Hold.from_record(record)
                 if hold.expires_at <= now or hold.reservation_id in self.holds:
                     continue
-                self.holds[hold.reservation_id] = hold
-                ident = (hold.tenant_id, hold.idempotency_key)
-                self._by_key[ident] = hold.reservation_id
-                heapq.heappush(self._leases, (hold.expires_at, hold.reservation_id, ident))
-                for window, amount in hold.amounts.items():
-                    if amount:
-                        self._held[window] = self._held.get(window, _ZERO) + amount
+                self._keep(hold)
             return len(self.holds)
+
+    def _keep(self, hold: Hold) -> None:
+        """A hold made or restored: found by id and key, ended by its lease, counted in its windows."""
+        ident = (hold.tenant_id, hold.idempotency_key)
+        self.holds[hold.reservation_id] = hold
+        self._by_key[ident] = hold.reservation_id
+        heapq.heappush(self._leases, (hold.expires_at, hold.reservation_id, ident))
+        for window, amount in hold.amounts.items():
+            if amount:
+                self._held[window] = self._held.get(window, _ZERO) + amount
+
+    def _unhold(self, window: WindowId, amount: Decimal) -> None:
+        left = self._held.get(window, _ZERO) - amount
+        if left > 0:
+            self._held[window] = left
+        else:  # (a window held at 0, e.g. a call of no tokens, was never stored)
+            self._held.pop(window, None)
