@@ -123,6 +123,7 @@ def compare(current: Plans, candidates: Mapping[str, Plan], months: Months) -> l
 
 def _replay(name: str, plan_of: Callable[[str], Plan | None], months: Months) -> Outcome:
     outcome = Outcome(name)
+    listed_cards: dict[int, RateCard] = {}  # (a card's list-price twin, made once per card, not per tenant-month)
     for (tenant, _month), groups in sorted(months.items()):
         plan = plan_of(tenant)
         card = plan.rate_card if plan is not None else None
@@ -130,9 +131,13 @@ def _replay(name: str, plan_of: Callable[[str], Plan | None], months: Months) ->
         bill = listed = over = _ZERO
         cap = soft_cap(plan) if plan is not None else None
         if card is not None:
-            rating = rate(card, quantities(card, groups))
+            totals = quantities(card, groups)
+            rating = rate(card, totals)
             bill = rating.total
-            listed = rate(list_card(card), quantities(card, groups)).total
+            at_list = listed_cards.get(id(card))
+            if at_list is None:
+                at_list = listed_cards[id(card)] = list_card(card)
+            listed = rate(at_list, totals).total  # (the same charges and filters: the same quantities)
             if cap is not None:
                 usage = sum((line.amount for line in rating.lines if line.kind not in ("flat_fee", "commitment")),
                             _ZERO)
