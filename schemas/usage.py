@@ -30,7 +30,14 @@ TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 #: An aware time, normalized to UTC (the same instant in any offset). Every stage compares event
 #: times (against "now", window bounds, watermarks); two times with one and the same ``tzinfo``
 #: compare in ~50 ns, times with pydantic's parsed ``TzInfo`` against ``UTC`` in ~650 ns.
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda at: at.astimezone(UTC))]
+def _to_utc(at: datetime) -> datetime:
+    try:
+        return at.astimezone(UTC)
+    except OverflowError:  # year 1 ahead of UTC, year 9999 behind it: not an error pydantic reports
+        raise ValueError("the time is out of range once converted to UTC") from None
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 
