@@ -14,6 +14,7 @@ alone over the same events. Prints a table, then one JSON line for tracking over
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -67,15 +68,18 @@ def main() -> None:
     batches = [[MemoryRecord(raw_topic, 0, base + i, None, raw) for i, raw in enumerate(raws[base:base + BATCH])]
                for base in range(0, len(raws), BATCH)]
     attribution = Attribution.from_settings(settings)
+    one_by_one_attribution = dataclasses.replace(attribution, fast=False)  # the reference: pydantic validates
     plans = Plans.from_file(settings.plans_file)
     if args.without_rating or args.without_revenue_limits:
         plans = plans.without_rating(keep_cards=not args.without_rating)
 
-    def engine_run() -> float:
-        """The loop thread's work, batch after batch, with fresh quota tables; µs an event."""
+    def engine_run(one_by_one: bool = False) -> float:
+        """The loop thread's work, batch after batch, with fresh quota tables; µs an event.
+        ``one_by_one``: the reference path (the quota stage event by event)."""
         state = ChangelogTables("bench-changelog", QuotaTables._fields, restore_entry)
         quotas = QuotaEngine(plans, lambda partition: QuotaTables(**state.views(partition)))
-        processor = BatchProcessor(settings.topics, Counters(), attribution=attribution, quotas=quotas, state=state)
+        processor = BatchProcessor(settings.topics, Counters(), attribution=one_by_one_attribution if one_by_one else attribution,
+                                   quotas=quotas, state=state, one_by_one=one_by_one)
         started = time.perf_counter()
         for records in batches:
             batch = processor.process(records)
@@ -89,12 +93,16 @@ def main() -> None:
     valid = [validate(raw, now=now) for raw in raws]
     records = [attribution.attribute(event, now) for event in valid]
 
-    def quota_run() -> None:
+    def quota_run(one_by_one: bool = False) -> None:
         state = ChangelogTables("bench-changelog", QuotaTables._fields, restore_entry)
         quotas = QuotaEngine(plans, lambda partition: QuotaTables(**state.views(partition)))
         for base in range(0, len(records), BATCH):
-            for offset in range(base, min(base + BATCH, len(records))):
-                quotas.apply(records[offset], 0, offset)
+            chunk = range(base, min(base + BATCH, len(records)))
+            if one_by_one:
+                for offset in chunk:
+                    quotas.apply(records[offset], 0, offset)
+            else:
+                quotas.apply_batch(records[base:base + BATCH], [0] * len(chunk), list(chunk))
             quotas.end_batch()
             state.drain({0: base + BATCH})
 
@@ -116,17 +124,25 @@ def main() -> None:
 
     stages: dict[str, Callable[[], Any]] = {
         "validate": lambda: [validate(raw, now=now) for raw in raws],
+        "  the same, pydantic alone": lambda: [validate(raw, now=now, fast=False) for raw in raws],
         "price": lambda: [attribution.pricer.price(event) for event in valid],
         "tag": lambda: [attribution.paths.path_for(event) for event in valid],
         "attribute (price, tag, record)": lambda: [attribution.attribute(event, now) for event in valid],
         "quota windows + changelog": quota_run,
+        "  the same, event by event": lambda: quota_run(one_by_one=True),
         "revenue (rate, stamp) + copy": revenue_run,
         "  of which the copy": copies_run,
         "ledger row + encode": encode_run,
     }
     tune_gc()
     engine_run()  # warm-up: memos, caches, first allocations
-    totals = sorted(engine_run() for _ in range(args.repeat))
+    engine_run(one_by_one=True)
+    totals, references = [], []
+    for _ in range(args.repeat):  # paired: the reference path and this one, turn about, in the same run
+        references.append(engine_run(one_by_one=True))
+        totals.append(engine_run())
+    totals.sort()
+    references.sort()
     timings = {}
     for name, stage in stages.items():
         runs = []
@@ -144,8 +160,12 @@ def main() -> None:
     print(f"loop thread, whole batch        {total:>10.2f} µs/event (median of {args.repeat}; "
           f"{min(totals):.2f}–{max(totals):.2f})")
     print(f"single-core ceiling             {1e6 / total:>10,.0f} events/s")
+    reference = statistics.median(references)
+    print(f"reference path (one by one)     {reference:>10.2f} µs/event (median of {args.repeat}; "
+          f"{min(references):.2f}–{max(references):.2f}); this path takes {total / reference:.3f} of it")
     print(json.dumps({"bench": "hot_path", "events": len(raws), "tenants": args.tenants,
                       "distinct_tenants": args.distinct_tenants, "us_per_event": round(total, 2),
+                      "reference_us_per_event": round(reference, 2), "ratio_to_reference": round(total / reference, 3),
                       "eps_ceiling": round(1e6 / total),
                       "stages_us": {name: round(us, 2) for name, us in timings.items()}}))
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WrapSerializer
 
 from schemas.trusted import construct
 from schemas.usage import TokenUsage
@@ -85,8 +85,11 @@ class AttributedUsage(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
     #: Fields of the event beyond the contract, kept as sent.
     extra: dict[str, Any] = Field(default_factory=dict)
-    #: Normalized token counts (from ``usage``, or normalized from ``raw_usage``).
-    usage: TokenUsage
+    #: Normalized token counts (from ``usage``, or normalized from ``raw_usage``): a ``TokenUsage``,
+    #: or in the stream its checked twin (``streams.stages.decoding``: the same fields and properties,
+    #: without building a model for every event), written out as the model would be.
+    usage: Annotated[TokenUsage, WrapSerializer(lambda usage, model: model(usage) if isinstance(usage, TokenUsage)
+                                                else {name: getattr(usage, name) for name in TokenUsage.model_fields})]
     #: The provider's own usage object when the event carried one, and its format.
     raw_usage: dict[str, Any] | None = None
     raw_usage_format: str | None = None

@@ -88,13 +88,15 @@ class BatchProcessor:
 
     def __init__(self, topics: Topics, counters: Counters, *, attribution: Attribution | None = None,
                  quotas: QuotaEngine | None = None, state: ChangelogTables | None = None,
-                 read_rows: bool = True) -> None:
+                 read_rows: bool = True, one_by_one: bool = False) -> None:
         """``attribution``, ``quotas`` and ``state`` are needed to process usage.raw (roles ``all``
         and ``stream``). With ``read_rows`` (the worker writes ClickHouse itself) each ledger row is
-        read as its record is added, while the record is in the CPU's cache (see ``RecordBatch``)."""
+        read as its record is added, while the record is in the CPU's cache (see ``RecordBatch``).
+        ``one_by_one``: the quota stage applied event by event (``QuotaEngine.apply``), the
+        reference the batched path (``apply_batch``) is tested and measured against."""
         if (attribution is None) != (quotas is None) or (quotas is None) != (state is None):
             raise ValueError("usage.raw needs attribution, quotas and their state together")
-        self.topics, self.counters, self.read_rows = topics, counters, read_rows
+        self.topics, self.counters, self.read_rows, self.one_by_one = topics, counters, read_rows, one_by_one
         #: The usage.raw stages and the quota stage's state (None in the sink role).
         self.attribution, self.quotas, self.state = attribution, quotas, state
         #: How a record of each topic the sink role reads is parsed.
@@ -106,6 +108,7 @@ class BatchProcessor:
         now = datetime.now(UTC)
         raw = self.topics.raw
         keep = batch.records.add if self.read_rows else batch.records.append
+        usage: list[Record] = []
         for record in records:
             error = record.error()
             if error is not None:
@@ -114,31 +117,77 @@ class BatchProcessor:
                 continue
             topic = record.topic()
             batch.offsets[(topic, record.partition())] = record.offset() + 1
-            if topic == raw:
+            if topic != raw:
+                self._landed(record, batch, keep)
+            elif self.one_by_one:
                 self._usage(record, batch, keep, now)
             else:
-                self._landed(record, batch, keep)
+                usage.append(record)
+        if usage:
+            self._usage_batch(usage, batch, keep, now)
         if self.quotas is not None:
             self.quotas.end_batch()
             positions = {p: offset for (topic, p), offset in batch.offsets.items() if topic == raw}
             batch.changelog = self.state.drain(positions)  # this batch's changes only
         return batch
 
-    def _usage(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage], None], now: datetime) -> None:
-        """One usage event through every stage, in order."""
+    def _usage_batch(self, records: list[Record], batch: Batch, keep: Callable[[AttributedUsage], None],
+                     now: datetime) -> None:
+        """The batch's usage events through every stage: attribution event by event, then the quota
+        windows for the whole batch at once (``QuotaEngine.apply_batch``, which gives what
+        ``_usage`` event by event gives)."""
+        c = self.counters
+        counted: list[Record] = []
+        attributed: list[AttributedUsage] = []
+        for record in records:
+            out = self._attributed(record, now)
+            if isinstance(out, Rejection):
+                batch.dead.append((record, out))
+            else:
+                counted.append(record)
+                attributed.append(out)
+        outcome = self.quotas.apply_batch(attributed, [r.partition() for r in counted], [r.offset() for r in counted],
+                                          now)  # stage 4
+        failed = set(outcome.failed)
+        c.quota_errors += len(failed)
+        for position, (out, event) in enumerate(zip(attributed, outcome.events, strict=True)):
+            if failed and position in failed:
+                keep(out)  # the event still reaches the ledger; the error is counted
+                continue
+            if event.duplicate:  # not landed again: see ``_usage``
+                c.duplicates += 1
+                continue
+            c.late += event.late
+            stamp_fresh(out, event.rated, event.late)
+            keep(out)
+        batch.alerts.extend(outcome.alerts)
+        batch.expired.extend(outcome.expired)
+        batch.windows.update(outcome.counted)
+        for key, reservations in outcome.settled.items():
+            batch.settled.setdefault(key, []).extend(reservations)
+
+    def _attributed(self, record: Record, now: datetime) -> AttributedUsage | Rejection:
+        """Stages 1-3 for one usage event; a bug on one event makes it a dead letter, never stops the stream."""
         c = self.counters
         c.events_in += 1
-        partition, offset = record.partition(), record.offset()
         try:
-            out = self.attribution.attribute_raw(record.value(), now)  # stages 1-3
+            out = self.attribution.attribute_raw(record.value(), now)
         except Exception as exc:  # noqa: BLE001 - a bug on one event must not stop the stream
-            log.exception("processing failed for %s[%s]@%s", record.topic(), partition, offset)
-            out = Rejection(reason="processing_error", message=f"{type(exc).__name__}: {exc}"[:500])
+            log.exception("processing failed for %s[%s]@%s", record.topic(), record.partition(), record.offset())
+            return Rejection(reason="processing_error", message=f"{type(exc).__name__}: {exc}"[:500])
+        if not isinstance(out, Rejection):
+            c.attributed += 1
+            c.unpriced += not out.priced
+        return out
+
+    def _usage(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage], None], now: datetime) -> None:
+        """One usage event through every stage, in order (the reference path: ``one_by_one``)."""
+        c = self.counters
+        partition, offset = record.partition(), record.offset()
+        out = self._attributed(record, now)  # stages 1-3
         if isinstance(out, Rejection):
             batch.dead.append((record, out))
             return
-        c.attributed += 1
-        c.unpriced += not out.priced
         try:
             quota = self.quotas.apply(out, partition, offset, now)  # stage 4
         except Exception:  # noqa: BLE001 - the event still reaches the ledger; the error is counted

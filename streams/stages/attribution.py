@@ -29,6 +29,8 @@ class Attribution:
     paths: PathRules
     max_future: timedelta = MAX_FUTURE
     max_bytes: int = MAX_EVENT_BYTES
+    #: Off: every event validated by pydantic alone (the reference path; see ``validate``).
+    fast: bool = True
 
     @classmethod
     def from_config_dir(cls, config_dir: Path, **limits: object) -> Attribution:
@@ -43,7 +45,7 @@ class Attribution:
     def attribute_raw(self, value: bytes | None, now: datetime | None = None) -> AttributedUsage | Rejection:
         """A raw record's attribution, or why it is rejected (never raises on bad input)."""
         now = now or datetime.now(UTC)
-        checked = validate(value, now=now, max_future=self.max_future, max_bytes=self.max_bytes)
+        checked = validate(value, now=now, max_future=self.max_future, max_bytes=self.max_bytes, fast=self.fast)
         if isinstance(checked, Rejection):
             return checked
         record = self.attribute(checked, now)

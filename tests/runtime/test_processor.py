@@ -34,8 +34,10 @@ class ErrorRecord(MemoryRecord):
 
 
 def test_consumer_errors_are_skipped_and_failures_of_one_event_do_not_stop_the_batch(make_worker, monkeypatch):
+    """The reference path (event by event): a quota failure is the one event's."""
     broker = MemoryBroker()
     worker = make_worker(broker)
+    worker.processor.one_by_one = True
     good = broker.append(TOPICS.raw, 0, b"acme", usage_event(0))
     boom = broker.append(TOPICS.raw, 0, b"acme", usage_event(1))
     quota_bug = broker.append(TOPICS.raw, 0, b"acme", usage_event(2))
@@ -61,6 +63,27 @@ def test_consumer_errors_are_skipped_and_failures_of_one_event_do_not_stop_the_b
     c = worker.counters
     assert (c.events_in, c.attributed, c.quota_errors) == (3, 2, 1)
     assert batch.offsets == {(TOPICS.raw, 0): 3} and len(batch) == 3
+
+
+def test_in_a_batch_a_quota_failure_is_the_tenants_and_its_events_still_reach_the_ledger(make_worker, monkeypatch):
+    broker = MemoryBroker()
+    worker = make_worker(broker)
+    records = [broker.append(TOPICS.raw, 0, tenant.encode(), usage_event(i, tenant))
+               for i, tenant in enumerate(["acme", "globex", "acme", "globex"])]
+    count_group = worker.quotas._count_group
+
+    def failing_for_acme(tenant, *args):
+        if tenant == "acme":
+            raise KeyError("a bug")
+        return count_group(tenant, *args)
+
+    monkeypatch.setattr(worker.quotas, "_count_group", failing_for_acme)
+    batch = worker.processor.process(records)
+    assert [r.event_id for r in batch.records] == ["e-00000", "e-00001", "e-00002", "e-00003"]
+    assert [r.revenue_usd is None for r in batch.records] == [True, False, True, False]  # acme's were not rated
+    assert {counted.ref.tenant for counted in batch.windows.values()} == {"globex"}
+    c = worker.counters
+    assert (c.events_in, c.attributed, c.quota_errors) == (4, 4, 2)
 
 
 def test_a_processor_of_usage_needs_attribution_quotas_and_state_together(attribution):

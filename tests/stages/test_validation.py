@@ -6,7 +6,6 @@ import pytest
 
 from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection
-from schemas.usage import UsageEvent
 from streams.stages.attribution import Attribution
 from streams.stages.pricing import Pricer
 from streams.stages.tagging import PathRules
