@@ -171,8 +171,7 @@ class Checkpoint:
             for alert in batch.alerts:
                 send(t.alerts, alert.tenant_id.encode(), alert.model_dump_json().encode())
             for key, counted in batch.windows.items():
-                send(t.state, counted.ref.state_key.encode(),
-                     counted.state(batch.settled.get(key)).model_dump_json().encode())
+                send(t.state, counted.ref.state_key.encode(), counted.state_json(batch.settled.get(key)))
             for key in batch.expired:  # compaction then drops the window's state
                 send(t.state, key.encode(), None)
             if self.publish_attributed:

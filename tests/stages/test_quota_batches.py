@@ -130,7 +130,7 @@ class Run:
         return {
             "events": events,
             "alerts": [alert.model_dump_json() for alert in alerts],
-            "states": [(key, counted.state(settled.get(key)).model_dump_json()) for key, counted in windows.items()],
+            "states": [(key, _state_json(counted, settled.get(key))) for key, counted in windows.items()],
             "settled": list(settled.items()),
             "expired": expired,
             # Key by key (the order of records of different keys is free), each value byte for byte.
@@ -139,6 +139,13 @@ class Run:
 
 
 NOW = START + timedelta(hours=12)
+
+
+def _state_json(counted: Counted, settled: list[str] | None) -> str:
+    """The state as the checkpoint writes it, which must be pydantic's JSON of the model, byte for byte."""
+    written = counted.state_json(settled)
+    assert written == counted.state(settled).model_dump_json().encode()
+    return written.decode()
 
 
 @pytest.fixture(scope="module")
