@@ -522,9 +522,8 @@ class QuotaEngine:
         state = self._state(partition)
         events = collected.events
         if not limits:
-            periods = state.rating_periods
-            for position in positions:
-                rated = self.revenue.rate(records[position], periods, now)
+            group = [records[position] for position in positions]
+            for position, rated in zip(positions, self.revenue.rate_all(group, state.rating_periods, now), strict=True):
                 events[position] = EventOutcome(False, rated.late, rated)
             return
         windows, tenants = state.quota_windows, state.quota_tenants
@@ -586,8 +585,7 @@ class QuotaEngine:
                         self._count_one(position, records[position], partition, offsets[position], now, limits, zone,
                                         collected)
                     return
-        periods = state.rating_periods
-        rated = [self.revenue.rate(record, periods, now) for record in group]
+        rated = self.revenue.rate_all(group, state.rating_periods, now)
         for j, position in enumerate(positions):
             events[position] = EventOutcome(False, rated[j].late or late[j], rated[j])
         if tenant_state is None:
