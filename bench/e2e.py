@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import yaml  # noqa: E402
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # noqa: E402
 
-from schemas.usage import UsageEvent  # noqa: E402
+from schemas.usage import UsageEvent, epoch_ms  # noqa: E402
 from streams.messaging.topics import ensure_topics  # noqa: E402
 from streams.operations.processes import (  # noqa: E402
     ROOT,
@@ -118,13 +118,21 @@ def producer(servers: str) -> Producer:
 
 
 def send(p: Producer, topic: str, event: UsageEvent, value: bytes) -> None:
+    send_raw(p, topic, event.kafka_key(), value, event.timestamp_ms())
+
+
+def send_raw(p: Producer, topic: str, key: bytes, value: bytes, timestamp_ms: int) -> None:
     while True:
         try:
-            p.produce(topic, key=event.kafka_key(), value=value, timestamp=event.timestamp_ms())
+            p.produce(topic, key=key, value=value, timestamp=timestamp_ms)
             break
         except BufferError:
             p.poll(0.05)
     p.poll(0)
+
+
+#: A time no event of a run has, replaced in each latency event's JSON by its planned send time.
+_STAND_IN_TIME = datetime(2001, 2, 3, 4, 5, 6, 789_000, tzinfo=UTC)
 
 
 def events(count: int, tenants: int, seed: int, start: datetime, distinct: bool) -> list[UsageEvent]:
@@ -164,12 +172,18 @@ def latency_phase(settings: Settings, rate: int, seconds: float, tenants: int, d
     """Produces at ``rate`` events/s; returns (event → queryable, event → quota state) latencies in ms."""
     servers = settings.kafka_bootstrap_servers
     count = int(rate * seconds)
-    start = datetime.now(UTC) + timedelta(seconds=5)  # event times are the planned send times
-    planned = events(count, tenants, 29, start, distinct)
+    # Event times are the planned send times, known only once everything is prepared: each event
+    # is encoded with a stand-in time, replaced as it is sent. (Planned from a start fixed before
+    # the preparation, which takes longer than any fixed head start on a busy 2-core host, the first
+    # seconds' events were all due at once: a burst, measured as the rate's latency.)
+    planned = events(count, tenants, 29, _STAND_IN_TIME, distinct)
+    keys = [e.kafka_key() for e in planned]
+    stand_in = _STAND_IN_TIME.isoformat().replace("+00:00", "Z").encode()
+    values = [e.model_copy(update={"timestamp": _STAND_IN_TIME}).model_dump_json(exclude_none=True).encode()
+              for e in planned]
+    assert all(value.count(stand_in) == 1 for value in values[:100])
     step = 1 / rate
-    for i, event in enumerate(planned):
-        planned[i] = event.model_copy(update={"timestamp": start + timedelta(seconds=i * step)})
-    values = [e.model_dump_json(exclude_none=True).encode() for e in planned]
+    start = datetime.now(UTC) + timedelta(seconds=1)
 
     state_lag: list[float] = []
     stop = threading.Event()
@@ -204,13 +218,15 @@ def latency_phase(settings: Settings, rate: int, seconds: float, tenants: int, d
     begin = start.timestamp()
     while time.time() < begin:
         time.sleep(0.001)
-    for i, (event, value) in enumerate(zip(planned, values, strict=True)):
+    for i, (key, value) in enumerate(zip(keys, values, strict=True)):
         due = begin + i * step
         delay = due - time.time()
         if delay > 0.002:
             time.sleep(delay)
+        at = start + timedelta(seconds=i * step)
         sent_at.append(time.time())
-        send(p, settings.topics.raw, event, value)
+        send_raw(p, settings.topics.raw, key, value.replace(stand_in, at.isoformat().replace("+00:00", "Z").encode()),
+                 epoch_ms(at))
     p.flush(30)
     deadline = time.monotonic() + 120
     while (not counts or counts[-1][1] < count) and time.monotonic() < deadline:
