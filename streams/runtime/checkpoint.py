@@ -121,6 +121,11 @@ class Checkpoint:
             landing = self.sink.land([(LEDGER, batch.records), (ALERTS, batch.alerts + batch.read_alerts)])
         self._pending = (batch, landing)
 
+    @property
+    def staged(self) -> bool:
+        """Whether a batch is staged and not yet committed."""
+        return self._pending is not None
+
     def landed(self) -> bool:
         """Whether a staged batch needs no more waiting to be committed."""
         return self._pending is not None and (self._pending[1] is None or self._pending[1].done())

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 EXIT_UNLANDED = 75
 #: Exit status of a worker whose batch loop met an error it cannot recover from.
 EXIT_FAILED = 70
+#: How often a read that waits for records checks whether the batch before has landed.
+LANDED_CHECK_S = 0.01
 
 
 @dataclass(kw_only=True)
@@ -61,9 +63,9 @@ class BatchLoop:
             # A batch waits for records at most ``within_s`` from when the last one was read: records
             # that arrived while that one was processed are taken at once, not after another wait.
             wait = max(0.0, read_at + self.within_s - time.monotonic())
-            records = self.source.poll(self.batch_size, wait)
-            read_at = time.monotonic()
             try:
+                records = self._read(wait)
+                read_at = time.monotonic()
                 if checkpoint.landed():
                     checkpoint.commit()  # batch N has landed already: its quota state need not wait for N+1
                 batch = self.processor.process(records) if records else None
@@ -77,6 +79,25 @@ class BatchLoop:
             checkpoint.close()
         except Aborted:
             pass  # stopping: what was not committed is read again by the partitions' next owner
+
+    def _read(self, wait: float) -> list:
+        """Up to ``batch_size`` records, waiting at most ``wait`` for them. While a batch is landing,
+        the wait is cut into slices of ``LANDED_CHECK_S`` and the batch is committed as soon as it
+        has landed: its quota state then reaches enforcers up to ``within_s`` earlier than at the
+        next batch's read (at half the sustained rate, batches land in about 20 ms and the loop
+        would otherwise sit in the consumer's wait for the rest of the 100 ms). Raises ``Aborted``."""
+        checkpoint = self.checkpoint
+        if not checkpoint.staged or wait <= LANDED_CHECK_S:
+            return list(self.source.poll(self.batch_size, wait))
+        deadline = time.monotonic() + wait
+        records: list = []
+        while True:
+            records.extend(self.source.poll(self.batch_size - len(records),
+                                            min(LANDED_CHECK_S, max(0.0, deadline - time.monotonic()))))
+            if checkpoint.staged and checkpoint.landed():
+                checkpoint.commit()
+            if len(records) >= self.batch_size or time.monotonic() >= deadline:
+                return records
 
 
 class LoopThread:
