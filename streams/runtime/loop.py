@@ -96,7 +96,7 @@ class BatchLoop:
                                             min(LANDED_CHECK_S, max(0.0, deadline - time.monotonic()))))
             if checkpoint.staged and checkpoint.landed():
                 checkpoint.commit()
-            if len(records) >= self.batch_size or time.monotonic() >= deadline:
+            if len(records) >= self.batch_size or time.monotonic() >= deadline or self.stopping.is_set():
                 return records
 
 

@@ -118,21 +118,26 @@ class MemorySource:
         self._lose_when = when
 
     def poll(self, max_records: int, timeout_s: float) -> Sequence[MemoryRecord]:
+        """As a consumer's ``consume``: what is there, up to ``max_records``, waiting up to
+        ``timeout_s`` for the first records."""
         self.polls += 1
         if self._lose_when is not None and self._lose_when():
             self._lose_when, self._assigned, self._lost = None, False, True
         if not self._assigned:
             self._reassign()
-        out: list[MemoryRecord] = []
-        for key in sorted(self.positions):
-            log = self.broker.log(key[0])[key[1]]
-            start = self.positions[key]
-            taken = log[start:start + max_records - len(out)]
-            out.extend(taken)
-            self.positions[key] = start + len(taken)
-        if not out:
-            time.sleep(min(timeout_s, 0.01))  # as a consumer waits for records: the loop does not spin
-        return out
+        deadline = time.monotonic() + timeout_s
+        while True:
+            out: list[MemoryRecord] = []
+            for key in sorted(self.positions):
+                log = self.broker.log(key[0])[key[1]]
+                start = self.positions[key]
+                taken = log[start:start + max_records - len(out)]
+                out.extend(taken)
+                self.positions[key] = start + len(taken)
+            left = deadline - time.monotonic()
+            if out or left <= 0:
+                return out
+            time.sleep(min(left, 0.005))
 
     def _reassign(self) -> None:
         partitions = [(topic, p) for topic in self.topics for p in range(self.broker.partitions)]

@@ -119,6 +119,23 @@ def test_a_transaction_is_written_only_once_its_batch_has_landed(make_worker):
     assert worker.transactions.committed == 1 and sorted(ledger_ids(sink)) == [f"e-{i:05d}" for i in range(8)]
 
 
+def test_a_batch_that_lands_while_the_next_read_waits_is_committed_at_once(make_worker):
+    """Its quota state must not wait for the read to end (up to COSTLINE_SINK_WITHIN_S)."""
+    broker = MemoryBroker(partitions=2)
+    fill(broker, 0, 8)
+    sink = MemorySink()
+    sink.hold()
+    worker = make_worker(broker, sink=sink, batch_size=100)
+    worker.loop.within_s = 60.0  # the next read waits a minute for records that do not come
+    worker.start()
+    worker.until(lambda: worker.counters.events_in == 8 and worker.source.polls >= 3, "the next read to wait")
+    assert worker.transactions.committed == 0
+    sink.release()
+    worker.until(lambda: worker.transactions.committed == 1, "the commit, within the read", timeout_s=5)
+    assert len(broker.records(TOPICS.state)) == 2 and worker.counters.events_in == 8  # one window a tenant
+    worker.stop()  # a stop ends the read too
+
+
 def test_a_worker_stopped_while_its_batch_cannot_land_commits_nothing_of_it(make_worker):
     broker = MemoryBroker(partitions=1)
     broker.append(TOPICS.raw, 0, b"acme", usage_event(0))
