@@ -61,6 +61,7 @@ from streams.operations.processes import (  # noqa: E402
     wait_for,
 )
 from streams.operations.simulate import Workload  # noqa: E402
+from streams.runtime.kafka import group_id  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.stages.plans import Plans  # noqa: E402
 from streams.storage.query import query  # noqa: E402
@@ -156,7 +157,7 @@ def ledger_rows(settings: Settings) -> int:
 
 def committed_events(settings: Settings) -> int:
     """Records of usage.raw (an empty topic at the start) the worker's consumer group has committed."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": settings.app_id,
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group_id(settings),
                          "enable.auto.commit": False})
     try:
         topic = settings.topics.raw
