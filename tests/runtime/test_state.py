@@ -25,7 +25,7 @@ def test_a_batch_drains_each_changed_key_once_with_tombstones_and_the_next_offse
     records = state.drain({2: 41, 0: 7})
     assert records == [
         (2, b"quota_windows|w1", json.dumps({"usage": "3"}, separators=(",", ":")).encode()),
-        (2, b"quota_tenants|acme", b'{"watermark":"2026-06-01T00:00:00+00:00"}'),
+        (2, b"quota_tenants|acme", b'{"watermark":"2026-06-01T00:00:00Z"}'),  # RFC 3339; +00:00 reads back too
         (0, b"quota_windows|w2", None),
         (2, b"_offset|2", b"41"),
         (0, b"_offset|0", b"7"),
