@@ -94,6 +94,9 @@ class Checkpoint:
             raise ValueError("the quota state needs its changelog reader, and the reader its state")
         self.topics = topics
         self.source = source
+        #: Assignments, revocations and losses so far: a read that saw this change holds records of
+        #: an assignment that is over (``BatchLoop._read``).
+        self.rebalances = 0
         self.transactions = transactions
         self.counters = counters
         self.stopping = stopping
@@ -223,6 +226,7 @@ class Checkpoint:
 
     def on_assign(self, partitions: list[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
         """Restores the state of the usage.raw partitions assigned; returns where to start them."""
+        self.rebalances += 1
         self.assigned.update(partitions)
         starts = self._retrying(self._restore) or {}
         self.ready.set()
@@ -231,6 +235,7 @@ class Checkpoint:
     def on_revoke(self, partitions: list[TopicPartitionKey]) -> None:
         """Commits the batch in flight, which still belongs to this worker, then drops the state
         (the consumer rebalances eagerly: every partition is revoked, the new set restored whole)."""
+        self.rebalances += 1
         self.ready.clear()
         try:
             self.close()
@@ -243,6 +248,7 @@ class Checkpoint:
         another worker may own them already, so nothing more is written for them. The staged batch
         is dropped unwritten; a commit already under way cannot be called back, and is waited for
         without step 4."""
+        self.rebalances += 1
         self.ready.clear()
         self._pending = None
         if self._committing is not None:

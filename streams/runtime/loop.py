@@ -90,10 +90,18 @@ class BatchLoop:
         if not checkpoint.staged or wait <= LANDED_CHECK_S:
             return list(self.source.poll(self.batch_size, wait))
         deadline = time.monotonic() + wait
+        rebalances = checkpoint.rebalances
         records: list = []
         while True:
-            records.extend(self.source.poll(self.batch_size - len(records),
-                                            min(LANDED_CHECK_S, max(0.0, deadline - time.monotonic()))))
+            got = self.source.poll(self.batch_size - len(records),
+                                   min(LANDED_CHECK_S, max(0.0, deadline - time.monotonic())))
+            if checkpoint.rebalances != rebalances:
+                # A rebalance ran within this read: what the earlier reads returned may be of
+                # partitions revoked since, or come again from the restored positions (a read drops
+                # a revoked partition's records itself, but not records kept across reads). They
+                # are dropped; this read's records come from the new assignment's positions.
+                rebalances, records = checkpoint.rebalances, []
+            records.extend(got)
             if checkpoint.staged and checkpoint.landed():
                 checkpoint.commit()
             if len(records) >= self.batch_size or time.monotonic() >= deadline or self.stopping.is_set():

@@ -41,7 +41,12 @@ M = TypeVar("M", bound=BaseModel)
 #: The one form of time the fast path parses itself: RFC 3339 with a ``T``, seconds, up to six
 #: fraction digits and ``Z`` or an offset. ``datetime.fromisoformat`` and pydantic read these the
 #: same; every other form (a space, a comma, seven digits, a bare date) goes to pydantic.
-_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)").fullmatch
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)").fullmatch
+#: How deep the fast path takes a free-form JSON value (``raw_usage``: providers' usage objects are 2-3
+#: levels deep). pydantic refuses JSON nested 200 levels deep; msgspec reads about 990 and then
+#: raises ``RecursionError``, and a record pydantic would never accept was then published, whose
+#: JSON pydantic could not write (past 255 levels): deeper values are pydantic's to decide.
+MAX_DEPTH = 32
 
 
 class Undecided(Exception):
@@ -72,7 +77,7 @@ class Decoder:
     def decode(self, value: bytes) -> msgspec.Struct:
         try:
             decoded = self._decode(value)
-        except msgspec.DecodeError:  # (a ValidationError is a DecodeError)
+        except (msgspec.DecodeError, RecursionError):  # (a ValidationError is a DecodeError)
             raise Undecided from None
         self._finish(decoded)
         return decoded
@@ -257,8 +262,10 @@ def _constrained(where: str, base: Any, metadata: list[Any]) -> _Translated:
     meta = Annotated[base, msgspec.Meta(**bounds)] if bounds else base
     if base is str:
         return _Translated(meta, strip=strip, lower=lower)
-    if base in (int, bool) or typing.get_origin(base) is Literal or _plain_container(base):
+    if base in (int, bool) or typing.get_origin(base) is Literal:
         return _Translated(meta)
+    if _plain_container(base):
+        return _Translated(meta, convert=_shallow if typing.get_args(base)[1] is Any else None)
     raise TypeError(f"{where}: type {base!r} is not translated")
 
 
@@ -274,6 +281,19 @@ def _plain_container(base: Any) -> bool:
     """``dict[str, str]`` and ``dict[str, Any]``: msgspec decodes JSON objects into dicts of the
     same values pydantic does (a value outside msgspec's numbers makes it refuse: pydantic decides)."""
     return typing.get_origin(base) is dict and typing.get_args(base) in ((str, str), (str, Any))
+
+
+def _shallow(value: Any) -> Any:
+    """``value`` if it nests at most ``MAX_DEPTH`` levels deep, else ``Undecided``."""
+    level, depth = [value], 1
+    while level:
+        if depth > MAX_DEPTH:
+            raise Undecided
+        level = [item for node in level
+                 for item in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ())
+                 if isinstance(item, dict | list)]
+        depth += 1
+    return value
 
 
 def _time_parser(after: list[Callable[[Any], Any]]) -> Callable[[str], datetime]:

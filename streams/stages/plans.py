@@ -246,10 +246,14 @@ def window_bounds(kind: WindowKind, at: datetime, zone: ZoneInfo) -> tuple[datet
         # hour of a DST change is two windows, because the floored time keeps its fold.
         start = local.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
         return start, start + timedelta(hours=1)
+    # A day or a month starts at the first of a repeated midnight (``fold=0``): where clocks fall back
+    # from 01:00 to 00:00 (Atlantic/Azores, America/Havana), an event in the repeated hour keeps its
+    # fold=1, and its day would start an hour after the same day's earlier events' did: two
+    # overlapping windows, which window an event went to then depending on which was asked for last.
     if kind == "day":
-        start_local = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        start_local = local.replace(hour=0, minute=0, second=0, microsecond=0, fold=0)
         end_local = (start_local + timedelta(days=1, hours=3)).replace(hour=0)  # a DST day has 23 or 25 hours
     else:
-        start_local = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        start_local = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0, fold=0)
         end_local = (start_local + timedelta(days=32)).replace(day=1)
     return start_local.astimezone(UTC), end_local.astimezone(UTC)

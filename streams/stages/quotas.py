@@ -683,7 +683,9 @@ class QuotaEngine:
         running = list(itertools.accumulate(amounts, initial=window["usage"]))
         levels = ref.limit.levels
         crossed = window.get("crossed")
-        if levels and (crossed is None or len(crossed) < len(levels)):
+        if levels and (crossed is None or any(level[3] not in crossed for level in levels)):
+            # (By name: a window restored under a plan whose thresholds changed can hold crossings
+            # of thresholds the plan no longer has, and not yet those it has now.)
             highest = max(running[1:])  # (not the last: right whatever the amounts' signs)
             for k, (_, _, amount, name) in enumerate(levels):
                 if highest < amount:

@@ -5,6 +5,7 @@ rebalance mid-stream, and each role's topics."""
 from __future__ import annotations
 
 import json
+import threading
 from decimal import Decimal
 
 import pytest
@@ -13,6 +14,7 @@ from schemas.attributed import AttributedUsage
 from schemas.dead_letter import HEADER_OFFSET, HEADER_REASON
 from schemas.usage import UsageEvent
 from streams.runtime.checkpoint import Unlanded
+from streams.runtime.loop import BatchLoop
 from streams.runtime.memory import MemoryBroker, MemorySink
 from streams.runtime.ports import TransactionFailed
 from streams.stages.plans import Plans
@@ -134,6 +136,33 @@ def test_a_batch_that_lands_while_the_next_read_waits_is_committed_at_once(make_
     worker.until(lambda: worker.transactions.committed == 1, "the commit, within the read", timeout_s=5)
     assert len(broker.records(TOPICS.state)) == 2 and worker.counters.events_in == 8  # one window a tenant
     worker.stop()  # a stop ends the read too
+
+
+def test_a_rebalance_within_a_read_drops_what_the_earlier_reads_held():
+    """A read in slices keeps records across the consumer's reads; a rebalance between two of them
+    seeks back to the restored positions, so those records could come again in the same batch
+    (and be counted twice by the quota stage's batch path), or be of partitions revoked since.
+    What the consumer returns after the rebalance is kept: it reads from the new assignment."""
+
+    class Checkpoint:  # a batch staged and landing all along: the read goes in slices
+        staged, rebalances = True, 0
+
+        def landed(self) -> bool:
+            return False
+
+    class Source:
+        def __init__(self) -> None:
+            self.reads = [["a1", "a2"], ["a3"], ["b1", "b2"], ["b3"]]
+
+        def poll(self, max_records: int, timeout_s: float) -> list[str]:
+            if len(self.reads) == 2:
+                checkpoint.rebalances += 1  # the rebalance runs within the third read
+            return self.reads.pop(0) if self.reads else []
+
+    checkpoint = Checkpoint()
+    loop = BatchLoop(source=Source(), topics=[], processor=None, checkpoint=checkpoint, transactions=None,
+                     batch_size=5, within_s=0.1, stopping=threading.Event())
+    assert loop._read(0.1) == ["b1", "b2", "b3"]
 
 
 def test_a_worker_stopped_while_its_batch_cannot_land_commits_nothing_of_it(make_worker):

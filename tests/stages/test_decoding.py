@@ -203,6 +203,33 @@ def test_a_record_attributed_from_a_twin_equals_the_one_from_the_model(tmp_path)
         assert LEDGER.row(fast) == LEDGER.row(reference)
 
 
+@pytest.mark.parametrize("offset", ["+00:60", "+05:75", "-00:99", "+24:00"])
+def test_an_offset_pydantic_refuses_is_refused(offset):
+    raw = json.dumps({"event_id": "e", "timestamp": f"2026-06-01T11:00:00{offset}", "tenant_id": "t",
+                      "provider": "openai", "model": "m", "usage": {"input_tokens": 1}}).encode()
+    with pytest.raises(Undecided):
+        FAST.decode(raw)
+    assert validation.validate(raw, now=NOW) == reference_validate(raw)
+    assert validation.validate(raw, now=NOW).reason == "invalid_event"
+
+
+@pytest.mark.parametrize("depth", [3, 33, 150, 600, 5_000])
+def test_deeply_nested_raw_usage_is_decided_as_pydantic_decides(depth):
+    """msgspec reads JSON about 990 levels deep and then raises RecursionError; pydantic refuses
+    200 levels. Past 32 levels the fast path leaves the event to pydantic."""
+    nested = "[" * depth + "]" * depth
+    raw = ('{"event_id": "e", "timestamp": "2026-06-01T11:00:00Z", "tenant_id": "t", "provider": "openai", '
+           '"model": "m", "raw_usage": {"prompt_tokens": 1, "completion_tokens": 1, "x": ' + nested + "}}").encode()
+    if depth > 31:
+        with pytest.raises(Undecided):
+            FAST.decode(raw)
+    new, old = validation.validate(raw, now=NOW), reference_validate(raw)
+    if isinstance(old, Rejection):
+        assert new == old and old.reason == "invalid_json" and depth >= 150
+    else:
+        assert fields_of(new) == fields_of(old) and depth <= 150
+
+
 def test_an_event_with_an_extra_field_is_pydantics_and_keeps_it():
     raw = json.dumps({"event_id": "e", "timestamp": "2026-06-01T11:00:00Z", "tenant_id": "t", "provider": "openai",
                       "model": "m", "usage": {"input_tokens": 1}, "customer_tier": "gold"}).encode()

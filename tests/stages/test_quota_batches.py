@@ -13,7 +13,7 @@ import pytest
 
 from schemas.attributed import AttributedUsage
 from schemas.usage import TokenUsage
-from streams.runtime.state import ChangelogTables
+from streams.runtime.state import ChangelogTables, _encode
 from streams.stages.plans import Plans
 from streams.stages.quotas import Counted, QuotaEngine, QuotaTables, restore_entry
 
@@ -208,3 +208,50 @@ def test_the_events_of_a_tenant_without_limits_or_rates_are_not_checked_for_copi
     assert [dup for dup, _, _ in out["events"]] == [False, False] and out["changelog"] == {}
     assert json.loads(json.dumps(out["states"])) == []
 
+
+
+def _call(tenant: str, event_id: str, at: datetime) -> AttributedUsage:
+    return AttributedUsage.model_construct(
+        event_id=event_id, event_time=at, tenant_id=tenant, user_id=None, provider="openai", model="m", feature=None,
+        usage=TokenUsage(input_tokens=1), cost_usd=Decimal(0), priced=True, business_path="p", reservation_id=None)
+
+
+def _plans(tmp_path, text: str) -> Plans:
+    path = tmp_path / f"plans-{abs(hash(text))}.yaml"
+    path.write_text(text)
+    return Plans.from_file(path)
+
+
+def test_a_threshold_added_across_a_restart_is_alerted_by_the_batch_path_too(tmp_path):
+    """A window restored with crossings of [50, 80] under a plan now at [50, 90]: 90 is new."""
+    limits = "default_plan: p\nplans: {p: {limits: [{id: daily-requests, metric: requests, window: day, " \
+             "limit: 10, thresholds: %s}]}}\n"
+    at = datetime(2026, 6, 1, 10, tzinfo=UTC)
+    before = Run(_plans(tmp_path, limits % "[50, 80]"))
+    before.one_by_one([(0, i, _call("t", f"e{i}", at + timedelta(seconds=i))) for i in range(8)])
+    outs = []
+    for mode in ("one_by_one", "batched"):
+        run = Run(_plans(tmp_path, limits % "[50, 90]"))
+        # Restored from the changelog the first run wrote, as a restarted worker would be.
+        run.state.load([(0, f"{name}|{key}".encode(), _encode(value))
+                        for name, table in before.state.data.items() for key, value in table.items()])
+        outs.append(getattr(run, mode)([(0, i, _call("t", f"e{i}", at + timedelta(seconds=i))) for i in (8, 9)]))
+    assert outs[1] == outs[0]
+    assert [json.loads(a)["threshold_percent"] for a in outs[1]["alerts"]] == ["90"]
+
+
+def test_a_day_whose_midnight_repeats_is_one_window_in_both_paths(tmp_path):
+    """Atlantic/Azores falls back from 01:00 to 00:00 on 2025-10-26 (UTC+0 to UTC-1): 01:30Z is
+    00:30 local the second time round (fold 1), 00:45Z is 00:45 the first time. Its day starts at
+    the first midnight (00:00Z) and lasts 25 hours: one window, whatever the events' order."""
+    plans = _plans(tmp_path, "grace_seconds: 300\ndefault_plan: p\ntenants: {az: {plan: p, time_zone: "
+                             "Atlantic/Azores}}\nplans: {p: {limits: [{id: daily-requests, metric: requests, "
+                             "window: day, limit: 100}]}}\n")
+    batch = [(0, 0, _call("az", "a", datetime(2025, 10, 26, 1, 30, tzinfo=UTC))),
+             (0, 1, _call("az", "b", datetime(2025, 10, 26, 0, 45, tzinfo=UTC)))]
+    expected, got = Run(plans).one_by_one(batch), Run(plans).batched(batch)
+    assert got == expected
+    [(key, state)] = got["states"]
+    state = json.loads(state)
+    assert (state["window_start"], state["window_end"], state["usage"]) == \
+        ("2025-10-26T00:00:00Z", "2025-10-27T01:00:00Z", "2")
