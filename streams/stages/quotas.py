@@ -157,11 +157,14 @@ class Counted(NamedTuple):
         what changes is written per state. Building and serializing the model cost 8 µs a state,
         a window a few events (``tests/stages/test_quota_batches.py`` compares the two)."""
         ref, usage, limit = self.ref, self.usage, self.ref.limit
-        prefix = _STATE_PREFIXES.get(ref.key)
+        # Keyed by everything the prefix holds (the window key has tenant, limit id, scope value and
+        # start): two engines of one process with other plans must not share a window's prefix.
+        ident = (ref.key, limit.metric, limit.scope, ref.end)
+        prefix = _STATE_PREFIXES.get(ident)
         if prefix is None:
             if len(_STATE_PREFIXES) >= _MEMO_SIZE:
                 _STATE_PREFIXES.clear()
-            prefix = _STATE_PREFIXES[ref.key] = _state_prefix(ref)
+            prefix = _STATE_PREFIXES[ident] = _state_prefix(ref)
         remaining = usage - limit.limit if limit.metric == "margin_percent" else limit.limit - usage
         return b"".join((prefix, b',"usage":"', format(usage, "f").encode(), b'","limit":"',
                          format(limit.limit, "f").encode(), b'","remaining":"',
@@ -171,7 +174,7 @@ class Counted(NamedTuple):
 
 
 #: Each window's ``quota.state`` JSON up to its first changing field (``Counted.state_json``).
-_STATE_PREFIXES: dict[str, bytes] = {}
+_STATE_PREFIXES: dict[tuple[str, str, str, datetime], bytes] = {}
 
 
 def _state_prefix(ref: WindowRef) -> bytes:

@@ -255,3 +255,14 @@ def test_a_day_whose_midnight_repeats_is_one_window_in_both_paths(tmp_path):
     state = json.loads(state)
     assert (state["window_start"], state["window_end"], state["usage"]) == \
         ("2025-10-26T00:00:00Z", "2025-10-27T01:00:00Z", "2")
+
+
+def test_two_engines_with_other_plans_write_each_their_own_states(tmp_path):
+    """The same tenant, limit id, scope and window under two plans that differ in the limit's
+    metric: each state is its own model's JSON (the fixed part of a state is cached per window)."""
+    at = datetime(2026, 6, 1, 10, tzinfo=UTC)
+    plan = "default_plan: p\nplans: {p: {limits: [{id: daily, metric: %s, window: day, limit: 10}]}}\n"
+    for metric in ("requests", "tokens"):
+        out = Run(_plans(tmp_path, plan % metric)).batched([(0, 0, _call("t", "e0", at)), (0, 1, _call("t", "e1", at))])
+        [(_, state)] = out["states"]  # (checked against the model's own JSON by Run)
+        assert json.loads(state)["metric"] == metric
