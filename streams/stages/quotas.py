@@ -300,6 +300,7 @@ class _Collected:
 
 
 _FIRST = operator.itemgetter(0)
+_NOTHING_EXPIRED: list[tuple[int, datetime, str]] = []  # (never appended to: returned for reading only)
 
 
 def metric_amount(record: AttributedUsage, limit: Limit, revenue: Decimal | None) -> Decimal:
@@ -412,7 +413,6 @@ class QuotaEngine:
         if not limits:
             return outcome
         at = record.event_time
-        grace = self.grace
         moved_to = self.bound.moved_to(at, now)
         tenant_state = tenants.get(tenant)
         if tenant_state is None:
@@ -464,20 +464,33 @@ class QuotaEngine:
                     next_expiry = expires
             outcome.counted.append(Counted(ref, usage, at, judged))
 
-        if next_expiry is not None and next_expiry <= watermark:  # some window is past its grace period
-            next_expiry = None
-            for key, end_value in list(open_windows.items()):
-                expires = datetime.fromisoformat(end_value) + grace
-                if expires <= watermark:
-                    windows.pop(key, None)
-                    del open_windows[key]
-                    outcome.expired.append(_state_key_of(key))
-                elif next_expiry is None or expires < next_expiry:
-                    next_expiry = expires
-        tenant_state["watermark"] = watermark
         tenant_state["next_expiry"] = next_expiry
+        outcome.expired.extend(key for _, _, key in self._close_expired(windows, tenant_state, watermark))
         tenants[tenant] = tenant_state
         return outcome
+
+    def _close_expired(self, windows: MutableMapping[str, dict[str, Any]], tenant_state: dict[str, Any],
+                       watermark: datetime) -> list[tuple[int, datetime, str]]:
+        """Moves the tenant's watermark to ``watermark`` and deletes its windows past their grace
+        period there; returns each deleted window's place among the tenant's open windows, its
+        expiry and its ``quota.state`` key. ``tenant_state["next_expiry"]`` (the earliest expiry of
+        its open windows) makes the usual call a comparison."""
+        tenant_state["watermark"] = watermark
+        next_expiry = tenant_state["next_expiry"]
+        if next_expiry is None or next_expiry > watermark:
+            return _NOTHING_EXPIRED
+        open_windows: dict[str, Any] = tenant_state["windows"]
+        grace, expired, next_expiry = self.grace, [], None
+        for k, (key, end_value) in enumerate(list(open_windows.items())):
+            expires = datetime.fromisoformat(end_value) + grace
+            if expires <= watermark:
+                windows.pop(key, None)
+                del open_windows[key]
+                expired.append((k, expires, _state_key_of(key)))
+            elif next_expiry is None or expires < next_expiry:
+                next_expiry = expires
+        tenant_state["next_expiry"] = next_expiry
+        return expired
 
     def apply_batch(self, records: Sequence[AttributedUsage], partitions: Sequence[int], offsets: Sequence[int],
                     now: datetime | None = None) -> BatchOutcome:
@@ -651,22 +664,10 @@ class QuotaEngine:
             open_windows[key] = end_text
             if next_expiry is None or expires < next_expiry:
                 next_expiry = expires
-        watermark = marks[-1]
-        if next_expiry is not None and next_expiry <= watermark:  # some window passed its grace period
-            grace = self.grace
-            next_expiry = None
-            for k, (key, end_value) in enumerate(list(open_windows.items())):
-                expires = datetime.fromisoformat(end_value) + grace
-                if expires <= watermark:
-                    windows.pop(key, None)
-                    del open_windows[key]
-                    # ``apply`` drops it with the first event whose watermark reaches its expiry.
-                    collected.expired.append(((positions[bisect.bisect_left(marks, expires)], k),
-                                              _state_key_of(key)))
-                elif next_expiry is None or expires < next_expiry:
-                    next_expiry = expires
-        tenant_state["watermark"] = watermark
         tenant_state["next_expiry"] = next_expiry
+        for k, expires, state_key_ in self._close_expired(windows, tenant_state, marks[-1]):
+            # ``apply`` drops it with the first event whose watermark reaches its expiry.
+            collected.expired.append(((positions[bisect.bisect_left(marks, expires)], k), state_key_))
         tenants[tenant] = tenant_state
 
     def _sum_window(self, ref: WindowRef, window: dict[str, Any], js: list[int], group: Sequence[AttributedUsage],
