@@ -267,20 +267,9 @@ class _Collected:
             self.alerts.extend(((position, k, 0), alert) for k, alert in enumerate(outcome.alerts))
         if outcome.expired:
             self.expired.extend(((position, k), key) for k, key in enumerate(outcome.expired))
-        # (The events of a key come here in batch order, so the first seen is the first.)
-        counted_first, counted_now = self.counted_first, self.counted
+        reservations = [reservation] if reservation is not None else []
         for k, counted in enumerate(outcome.counted):
-            key = counted.ref.key
-            if key not in counted_first:
-                counted_first[key] = (position, k)
-            counted_now[key] = counted
-            if reservation is not None:
-                found = self.settled.get(key)
-                if found is None:
-                    self.settled[key] = [reservation]
-                    self.settled_first[key] = (position, k)
-                else:
-                    found.append(reservation)
+            self.count(counted.ref.key, (position, k), counted, reservations, (position, k))
 
     def count(self, key: str, order: tuple[int, int], counted: Counted, reservations: list[str],
               reserved_order: tuple[int, int] | None) -> None:
@@ -563,13 +552,12 @@ class QuotaEngine:
         limits, zone = self._plan_of(tenant)
         state = self._state(partition)
         events = collected.events
+        group = [records[position] for position in positions]
         if not limits:
-            group = [records[position] for position in positions]
             for position, rated in zip(positions, self.revenue.rate_all(group, state.rating_periods, now), strict=True):
                 events[position] = EventOutcome(False, rated.late, rated)
             return
         windows, tenants = state.quota_windows, state.quota_tenants
-        group = [records[position] for position in positions]
         # The tenant's watermark after each event (``apply`` moves it before counting the event).
         tenant_state = tenants.get(tenant)
         moved_to = self.bound.moved_to
