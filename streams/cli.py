@@ -355,12 +355,10 @@ def whatif(
     from streams.operations.whatif import CURRENT
 
     settings = _settings()
-    if plans is None or not since or not until:
-        raise CommandFailed("give --plans FILE, --since and --until, e.g. costline whatif --plans "
-                            "config/candidates.yaml --since 2026-11-01 --until 2026-12-01")
+    start, end = _window(plans is not None, since, until, "--plans FILE, --since and --until, e.g. costline whatif "
+                         "--plans config/candidates.yaml --since 2026-11-01 --until 2026-12-01")
     if fmt not in ("table", "json"):
         raise CommandFailed(f"--format {fmt!r} is not one of table, json")
-    start, end = _instant(since), _instant(until)
     chosen = [t.strip() for t in tenants.split(",") if t.strip()]
     outcomes, months = _plan_outcomes(settings, plans, start, end, chosen)
     if html is not None:
@@ -416,10 +414,8 @@ def report(
     from streams.storage.query import query as run_query
 
     settings = _settings()
-    if html is None or not since or not until:
-        raise CommandFailed("give --html FILE, --since and --until, e.g. costline report --html report.html "
-                            "--since 2026-11-01 --until 2026-12-01")
-    start, end = _instant(since), _instant(until)
+    start, end = _window(html is not None, since, until, "--html FILE, --since and --until, e.g. costline report "
+                         "--html report.html --since 2026-11-01 --until 2026-12-01")
     outcomes = None if plans is None else _plan_outcomes(settings, plans, start, end, [tenant] if tenant else [])[0]
     html.write_text(make_report(lambda sql: run_query(settings, sql).rows, start, end, tenant or None, outcomes))
     err.print(f"wrote {html} ({html.stat().st_size / 1e6:.1f} MB, opens without a network)")
@@ -440,6 +436,14 @@ def _plan_outcomes(settings: Settings, candidates_file: Path, start: datetime, e
     candidates = candidates_of(Plans.from_file(candidates_file), str(candidates_file))
     months = ledger_months(current, start, end, lambda sql: run_query(settings, sql).rows, tenants or None, only)
     return compare(current, candidates, months), months
+
+
+def _window(given: bool, since: str, until: str, needed: str) -> tuple[datetime, datetime]:
+    """``--since`` and ``--until`` as times; a one-line error naming what is ``needed`` when they, or
+    the command's other required option (``given`` false), are missing."""
+    if not given or not since or not until:
+        raise CommandFailed(f"give {needed}")
+    return _instant(since), _instant(until)
 
 
 def _instant(text: str) -> datetime:
