@@ -38,7 +38,7 @@ from streams.runtime.state import ChangelogTables  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.stages.attribution import Attribution  # noqa: E402
 from streams.stages.plans import Plans  # noqa: E402
-from streams.stages.quotas import QuotaEngine, QuotaTables, restore_entry  # noqa: E402
+from streams.stages.quotas import COLD_TABLES, QuotaEngine, QuotaTables, restore_entry  # noqa: E402
 from streams.stages.revenue import RevenueMeter, stamp_fresh  # noqa: E402
 from streams.stages.validation import validate  # noqa: E402
 from streams.storage.tables import LEDGER, RecordBatch  # noqa: E402
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=1_000)
     parser.add_argument("--distinct-tenants", action="store_true", help="every tenant occurs (round robin)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--live-state-entries", type=int, default=None,
+                        help="quota and billing entries kept as objects (default: the worker's setting)")
     parser.add_argument("--without-revenue-limits", action="store_true",
                         help="keep the rate cards, strip the revenue_usd and margin_percent limits")
     parser.add_argument("--without-rating", action="store_true",
@@ -65,6 +67,13 @@ def main() -> None:
         events = [e.model_copy(update={"tenant_id": f"tenant-{i % args.tenants:06d}"}) for i, e in enumerate(events)]
     raws = [e.model_dump_json(exclude_none=True).encode() for e in events]
     settings = Settings.from_env(environ={"COSTLINE_CONFIG_DIR": str(ROOT / "config")})
+    live = settings.live_state_entries if args.live_state_entries is None else args.live_state_entries
+
+    def tables() -> ChangelogTables:
+        """The quota stage's tables, as the worker builds them."""
+        return ChangelogTables("bench-changelog", QuotaTables._fields, restore_entry, cold=COLD_TABLES,
+                               live_entries=live)
+
     raw_topic = settings.topics.raw
     batches = [[MemoryRecord(raw_topic, 0, base + i, None, raw) for i, raw in enumerate(raws[base:base + BATCH])]
                for base in range(0, len(raws), BATCH)]
@@ -77,7 +86,7 @@ def main() -> None:
     def engine_run(one_by_one: bool = False) -> float:
         """The loop thread's work, batch after batch, with fresh quota tables; µs an event.
         ``one_by_one``: the reference path (the quota stage event by event)."""
-        state = ChangelogTables("bench-changelog", QuotaTables._fields, restore_entry)
+        state = tables()
         quotas = QuotaEngine(plans, lambda partition: QuotaTables(**state.views(partition)))
         processor = BatchProcessor(settings.topics, Counters(), attribution=one_by_one_attribution if one_by_one else attribution,
                                    quotas=quotas, state=state, one_by_one=one_by_one)
@@ -92,7 +101,7 @@ def main() -> None:
         return elapsed / len(raws) * 1e6
 
     def quota_run(one_by_one: bool = False) -> None:
-        state = ChangelogTables("bench-changelog", QuotaTables._fields, restore_entry)
+        state = tables()
         quotas = QuotaEngine(plans, lambda partition: QuotaTables(**state.views(partition)))
         for base in range(0, len(records), BATCH):
             chunk = range(base, min(base + BATCH, len(records)))

@@ -79,6 +79,13 @@ class QuotaTables(NamedTuple):
     rating_periods: MutableMapping[str, dict[str, Any]]
 
 
+#: The tables whose entries may be held as their changelog bytes while unused
+#: (``streams.runtime.state``): every one but ``quota_seen``, whose groups the engine indexes by
+#: identity (``_seen_index``) and which holds a few minutes of events, not an entry per tenant.
+#: No entry of these is kept by the engine past the batch that read it.
+COLD_TABLES = ("quota_windows", "quota_tenants", "rating_periods")
+
+
 def restore_entry(table: str, entry: dict[str, Any]) -> dict[str, Any]:
     """An entry as read back from the changelog (JSON, decimals and times as text), as the quota
     stage keeps it in memory."""

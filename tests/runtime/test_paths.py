@@ -2,7 +2,9 @@
 the record-by-record path it replaced (pydantic validation, ``QuotaEngine.apply`` event by event,
 states serialized from the model), on 200,000 simulated events with copies and bad records mixed
 in: the same ledger rows, byte for byte, the same quota states, alerts, dead letters and
-changelog, batch by batch."""
+changelog, batch by batch. The worker's path runs with room for 500 live state entries (of about
+6,000) and 50 tenants' derived revenue values: nearly every entry it reads was frozen to its
+changelog bytes since its last use, and nearly every billing period rebuilt from its entry."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from streams.runtime.state import ChangelogTables
 from streams.settings import Settings
 from streams.stages.attribution import Attribution
 from streams.stages.plans import Plans
-from streams.stages.quotas import QuotaEngine, QuotaTables, restore_entry
+from streams.stages.quotas import COLD_TABLES, QuotaEngine, QuotaTables, restore_entry
 from streams.storage.tables import LEDGER
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,11 +54,14 @@ def stream() -> list[MemoryRecord]:
 def processor(one_by_one: bool) -> BatchProcessor:
     settings = Settings.from_env(environ={"COSTLINE_CONFIG_DIR": str(ROOT / "config")})
     attribution = Attribution.from_settings(settings)
-    state = ChangelogTables("changelog", QuotaTables._fields, restore_entry)
+    state = ChangelogTables("changelog", QuotaTables._fields, restore_entry,
+                            **({} if one_by_one else {"cold": COLD_TABLES, "live_entries": 500}))
     clock = iter(range(1_800_000_000, 1_900_000_000)).__next__  # one second a batch, the same for both
     second = [float(clock())]
     quotas = QuotaEngine(Plans.from_file(settings.plans_file), lambda p: QuotaTables(**state.views(p)),
                          clock=lambda: second[0])
+    if not one_by_one:
+        quotas.revenue.derived_limit = 50
     made = BatchProcessor(settings.topics, Counters(), attribution=dataclasses.replace(attribution, fast=not one_by_one),
                           quotas=quotas, state=state, one_by_one=one_by_one)
     made.tick = lambda: second.__setitem__(0, float(clock()))  # type: ignore[attr-defined]
@@ -89,6 +94,8 @@ def test_the_worker_path_gives_what_the_record_by_record_path_gave_on_200000_eve
         totals["dead"] += len(got.dead)
         totals["rated"] += sum(row[revenue] is not None for row in rows)
     assert new.counters.duplicates == old.counters.duplicates == EVENTS // 100
+    assert new.state.frozen > 80_000 and new.state.thawed > 80_000, (new.state.frozen, new.state.thawed)
+    assert old.state.frozen == old.state.thawed == 0
     # What the comparison covered.
     assert totals["rows"] == EVENTS and totals["dead"] == EVENTS // 500, totals
     assert totals["alerts"] > 100 and totals["states"] > 50_000 and totals["rated"] > EVENTS // 2, totals

@@ -7,6 +7,8 @@ import json
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import pytest
+
 from streams.runtime.state import ChangelogTables
 from streams.stages.quotas import QuotaTables, restore_entry
 
@@ -76,3 +78,38 @@ def test_an_entry_this_version_cannot_read_is_left_out_instead_of_failing_its_pa
     ])
     assert read == 2 and list(state.data["quota_seen"]) == ["0:995:4"] and "w" not in state.data["quota_windows"]
     assert state.data["quota_tenants"]["acme"]["next_expiry"] is None
+
+
+def test_cold_entries_beyond_the_budget_are_held_as_their_changelog_bytes_and_read_back_equal():
+    state = ChangelogTables("cl", NAMES, restore_entry, cold=("quota_windows", "quota_tenants"), live_entries=2)
+    view = state.views(0)
+    at = datetime(2026, 6, 1, 9, tzinfo=UTC)
+    for n in range(4):
+        view["quota_windows"][f"w{n}"] = {"usage": Decimal(f"0.00000000000{n + 1}"), "partition": 0, "offset": n}
+        view["quota_seen"][f"0:{n}:{n}"] = {"p": 0, "t": n, "events": {}}  # not cold: never frozen
+        log = state.drain({0: n + 1})
+    # The two changed longest ago are bytes: exactly what the changelog holds for them.
+    data = state.data["quota_windows"]
+    assert [type(data[f"w{n}"]) for n in range(4)] == [bytes, bytes, dict, dict]
+    assert data["w0"] == b'{"usage":"1E-12","partition":0,"offset":0}' and state.frozen == 2
+    assert all(type(group) is dict for group in state.data["quota_seen"].values())
+    # Read, an entry is the object it was, and live again; the one used longest ago goes cold instead.
+    assert view["quota_windows"]["w0"] == {"usage": Decimal("1E-12"), "partition": 0, "offset": 0}
+    assert state.thawed == 1 and type(data["w0"]) is dict
+    view["quota_tenants"]["acme"] = {"watermark": at, "windows": {}, "next_expiry": None}
+    log += state.drain({0: 5})
+    # w2 and w3 were changed before w0 was read: they go cold, w0 stays.
+    assert [type(data[f"w{n}"]) for n in range(4)] == [dict, bytes, bytes, bytes]
+    assert view["quota_windows"].get("w1")["offset"] == 1 and view["quota_windows"].pop("w2")["offset"] == 2
+    assert log[-2] == (0, b"quota_tenants|acme", b'{"watermark":"2026-06-01T09:00:00Z","windows":{},"next_expiry":null}')
+    # A restore keeps a cold table's entries as they were read, and checks them all the same.
+    restored = ChangelogTables("cl", NAMES, restore_entry, cold=("quota_windows",))
+    assert restored.load([(0, b"quota_windows|w", b'{"usage":"2","partition":0,"offset":9}'),
+                          (0, b"quota_windows|bad", b'{"usage":"not a number"}')]) == 1
+    assert restored.data["quota_windows"] == {"w": b'{"usage":"2","partition":0,"offset":9}'}
+    assert restored.views(0)["quota_windows"]["w"]["usage"] == Decimal(2)
+
+
+def test_only_tables_it_has_can_be_cold():
+    with pytest.raises(ValueError, match="cold tables \\['quota_windos'\\]"):
+        ChangelogTables("cl", NAMES, cold=("quota_windos",))
