@@ -480,7 +480,8 @@ class QuotaEngine:
         for k, (key, end_value) in enumerate(list(open_windows.items())):
             expires = datetime.fromisoformat(end_value) + grace
             if expires <= watermark:
-                windows.pop(key, None)
+                if key in windows:  # (not ``pop``: a frozen window would be read back only to be dropped)
+                    del windows[key]
                 del open_windows[key]
                 expired.append((k, expires, _state_key_of(key)))
             elif next_expiry is None or expires < next_expiry:
