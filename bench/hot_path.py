@@ -33,12 +33,11 @@ from streams.operations.simulate import Workload  # noqa: E402
 from streams.runtime.loop import tune_gc  # noqa: E402
 from streams.runtime.memory import MemoryRecord  # noqa: E402
 from streams.runtime.metrics import Counters  # noqa: E402
-from streams.runtime.processor import BatchProcessor  # noqa: E402
-from streams.runtime.state import ChangelogTables  # noqa: E402
+from streams.runtime.processor import BatchProcessor, quota_state  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.stages.attribution import Attribution  # noqa: E402
 from streams.stages.plans import Plans  # noqa: E402
-from streams.stages.quotas import COLD_TABLES, QuotaEngine, QuotaTables, restore_entry  # noqa: E402
+from streams.stages.quotas import QuotaEngine, QuotaTables  # noqa: E402
 from streams.stages.revenue import RevenueMeter, stamp_fresh  # noqa: E402
 from streams.stages.validation import validate  # noqa: E402
 from streams.storage.tables import LEDGER, RecordBatch  # noqa: E402
@@ -69,11 +68,6 @@ def main() -> None:
     settings = Settings.from_env(environ={"COSTLINE_CONFIG_DIR": str(ROOT / "config")})
     live = settings.live_state_entries if args.live_state_entries is None else args.live_state_entries
 
-    def tables() -> ChangelogTables:
-        """The quota stage's tables, as the worker builds them."""
-        return ChangelogTables("bench-changelog", QuotaTables._fields, restore_entry, cold=COLD_TABLES,
-                               live_entries=live)
-
     raw_topic = settings.topics.raw
     batches = [[MemoryRecord(raw_topic, 0, base + i, None, raw) for i, raw in enumerate(raws[base:base + BATCH])]
                for base in range(0, len(raws), BATCH)]
@@ -86,7 +80,7 @@ def main() -> None:
     def engine_run(one_by_one: bool = False) -> float:
         """The loop thread's work, batch after batch, with fresh quota tables; µs an event.
         ``one_by_one``: the reference path (the quota stage event by event)."""
-        state = tables()
+        state = quota_state("bench-changelog", live)  # (as the worker builds them)
         quotas = QuotaEngine(plans, lambda partition: QuotaTables(**state.views(partition)))
         processor = BatchProcessor(settings.topics, Counters(), attribution=one_by_one_attribution if one_by_one else attribution,
                                    quotas=quotas, state=state, one_by_one=one_by_one)
@@ -101,7 +95,7 @@ def main() -> None:
         return elapsed / len(raws) * 1e6
 
     def quota_run(one_by_one: bool = False) -> None:
-        state = tables()
+        state = quota_state("bench-changelog", live)
         quotas = QuotaEngine(plans, lambda partition: QuotaTables(**state.views(partition)))
         for base in range(0, len(records), BATCH):
             chunk = range(base, min(base + BATCH, len(records)))

@@ -104,10 +104,10 @@ class Settings(BaseModel):
     query_max_threads: int = Field(default=1, ge=1, le=256)
     max_future_s: int = Field(default=int(MAX_FUTURE.total_seconds()), ge=0)
     max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=1024)
-    #: Quota and billing state entries kept as objects; the ones used longest ago beyond that are
-    #: held as their changelog bytes, which take less (``streams.runtime.state``). About six
-    #: entries a tenant: the default keeps some 8,000 busy tenants' state ready.
-    live_state_entries: int = Field(default=50_000, ge=0)
+    #: Quota and billing state entries kept as objects; beyond that, the tenants used longest ago
+    #: are held as compressed bytes, a few hundred a tenant (``streams.runtime.state``). About six
+    #: entries a tenant: the default keeps some 3,000 busy tenants' state ready.
+    live_state_entries: int = Field(default=20_000, ge=0)
     log_level: str = "info"
     enforcer_host: str = "127.0.0.1"
     enforcer_port: int = Field(default=6067, ge=1, le=65535)

@@ -33,7 +33,7 @@ from streams.runtime.metrics import Counters
 from streams.runtime.state import ChangelogTables
 from streams.settings import Topics
 from streams.stages.attribution import Attribution
-from streams.stages.quotas import Counted, QuotaEngine
+from streams.stages.quotas import COLD_TABLES, Counted, QuotaEngine, QuotaTables, restore_entry, tenant_of
 from streams.stages.revenue import stamp_fresh
 from streams.storage.tables import LEDGER, RecordBatch
 
@@ -81,6 +81,14 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.records) + len(self.alerts) + len(self.read_alerts) + len(self.dead)
+
+
+def quota_state(topic: str, live_entries: int) -> ChangelogTables:
+    """The quota stage's tables, changelogged to ``topic``, its per-tenant ones frozen by tenant beyond
+    ``live_entries`` live entries (``streams.runtime.state``). (The worker, the benchmarks and the
+    path tests build them here, so that they measure and test the worker's layout.)"""
+    return ChangelogTables(topic, QuotaTables._fields, restore_entry, cold=COLD_TABLES, live_entries=live_entries,
+                           group_of=tenant_of)
 
 
 class BatchProcessor:

@@ -25,12 +25,11 @@ from streams.runtime.kafka import KafkaChangelog, KafkaSource, KafkaTransactions
 from streams.runtime.logs import logging_config
 from streams.runtime.loop import BatchLoop, LoopThread
 from streams.runtime.metrics import Counters
-from streams.runtime.processor import BatchProcessor
-from streams.runtime.state import ChangelogTables
+from streams.runtime.processor import BatchProcessor, quota_state
 from streams.settings import Settings
 from streams.stages.attribution import Attribution
 from streams.stages.plans import Plans
-from streams.stages.quotas import COLD_TABLES, QuotaEngine, QuotaTables, restore_entry
+from streams.stages.quotas import QuotaEngine, QuotaTables
 from streams.storage.clickhouse import connect
 from streams.storage.faults import ClickHouseFaults
 from streams.storage.migrations import migrate
@@ -70,8 +69,7 @@ def build_loop(settings: Settings, counters: Counters, attribution: Attribution,
     reads_raw = settings.role in ("all", "stream")
     state = quotas = changelog = None
     if reads_raw:
-        state = ChangelogTables(changelog_topic(settings), QuotaTables._fields, restore_entry, cold=COLD_TABLES,
-                                live_entries=settings.live_state_entries)
+        state = quota_state(changelog_topic(settings), settings.live_state_entries)
         quotas = QuotaEngine(plans, lambda partition: QuotaTables(**state.views(partition)))
         changelog = KafkaChangelog(settings.kafka_bootstrap_servers, f"{settings.deployment}-restore")
     processor = BatchProcessor(t, counters, attribution=attribution if reads_raw else None, quotas=quotas,

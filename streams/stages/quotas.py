@@ -64,7 +64,9 @@ log = logging.getLogger(__name__)
 _ONE = Decimal(1)
 _ZERO = Decimal(0)
 #: Entries kept by each of the quota engine's look-up memos (tenant → plan, window → reference).
-_MEMO_SIZE = 50_000
+#: Sized like the state kept live (``COSTLINE_LIVE_STATE_ENTRIES``, about 3,000 tenants): a memo of
+#: tenants whose state is frozen saves little, and at 50,000 the memos held 40 MB with 100,000 tenants.
+_MEMO_SIZE = 20_000
 #: Windows remembered per kind and zone (``QuotaEngine._bounds``).
 _RECENT_BOUNDS = 4
 
@@ -84,6 +86,15 @@ class QuotaTables(NamedTuple):
 #: identity (``_seen_index``) and which holds a few minutes of events, not an entry per tenant.
 #: No entry of these is kept by the engine past the batch that read it.
 COLD_TABLES = ("quota_windows", "quota_tenants", "rating_periods")
+
+
+def tenant_of(table: str, key: str) -> str:
+    """The tenant an entry of a cold table belongs to: the group its entries are frozen and thawed
+    with (``streams.runtime.state``), so that a tenant's next event thaws all it needs at once."""
+    if table != "quota_windows":
+        return key  # (quota_tenants and rating_periods are keyed by tenant)
+    tenant = key[2:key.index('"', 2)]  # ``window_key``: '["<tenant>", ...'
+    return json.loads(key)[0] if "\\" in tenant else tenant  # (escaped by json.dumps: read it back)
 
 
 def restore_entry(table: str, entry: dict[str, Any]) -> dict[str, Any]:

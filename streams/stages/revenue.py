@@ -51,8 +51,9 @@ from streams.stages.pricing import MONEY_QUANTUM
 from streams.stages.rating import EXACT, Charge, RateCard, capped, charge_amount, increment, net, segment_of
 
 _ZERO = Decimal(0)
-#: Entries kept by the look-up memos (tenant → card; call → matching charges).
-_MEMO_SIZE = 50_000
+#: Entries kept by the look-up memos (tenant → card; call → matching charges; a period's derived
+#: values), sized like the quota engine's (``streams.stages.quotas._MEMO_SIZE``).
+_MEMO_SIZE = 20_000
 
 
 class Period(NamedTuple):

@@ -17,12 +17,12 @@ from pathlib import Path
 from streams.operations.simulate import Workload
 from streams.runtime.memory import MemoryRecord
 from streams.runtime.metrics import Counters
-from streams.runtime.processor import BatchProcessor
+from streams.runtime.processor import BatchProcessor, quota_state
 from streams.runtime.state import ChangelogTables
 from streams.settings import Settings
 from streams.stages.attribution import Attribution
 from streams.stages.plans import Plans
-from streams.stages.quotas import COLD_TABLES, QuotaEngine, QuotaTables, restore_entry
+from streams.stages.quotas import QuotaEngine, QuotaTables, restore_entry
 from streams.storage.tables import LEDGER
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,8 +54,10 @@ def stream() -> list[MemoryRecord]:
 def processor(one_by_one: bool) -> BatchProcessor:
     settings = Settings.from_env(environ={"COSTLINE_CONFIG_DIR": str(ROOT / "config")})
     attribution = Attribution.from_settings(settings)
-    state = ChangelogTables("changelog", QuotaTables._fields, restore_entry,
-                            **({} if one_by_one else {"cold": COLD_TABLES, "live_entries": 500}))
+    # The worker's layout with room for 500 live entries (most tenants frozen between their events),
+    # against tables that hold every entry as objects.
+    state = ChangelogTables("changelog", QuotaTables._fields, restore_entry) if one_by_one else \
+        quota_state("changelog", live_entries=500)
     clock = iter(range(1_800_000_000, 1_900_000_000)).__next__  # one second a batch, the same for both
     second = [float(clock())]
     quotas = QuotaEngine(Plans.from_file(settings.plans_file), lambda p: QuotaTables(**state.views(p)),

@@ -4,7 +4,7 @@ changed it; and the state read back from those records."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -80,34 +80,55 @@ def test_an_entry_this_version_cannot_read_is_left_out_instead_of_failing_its_pa
     assert state.data["quota_tenants"]["acme"]["next_expiry"] is None
 
 
-def test_cold_entries_beyond_the_budget_are_held_as_their_changelog_bytes_and_read_back_equal():
-    state = ChangelogTables("cl", NAMES, restore_entry, cold=("quota_windows", "quota_tenants"), live_entries=2)
+def test_cold_groups_beyond_the_budget_are_held_as_bytes_and_read_back_whole_and_equal():
+    """Entries grouped by tenant (``t0/w`` and ``t0`` are tenant t0's), with room for three live ones."""
+    state = ChangelogTables("cl", NAMES, restore_entry, cold=("quota_windows", "quota_tenants"), live_entries=3,
+                            group_of=lambda table, key: key.split("/")[0])
     view = state.views(0)
+    windows, tenants = view["quota_windows"], view["quota_tenants"]
     at = datetime(2026, 6, 1, 9, tzinfo=UTC)
-    for n in range(4):
-        view["quota_windows"][f"w{n}"] = {"usage": Decimal(f"0.00000000000{n + 1}"), "partition": 0, "offset": n}
+
+    def window(n: int) -> dict:
+        return {"usage": Decimal(f"0.00000000000{n + 1}"), "partition": 0, "offset": n}
+
+    def tenant(n: int) -> dict:
+        return {"watermark": at + timedelta(hours=n), "windows": {f"t{n}/w": "2026-06-02T00:00:00+00:00"},
+                "next_expiry": None}
+
+    log = []
+    for n in range(3):
+        windows[f"t{n}/w"], tenants[f"t{n}"] = window(n), tenant(n)
         view["quota_seen"][f"0:{n}:{n}"] = {"p": 0, "t": n, "events": {}}  # not cold: never frozen
-        log = state.drain({0: n + 1})
-    # The two changed longest ago are bytes: exactly what the changelog holds for them.
-    data = state.data["quota_windows"]
-    assert [type(data[f"w{n}"]) for n in range(4)] == [bytes, bytes, dict, dict]
-    assert data["w0"] == b'{"usage":"1E-12","partition":0,"offset":0}' and state.frozen == 2
-    assert all(type(group) is dict for group in state.data["quota_seen"].values())
-    # Read, an entry is the object it was, and live again; the one used longest ago goes cold instead.
-    assert view["quota_windows"]["w0"] == {"usage": Decimal("1E-12"), "partition": 0, "offset": 0}
-    assert state.thawed == 1 and type(data["w0"]) is dict
-    view["quota_tenants"]["acme"] = {"watermark": at, "windows": {}, "next_expiry": None}
+        log += state.drain({0: n + 1})
+    # Six entries, room for three: the tenants changed longest ago, t0 then t1, are frozen whole.
+    assert (sorted(state.data["quota_windows"]), sorted(state.data["quota_tenants"])) == (["t2/w"], ["t2"])
+    assert (state.frozen_groups, state.frozen) == (2, 4) and len(state.data["quota_seen"]) == 3
+    # A frozen tenant is the changelog's JSON of its entries, compressed.
+    written = {key.decode(): json.loads(value) for _, key, value in log if key.startswith(b"quota_")}
+    assert json.loads(state._unpack(state._frozen["t0"])) == {
+        "quota_windows": {"t0/w": written["quota_windows|t0/w"]}, "quota_tenants": {"t0": written["quota_tenants|t0"]}}
+    # Reading one entry thaws its tenant whole, as the objects they were.
+    assert windows["t0/w"] == window(0) and state.data["quota_tenants"]["t0"] == tenant(0)
+    assert (state.thawed, state.frozen_groups) == (2, 1)
+    # Writing one without reading it thaws the tenant first: its other entry is kept, not lost.
+    tenants["t1"] = {**tenant(1), "next_expiry": at}
+    assert state.data["quota_windows"]["t1/w"] == window(1) and state.thawed == 4
+    log += state.drain({0: 4})
+    # Used since t2 was changed, t0 and t1 are live; t2 and then t0 go cold: t1 was used last.
+    assert sorted(state.data["quota_tenants"]) == ["t1"] and state.frozen_groups == 2
+    assert "t2/w" in windows and windows.pop("t0/w") == window(0) and windows.pop("nobody/w", None) is None
     log += state.drain({0: 5})
-    # w2 and w3 were changed before w0 was read: they go cold, w0 stays.
-    assert [type(data[f"w{n}"]) for n in range(4)] == [dict, bytes, bytes, bytes]
-    assert view["quota_windows"].get("w1")["offset"] == 1 and view["quota_windows"].pop("w2")["offset"] == 2
-    assert log[-2] == (0, b"quota_tenants|acme", b'{"watermark":"2026-06-01T09:00:00Z","windows":{},"next_expiry":null}')
-    # A restore keeps a cold table's entries as they were read, and checks them all the same.
-    restored = ChangelogTables("cl", NAMES, restore_entry, cold=("quota_windows",))
-    assert restored.load([(0, b"quota_windows|w", b'{"usage":"2","partition":0,"offset":9}'),
-                          (0, b"quota_windows|bad", b'{"usage":"not a number"}')]) == 1
-    assert restored.data["quota_windows"] == {"w": b'{"usage":"2","partition":0,"offset":9}'}
-    assert restored.views(0)["quota_windows"]["w"]["usage"] == Decimal(2)
+    assert log[-2] == (0, b"quota_windows|t0/w", None)
+    # A restore keeps the cold tables' entries frozen by tenant, and checks each one all the same.
+    restored = ChangelogTables("cl", NAMES, restore_entry, cold=("quota_windows", "quota_tenants"),
+                               group_of=lambda table, key: key.split("/")[0])
+    assert restored.load([*log, (0, b"quota_windows|t3/w", b'{"usage":"not a number"}')]) == len(log) - 5
+    assert (restored.data["quota_windows"], restored.data["quota_tenants"], restored.frozen_groups) == ({}, {}, 3)
+    view = restored.views(0)
+    assert view["quota_windows"].get("t3/w") is None and view["quota_windows"]["t2/w"] == window(2)
+    assert view["quota_tenants"]["t1"]["next_expiry"] == at and "t0/w" not in view["quota_windows"]
+    # Iterating a cold table (tools and tests, not the stream) thaws every tenant.
+    assert sorted(view["quota_tenants"]) == ["t0", "t1", "t2"] and restored.frozen_groups == 0
 
 
 def test_only_tables_it_has_can_be_cold():
