@@ -25,8 +25,8 @@ them untouched for minutes. Their entries are grouped by ``group_of(table, key)`
 at most ``live_entries`` entries are kept as objects: at each drain, beyond that number, the groups
 changed or read back longest ago are each replaced by one bytes object: their entries as the
 changelog writes them, in one JSON document, lz4-compressed (the keys and values of a tenant repeat
-its name, its limits and its window starts). With 100,000 tenants that is about 0.5 KB a tenant
-against 3.7 KB held entry by entry (``docs/performance.md``). A key missing from the live entries
+its name, its limits and its window starts). With 100,000 tenants that is about 0.37 KB a frozen
+tenant, its index included, against 3.7 KB held entry by entry (``docs/performance.md``). A key missing from the live entries
 is looked for in its group: reading or writing any entry of a frozen group thaws the whole group,
 each entry through ``restore_entry``, the path every entry takes after a restart, so an entry
 thawed equals the entry frozen (``tests/runtime/test_paths.py`` runs the stream with a budget of a
