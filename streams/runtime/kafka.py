@@ -45,13 +45,15 @@ class KafkaSource:
             "bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group_id(settings),
             "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed",
             "session.timeout.ms": SESSION_TIMEOUT_MS, "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 4,
-            # Small fetches: a fetch response is held decompressed until its last record is consumed, and
-            # at the largest record's size (8 MiB) a few lz4 responses held 60-80 MB of the stream worker's
-            # resident memory (memray, 1,000 tenants). 1 MiB of lz4 events is about 6,000 of them, more
-            # than a batch; a prefetch queue of about two batches. A record batch larger than these limits
-            # is still returned whole (the fetch protocol guarantees progress since Kafka 0.10.1, and
+            # Fetches below the largest record's size: a fetch response is held decompressed until its
+            # last record is consumed, and at 8 MiB a few lz4 responses held 60-80 MB of the stream
+            # worker's resident memory (memray, 1,000 tenants). A record batch larger than these limits is
+            # still returned whole (the fetch protocol guarantees progress since Kafka 0.10.1, and
             # librdkafka grows its request): the fault suite's 2 MB records pass through to the DLQ.
-            "fetch.max.bytes": 1024 * 1024, "max.partition.fetch.bytes": 256 * 1024,
+            # 1 MiB (256 KiB a partition) saved 70 MB but was slower in both pairs measured (-4%, -12%
+            # events/s); 4 MiB (1 MiB a partition) saves 35-50 MB, -12% and +25% in two pairs: this
+            # host's drift. docs/performance.md has the runs. A prefetch queue of about two batches.
+            "fetch.max.bytes": 4 * 1024 * 1024, "max.partition.fetch.bytes": 1024 * 1024,
             "queued.max.messages.kbytes": 8 * 1024,
             # Eager rebalancing: every partition is revoked, then the new set assigned and restored whole
             # (ChangelogTables.clear relies on it).
