@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from schemas.dead_letter import dead_letter_headers
 from schemas.usage import epoch_ms
@@ -79,6 +79,14 @@ class Unlanded(Exception):
     """The worker is stopping while a batch cannot be written to ClickHouse; nothing of it was committed."""
 
 
+class Written(NamedTuple):
+    """What step 4 needs of a batch whose records are written to its transaction."""
+
+    offsets: dict[TopicPartitionKey, int]
+    dead_lettered: int
+    alerts: int
+
+
 class Checkpoint:
     """Steps 1-4 of the module docstring, rewind and rebalance, for one worker's loop."""
 
@@ -112,8 +120,8 @@ class Checkpoint:
         self.highwaters: dict[TopicPartitionKey, int] = {}
         #: The batch processed last, landing (step 1) but not written yet, and its landing.
         self._pending: tuple[Batch, Future[bool] | None] | None = None
-        #: The batch whose transaction is being committed (step 3), and that commit.
-        self._committing: tuple[Batch, Future[None]] | None = None
+        #: What step 4 needs of the batch whose transaction is being committed (step 3), and that commit.
+        self._committing: tuple[Written, Future[None]] | None = None
 
     # ---- the steps -----------------------------------------------------------------------------
 
@@ -145,7 +153,12 @@ class Checkpoint:
         if landing is not None and not landing.result():
             raise Unlanded(f"stopping with {len(batch.records)} unlanded rows; their offsets are not committed")
         self._write(batch)
-        self._committing = (batch, _in_background(self.transactions.commit))
+        # Only what step 4 needs is kept while the transaction commits: the batch's records were
+        # copied into the producer's queue, and held here too they would double the memory of a
+        # batch of many tenants (its changelog records are about 3 KB a new tenant) while the next
+        # batch is processed.
+        written = Written(offsets=batch.offsets, dead_lettered=len(batch.dead), alerts=len(batch.alerts))
+        self._committing = (written, _in_background(self.transactions.commit))
 
     def settle(self) -> None:
         """Waits for the transaction being committed, then step 4. If it was aborted, the staged
@@ -197,11 +210,11 @@ class Checkpoint:
         self.transactions.abort()
         raise Aborted(str(exc)) from exc
 
-    def _committed(self, batch: Batch) -> None:
+    def _committed(self, batch: Written) -> None:
         """Step 4."""
         c = self.counters
-        c.dead_lettered += len(batch.dead)  # counted once committed (an aborted batch is redone)
-        c.alerts += len(batch.alerts)
+        c.dead_lettered += batch.dead_lettered  # counted once committed (an aborted batch is redone)
+        c.alerts += batch.alerts
         self.source.commit_offsets(batch.offsets)
         for key, offset in batch.offsets.items():
             c.processed(key[0], key[1], offset - 1)

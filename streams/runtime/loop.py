@@ -75,6 +75,7 @@ class BatchLoop:
                 continue
             if batch is not None:
                 checkpoint.stage(batch)
+                batch = None  # (the checkpoint holds it as long as needed; held here, through the next read and processing too)
         try:
             checkpoint.close()
         except Aborted:
