@@ -160,15 +160,6 @@ class Checkpoint:
         written = Written(offsets=batch.offsets, dead_lettered=len(batch.dead), alerts=len(batch.alerts))
         self._committing = (written, _in_background(self.transactions.commit))
 
-    def commit_landed(self) -> None:
-        """``commit``, if the staged batch has landed and the transaction before it is committed, so
-        that nothing is waited for. Called while the next batch is processed (its ``tick``): the
-        landed batch's quota state then need not wait for that processing to end. An ``Aborted``
-        raised here drops the batch being processed with it, as one raised after it would: the
-        rewind restores the last committed state over whatever that batch had changed."""
-        if self.landed() and (self._committing is None or self._committing[1].done()):
-            self.commit()
-
     def settle(self) -> None:
         """Waits for the transaction being committed, then step 4. If it was aborted, the staged
         batch is dropped with it (both are read again) and ``Aborted`` raised."""

@@ -5,8 +5,7 @@ arrived ``within_s`` after the previous batch was read), processes them
 (``streams.runtime.processor``) and hands them to the checkpoint (``streams.runtime.checkpoint``),
 whose docstring numbers the steps that make a batch durable. Three batches are in flight at
 once: batch N+1 is processed while batch N lands in ClickHouse (the database works without the
-GIL) and batch N-1's transaction commits on the brokers. Batch N is committed as soon as it has
-landed: between events of batch N+1 (the processor's ``tick``), within a read's wait, or after.
+GIL) and batch N-1's transaction commits on the brokers.
 
 Why not a Faust agent: Faust hands each record through its consumer thread, conductor and
 stream iterator one by one, with a few asyncio tasks per record; on a 2-core machine an agent
@@ -69,8 +68,8 @@ class BatchLoop:
                 read_at = time.monotonic()
                 if checkpoint.landed():
                     checkpoint.commit()  # batch N has landed already: its quota state need not wait for N+1
-                batch = self.processor.process(records, checkpoint.commit_landed) if records else None
-                checkpoint.commit()  # else batch N landed late in (or after) the processing of N+1
+                batch = self.processor.process(records) if records else None
+                checkpoint.commit()  # else batch N+1 was processed while batch N landed
             except Aborted:
                 checkpoint.rewind()  # the batch processed since is dropped too: it is read again
                 continue

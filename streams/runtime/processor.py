@@ -83,17 +83,6 @@ class Batch:
         return len(self.records) + len(self.alerts) + len(self.read_alerts) + len(self.dead)
 
 
-#: How many usage events ``BatchProcessor.process`` handles between two calls of its ``tick``: 10-30
-#: ms of processing. The loop commits the batch before there as soon as it has landed; waiting for
-#: the end of the batch instead held each landed batch's quota state 80 ms at the median (200 at the
-#: 90th percentile) at 5,000 events/s, when each batch took 200 ms to process (docs/performance.md).
-TICK_EVENTS = 256
-
-
-def _nothing() -> None:
-    pass
-
-
 def quota_state(topic: str, live_entries: int) -> ChangelogTables:
     """The quota stage's tables, changelogged to ``topic``, its per-tenant ones frozen by tenant beyond
     ``live_entries`` live entries (``streams.runtime.state``). (The worker, the benchmarks and the
@@ -122,15 +111,12 @@ class BatchProcessor:
         self._parsers: dict[str, Callable[[bytes], AttributedUsage | QuotaAlert]] = {
             topics.attributed: AttributedUsage.model_validate_json, topics.alerts: QuotaAlert.model_validate_json}
 
-    def process(self, records: Sequence[Record], tick: Callable[[], None] = _nothing) -> Batch:
-        """The batch's records through the stages. ``tick`` is called every ``TICK_EVENTS`` usage
-        events (the loop commits the batch before this one there, once it has landed)."""
+    def process(self, records: Sequence[Record]) -> Batch:
         batch = Batch(records=RecordBatch(LEDGER) if self.read_rows else [])
         now = datetime.now(UTC)
         raw = self.topics.raw
         keep = batch.records.add if self.read_rows else batch.records.append
         usage: list[Record] = []
-        one_by_one = 0
         for record in records:
             error = record.error()
             if error is not None:
@@ -143,13 +129,10 @@ class BatchProcessor:
                 self._landed(record, batch, keep)
             elif self.one_by_one:
                 self._usage(record, batch, keep, now)
-                one_by_one += 1
-                if one_by_one % TICK_EVENTS == 0:
-                    tick()
             else:
                 usage.append(record)
         if usage:
-            self._usage_batch(usage, batch, keep, now, tick)
+            self._usage_batch(usage, batch, keep, now)
         if self.quotas is not None:
             self.quotas.end_batch()
             positions = {p: offset for (topic, p), offset in batch.offsets.items() if topic == raw}
@@ -157,32 +140,27 @@ class BatchProcessor:
         return batch
 
     def _usage_batch(self, records: list[Record], batch: Batch, keep: Callable[[AttributedUsage], None],
-                     now: datetime, tick: Callable[[], None]) -> None:
+                     now: datetime) -> None:
         """The batch's usage events through every stage: attribution event by event, then the quota
         windows for the whole batch at once (``QuotaEngine.apply_batch``, which gives what
         ``_usage`` event by event gives)."""
         c = self.counters
         counted: list[Record] = []
         attributed: list[AttributedUsage] = []
-        for i, record in enumerate(records, 1):
+        for record in records:
             out = self._attributed(record, now)
             if isinstance(out, Rejection):
                 batch.dead.append((record, out))
             else:
                 counted.append(record)
                 attributed.append(out)
-            if i % TICK_EVENTS == 0:
-                tick()
-        tick()
         if len({out.tenant_id for out in attributed}) * 2 > len(attributed):
             # Most tenants have one event in this batch (as with many tenants at a low rate each):
             # no window has events to sum, and event by event does without the batch path's
             # bookkeeping, which then costs more than it saves (100,000 distinct tenants: 9% fewer
             # events/s end to end).
-            for i, (record, out) in enumerate(zip(counted, attributed, strict=True), 1):
+            for record, out in zip(counted, attributed, strict=True):
                 self._counted(record, out, batch, keep, now)
-                if i % TICK_EVENTS == 0:
-                    tick()
             return
         outcome = self.quotas.apply_batch(attributed, [r.partition() for r in counted], [r.offset() for r in counted],
                                           now)  # stage 4

@@ -17,7 +17,6 @@ from streams.runtime.checkpoint import Unlanded
 from streams.runtime.loop import BatchLoop
 from streams.runtime.memory import MemoryBroker, MemorySink
 from streams.runtime.ports import TransactionFailed
-from streams.runtime.processor import TICK_EVENTS
 from streams.stages.plans import Plans
 from streams.stages.rating import usage_amount
 from tests.runtime.conftest import CHANGELOG, TOPICS, alerts, cost_of, states, usage_event
@@ -137,41 +136,6 @@ def test_a_batch_that_lands_while_the_next_read_waits_is_committed_at_once(make_
     worker.until(lambda: worker.transactions.committed == 1, "the commit, within the read", timeout_s=5)
     assert len(broker.records(TOPICS.state)) == 2 and worker.counters.events_in == 8  # one window a tenant
     worker.stop()  # a stop ends the read too
-
-
-def test_a_batch_that_lands_while_the_next_is_processed_is_committed_within_that_processing(make_worker):
-    """Its quota state must not wait for the next batch's processing to end: the processor's tick
-    commits it between events."""
-    broker = MemoryBroker(partitions=2)
-    size = 2 * TICK_EVENTS
-    fill(broker, 0, 2 * size)
-    sink = MemorySink()
-    sink.hold()
-    worker = make_worker(broker, sink=sink, batch_size=size)
-    processor = worker.loop.processor
-    process, staged_after_ticks = processor.process, []
-
-    def process_landing_the_batch_before(records, tick):
-        if not worker.checkpoint.staged:
-            return process(records, tick)
-
-        def tick_once_landed() -> None:  # the second batch, while the first waits for ClickHouse
-            if not staged_after_ticks:
-                sink.release()
-                worker.until(worker.checkpoint.landed, "the first batch to land")
-            tick()
-            staged_after_ticks.append(worker.checkpoint.staged)
-        return process(records, tick_once_landed)
-
-    processor.process = process_landing_the_batch_before
-    worker.start()
-    worker.committed_offsets(2 * size)
-    worker.stop()
-    # Written to its transaction at the first tick (after 256 of the second batch's 512 events),
-    # not after the last: nothing was staged after any tick of the second batch.
-    assert staged_after_ticks == [False, False, False]  # at 256 and 512 events, and after attribution
-    assert worker.transactions.committed == 2 and states(broker) == expected_usage(2 * size)
-    assert sorted(ledger_ids(sink)) == [f"e-{i:05d}" for i in range(2 * size)]
 
 
 def test_a_rebalance_within_a_read_drops_what_the_earlier_reads_held():
