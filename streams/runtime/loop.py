@@ -1,7 +1,8 @@
 """The batch loop: read a batch, process it, checkpoint it; and the process policy around it.
 
-One thread runs ``BatchLoop.run``. Each turn reads up to ``batch_size`` records (or what has
-arrived ``within_s`` after the previous batch was read), processes them
+One thread runs ``BatchLoop.run``. Each turn reads up to ``batch_size`` records (``SPARSE_BATCH``
+after a batch of mostly one event a tenant), or what has arrived ``within_s`` after the previous
+batch was read, processes them
 (``streams.runtime.processor``) and hands them to the checkpoint (``streams.runtime.checkpoint``),
 whose docstring numbers the steps that make a batch durable. Three batches are in flight at
 once: batch N+1 is processed while batch N lands in ClickHouse (the database works without the
@@ -36,6 +37,15 @@ EXIT_UNLANDED = 75
 EXIT_FAILED = 70
 #: How often a read that waits for records checks whether the batch before has landed.
 LANDED_CHECK_S = 0.01
+#: The most records read after a sparse batch (``Batch.sparse``: most of its tenants had one event
+#: in it). Such a batch holds about 10 KB an event until it is written — its attributed records, a
+#: new or thawed tenant's state and the six changelog records of each — and nothing is gained by
+#: its size: no window has events to sum. With 100,000 distinct tenants, role ``stream``, the
+#: worker's peak RSS was 367-380 MB with batches of 5,000, 316 with 2,000 and 295 with 1,000, at
+#: the same events/s (docs/performance.md). Batches of repeated tenants keep ``batch_size``: with
+#: 1,000 tenants a cap of 1,000 cost role ``stream`` about 15% of its events/s, and of 2,000 role
+#: ``all`` a quarter (more, smaller ClickHouse inserts).
+SPARSE_BATCH = 1000
 
 
 @dataclass(kw_only=True)
@@ -50,6 +60,8 @@ class BatchLoop:
     batch_size: int
     within_s: float
     stopping: threading.Event
+    #: The most records read after a sparse batch (at most ``batch_size``).
+    sparse_batch_size: int = SPARSE_BATCH
 
     def run(self) -> None:
         """Until ``stopping`` is set; then commits what is in flight. Raises ``Unlanded`` when a
@@ -59,12 +71,13 @@ class BatchLoop:
         self.source.subscribe(self.topics, on_assign=checkpoint.on_assign, on_revoke=checkpoint.on_revoke,
                               on_lost=checkpoint.on_lost)
         read_at = time.monotonic()
+        size = self.batch_size
         while not self.stopping.is_set():
             # A batch waits for records at most ``within_s`` from when the last one was read: records
             # that arrived while that one was processed are taken at once, not after another wait.
             wait = max(0.0, read_at + self.within_s - time.monotonic())
             try:
-                records = self._read(wait)
+                records = self._read(wait, size)
                 read_at = time.monotonic()
                 if checkpoint.landed():
                     checkpoint.commit()  # batch N has landed already: its quota state need not wait for N+1
@@ -74,6 +87,7 @@ class BatchLoop:
                 checkpoint.rewind()  # the batch processed since is dropped too: it is read again
                 continue
             if batch is not None:
+                size = min(self.batch_size, self.sparse_batch_size) if batch.sparse else self.batch_size
                 checkpoint.stage(batch)
                 batch = None  # (the checkpoint holds it as long as needed; held here, through the next read and processing too)
         try:
@@ -81,20 +95,20 @@ class BatchLoop:
         except Aborted:
             pass  # stopping: what was not committed is read again by the partitions' next owner
 
-    def _read(self, wait: float) -> list:
-        """Up to ``batch_size`` records, waiting at most ``wait`` for them. While a batch is landing,
+    def _read(self, wait: float, size: int) -> list:
+        """Up to ``size`` records, waiting at most ``wait`` for them. While a batch is landing,
         the wait is cut into slices of ``LANDED_CHECK_S`` and the batch is committed as soon as it
         has landed: its quota state then reaches enforcers up to ``within_s`` earlier than at the
         next batch's read (at half the sustained rate, batches land in about 20 ms and the loop
         would otherwise sit in the consumer's wait for the rest of the 100 ms). Raises ``Aborted``."""
         checkpoint = self.checkpoint
         if not checkpoint.staged or wait <= LANDED_CHECK_S:
-            return list(self.source.poll(self.batch_size, wait))
+            return list(self.source.poll(size, wait))
         deadline = time.monotonic() + wait
         rebalances = checkpoint.rebalances
         records: list = []
         while True:
-            got = self.source.poll(self.batch_size - len(records),
+            got = self.source.poll(size - len(records),
                                    min(LANDED_CHECK_S, max(0.0, deadline - time.monotonic())))
             if checkpoint.rebalances != rebalances:
                 # A rebalance ran within this read: what the earlier reads returned may be of
@@ -105,7 +119,7 @@ class BatchLoop:
             records.extend(got)
             if checkpoint.staged and checkpoint.landed():
                 checkpoint.commit()
-            if len(records) >= self.batch_size or time.monotonic() >= deadline or self.stopping.is_set():
+            if len(records) >= size or time.monotonic() >= deadline or self.stopping.is_set():
                 return records
 
 

@@ -138,6 +138,30 @@ def test_a_batch_that_lands_while_the_next_read_waits_is_committed_at_once(make_
     worker.stop()  # a stop ends the read too
 
 
+def test_after_a_batch_of_mostly_one_event_a_tenant_a_smaller_batch_is_read(make_worker):
+    """Such a batch holds the most memory an event, and gains nothing from its size."""
+    broker = MemoryBroker(partitions=1)
+    for i in range(12):  # twelve tenants, an event each
+        broker.append(TOPICS.raw, 0, f"t-{i}".encode(), usage_event(i, f"t-{i}"))
+    for i in range(12, 36):  # then one tenant's events
+        broker.append(TOPICS.raw, 0, b"acme", usage_event(i, "acme"))
+    worker = make_worker(broker, batch_size=12)
+    worker.loop.sparse_batch_size = 4
+    processor = worker.loop.processor
+    process, sizes = processor.process, []
+
+    def process_noting_the_size(records):
+        sizes.append(len(records))
+        return process(records)
+
+    processor.process = process_noting_the_size
+    worker.start()
+    worker.committed_offsets(36)
+    worker.stop()
+    assert sizes == [12, 4, 12, 8]  # sparse; then one tenant's events: the whole batch size again
+    assert sorted(ledger_ids(worker.sink)) == [f"e-{i:05d}" for i in range(36)]
+
+
 def test_a_rebalance_within_a_read_drops_what_the_earlier_reads_held():
     """A read in slices keeps records across the consumer's reads; a rebalance between two of them
     seeks back to the restored positions, so those records could come again in the same batch
@@ -162,7 +186,7 @@ def test_a_rebalance_within_a_read_drops_what_the_earlier_reads_held():
     checkpoint = Checkpoint()
     loop = BatchLoop(source=Source(), topics=[], processor=None, checkpoint=checkpoint, transactions=None,
                      batch_size=5, within_s=0.1, stopping=threading.Event())
-    assert loop._read(0.1) == ["b1", "b2", "b3"]
+    assert loop._read(0.1, 5) == ["b1", "b2", "b3"]
 
 
 def test_a_worker_stopped_while_its_batch_cannot_land_commits_nothing_of_it(make_worker):
