@@ -5,8 +5,12 @@ rebalance mid-stream, and each role's topics."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +18,7 @@ from schemas.attributed import AttributedUsage
 from schemas.dead_letter import HEADER_OFFSET, HEADER_REASON
 from schemas.usage import UsageEvent
 from streams.runtime.checkpoint import Unlanded
-from streams.runtime.loop import BatchLoop
+from streams.runtime.loop import BatchLoop, tune_malloc
 from streams.runtime.memory import MemoryBroker, MemorySink
 from streams.runtime.ports import TransactionFailed
 from streams.stages.plans import Plans
@@ -331,3 +335,39 @@ def test_a_counted_calls_reservation_is_published_with_the_state_that_counts_it(
     # Two batches (4 events, then 2), each with its reservations and the usage that counted them.
     assert [(state.settled, state.usage) for state in published] == [
         (["r-0", "r-2"], sum(map(cost_of, range(4)))), (["r-4"], sum(map(cost_of, range(6))))]
+
+
+_FREED_BUFFERS = """
+import sys
+from streams.runtime.loop import tune_malloc
+def rss_mb():
+    return next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+tuned = tune_malloc() if sys.argv[1] == "tuned" else False
+big = bytearray(8 << 20)
+del big  # (glibc now takes blocks of up to 8 MiB from its heap, unless tuned)
+buffers, kept = [], []
+for _ in range(100):
+    buffers.append(bytearray(1 << 20))  # 1 MiB, as a decompressed fetch response
+    kept.append(bytearray(100_000))     # a block of the heap after it, still in use
+before = rss_mb()
+buffers.clear()
+print(tuned, before - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc are Linux's")
+def test_large_buffers_freed_between_blocks_in_use_are_given_back_once_malloc_is_tuned():
+    def freed_mb(mode: str) -> tuple[str, int]:
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        out = subprocess.run([sys.executable, "-c", _FREED_BUFFERS, mode], capture_output=True, text=True,
+                             check=True, env=env, cwd=Path(__file__).resolve().parents[2]).stdout.split()
+        return out[0], int(out[1])
+
+    assert freed_mb("plain")[1] < 10      # 100 MiB freed, and all of it still resident
+    tuned, freed = freed_mb("tuned")
+    assert tuned == "True" and freed >= 90
+
+
+def test_a_malloc_threshold_set_in_the_environment_is_kept(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert tune_malloc() is False
