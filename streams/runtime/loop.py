@@ -43,8 +43,8 @@ LANDED_CHECK_S = 0.01
 #: new or thawed tenant's state and the six changelog records of each — and nothing is gained by
 #: its size: no window has events to sum. With 100,000 distinct tenants, role ``stream``, the
 #: worker's peak RSS was 301-303 MB with this cap against 379-380 without, at the same events/s
-#: (docs/performance.md). Batches of repeated tenants keep ``batch_size``: with
-#: 1,000 tenants a cap of 1,000 cost role ``stream`` about 15% of its events/s, and of 2,000 role
+#: (docs/performance.md). Batches of repeated tenants keep ``batch_size``: with 1,000 tenants a
+#: cap of 1,000 on every batch cost role ``stream`` about 15% of its events/s, and of 2,000 role
 #: ``all`` a quarter (more, smaller ClickHouse inserts).
 SPARSE_BATCH = 1000
 

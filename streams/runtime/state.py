@@ -313,32 +313,30 @@ class ChangelogTables:
             data = self.data.get(name)
             if data is None:
                 continue  # a table this version does not keep
-            cold, group = name in self.cold, ""
+            cold = name in self.cold
             try:
                 group = self.group_of(name, key) if cold else ""
-                if value is None:
-                    data.pop(key, None)
-                    if cold:
-                        staged.get(group, {}).get(name, {}).pop(key, None)
-                    read += 1
-                    continue
-                entry = self.restore_entry(name, _decode(value))
+                entry = None if value is None else self.restore_entry(name, _decode(value))
             except (ValueError, KeyError, TypeError, ArithmeticError) as exc:
-                # An entry this version cannot read (written by another one) is left out, not
-                # let to fail every event of its partition; the stage rebuilds it as events come.
+                # An entry this version cannot read (written by another one) is left out, as a
+                # tombstone would leave it, not let to fail every event of its partition; the stage
+                # rebuilds it as events come.
                 log.warning("left out changelog entry %s|%s: %s", name, key, exc)
-                data.pop(key, None)
-                if cold and group:
-                    staged.get(group, {}).get(name, {}).pop(key, None)
-                continue
-            if cold:
-                staged.setdefault(group, {}).setdefault(name, {})[key] = value
+                group, value, entry = None, None, None
             else:
-                data[key] = entry
-            read += 1
+                read += 1
+            if not cold:
+                if entry is None:
+                    data.pop(key, None)
+                else:
+                    data[key] = entry
+            elif value is None:  # (a group that could not be named has nothing staged)
+                staged.get(group, {}).get(name, {}).pop(key, None)
+            else:
+                staged.setdefault(group, {}).setdefault(name, {})[key] = value
         for group, tables in staged.items():
-            entries = {name: {key: msgspec.Raw(value) for key, value in table.items()} for name, table in tables.items()}
-            entries = {name: table for name, table in entries.items() if table}
+            entries = {name: {key: msgspec.Raw(value) for key, value in table.items()}
+                       for name, table in tables.items() if table}
             if entries:
                 self._frozen[group] = self._pack(_encode(entries))
         return read
