@@ -6,7 +6,7 @@ end-to-end throughput, measured away from the broker's and the database's noise.
 Batches of 5,000 realistic events (streams.operations.simulate), as JSON bytes, go through the
 worker's own ``BatchProcessor.process`` (validate → price → tag → record → quota windows and their
 changelog → ledger row), then the rest of the loop thread's work per batch: the ledger batch
-encoded for ClickHouse and one quota state per changed window. Kafka's messages are stood in for
+encoded for ClickHouse (by the compiled writer; the reference path's by the Python encoder) and one quota state per changed window. Kafka's messages are stood in for
 by ``streams.runtime.memory``'s records; nothing is consumed, produced or inserted. Each stage is also timed
 alone over the same events. Prints a table, then one JSON line for tracking over time.
 """
@@ -116,9 +116,9 @@ def main() -> None:
         for record in records:
             record.model_copy()
 
-    def encode_run() -> None:
+    def encode_run(compiled: bool = True) -> None:
         for base in range(0, len(records), BATCH):
-            batch = RecordBatch(LEDGER)
+            batch = RecordBatch(LEDGER, compiled=compiled)
             for record in records[base:base + BATCH]:
                 batch.add(record)
             LEDGER.encode(batch)
@@ -134,6 +134,7 @@ def main() -> None:
         "revenue (rate, stamp) + copy": revenue_run,
         "  of which the copy": copies_run,
         "ledger row + encode": encode_run,
+        "  the same, in Python": lambda: encode_run(compiled=False),
     }
     tune_gc()
     engine_run()  # warm-up: memos, caches, first allocations

@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WrapSerializ
 from schemas.trusted import construct
 from schemas.usage import TokenUsage
 
-_ZERO = Decimal(0)
+#: The zero of every cost class a call does not use, one object: the ledger's encoder
+#: (``streams.storage._native``) writes it as "0" by identity, without formatting it.
+ZERO = Decimal(0)
 
 _MONEY_PLACES = Decimal("1e-12")
 #: The largest amount a ledger cost column holds (``Decimal(18, 12)``): just under a million USD.
@@ -38,16 +40,16 @@ class CostBreakdown:
     builds one per event.)
     """
 
-    input: Money = _ZERO
-    cache_read: Money = _ZERO
-    cache_write: Money = _ZERO
-    output: Money = _ZERO
-    reasoning: Money = _ZERO
-    input_audio: Money = _ZERO
-    input_image: Money = _ZERO
-    output_audio: Money = _ZERO
-    output_image: Money = _ZERO
-    request: Money = _ZERO
+    input: Money = ZERO
+    cache_read: Money = ZERO
+    cache_write: Money = ZERO
+    output: Money = ZERO
+    reasoning: Money = ZERO
+    input_audio: Money = ZERO
+    input_image: Money = ZERO
+    output_audio: Money = ZERO
+    output_image: Money = ZERO
+    request: Money = ZERO
 
     @property
     def total(self) -> Decimal:
@@ -95,7 +97,7 @@ class AttributedUsage(BaseModel):
     raw_usage_format: str | None = None
 
     cost: CostBreakdown = Field(default_factory=CostBreakdown)
-    cost_usd: Money = _ZERO
+    cost_usd: Money = ZERO
     currency: Literal["USD"] = "USD"
     priced: bool
     unpriced_reason: str | None = None
@@ -105,7 +107,7 @@ class AttributedUsage(BaseModel):
     #: Catalog version and override revision in force (``genai-prices 0.2.3; prices.yaml r4``).
     pricing_version: str | None = None
     discount: str | None = None
-    discount_percent: Percent = _ZERO
+    discount_percent: Percent = ZERO
     #: What this call added to its tenant's bill for the billing period, given everything counted
     #: before it (``streams.stages.revenue``); None when the tenant's plan has no rate card, or
     #: when the event came after its period closed (then also ``late``).

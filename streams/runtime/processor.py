@@ -103,8 +103,9 @@ class BatchProcessor:
         """``attribution``, ``quotas`` and ``state`` are needed to process usage.raw (roles ``all``
         and ``stream``). With ``read_rows`` (the worker writes ClickHouse itself) each ledger row is
         read as its record is added, while the record is in the CPU's cache (see ``RecordBatch``).
-        ``one_by_one``: the quota stage applied event by event (``QuotaEngine.apply``), the
-        reference the batched path (``apply_batch``) is tested and measured against."""
+        ``one_by_one``: the quota stage applied event by event (``QuotaEngine.apply``) and the
+        ledger encoded in Python (``TableSpec.native_reference``), the reference the worker's path
+        is tested and measured against."""
         if (attribution is None) != (quotas is None) or (quotas is None) != (state is None):
             raise ValueError("usage.raw needs attribution, quotas and their state together")
         self.topics, self.counters, self.read_rows, self.one_by_one = topics, counters, read_rows, one_by_one
@@ -115,7 +116,7 @@ class BatchProcessor:
             topics.attributed: AttributedUsage.model_validate_json, topics.alerts: QuotaAlert.model_validate_json}
 
     def process(self, records: Sequence[Record]) -> Batch:
-        batch = Batch(records=RecordBatch(LEDGER) if self.read_rows else [])
+        batch = Batch(records=RecordBatch(LEDGER, compiled=not self.one_by_one) if self.read_rows else [])
         now = datetime.now(UTC)
         raw = self.topics.raw
         keep = batch.records.add if self.read_rows else batch.records.append

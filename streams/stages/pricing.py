@@ -27,7 +27,7 @@ from genai_prices import data_snapshot
 from genai_prices.types import ModelInfo, TieredPrices
 from genai_prices.types import ModelPrice as CatalogPrice
 
-from schemas.attributed import CostBreakdown
+from schemas.attributed import ZERO, CostBreakdown
 from schemas.usage import TokenUsage, UsageEvent, token_counts
 from streams.stages.prices import Discount, ModelPrice, PerMillionTokens, PriceOverrides, load_overrides
 
@@ -36,7 +36,7 @@ MONEY_QUANTUM = Decimal("1e-12")
 CATALOG_LABEL = f"genai-prices {genai_prices.__version__}"
 _MILLION = Decimal(1_000_000)
 _THOUSAND = Decimal(1_000)
-_ZERO = Decimal(0)
+_ZERO = ZERO  # (the ledger's one zero: see schemas.attributed.ZERO)
 _HUNDRED = Decimal(100)
 _ONE = Decimal(1)
 

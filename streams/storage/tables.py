@@ -21,10 +21,11 @@ from clickhouse_connect.driver.compression import get_compressor
 from clickhouse_connect.driver.insert import InsertContext
 from clickhouse_connect.driver.transform import NativeTransform
 
-from schemas.attributed import AttributedUsage
+from schemas.attributed import ZERO, AttributedUsage
 from schemas.quota import QuotaAlert
 from schemas.trusted import json_writer
 from schemas.usage import epoch_ms
+from streams.storage import _native
 
 R = TypeVar("R")
 #: A conversion of a whole column of values.
@@ -58,6 +59,9 @@ class TableSpec(Generic[R]):
             {head: [path.split(".", 1)[1] for _, _, path, _ in group] for head, group in nested.items()}))
         object.__setattr__(self, "_wire", [_wire(ch_type, convert) for _, ch_type, _, convert in sent])
         object.__setattr__(self, "_types", [get_from_name(wire_type) for wire_type, _ in self._wire])
+        kinds = [_native_kind(wire_type, convert) for wire_type, convert in self._wire]
+        object.__setattr__(self, "_plan", None if None in kinds else [
+            (name, wire_type, kind, path) for (name, _, path, _), (wire_type, _), kind in zip(sent, self._wire, kinds)])
 
     @property
     def column_names(self) -> list[str]:
@@ -77,7 +81,8 @@ class TableSpec(Generic[R]):
         """The batch as columns of the wire types, in the order they are sent."""
         if not records:
             return [[] for _ in self.columns]
-        rows = records.rows if isinstance(records, RecordBatch) and records.table is self else map(self._row, records)
+        kept = isinstance(records, RecordBatch) and records.table is self and records.writer is None
+        rows = records.rows if kept else map(self._row, records)
         columns = list(map(list, zip(*rows, strict=True)))
         for i, (_, convert) in enumerate(self._wire):
             if convert is not None:
@@ -88,9 +93,29 @@ class TableSpec(Generic[R]):
         """Identical for a retry of the same batch, different for any other batch."""
         return hashlib.sha256("\x01".join(self.identity(records)).encode()).hexdigest()
 
+    def writer(self) -> _native.NativeWriter | None:
+        """A compiled writer of this table's Native block (``streams.storage._native``), or None
+        when a column's conversion has no compiled twin (the table is then encoded in Python)."""
+        if self._plan is None:
+            return None
+        return _native.NativeWriter(self._plan, ZERO, _to_json, epoch_ms)
+
     def native(self, records: Sequence[R]) -> bytes:
-        """The batch in ClickHouse's Native format, as ``Client.insert`` would send it: the columns
-        in their wire types, written by clickhouse-connect's column writers."""
+        """The batch in ClickHouse's Native format: one block of the columns in their wire types,
+        written as each record was added to its ``RecordBatch``, or now."""
+        if isinstance(records, RecordBatch) and records.table is self:
+            return records.writer.finish() if records.writer is not None else self.native_reference(records)
+        writer = self.writer()
+        if writer is None:
+            return self.native_reference(records)
+        for record in records:
+            writer.add(record)
+        return writer.finish()
+
+    def native_reference(self, records: Sequence[R]) -> bytes:
+        """The batch in ClickHouse's Native format as ``Client.insert`` would send it: the rows read
+        in Python, turned into columns and written by clickhouse-connect's column writers (in
+        blocks of its choosing). The compiled writer is tested against this."""
         columns = self.to_columns(records)
         try:
             context = InsertContext(self.name, self.column_names, self._types, data=columns, column_oriented=True)
@@ -143,20 +168,26 @@ class Encoded(NamedTuple):
 
 
 class RecordBatch(list[R]):
-    """Records for one table, each with its row read as it is added.
+    """Records for one table, each written into the batch's Native columns as it is added.
 
     The thread that builds a record adds it while the record is still in the CPU's cache; encoding
-    the batch, once the whole batch is built, then only turns the rows into columns. Read then
-    instead, each row costs several cache misses, for a fifth of the encoding's time."""
+    the batch, once the whole batch is built, then only joins the columns. Read then instead, each
+    row costs several cache misses. (A table without a compiled writer keeps each row's tuple, for
+    the Python encoder.)"""
 
-    def __init__(self, table: TableSpec[R]) -> None:
+    def __init__(self, table: TableSpec[R], compiled: bool = True) -> None:
+        """``compiled=False``: rows kept for the Python encoder (the reference path's batches)."""
         super().__init__()
         self.table = table
+        self.writer = table.writer() if compiled else None
         self.rows: list[tuple[Any, ...]] = []
 
     def add(self, record: R) -> None:
         self.append(record)
-        self.rows.append(self.table.row(record))
+        if self.writer is not None:
+            self.writer.add(record)
+        else:
+            self.rows.append(self.table.row(record))
 
 
 def _row_reader(direct: list[str], nested: dict[str, list[str]]) -> Callable[[Any], tuple[Any, ...]]:
@@ -203,6 +234,14 @@ def _wire(ch_type: str, convert: Convert | None) -> tuple[str, Convert | None]:
     if ch_type.startswith("DateTime64(3,") and convert is None:
         return ch_type, _milliseconds
     return ch_type, convert
+
+
+def _native_kind(wire_type: str, convert: Convert | None) -> int | None:
+    """The compiled writer's code for a column sent as ``wire_type`` after ``convert`` (see
+    ``_wire``), or None for a conversion it does not have."""
+    if wire_type == "DateTime64(3, 'UTC')" and convert in (None, _milliseconds):
+        return _native.KIND_DATETIME64_MS
+    return _NATIVE_KINDS.get((wire_type, convert))
 
 
 def _milliseconds(column: list[datetime]) -> list[datetime] | list[int]:
@@ -259,6 +298,19 @@ def _jsons(column: list[Any]) -> list[str]:
 def _texts(column: list[str | None]) -> list[str]:
     """Optional text in a non-nullable String column: a missing value as ""."""
     return ["" if value is None else value for value in column]
+
+
+_NATIVE_KINDS: dict[tuple[str, Convert | None], int] = {
+    ("String", None): _native.KIND_STR,
+    ("String", _texts): _native.KIND_TEXT,
+    ("String", _decimal_texts): _native.KIND_DECIMAL,
+    ("Nullable(String)", _optional_decimal_texts): _native.KIND_OPT_DECIMAL,
+    ("String", _jsons): _native.KIND_JSON,
+    ("UInt64", None): _native.KIND_UINT64,
+    ("Nullable(UInt32)", None): _native.KIND_OPT_UINT32,
+    ("Bool", None): _native.KIND_BOOL,
+    ("Map(String, String)", None): _native.KIND_MAP_STR,
+}
 
 
 def _ledger_identity(records: Sequence[AttributedUsage]) -> Iterable[str]:
