@@ -38,6 +38,14 @@ def test_migrations_are_recorded_and_idempotent(ch_client):
     assert migrate(ch_client) == []
 
 
+def test_the_ledger_merges_its_parts_column_by_column(ch_client):
+    # sql/0008: a horizontal merge of a few 5,000-row parts held 197-289 MB of the engine's memory.
+    engine = ch_client.query("SELECT engine_full FROM system.tables WHERE database = currentDatabase() "
+                             "AND name = 'usage_ledger'").result_rows[0][0]
+    assert "vertical_merge_algorithm_min_rows_to_activate = 1" in engine
+    assert "vertical_merge_algorithm_min_columns_to_activate = 1" in engine
+
+
 def test_batch_lands_with_exact_decimal_costs(ch_client, attribution):
     batch = records(attribution, 3, "t-exact")
     LEDGER.insert(ch_client, batch, LEDGER.dedup_token(batch))
