@@ -60,7 +60,8 @@ class Record(Protocol):
 class Batch:
     """What one batch produced, before it is landed and committed."""
 
-    #: The ledger's records; a ``RecordBatch`` (rows read as they are added) when they go to ClickHouse.
+    #: The ledger's records; a ``RecordBatch`` (each written into the batch's Native columns as it is
+    #: added) when they go to ClickHouse.
     records: list[AttributedUsage]
     #: The quota alerts this batch's events crossed (published and landed).
     alerts: list[QuotaAlert] = field(default_factory=list)
