@@ -36,6 +36,7 @@ from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 
 import datetime as _dt
+from sys import intern
 
 import_datetime()
 
@@ -141,6 +142,10 @@ cdef class _Column:
     cdef bytes header      # the column's name and wire type, as a Native block writes them
     cdef _Buffer values, extra, offsets  # extra: a nullable's null map, or a map's values
     cdef uint64_t entries  # a map column's running count of entries (its offsets are cumulative)
+    # Where the row being added started: a failed ``add`` puts every column back there.
+    cdef Py_ssize_t mark_values, mark_extra, mark_offsets
+    cdef uint64_t mark_entries
+    cdef bint mark_all_zero
     # A decimal column of zeros only is written as "0"s, as the Python encoder writes it (its texts
     # may be "0E-12" or "0.000000000000"; the values stored are the same, the bytes then too).
     cdef bint all_zero
@@ -165,8 +170,12 @@ cdef class NativeWriter:
             column = _Column()
             column.kind = kind
             head, _, key = path.rpartition(".")
-            column.head = head or None
+            # Interned: ``add`` tells a nested object's columns apart by identity, and reads the
+            # object once for its run of columns (one level: "usage.input_tokens").
+            column.head = intern(head) if head else None
             column.key = key
+            if "." in head:
+                raise ValueError(f"{path}: one level of nesting is supported")
             header = _Buffer()
             header.text(name)
             header.text(wire_type)
@@ -180,26 +189,42 @@ cdef class NativeWriter:
         return self._rows
 
     def add(self, object record):
-        """Appends ``record``'s row to the columns. Raises ``TypeError`` for a value of the wrong
-        type for its column, and the batch is then unusable (its columns are uneven)."""
+        """Appends ``record``'s row to the columns. Raises ``TypeError`` (``OverflowError``) for a
+        value its column cannot hold, and then holds what it held before."""
         cdef dict own = record.__dict__  # (where a pydantic model keeps its fields)
-        cdef object nested = None, last_head = None
+        cdef object nested = None, last_head = None, value
         cdef _Column column
         cdef PyObject *found
         for column in self._columns:
-            if column.head is None:
-                found = PyDict_GetItem(own, column.key)
-                if found == NULL:
-                    raise TypeError(f"{type(record).__name__} has no field {column.key!r}")
-                self._write(column, <object> found)
-            else:  # a nested object's attribute (a model, or the decoder's struct: no __dict__)
-                if column.head is not last_head:
-                    last_head = column.head
-                    found = PyDict_GetItem(own, column.head)
+            column.mark_values, column.mark_extra, column.mark_offsets = \
+                column.values.size, column.extra.size, column.offsets.size
+            column.mark_entries, column.mark_all_zero = column.entries, column.all_zero
+        try:
+            for column in self._columns:
+                if column.head is None:
+                    found = PyDict_GetItem(own, column.key)
                     if found == NULL:
-                        raise TypeError(f"{type(record).__name__} has no field {column.head!r}")
-                    nested = <object> found
-                self._write(column, getattr(nested, column.key))
+                        raise TypeError(f"{type(record).__name__} has no field {column.key!r}")
+                    # Held (a new reference), not borrowed: writing a value can run Python code
+                    # (str of a Decimal, the JSON writer), during which the dict may change.
+                    value = <object> found
+                else:  # a nested object's attribute (a model, or the decoder's struct: no __dict__)
+                    if column.head is not last_head:
+                        last_head = column.head
+                        found = PyDict_GetItem(own, column.head)
+                        if found == NULL:
+                            raise TypeError(f"{type(record).__name__} has no field {column.head!r}")
+                        nested = <object> found
+                    value = getattr(nested, column.key)
+                self._write(column, value)
+        except BaseException:
+            # Every column back to where this row started: the writer holds the rows added before,
+            # and can take more (a half-written row would make the whole block unreadable).
+            for column in self._columns:
+                column.values.size, column.extra.size, column.offsets.size = \
+                    column.mark_values, column.mark_extra, column.mark_offsets
+                column.entries, column.all_zero = column.mark_entries, column.mark_all_zero
+            raise
         self._rows += 1
 
     cdef int _write(self, _Column column, object value) except -1:

@@ -25,7 +25,7 @@ from schemas.attributed import ZERO, AttributedUsage
 from schemas.quota import QuotaAlert
 from schemas.trusted import json_writer
 from schemas.usage import epoch_ms
-from streams.storage import _native
+from streams.storage.compiled import native as _native
 
 R = TypeVar("R")
 #: A conversion of a whole column of values.
@@ -183,11 +183,11 @@ class RecordBatch(list[R]):
         self.rows: list[tuple[Any, ...]] = []
 
     def add(self, record: R) -> None:
-        self.append(record)
         if self.writer is not None:
-            self.writer.add(record)
+            self.writer.add(record)  # (first: a record it refuses is not kept either)
         else:
             self.rows.append(self.table.row(record))
+        self.append(record)
 
 
 def _row_reader(direct: list[str], nested: dict[str, list[str]]) -> Callable[[Any], tuple[Any, ...]]:

@@ -5,6 +5,7 @@ refusals of values a column cannot hold."""
 import dataclasses
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,16 +14,28 @@ from hypothesis import strategies as st
 from schemas.attributed import ZERO
 from schemas.quota import QuotaAlert
 from schemas.usage import TokenUsage, UsageEvent
-from streams.storage.tables import ALERTS, AUDIT, INVOICE_LINES, INVOICES, LEDGER, REPRICE_RUNS, RecordBatch
+from streams.storage.tables import (
+    ALERTS,
+    AUDIT,
+    INVOICE_LINES,
+    INVOICES,
+    LEDGER,
+    REPRICE_RUNS,
+    IssuedInvoice,
+    RecordBatch,
+    Superseded,
+)
 
 AT = datetime(2026, 6, 1, 9, 30, 0, 123_456, tzinfo=UTC)
 
 texts = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
 optional_texts = st.none() | texts
 money = st.decimals(min_value=0, max_value=Decimal("999999"), places=12, allow_nan=False, allow_infinity=False)
-zones = st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-9, minutes=-30))])
+zones = st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-9, minutes=-30)),
+                         ZoneInfo("Europe/Paris"), ZoneInfo("America/St_Johns")])
+# From 1931 to 2058: before 1970 epoch milliseconds are negative, and floored, not truncated.
 times = st.builds(lambda s, us, zone: (AT + timedelta(seconds=s, microseconds=us)).astimezone(zone),
-                  st.integers(-10**9, 10**9), st.integers(0, 999_999), zones)
+                  st.integers(-3 * 10**9, 10**9), st.integers(0, 999_999), zones)
 
 
 @st.composite
@@ -72,6 +85,39 @@ def test_an_alert_batch_gives_the_python_encoders_bytes():
                          limit=Decimal(10), crossed_at=AT + timedelta(seconds=i), event_id=f"e{i}")
               for i in range(3)]
     assert ALERTS.native(alerts) == ALERTS.native_reference(alerts)
+
+
+def test_audit_and_invoice_batches_give_the_python_encoders_bytes():
+    audit = [Superseded(reprice_id="r1", superseded_at=AT, event_id=f"e{i}", event_time=AT - timedelta(days=20_000 * i),
+                        tenant_id="t", attributed_at=AT, cost_usd=Decimal("0.1"), new_cost_usd=Decimal("0E-12"),
+                        priced=bool(i % 2), price_source="genai-prices", pricing_version="v1", new_pricing_version="v2",
+                        revenue_usd=None if i % 2 else Decimal("1.5"), new_revenue_usd=Decimal(i))
+             for i in range(4)]
+    assert AUDIT.native(audit) == AUDIT.native_reference(audit)
+    invoices = [IssuedInvoice(invoice_id=f"i{i}", tenant_id="t", period="2026-06", period_start=AT,
+                              period_end=AT + timedelta(days=30), issued_at=AT + timedelta(microseconds=i),
+                              currency="USD", total=Decimal("12.30"), cost_usd=Decimal("4.000000000001"),
+                              margin_usd=Decimal("-1"), streamed_revenue_usd=Decimal(0), rated_usage_usd=Decimal("8.3"),
+                              unrated_calls=i)
+                for i in range(3)]
+    assert INVOICES.native(invoices) == INVOICES.native_reference(invoices)
+
+
+def test_a_refused_record_leaves_the_batch_as_it_was(attribution):
+    good = [attribution.attribute(UsageEvent(event_id=f"e{i}", timestamp=AT, tenant_id="t", provider="openai",
+                                             model="gpt-4o", usage=TokenUsage(input_tokens=1), tags={"k": "v"},
+                                             latency_ms=5), AT) for i in range(2)]
+    refused = [good[0].model_copy(update={"latency_ms": 2**40}),  # after its null flag is written
+               good[0].model_copy(update={"tags": {"a": "b", "c": 1}}),  # after a first entry
+               good[0].model_copy(update={"late": True, "attributed_at": "now"})]  # after most columns
+    batch = RecordBatch(LEDGER)
+    batch.add(good[0])
+    for record in refused:
+        with pytest.raises((TypeError, OverflowError)):
+            batch.add(record)
+    batch.add(good[1])
+    assert list(batch) == good
+    assert LEDGER.native(batch) == LEDGER.native_reference(good)
 
 
 def test_a_batch_lands_as_the_python_encoders_batch_on_the_engine(ch_client, attribution):

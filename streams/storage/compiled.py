@@ -1,0 +1,33 @@
+"""The compiled modules, imported with a one-line fix when they are missing or older than their source.
+
+``streams/storage/_native.pyx`` is compiled by ``scripts/setup`` (``pip install -e .``). A
+checkout that was never set up, or whose .pyx changed since (a pull, an edit), would otherwise
+fail with a bare ImportError, or run the old compiled code without a word.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+from streams.errors import CostlineError
+
+
+class NotBuilt(CostlineError):
+    """A compiled module is missing or older than its source."""
+
+
+def load(name: str) -> ModuleType:
+    """``streams.storage.<name>``, checked against its .pyx beside it (absent from an installed wheel)."""
+    source = Path(__file__).with_name(f"{name}.pyx")
+    try:
+        module = importlib.import_module(f"streams.storage.{name}")
+    except ImportError:
+        raise NotBuilt(f"streams/storage/{name}.pyx is not compiled: run scripts/setup") from None
+    if source.exists() and source.stat().st_mtime > Path(module.__file__).stat().st_mtime:
+        raise NotBuilt(f"streams/storage/{name}.pyx changed since it was compiled: run scripts/setup")
+    return module
+
+
+native = load("_native")
