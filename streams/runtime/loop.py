@@ -72,7 +72,9 @@ class BatchLoop:
         self.source.subscribe(self.topics, on_assign=checkpoint.on_assign, on_revoke=checkpoint.on_revoke,
                               on_lost=checkpoint.on_lost)
         read_at = time.monotonic()
-        size = self.batch_size
+        # The first read takes the sparse size too: after a start, with a backlog of many tenants
+        # (a restart, a rebalance), it would otherwise be the one full-size sparse batch.
+        size = min(self.batch_size, self.sparse_batch_size)
         while not self.stopping.is_set():
             # A batch waits for records at most ``within_s`` from when the last one was read: records
             # that arrived while that one was processed are taken at once, not after another wait.
