@@ -72,9 +72,10 @@ class BatchLoop:
         self.source.subscribe(self.topics, on_assign=checkpoint.on_assign, on_revoke=checkpoint.on_revoke,
                               on_lost=checkpoint.on_lost)
         read_at = time.monotonic()
+        sparse_size = min(self.batch_size, self.sparse_batch_size)
         # The first read takes the sparse size too: after a start, with a backlog of many tenants
         # (a restart, a rebalance), it would otherwise be the one full-size sparse batch.
-        size = min(self.batch_size, self.sparse_batch_size)
+        size = sparse_size
         while not self.stopping.is_set():
             # A batch waits for records at most ``within_s`` from when the last one was read: records
             # that arrived while that one was processed are taken at once, not after another wait.
@@ -90,7 +91,7 @@ class BatchLoop:
                 checkpoint.rewind()  # the batch processed since is dropped too: it is read again
                 continue
             if batch is not None:
-                size = min(self.batch_size, self.sparse_batch_size) if batch.sparse else self.batch_size
+                size = sparse_size if batch.sparse else self.batch_size
                 checkpoint.stage(batch)
                 batch = None  # (held here, it would live through the next read and processing)
         try:

@@ -11,7 +11,7 @@ joined. The bytes are those of one Native block with the column names and wire t
 both encoders into ClickHouse and compares every stored value.
 
 What each wire conversion of ``streams.storage.tables`` becomes here is one ``KIND_*`` code;
-``TableSpec`` picks them (``_native_kind``), and a table with a conversion that has no code keeps
+``TableSpec`` picks them (``_NATIVE_KINDS``), and a table with a conversion that has no code keeps
 the Python encoder. Change a conversion there and its code here together.
 """
 
@@ -41,16 +41,17 @@ from sys import intern
 import_datetime()
 
 # The wire conversions, one code each (see the module docstring).
-KIND_STR = 0        # String, a str (None is refused, as the client refuses it)
-KIND_TEXT = 1       # String, a str or None (as "")
-KIND_DECIMAL = 2    # String, a Decimal as its text (the shared zero as "0")
-KIND_OPT_DECIMAL = 3  # Nullable(String), a Decimal as its text, or None as NULL
-KIND_JSON = 4       # String, a dict or list as JSON, an empty or missing one as ""
-KIND_UINT64 = 5     # UInt64
-KIND_OPT_UINT32 = 6  # Nullable(UInt32)
-KIND_BOOL = 7       # Bool, from any value's truth
-KIND_DATETIME64_MS = 8  # DateTime64(3, 'UTC'), an aware datetime as epoch milliseconds, floored
-KIND_MAP_STR = 9    # Map(String, String), a dict of str to str
+cpdef enum:  # (members are C constants here, and ints of the module for streams.storage.tables)
+    KIND_STR = 0        # String, a str (None is refused, as the client refuses it)
+    KIND_TEXT = 1       # String, a str or None (as "")
+    KIND_DECIMAL = 2    # String, a Decimal as its text (the shared zero as "0")
+    KIND_OPT_DECIMAL = 3  # Nullable(String), a Decimal as its text, or None as NULL
+    KIND_JSON = 4       # String, a dict or list as JSON, an empty or missing one as ""
+    KIND_UINT64 = 5     # UInt64
+    KIND_OPT_UINT32 = 6  # Nullable(UInt32)
+    KIND_BOOL = 7       # Bool, from any value's truth
+    KIND_DATETIME64_MS = 8  # DateTime64(3, 'UTC'), an aware datetime as epoch milliseconds, floored
+    KIND_MAP_STR = 9    # Map(String, String), a dict of str to str
 
 cdef object _UTC = _dt.timezone.utc
 
@@ -234,13 +235,13 @@ cdef class NativeWriter:
         cdef Py_ssize_t pos = 0
         cdef PyObject *k
         cdef PyObject *v
-        if kind == 0 or kind == 1:  # KIND_STR, KIND_TEXT
-            if value is None and kind == 1:
+        if kind == KIND_STR or kind == KIND_TEXT:
+            if value is None and kind == KIND_TEXT:
                 return out.empty()
             if not isinstance(value, str):
                 raise TypeError(f"{column.key}: expected a str, got {type(value).__name__}")
             return out.text(value)
-        if kind == 2:  # KIND_DECIMAL
+        if kind == KIND_DECIMAL:
             if value is self._zero:
                 out.leb128(1)
                 return out.byte(48)  # "0"
@@ -248,21 +249,21 @@ cdef class NativeWriter:
             if column.all_zero and not _zero_text(text):
                 column.all_zero = False
             return out.text(text)
-        if kind == 3:  # KIND_OPT_DECIMAL
+        if kind == KIND_OPT_DECIMAL:
             if value is None:
                 column.extra.byte(1)
                 return out.empty()
             column.extra.byte(0)
             return out.text(str(value))
-        if kind == 4:  # KIND_JSON
+        if kind == KIND_JSON:
             if not value:
                 return out.empty()
             return out.text(self._json(value))
-        if kind == 5:  # KIND_UINT64
+        if kind == KIND_UINT64:
             if not isinstance(value, int):  # (a C cast would take a float's integer part)
                 raise TypeError(f"{column.key}: expected an int, got {type(value).__name__}")
             return out.uint64(<uint64_t> value)
-        if kind == 6:  # KIND_OPT_UINT32
+        if kind == KIND_OPT_UINT32:
             if value is None:
                 column.extra.byte(1)
                 return out.uint32(0)
@@ -270,11 +271,11 @@ cdef class NativeWriter:
                 raise TypeError(f"{column.key}: expected an int, got {type(value).__name__}")
             column.extra.byte(0)
             return out.uint32(<uint32_t> value)
-        if kind == 7:  # KIND_BOOL
+        if kind == KIND_BOOL:
             return out.byte(1 if value else 0)  # (any truth value, as the client writes it)
-        if kind == 8:  # KIND_DATETIME64_MS
+        if kind == KIND_DATETIME64_MS:
             return out.uint64(<uint64_t> self._milliseconds(column, value))
-        if kind == 9:  # KIND_MAP_STR
+        if kind == KIND_MAP_STR:
             if value is not None:
                 if type(value) is not dict:
                     raise TypeError(f"{column.key}: expected a dict, got {type(value).__name__}")
@@ -323,7 +324,7 @@ cdef class NativeWriter:
         total = head.size
         for column in self._columns:
             total += len(column.header) + column.offsets.size + column.extra.size
-            total += 2 * self._rows if column.kind == 2 and column.all_zero else column.values.size
+            total += 2 * self._rows if column.kind == KIND_DECIMAL and column.all_zero else column.values.size
         out = PyBytes_FromStringAndSize(NULL, total)
         at = PyBytes_AS_STRING(out)
         memcpy(at, head.data, head.size)
@@ -331,14 +332,14 @@ cdef class NativeWriter:
         for column in self._columns:
             memcpy(at, PyBytes_AS_STRING(column.header), len(column.header))
             at += len(column.header)
-            if column.kind == 3 or column.kind == 6:  # nullable: the null map, then the values
+            if column.kind == KIND_OPT_DECIMAL or column.kind == KIND_OPT_UINT32:  # nullable: the null map, then the values
                 at = _copy(at, column.extra)
                 at = _copy(at, column.values)
-            elif column.kind == 2 and column.all_zero:
+            elif column.kind == KIND_DECIMAL and column.all_zero:
                 for _ in range(self._rows):
                     at[0], at[1] = 1, 48  # "0"
                     at += 2
-            elif column.kind == 9:  # map: the offsets, then all keys, then all values
+            elif column.kind == KIND_MAP_STR:  # map: the offsets, then all keys, then all values
                 at = _copy(at, column.offsets)
                 at = _copy(at, column.values)
                 at = _copy(at, column.extra)

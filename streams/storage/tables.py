@@ -59,7 +59,7 @@ class TableSpec(Generic[R]):
             {head: [path.split(".", 1)[1] for _, _, path, _ in group] for head, group in nested.items()}))
         object.__setattr__(self, "_wire", [_wire(ch_type, convert) for _, ch_type, _, convert in sent])
         object.__setattr__(self, "_types", [get_from_name(wire_type) for wire_type, _ in self._wire])
-        kinds = [_native_kind(wire_type, convert) for wire_type, convert in self._wire]
+        kinds = [_NATIVE_KINDS.get(wire) for wire in self._wire]
         object.__setattr__(self, "_plan", None if None in kinds else [
             (name, wire_type, kind, path) for (name, _, path, _), (wire_type, _), kind in zip(sent, self._wire, kinds)])
 
@@ -236,14 +236,6 @@ def _wire(ch_type: str, convert: Convert | None) -> tuple[str, Convert | None]:
     return ch_type, convert
 
 
-def _native_kind(wire_type: str, convert: Convert | None) -> int | None:
-    """The compiled writer's code for a column sent as ``wire_type`` after ``convert`` (see
-    ``_wire``), or None for a conversion it does not have."""
-    if wire_type == "DateTime64(3, 'UTC')" and convert in (None, _milliseconds):
-        return _native.KIND_DATETIME64_MS
-    return _NATIVE_KINDS.get((wire_type, convert))
-
-
 def _milliseconds(column: list[datetime]) -> list[datetime] | list[int]:
     """A column of one and the same time (``attributed_at`` of a batch) as that time's epoch
     milliseconds, which is what a ``DateTime64(3)`` column holds (floored, as the client would):
@@ -300,6 +292,8 @@ def _texts(column: list[str | None]) -> list[str]:
     return ["" if value is None else value for value in column]
 
 
+#: The compiled writer's code for a column sent as a wire type after a conversion (``_wire``'s
+#: pairs); a pair not here keeps its table on the Python encoder.
 _NATIVE_KINDS: dict[tuple[str, Convert | None], int] = {
     ("String", None): _native.KIND_STR,
     ("String", _texts): _native.KIND_TEXT,
@@ -310,6 +304,7 @@ _NATIVE_KINDS: dict[tuple[str, Convert | None], int] = {
     ("Nullable(UInt32)", None): _native.KIND_OPT_UINT32,
     ("Bool", None): _native.KIND_BOOL,
     ("Map(String, String)", None): _native.KIND_MAP_STR,
+    ("DateTime64(3, 'UTC')", _milliseconds): _native.KIND_DATETIME64_MS,
 }
 
 
