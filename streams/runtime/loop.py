@@ -1,7 +1,7 @@
 """The batch loop: read a batch, process it, checkpoint it; and the process policy around it.
 
 One thread runs ``BatchLoop.run``. Each turn reads up to ``batch_size`` records (``SPARSE_BATCH``
-after a batch of mostly one event a tenant), or what has arrived ``within_s`` after the previous
+first, and after a batch of mostly one event a tenant), or what has arrived ``within_s`` after the previous
 batch was read, processes them
 (``streams.runtime.processor``) and hands them to the checkpoint (``streams.runtime.checkpoint``),
 whose docstring numbers the steps that make a batch durable. Three batches are in flight at
