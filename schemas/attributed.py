@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WrapSerializ
 from schemas.trusted import construct
 from schemas.usage import TokenUsage
 
+#: A Kafka header on a usage.attributed record whose row reached the ledger as part of a ledger
+#: block (usage.ledger): a stream worker publishing JSON for other consumers sets it, and the sink
+#: does not land such a record a second time. (Records without it, from ``costline backfill``, are landed.)
+HEADER_IN_BLOCK = "costline.ledger.in-block"
+
 #: The zero of every cost class a call does not use, one object: the ledger's encoder
 #: (``streams.storage._native``) writes it as "0" by identity, without formatting it.
 ZERO = Decimal(0)

@@ -26,6 +26,7 @@ Reason = Literal[
     "timestamp_out_of_range",
     "cost_out_of_range",
     "processing_error",
+    "invalid_block",
 ]
 
 

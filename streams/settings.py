@@ -33,6 +33,8 @@ class Topics:
     state: str
     #: The enforcer's live reservations (compacted): what a restarted enforcer holds again.
     reservations: str = "quota.reservations"
+    #: Role ``stream``'s ledger rows, as Native blocks, for role ``sink`` to insert as they are.
+    ledger: str = "usage.ledger"
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:
@@ -43,6 +45,7 @@ class Topics:
             alerts=f"{prefix}quota.alerts",
             state=f"{prefix}quota.state",
             reservations=f"{prefix}quota.reservations",
+            ledger=f"{prefix}usage.ledger",
         )
 
 
@@ -69,6 +72,7 @@ _ENV = {
     "enforcer_peers": "COSTLINE_ENFORCER_PEERS",
     "fault_injection": "COSTLINE_FAULT_INJECTION",
     "role": "COSTLINE_ROLE",
+    "publish_attributed": "COSTLINE_PUBLISH_ATTRIBUTED",
     "log_format": "COSTLINE_LOG_FORMAT",
     "web_token": "COSTLINE_WEB_TOKEN",
     "query_timeout_s": "COSTLINE_QUERY_TIMEOUT_S",
@@ -126,6 +130,9 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     #: What a worker runs: everything, only the stream (validate → quotas), or only the ClickHouse sink.
     role: Literal["all", "stream", "sink"] = "all"
+    #: Role ``stream`` also publishes each attributed record as JSON on usage.attributed, for
+    #: consumers of that topic other than the sink (which reads the ledger blocks of usage.ledger).
+    publish_attributed: bool = False
 
     @property
     def plans_file(self) -> Path:

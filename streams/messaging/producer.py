@@ -76,8 +76,10 @@ class UsageProducer:
         key: bytes | None = None,
         timestamp_ms: int | None = None,
         headers: list[tuple[str, bytes]] | None = None,
+        topic: str | None = None,
     ) -> None:
-        """Sends bytes as they are, without validation (re-submitting dead letters, tests)."""
+        """Sends bytes as they are, without validation (re-submitting dead letters, tests), to
+        ``topic`` or the producer's own."""
         kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": self._on_delivery}
         if timestamp_ms is not None:
             kwargs["timestamp"] = timestamp_ms
@@ -85,7 +87,7 @@ class UsageProducer:
             kwargs["headers"] = headers
         while True:
             try:
-                self._producer.produce(self.topic, **kwargs)
+                self._producer.produce(topic or self.topic, **kwargs)
                 break
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: serve delivery reports, then retry

@@ -18,6 +18,13 @@ log = logging.getLogger(__name__)
 
 #: The largest record usage.raw and usage.dlq accept (8 MiB).
 MAX_RECORD_BYTES = 8 * 1024 * 1024
+#: A stream worker's ledger block is finished once it holds this many bytes (``RecordBatch``), so
+#: a batch of 5,000 events is a few records of usage.ledger. A block may pass it by one row, and a
+#: row by as much as its event (up to ``MAX_RECORD_BYTES``): usage.ledger takes records of twice
+#: that, and the transactional producer too (``streams.runtime.kafka``). Lowered below the largest
+#: event, a block could be refused by the broker, and its batch's transaction aborted again and again.
+LEDGER_BLOCK_BYTES = 1024 * 1024
+MAX_LEDGER_RECORD_BYTES = LEDGER_BLOCK_BYTES + MAX_RECORD_BYTES + 1024 * 1024
 
 
 class KafkaUnavailable(CostlineError):
@@ -48,6 +55,7 @@ def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
     return {
         t.raw: big,
         t.attributed: EVENT_TIMES,
+        t.ledger: {"max.message.bytes": str(MAX_LEDGER_RECORD_BYTES)},
         t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000), **big},
         t.alerts: {},
         t.state: {"cleanup.policy": "compact"},

@@ -5,14 +5,15 @@ event that reaches it again replaces its earlier row instead of adding to the to
 
 ``replay_dead_letters`` reads ``usage.dlq`` with its own consumer group and commits as it goes,
 so each dead letter is re-submitted once; the original key, bytes and timestamp go back to
-``usage.raw``, where the worker validates them again (a record that is still invalid returns to
-the dead-letter topic with its reason).
+``usage.raw`` (or the topic they were read from: usage.attributed, quota.alerts, usage.ledger),
+where the worker validates them again (a record that is still invalid returns to the dead-letter
+topic with its reason).
 
 ``backfill`` reads ``usage.raw`` from the offsets of ``since`` to those of ``until`` (or the end),
 attributes every record through the same entry point as the worker
 (``Attribution.attribute_raw``, with the worker's limits) and publishes the attributions to
 ``usage.attributed``, where the worker's loop lands them (role ``all`` reads that topic too; role
-``sink`` reads nothing else). Quota windows are not touched: they counted these events when they
+``sink`` reads it beside the ledger blocks of usage.ledger). Quota windows are not touched: they counted these events when they
 first arrived, and an event they found late keeps its ``late`` flag (read from the ledger).
 """
 
@@ -26,10 +27,10 @@ from datetime import datetime
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from schemas.dead_letter import HEADER_REASON, Rejection
+from schemas.dead_letter import HEADER_REASON, HEADER_TOPIC, Rejection
 from schemas.usage import epoch_ms
 from streams.messaging.producer import UsageProducer
-from streams.messaging.topics import READ_TRANSACTIONAL
+from streams.messaging.topics import MAX_LEDGER_RECORD_BYTES, READ_TRANSACTIONAL
 from streams.settings import Settings
 from streams.stages.attribution import Attribution
 from streams.storage.query import query, sql_time
@@ -98,14 +99,22 @@ def replay_dead_letters(settings: Settings, reason: str | None = None, timeout_s
         return [TopicPartition(tp.topic, tp.partition, max(tp.offset, 0)) for tp in starts]
 
     try:
-        with UsageProducer(settings.kafka_bootstrap_servers, settings.topics.raw) as producer:
+        t = settings.topics
+        # A dead letter goes back to the topic it was read from (a ledger block the sink refused
+        # to usage.ledger, not to usage.raw, where it could only fail again), and to usage.raw
+        # if that topic is not one of the pipeline's (a record from before the header was set).
+        sources = {t.raw, t.attributed, t.alerts, t.ledger}
+        with UsageProducer(settings.kafka_bootstrap_servers, t.raw,
+                           config={"message.max.bytes": MAX_LEDGER_RECORD_BYTES + 65_536}) as producer:
             def resubmit(msg: Message) -> None:
                 result.read += 1
                 headers = dict(msg.headers() or [])
                 if reason is not None and headers.get(HEADER_REASON, b"").decode() != reason:
                     result.skipped += 1
                     return
-                producer.send_raw(msg.value() or b"", key=msg.key(), timestamp_ms=msg.timestamp()[1])
+                source = headers.get(HEADER_TOPIC, b"").decode()
+                producer.send_raw(msg.value() or b"", key=msg.key(), timestamp_ms=msg.timestamp()[1],
+                                  topic=source if source in sources else t.raw)
                 result.resubmitted += 1
 
             handled = _read_range(consumer, settings.topics.dlq, committed_starts, None, resubmit, timeout_s)

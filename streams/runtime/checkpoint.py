@@ -9,8 +9,9 @@ A batch goes through four steps, always in this order:
    *Guarantee:* the batch's rows are stored before step 2 moves its positions past them. Moved
    after step 2, a crash between the two would lose the rows for good.
 2. **Write the transaction** (``commit``). Begin a Kafka transaction and queue the batch's dead
-   letters, alerts, the latest quota state of each window it counted into, its attributed
-   records (role ``stream``, for the sink worker), the changelog records of the quota keys it
+   letters, alerts, the latest quota state of each window it counted into, its ledger rows
+   (role ``stream``, for the sink worker: Native blocks on usage.ledger, and JSON records on
+   usage.attributed if ``COSTLINE_PUBLISH_ATTRIBUTED`` is set), the changelog records of the quota keys it
    changed and its next source positions (``streams.runtime.state``).
    *Guarantee:* all of these become visible to ``read_committed`` readers together, or none of
    them: the quota state and the positions can never disagree.
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import NamedTuple, TypeVar
 
+from schemas.attributed import HEADER_IN_BLOCK
 from schemas.dead_letter import dead_letter_headers
 from schemas.usage import epoch_ms
 from streams.backoff import Backoff
@@ -93,9 +95,10 @@ class Checkpoint:
     def __init__(self, *, topics: Topics, source: Source, transactions: Transactions, counters: Counters,
                  stopping: threading.Event, sink: Sink | None = None, state: ChangelogTables | None = None,
                  changelog: ChangelogReader | None = None, on_restore: Callable[[], None] = lambda: None,
-                 publish_attributed: bool = False) -> None:
+                 publish_blocks: bool = False, publish_json: bool = False) -> None:
         """``sink`` None: the batch's records are not written to ClickHouse here (role ``stream``,
-        which publishes them with ``publish_attributed`` instead). ``state`` and ``changelog``: the
+        which publishes them instead: their Native blocks with ``publish_blocks``, for the sink
+        role to insert as they are; each as JSON with ``publish_json``, for other consumers). ``state`` and ``changelog``: the
         quota tables and where to restore them from (roles that read usage.raw); ``on_restore`` is
         told when they were replaced."""
         if (state is None) != (changelog is None):
@@ -112,7 +115,7 @@ class Checkpoint:
         self.state = state
         self.changelog = changelog
         self.on_restore = on_restore
-        self.publish_attributed = publish_attributed
+        self.publish_blocks, self.publish_json = publish_blocks, publish_json
         self.assigned: set[TopicPartitionKey] = set()
         #: Set once partitions are assigned and their state restored: the worker is consuming.
         self.ready = threading.Event()
@@ -129,7 +132,8 @@ class Checkpoint:
         """Step 1: starts landing ``batch``; ``commit`` takes it through steps 2-3."""
         landing = None
         if self.sink is not None:
-            landing = self.sink.land([(LEDGER, batch.records), (ALERTS, batch.alerts + batch.read_alerts)])
+            landing = self.sink.land([(LEDGER, batch.records), (LEDGER, batch.blocks),
+                                      (ALERTS, batch.alerts + batch.read_alerts)])
         self._pending = (batch, landing)
 
     @property
@@ -195,10 +199,16 @@ class Checkpoint:
                 send(t.state, counted.ref.state_key.encode(), counted.state_json(batch.settled.get(key)))
             for key in batch.expired:  # compaction then drops the window's state
                 send(t.state, key.encode(), None)
-            if self.publish_attributed:
+            if self.publish_blocks:
+                # Without a key: the sink inserts whatever blocks it reads in one go, and the ledger
+                # collapses rows by event_id whatever order they land in.
+                for block in batch.records.blocks():
+                    send(t.ledger, None, block)
+            if self.publish_json:
+                in_block = [(HEADER_IN_BLOCK, b"1")] if self.publish_blocks else None
                 for attributed in batch.records:
                     send(t.attributed, attributed.tenant_id.encode(), attributed.model_dump_json().encode(),
-                         timestamp=epoch_ms(attributed.event_time))
+                         timestamp=epoch_ms(attributed.event_time), headers=in_block)
             if self.state is not None:
                 for partition, key, value in batch.changelog:
                     send(self.state.topic, key, value, partition=partition)

@@ -13,7 +13,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from streams.messaging.topics import MAX_RECORD_BYTES, READ_TRANSACTIONAL, SilentLogger, is_transient, retrying
+from streams.messaging.topics import MAX_LEDGER_RECORD_BYTES, READ_TRANSACTIONAL, SilentLogger, is_transient, retrying
 from streams.runtime.ports import OnAssign, OnRevoke, TransactionFailed, TransportError
 from streams.runtime.processor import TopicPartitionKey
 from streams.runtime.state import ChangelogRecord
@@ -109,7 +109,7 @@ class KafkaTransactions:
         self.config = {
             "bootstrap.servers": settings.kafka_bootstrap_servers, "transactional.id": instance_id(settings),
             "transaction.timeout.ms": 30_000, "linger.ms": 5, "compression.type": "lz4",
-            "partitioner": "murmur2_random", "message.max.bytes": MAX_RECORD_BYTES + 65_536,
+            "partitioner": "murmur2_random", "message.max.bytes": MAX_LEDGER_RECORD_BYTES + 65_536,
             "log_level": 3, "logger": logging.getLogger("librdkafka"),
         }
         self.producer = Producer(self.config)

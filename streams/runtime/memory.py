@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from streams.messaging.partitioning import partition_of
 from streams.runtime.ports import BEGINNING, OnAssign, OnRevoke, TransactionFailed, TransportError
 from streams.runtime.processor import TopicPartitionKey
 from streams.runtime.state import ChangelogRecord
+from streams.storage.tables import Blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +258,10 @@ class MemorySink:
 
     def land(self, parts: Sequence[tuple[Any, Sequence[Any]]]) -> Future[bool]:
         future: Future[bool] = Future()
-        rows = [(table.name, list(records)) for table, records in parts if records]
+        # Blocks written elsewhere (the sink role's, from usage.ledger) are read back into rows
+        # (their columns as attributes), as ClickHouse would store them.
+        rows = [(table.name, [SimpleNamespace(**row) for body in records.bodies for row in table.block_rows(body)]
+                 if isinstance(records, Blocks) else list(records)) for table, records in parts if records]
 
         def write() -> None:
             while not self._open.wait(0.01):

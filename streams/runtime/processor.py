@@ -7,6 +7,8 @@ runs each through the stages that its topic needs:
   quota windows (``streams.stages.quotas``). A record that fails validation becomes a dead letter.
 - ``usage.attributed`` and ``quota.alerts`` (the sink role, and role ``all`` for what
   ``costline backfill`` publishes): parsed back into ledger records and alerts.
+- ``usage.ledger`` (the sink role): stream workers' ledger blocks, checked (``TableSpec.read_block``)
+  and kept as they are, to be inserted as they are.
 
 Every piece of state a stage keeps is handed to it when the processor is built (the quota
 tables, through ``ChangelogTables``); the processor only carries the records between stages.
@@ -26,7 +28,7 @@ from typing import Protocol
 from confluent_kafka import KafkaError
 from pydantic import ValidationError
 
-from schemas.attributed import AttributedUsage
+from schemas.attributed import HEADER_IN_BLOCK, AttributedUsage
 from schemas.dead_letter import Rejection
 from schemas.quota import QuotaAlert
 from streams.runtime.metrics import Counters
@@ -35,7 +37,7 @@ from streams.settings import Topics
 from streams.stages.attribution import Attribution
 from streams.stages.quotas import COLD_TABLES, Counted, QuotaEngine, QuotaTables, restore_entry, tenant_of
 from streams.stages.revenue import stamp_fresh
-from streams.storage.tables import LEDGER, RecordBatch
+from streams.storage.tables import LEDGER, Blocks, RecordBatch
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +56,17 @@ class Record(Protocol):
     def key(self) -> bytes | None: ...
     def value(self) -> bytes | None: ...
     def timestamp(self) -> tuple[int, int]: ...
+    def headers(self) -> list[tuple[str, bytes]] | None: ...
 
 
 @dataclass
 class Batch:
     """What one batch produced, before it is landed and committed."""
 
-    #: The ledger's records; a ``RecordBatch`` (each written into the batch's Native columns as it is
-    #: added) when they go to ClickHouse.
-    records: list[AttributedUsage]
+    #: The ledger's records, each written into the batch's Native blocks as it is added.
+    records: RecordBatch[AttributedUsage]
+    #: Ledger blocks read from usage.ledger (the sink role), to land as they are.
+    blocks: Blocks = field(default_factory=Blocks)
     #: The quota alerts this batch's events crossed (published and landed).
     alerts: list[QuotaAlert] = field(default_factory=list)
     #: Alerts read from quota.alerts (the sink role), to land only.
@@ -84,7 +88,7 @@ class Batch:
     sparse: bool = False
 
     def __len__(self) -> int:
-        return len(self.records) + len(self.alerts) + len(self.read_alerts) + len(self.dead)
+        return len(self.records) + self.blocks.rows + len(self.alerts) + len(self.read_alerts) + len(self.dead)
 
 
 def quota_state(topic: str, live_entries: int) -> ChangelogTables:
@@ -100,16 +104,16 @@ class BatchProcessor:
 
     def __init__(self, topics: Topics, counters: Counters, *, attribution: Attribution | None = None,
                  quotas: QuotaEngine | None = None, state: ChangelogTables | None = None,
-                 read_rows: bool = True, one_by_one: bool = False) -> None:
+                 block_bytes: int | None = None, one_by_one: bool = False) -> None:
         """``attribution``, ``quotas`` and ``state`` are needed to process usage.raw (roles ``all``
-        and ``stream``). With ``read_rows`` (the worker writes ClickHouse itself) each ledger row is
-        read as its record is added, while the record is in the CPU's cache (see ``RecordBatch``).
-        ``one_by_one``: the quota stage applied event by event (``QuotaEngine.apply``) and the
+        and ``stream``). Each ledger row is written as its record is added, while the record is in
+        the CPU's cache (see ``RecordBatch``), into blocks of ``block_bytes`` if it is given (the
+        stream role's, published one a Kafka record). ``one_by_one``: the quota stage applied event by event (``QuotaEngine.apply``) and the
         ledger encoded in Python (``TableSpec.native_reference``), the reference the worker's path
         is tested and measured against."""
         if (attribution is None) != (quotas is None) or (quotas is None) != (state is None):
             raise ValueError("usage.raw needs attribution, quotas and their state together")
-        self.topics, self.counters, self.read_rows, self.one_by_one = topics, counters, read_rows, one_by_one
+        self.topics, self.counters, self.block_bytes, self.one_by_one = topics, counters, block_bytes, one_by_one
         #: The usage.raw stages and the quota stage's state (None in the sink role).
         self.attribution, self.quotas, self.state = attribution, quotas, state
         #: How a record of each topic the sink role reads is parsed.
@@ -117,10 +121,10 @@ class BatchProcessor:
             topics.attributed: AttributedUsage.model_validate_json, topics.alerts: QuotaAlert.model_validate_json}
 
     def process(self, records: Sequence[Record]) -> Batch:
-        batch = Batch(records=RecordBatch(LEDGER, compiled=not self.one_by_one) if self.read_rows else [])
+        batch = Batch(records=RecordBatch(LEDGER, compiled=not self.one_by_one, block_bytes=self.block_bytes))
         now = datetime.now(UTC)
         raw = self.topics.raw
-        keep = batch.records.add if self.read_rows else batch.records.append
+        keep = batch.records.add
         usage: list[Record] = []
         for record in records:
             error = record.error()
@@ -240,8 +244,19 @@ class BatchProcessor:
         keep(out)
 
     def _landed(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage], None]) -> None:
-        """A record of usage.attributed or quota.alerts, for the ledger; one that does not parse is
-        dead-lettered."""
+        """A record of usage.attributed, quota.alerts or usage.ledger, for ClickHouse; one that does
+        not parse is dead-lettered with the reason."""
+        if record.topic() == self.topics.ledger:
+            block = record.value() or b""
+            try:
+                rows = LEDGER.read_block(block)
+            except ValueError as exc:
+                batch.dead.append((record, Rejection(reason="invalid_block", message=f"not a ledger block: {exc}")))
+                return
+            batch.blocks.add(block, f"{record.topic()}:{record.partition()}:{record.offset()}", rows)
+            return
+        if record.topic() == self.topics.attributed and (HEADER_IN_BLOCK, b"1") in (record.headers() or ()):
+            return  # its row was landed from its stream worker's ledger block
         parse = self._parsers.get(record.topic())
         if parse is None:
             raise ValueError(f"no stage reads topic {record.topic()!r}")

@@ -7,8 +7,8 @@ source, processor, checkpoint and sink — and the Faust host around it.
 | role     | reads                     | writes ClickHouse | publishes                            |
 |----------|---------------------------|-------------------|--------------------------------------|
 | `all`    | usage.raw, usage.attributed (backfill) | ledger, alerts | dead letters, alerts, quota state |
-| `stream` | usage.raw                 | —                 | the above, and usage.attributed      |
-| `sink`   | usage.attributed, quota.alerts | ledger, alerts | dead letters                     |
+| `stream` | usage.raw                 | —                 | the above, usage.ledger (and usage.attributed if `COSTLINE_PUBLISH_ATTRIBUTED`) |
+| `sink`   | usage.ledger, usage.attributed, quota.alerts | ledger, alerts | dead letters      |
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 
 import faust
 
-from streams.messaging.topics import changelog_topic, ensure_topics
+from streams.messaging.topics import LEDGER_BLOCK_BYTES, changelog_topic, ensure_topics
 from streams.runtime.checkpoint import Checkpoint
 from streams.runtime.host import create_app
 from streams.runtime.kafka import KafkaChangelog, KafkaSource, KafkaTransactions
@@ -26,7 +26,7 @@ from streams.runtime.logs import logging_config
 from streams.runtime.loop import BatchLoop, LoopThread
 from streams.runtime.metrics import Counters
 from streams.runtime.processor import BatchProcessor, quota_state
-from streams.settings import Settings
+from streams.settings import Settings, Topics
 from streams.stages.attribution import Attribution
 from streams.stages.plans import Plans
 from streams.stages.quotas import QuotaEngine, QuotaTables
@@ -72,14 +72,14 @@ def build_loop(settings: Settings, counters: Counters, attribution: Attribution,
         state = quota_state(changelog_topic(settings), settings.live_state_entries)
         quotas = QuotaEngine(plans, lambda partition: QuotaTables(**state.views(partition)))
         changelog = KafkaChangelog(settings.kafka_bootstrap_servers, f"{settings.deployment}-restore")
+    stream = settings.role == "stream"
     processor = BatchProcessor(t, counters, attribution=attribution if reads_raw else None, quotas=quotas,
-                               state=state, read_rows=sink is not None)
+                               state=state, block_bytes=LEDGER_BLOCK_BYTES if stream else None)
     checkpoint = Checkpoint(topics=t, source=source, transactions=transactions, counters=counters,
                             stopping=stopping, sink=sink, state=state, changelog=changelog,
                             on_restore=quotas.forget_partitions if quotas else lambda: None,
-                            publish_attributed=settings.role == "stream")
-    topics = {"all": [t.raw, t.attributed], "stream": [t.raw], "sink": [t.attributed, t.alerts]}[settings.role]
-    loop = BatchLoop(source=source, topics=topics, processor=processor, checkpoint=checkpoint,
+                            publish_blocks=stream, publish_json=stream and settings.publish_attributed)
+    loop = BatchLoop(source=source, topics=role_topics(settings.role, t), processor=processor, checkpoint=checkpoint,
                      transactions=transactions, batch_size=settings.sink_batch, within_s=settings.sink_within_s,
                      stopping=stopping)
 
@@ -88,3 +88,8 @@ def build_loop(settings: Settings, counters: Counters, attribution: Attribution,
         transactions.close()
 
     return LoopThread(loop, close), checkpoint
+
+
+def role_topics(role: str, t: Topics) -> list[str]:
+    """The topics a role's loop reads (the module docstring's table)."""
+    return {"all": [t.raw, t.attributed], "stream": [t.raw], "sink": [t.ledger, t.attributed, t.alerts]}[role]

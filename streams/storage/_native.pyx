@@ -189,6 +189,16 @@ cdef class NativeWriter:
     def __len__(self):
         return self._rows
 
+    @property
+    def nbytes(self):
+        """The size of the block ``finish`` would return now, give or take its first few bytes
+        (``RecordBatch`` cuts its blocks by it)."""
+        cdef _Column column
+        cdef Py_ssize_t total = 0
+        for column in self._columns:
+            total += len(column.header) + column.values.size + column.extra.size + column.offsets.size
+        return total
+
     def add(self, object record):
         """Appends ``record``'s row to the columns. Raises ``TypeError`` (``OverflowError``) for a
         value its column cannot hold, and then holds what it held before."""
@@ -346,6 +356,189 @@ cdef class NativeWriter:
             else:
                 at = _copy(at, column.values)
         return out
+
+
+# ---- reading a block back ---------------------------------------------------------------------
+
+cdef class _Reader:
+    """A cursor over one Native block; every read checks that the bytes are there."""
+    cdef const unsigned char *data
+    cdef Py_ssize_t size, at
+
+    cdef inline int need(self, Py_ssize_t n, str what) except -1:
+        if n < 0 or n > self.size - self.at:
+            raise ValueError(f"the block ends inside {what} (at byte {self.at} of {self.size})")
+        return 0
+
+    cdef inline uint64_t leb128(self, str what) except? 0xFFFFFFFFFFFFFFFF:
+        cdef uint64_t value = 0
+        cdef int shift = 0
+        cdef unsigned char b
+        while True:
+            self.need(1, what)
+            b = self.data[self.at]
+            self.at += 1
+            if shift > 56:
+                raise ValueError(f"{what}: a length of more than 64 bits")
+            value |= (<uint64_t> (b & 0x7F)) << shift
+            if b < 0x80:
+                return value
+            shift += 7
+
+    cdef inline Py_ssize_t string(self, str what) except -1:
+        """Skips one String; returns where its bytes start (its length is then ``self.at`` minus that)."""
+        cdef uint64_t n = self.leb128(what)
+        cdef Py_ssize_t start
+        if n > <uint64_t> (self.size - self.at):
+            raise ValueError(f"the block ends inside {what} (at byte {self.at} of {self.size})")
+        start = self.at
+        self.at += <Py_ssize_t> n
+        return start
+
+    cdef inline object text(self, Py_ssize_t start):
+        return (<const char *> self.data)[start:self.at].decode("utf-8", "surrogateescape")
+
+    cdef inline int flags(self, Py_ssize_t rows, str what) except -1:
+        """A null map or a Bool column: one byte a row, 0 or 1."""
+        cdef Py_ssize_t i
+        self.need(rows, what)
+        for i in range(rows):
+            if self.data[self.at + i] > 1:
+                raise ValueError(f"{what}: byte {self.data[self.at + i]} in row {i}, not 0 or 1")
+        return 0
+
+
+def read_block(const unsigned char[::1] data, list plan, bint values=False):
+    """Checks that ``data`` is exactly one Native block of ``plan``'s columns (as ``NativeWriter``
+    writes them: the same names and wire types, in order) that ClickHouse can take: every length
+    within the block, null maps and Bools 0 or 1, map offsets that only grow, decimals written as
+    decimal numbers, nothing after the last column. Returns the row count; with ``values``, also
+    the columns as lists (text as str, decimals as their text, times as epoch milliseconds),
+    to read a block back in tests and in the in-memory sink. Raises ``ValueError`` saying what is
+    wrong and where.
+
+    Why the check: the sink role inserts blocks that stream workers wrote as they are, and a
+    block ClickHouse refuses would be retried forever, holding back every later batch. A block
+    this accepts is one ClickHouse parses; one it refuses becomes a dead letter with its reason."""
+    cdef _Reader r = _Reader()
+    cdef Py_ssize_t rows, i, start, name_start, type_start
+    cdef uint64_t n_columns, n_rows, offset, last
+    cdef int kind
+    cdef list column, decoded = []
+    r.data, r.size, r.at = &data[0] if data.shape[0] else NULL, data.shape[0], 0
+    if r.size == 0:
+        raise ValueError("an empty message, not a block")
+    n_columns = r.leb128("the column count")
+    n_rows = r.leb128("the row count")
+    if n_columns != <uint64_t> len(plan):
+        raise ValueError(f"a block of {n_columns} columns; the ledger has {len(plan)}")
+    if n_rows == 0 or n_rows > <uint64_t> r.size:
+        raise ValueError(f"a block of {n_rows} rows in {r.size} bytes")
+    rows = <Py_ssize_t> n_rows
+    for position, (name, wire_type, kind, _) in enumerate(plan):
+        name_start = r.string("a column name")
+        got_name = r.text(name_start)
+        type_start = r.string("a column type")
+        got_type = r.text(type_start)
+        if got_name != name or got_type != wire_type:
+            raise ValueError(f"column {position + 1} is {got_name} {got_type}; the ledger sends {name} {wire_type}")
+        what = f"column {name}"
+        column = [] if values else None
+        if kind == KIND_STR or kind == KIND_TEXT or kind == KIND_JSON or kind == KIND_DECIMAL:
+            for i in range(rows):
+                start = r.string(what)
+                if kind == KIND_DECIMAL:
+                    _check_decimal(r, start, what, i)
+                if values:
+                    column.append(r.text(start))
+        elif kind == KIND_OPT_DECIMAL:
+            nulls = r.at
+            r.flags(rows, what)
+            r.at += rows
+            for i in range(rows):
+                start = r.string(what)
+                if r.data[nulls + i] == 0:
+                    _check_decimal(r, start, what, i)
+                if values:
+                    column.append(None if r.data[nulls + i] else r.text(start))
+        elif kind == KIND_UINT64 or kind == KIND_DATETIME64_MS:
+            r.need(8 * rows, what)
+            if values:
+                for i in range(rows):
+                    column.append(int.from_bytes((<const char *> r.data)[r.at + 8 * i:r.at + 8 * i + 8], "little",
+                                                 signed=kind == KIND_DATETIME64_MS))
+            r.at += 8 * rows
+        elif kind == KIND_OPT_UINT32:
+            nulls = r.at
+            r.flags(rows, what)
+            r.at += rows
+            r.need(4 * rows, what)
+            if values:
+                for i in range(rows):
+                    column.append(None if r.data[nulls + i] else
+                                  int.from_bytes((<const char *> r.data)[r.at + 4 * i:r.at + 4 * i + 4], "little"))
+            r.at += 4 * rows
+        elif kind == KIND_BOOL:
+            r.flags(rows, what)
+            if values:
+                column.extend(bool(r.data[r.at + i]) for i in range(rows))
+            r.at += rows
+        elif kind == KIND_MAP_STR:
+            r.need(8 * rows, what)
+            last = 0
+            ends = []
+            for i in range(rows):
+                memcpy(&offset, r.data + r.at + 8 * i, 8)
+                if offset < last or offset > <uint64_t> r.size:
+                    raise ValueError(f"{what}: offset {offset} in row {i} after {last}")
+                last = offset
+                ends.append(offset)
+            r.at += 8 * rows
+            if values:  # every key, then every value
+                keys = [r.text(r.string(what)) for _ in range(last)]
+                items = [r.text(r.string(what)) for _ in range(last)]
+                begin = 0
+                for end in ends:
+                    column.append(dict(zip(keys[begin:end], items[begin:end])))
+                    begin = end
+            else:
+                for _ in range(2 * last):
+                    r.string(what)
+        else:
+            raise ValueError(f"unknown column kind {kind}")
+        if values:
+            decoded.append(column)
+    if r.at != r.size:
+        raise ValueError(f"{r.size - r.at} bytes after the block's last column")
+    return (rows, decoded) if values else rows
+
+
+cdef int _check_decimal(_Reader r, Py_ssize_t start, str what, Py_ssize_t row) except -1:
+    """A decimal's text as ``str(Decimal)`` writes a finite one: -?digits[.digits][E(+|-)digits]."""
+    cdef Py_ssize_t i = start, end = r.at, digits = 0
+    cdef const unsigned char *c = r.data
+    if i < end and c[i] == b'-':
+        i += 1
+    while i < end and b'0' <= c[i] <= b'9':
+        i += 1
+        digits += 1
+    if digits and i < end and c[i] == b'.':
+        i += 1
+        digits = 0
+        while i < end and b'0' <= c[i] <= b'9':
+            i += 1
+            digits += 1
+    if digits and i < end and c[i] == b'E':
+        i += 1
+        if i < end and (c[i] == b'+' or c[i] == b'-'):
+            i += 1
+        digits = 0
+        while i < end and b'0' <= c[i] <= b'9':
+            i += 1
+            digits += 1
+    if not digits or i != end:
+        raise ValueError(f"{what}: {r.text(start)[:40]!r} in row {row} is not a decimal number")
+    return 0
 
 
 cdef bint _zero_text(str text):

@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -104,7 +104,7 @@ class TableSpec(Generic[R]):
         """The batch in ClickHouse's Native format: one block of the columns in their wire types,
         written as each record was added to its ``RecordBatch``, or now."""
         if isinstance(records, RecordBatch) and records.table is self:
-            return records.writer.finish() if records.writer is not None else self.native_reference(records)
+            return b"".join(records.blocks()) if records.writer is not None else self.native_reference(records)
         writer = self.writer()
         if writer is None:
             return self.native_reference(records)
@@ -133,15 +133,37 @@ class TableSpec(Generic[R]):
             chunks[0] = chunks[0][chunks[0].index(b"\n") + 1:]
         return b"".join(chunks)
 
-    def encode(self, records: Sequence[R], compression: str | None = None) -> Encoded:
+    def read_block(self, block: bytes, values: bool = False) -> Any:
+        """``streams.storage._native.read_block`` with this table's columns: the row count of a
+        Native block this table's writer wrote (and, with ``values``, its columns), or
+        ``ValueError`` saying why ClickHouse would refuse it."""
+        if self._plan is None:
+            raise ValueError(f"{self.name} has no compiled writer, so no block of it is read")
+        return _native.read_block(block, self._plan, values)
+
+    def block_rows(self, block: bytes) -> list[dict[str, Any]]:
+        """A block's rows as dicts by column name, decimals as ``Decimal`` (the in-memory sink's
+        rows, and tests')."""
+        _, columns = self.read_block(block, values=True)
+        decimal = [kind in (_native.KIND_DECIMAL, _native.KIND_OPT_DECIMAL) for _, _, kind, _ in self._plan]
+        columns = [[None if v is None else Decimal(v) for v in column] if is_decimal else column
+                   for column, is_decimal in zip(columns, decimal, strict=True)]
+        return [dict(zip(self.column_names, row, strict=True)) for row in zip(*columns, strict=True)]
+
+    def encode(self, records: Sequence[R] | Blocks, compression: str | None = None) -> Encoded:
         """The batch, ready to be sent (and sent again) by the sink. ``compression`` (``ClickHouseSink.compression``:
         lz4 or zstd to a server over HTTP, none to the embedded engine) compresses the body as
-        ``Client.insert`` would."""
-        body = self.native(records)
+        ``Client.insert`` would. Blocks written elsewhere (``Blocks``) are sent one after another
+        in one body, as they are: a Native insert reads blocks until its body ends."""
+        if isinstance(records, Blocks):
+            body, rows = b"".join(records.bodies), records.rows
+            token = hashlib.sha256("\x01".join(records.ids).encode()).hexdigest()
+        else:
+            body, rows, token = self.native(records), len(records), self.dedup_token(records)
         if compression:
             compressor = get_compressor(compression)
             body = bytes(compressor.compress_block(body)) + (compressor.flush() or b"")
-        return Encoded(self, len(records), body, self.dedup_token(records), compression)
+        return Encoded(self, rows, body, token, compression)
 
     def send(self, client: Client, batch: Encoded) -> None:
         """One attempt at inserting an encoded batch. (Types that differ from the table's, decimals
@@ -167,6 +189,25 @@ class Encoded(NamedTuple):
     compression: str | None = None
 
 
+@dataclass
+class Blocks:
+    """Native blocks of one table written elsewhere (a stream worker's ledger blocks, read back by
+    the sink role), each checked with ``TableSpec.read_block``, and the ids that make their
+    deduplication token (their topic, partition and offset)."""
+
+    bodies: list[bytes] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    rows: int = 0
+
+    def add(self, body: bytes, block_id: str, rows: int) -> None:
+        self.bodies.append(body)
+        self.ids.append(block_id)
+        self.rows += rows
+
+    def __len__(self) -> int:  # (a part with no rows is not landed)
+        return self.rows
+
+
 class RecordBatch(list[R]):
     """Records for one table, each written into the batch's Native columns as it is added.
 
@@ -175,19 +216,31 @@ class RecordBatch(list[R]):
     row costs several cache misses. (A table without a compiled writer keeps each row's tuple, for
     the Python encoder.)"""
 
-    def __init__(self, table: TableSpec[R], compiled: bool = True) -> None:
-        """``compiled=False``: rows kept for the Python encoder (the reference path's batches)."""
+    def __init__(self, table: TableSpec[R], compiled: bool = True, block_bytes: int | None = None) -> None:
+        """``compiled=False``: rows kept for the Python encoder (the reference path's batches).
+        ``block_bytes``: a block is finished once it holds this many bytes, and the next one begun
+        (the ledger blocks a stream worker publishes, each one Kafka record: see ``LEDGER_BLOCK_BYTES``)."""
         super().__init__()
         self.table = table
         self.writer = table.writer() if compiled else None
         self.rows: list[tuple[Any, ...]] = []
+        self.block_bytes = block_bytes if self.writer is not None else None
+        self._finished: list[bytes] = []
 
     def add(self, record: R) -> None:
         if self.writer is not None:
             self.writer.add(record)  # (first: a record it refuses is not kept either)
+            if self.block_bytes is not None and self.writer.nbytes >= self.block_bytes:
+                self._finished.append(self.writer.finish())
+                self.writer = self.table.writer()
         else:
             self.rows.append(self.table.row(record))
         self.append(record)
+
+    def blocks(self) -> list[bytes]:
+        """The batch as Native blocks (more than one only with ``block_bytes``); call once."""
+        last = self.writer.finish()
+        return [*self._finished, last] if last else self._finished
 
 
 def _row_reader(direct: list[str], nested: dict[str, list[str]]) -> Callable[[Any], tuple[Any, ...]]:

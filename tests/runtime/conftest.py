@@ -13,6 +13,7 @@ import pytest
 
 from schemas.quota import QuotaAlert, QuotaState
 from schemas.usage import TokenUsage, UsageEvent
+from streams.messaging.topics import LEDGER_BLOCK_BYTES
 from streams.operations.processes import wait_for
 from streams.runtime.checkpoint import Checkpoint
 from streams.runtime.loop import BatchLoop
@@ -20,6 +21,7 @@ from streams.runtime.memory import MemoryBroker, MemoryChangelog, MemorySink, Me
 from streams.runtime.metrics import Counters
 from streams.runtime.processor import BatchProcessor
 from streams.runtime.state import ChangelogTables
+from streams.runtime.worker import role_topics
 from streams.settings import Topics
 from streams.stages.attribution import Attribution
 from streams.stages.plans import Plans
@@ -58,6 +60,9 @@ class Worker:
     plans: Plans
     attribution: Attribution
     counters: Counters = field(default_factory=Counters)
+    #: Role ``stream``: where its ledger blocks are cut, and whether it publishes JSON too.
+    block_bytes: int = LEDGER_BLOCK_BYTES
+    publish_json: bool = False
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -68,15 +73,14 @@ class Worker:
         self.state = ChangelogTables(CHANGELOG, QuotaTables._fields, restore_entry) if reads_raw else None
         self.quotas = QuotaEngine(self.plans, lambda p: QuotaTables(**self.state.views(p))) if reads_raw else None
         self.processor = BatchProcessor(TOPICS, self.counters, attribution=self.attribution if reads_raw else None,
-                                        quotas=self.quotas, state=self.state, read_rows=self.sink is not None)
+                                        quotas=self.quotas, state=self.state,
+                                        block_bytes=self.block_bytes if self.role == "stream" else None)
         self.checkpoint = Checkpoint(
             topics=TOPICS, source=self.source, transactions=self.transactions, counters=self.counters,
             stopping=self.stopping, sink=self.sink, state=self.state, changelog=self.changelog if reads_raw else None,
             on_restore=self.quotas.forget_partitions if self.quotas else lambda: None,
-            publish_attributed=self.role == "stream")
-        topics = {"all": [TOPICS.raw, TOPICS.attributed], "stream": [TOPICS.raw],
-                  "sink": [TOPICS.attributed, TOPICS.alerts]}[self.role]
-        self.loop = BatchLoop(source=self.source, topics=topics, processor=self.processor, checkpoint=self.checkpoint,
+            publish_blocks=self.role == "stream", publish_json=self.role == "stream" and self.publish_json)
+        self.loop = BatchLoop(source=self.source, topics=role_topics(self.role, TOPICS), processor=self.processor, checkpoint=self.checkpoint,
                               transactions=self.transactions, batch_size=self.batch_size, within_s=0.01,
                               stopping=self.stopping)
         self._thread: threading.Thread | None = None
@@ -124,9 +128,10 @@ def plans(tmp_path: Path) -> Plans:
 def make_worker(plans, attribution):
     made: list[Worker] = []
 
-    def make(broker: MemoryBroker, role: str = "all", sink: MemorySink | None = None, batch_size: int = 4) -> Worker:
+    def make(broker: MemoryBroker, role: str = "all", sink: MemorySink | None = None, batch_size: int = 4,
+             **options) -> Worker:
         worker = Worker(broker, role, sink if sink is not None or role == "stream" else MemorySink(), batch_size,
-                        plans, attribution)
+                        plans, attribution, **options)
         made.append(worker)
         return worker
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.attributed import AttributedUsage
-from schemas.dead_letter import HEADER_OFFSET, HEADER_REASON
+from schemas.attributed import HEADER_IN_BLOCK, AttributedUsage
+from schemas.dead_letter import HEADER_MESSAGE, HEADER_OFFSET, HEADER_REASON
 from schemas.usage import UsageEvent
 from streams.runtime.checkpoint import Unlanded
 from streams.runtime.loop import BatchLoop, tune_malloc
@@ -23,6 +23,7 @@ from streams.runtime.memory import MemoryBroker, MemorySink
 from streams.runtime.ports import TransactionFailed
 from streams.stages.plans import Plans
 from streams.stages.rating import usage_amount
+from streams.storage.tables import LEDGER
 from tests.runtime.conftest import CHANGELOG, TOPICS, alerts, cost_of, states, usage_event
 
 TENANTS = {0: "acme", 1: "globex"}
@@ -269,25 +270,53 @@ def test_a_rebalance_commits_the_batch_in_flight_and_restores_the_assignment(mak
     assert ledger_revenue(worker.sink) == expected_revenue(plans, 50)
 
 
-def test_the_stream_role_publishes_what_the_sink_role_lands(make_worker):
+def test_the_stream_role_publishes_ledger_blocks_that_the_sink_role_lands(make_worker, attribution):
     broker = MemoryBroker(partitions=2)
     fill(broker, 0, 40)
-    stream = make_worker(broker, role="stream", batch_size=9).start()
+    # Blocks of a few rows: each batch of 9 events is cut into several.
+    stream = make_worker(broker, role="stream", batch_size=9, block_bytes=2_000).start()
     stream.committed_offsets(40)
     stream.stop()
-    published = [AttributedUsage.model_validate_json(r.value()) for r in broker.records(TOPICS.attributed)]
-    assert sorted(r.event_id for r in published) == [f"e-{i:05d}" for i in range(40)]
+    blocks = [r.value() for r in broker.records(TOPICS.ledger)]
+    assert broker.records(TOPICS.attributed) == []  # JSON only when asked for
+    rows = [row for block in blocks for row in LEDGER.block_rows(block)]
+    assert sorted(row["event_id"] for row in rows) == [f"e-{i:05d}" for i in range(40)]
+    assert sum(row["cost_usd"] for row in rows) == sum(map(cost_of, range(40)))
+    assert len(blocks) > 40 // 9 + 1 and all(len(LEDGER.block_rows(block)) < 9 for block in blocks)
 
+    backfilled = attribution.attribute_raw(usage_event(99))
+    broker.append(TOPICS.attributed, 0, b"acme", backfilled.model_dump_json().encode())
     broker.append(TOPICS.attributed, 0, b"acme", b'{"not": "a record"}')
+    broker.append(TOPICS.ledger, 0, None, b"not a block")
+    broker.append(TOPICS.ledger, 1, None, blocks[0][:-3])
     sink = make_worker(broker, role="sink", batch_size=16).start()
-    sink.committed_offsets(41, TOPICS.attributed)
+    sink.committed_offsets(len(blocks) + 2, TOPICS.ledger)
+    sink.committed_offsets(2, TOPICS.attributed)
     sink.committed_offsets(len(expected_alerts(40)), TOPICS.alerts)
     sink.stop()
-    assert sorted(ledger_ids(sink.sink)) == [f"e-{i:05d}" for i in range(40)]
-    assert sum(r.cost_usd for r in sink.sink.tables["usage_ledger"]) == sum(map(cost_of, range(40)))
+    assert sorted(ledger_ids(sink.sink)) == [f"e-{i:05d}" for i in range(40)] + ["e-00099"]
+    assert sum(r.cost_usd for r in sink.sink.tables["usage_ledger"]) == sum(map(cost_of, [*range(40), 99]))
     assert sorted(a.event_id for a in sink.sink.tables["quota_alerts"]) == sorted(a[2] for a in expected_alerts(40))
-    [dead] = broker.records(TOPICS.dlq)
-    assert dead.value() == b'{"not": "a record"}' and dict(dead.headers())[HEADER_REASON] == b"invalid_event"
+    dead = {r.value(): dict(r.headers()) for r in broker.records(TOPICS.dlq)}
+    assert [h[HEADER_REASON] for h in dead.values()] == [b"invalid_event", b"invalid_block", b"invalid_block"]
+    assert dead[b"not a block"][HEADER_MESSAGE].startswith(b"not a ledger block: a block of 110 columns")
+    assert dead[blocks[0][:-3]][HEADER_MESSAGE].startswith(b"not a ledger block: the block ends inside column")
+
+
+def test_json_published_beside_the_blocks_is_not_landed_twice(make_worker):
+    broker = MemoryBroker(partitions=2)
+    fill(broker, 0, 20)
+    stream = make_worker(broker, role="stream", batch_size=9, publish_json=True).start()
+    stream.committed_offsets(20)
+    stream.stop()
+    published = [AttributedUsage.model_validate_json(r.value()) for r in broker.records(TOPICS.attributed)]
+    assert sorted(r.event_id for r in published) == [f"e-{i:05d}" for i in range(20)]
+    assert all(dict(r.headers()) == {HEADER_IN_BLOCK: b"1"} for r in broker.records(TOPICS.attributed))
+    sink = make_worker(broker, role="sink", batch_size=64).start()
+    sink.committed_offsets(20, TOPICS.attributed)
+    sink.committed_offsets(len(broker.records(TOPICS.ledger)), TOPICS.ledger)
+    sink.stop()
+    assert sorted(ledger_ids(sink.sink)) == [f"e-{i:05d}" for i in range(20)]  # once each, from the blocks
 
 
 def test_backfilled_records_on_usage_attributed_are_landed_by_the_all_role(make_worker, attribution):

@@ -1,6 +1,8 @@
 """The compiled Native writer (streams/storage/_native.pyx) against the Python encoder it replaces:
 the same bytes for a batch of one block, the same stored values on the real engine, and the same
-refusals of values a column cannot hold."""
+refusals of values a column cannot hold. Then its reader (``read_block``), which the sink role
+runs on every ledger block before inserting it: what it reads back, and that a block it accepts
+is one the engine takes."""
 
 import dataclasses
 from datetime import UTC, datetime, timedelta, timezone
@@ -12,8 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.attributed import ZERO
+from schemas.trusted import json_writer
 from schemas.quota import QuotaAlert
 from schemas.usage import TokenUsage, UsageEvent
+from schemas.usage import epoch_ms
 from streams.storage.tables import (
     ALERTS,
     AUDIT,
@@ -21,6 +25,7 @@ from streams.storage.tables import (
     INVOICES,
     LEDGER,
     REPRICE_RUNS,
+    Blocks,
     IssuedInvoice,
     RecordBatch,
     Superseded,
@@ -173,3 +178,95 @@ def test_a_naive_time_is_written_as_utc_as_the_ledger_returns_it(attribution):
                                               model="gpt-4o", usage=TokenUsage(input_tokens=1)), AT)
     naive = record.model_copy(update={"event_time": AT.replace(tzinfo=None)})
     assert LEDGER.native([naive]) == LEDGER.native([record])
+
+
+# ---- reading blocks back ------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_block_reads_back_to_its_records_values(attribution, data):
+    records = data.draw(st.lists(ledger_records(attribution), min_size=1, max_size=6))
+    rows = LEDGER.block_rows(LEDGER.native(records))
+    to_json = json_writer()
+    assert len(rows) == len(records)
+    for row, record in zip(rows, records, strict=True):
+        assert (row["event_id"], row["user_id"], row["service"], row["tags"], row["latency_ms"]) == (
+            record.event_id, record.user_id or "", record.service or "", record.tags, record.latency_ms)
+        assert (row["cost_usd"], row["revenue_usd"], row["cost_reasoning"]) == (
+            record.cost_usd, record.revenue_usd, record.cost.reasoning)
+        assert (row["event_time"], row["attributed_at"]) == (epoch_ms(record.event_time), epoch_ms(record.attributed_at))
+        assert (row["input_tokens"], row["late"], row["batch"]) == (record.usage.input_tokens, record.late, record.batch)
+        assert row["extra"] == (to_json(record.extra) if record.extra else "")
+
+
+def _two_rows(attribution) -> bytes:
+    return LEDGER.native([attribution.attribute(UsageEvent(
+        event_id=f"r-{i}", timestamp=AT, tenant_id="t-read", provider="openai", model="gpt-4o",
+        usage=TokenUsage(input_tokens=1000 * (i + 1), output_tokens=7), tags={"k": "v"} if i else {},
+        latency_ms=None if i else 12), AT).model_copy(update={"revenue_usd": Decimal("0.25") if i else None})
+        for i in range(2)])
+
+
+def test_every_cut_of_a_block_is_refused_with_where_it_ends(attribution):
+    block = _two_rows(attribution)
+    assert LEDGER.read_block(block) == 2
+    for end in range(len(block)):  # (none may crash the reader, and none is a block)
+        with pytest.raises(ValueError, match="the block ends inside|a block of|an empty message"):
+            LEDGER.read_block(block[:end])
+    with pytest.raises(ValueError, match="1 bytes after the block's last column"):
+        LEDGER.read_block(block + b"\0")
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    (b"\x08event_id", b"\x08eventXid", "column 1 is eventXid String; the ledger sends event_id String"),
+    (b"\x06String", b"\x06Strong", "column 1 is event_id Strong"),
+    (b"0.002570000000", b"0.00257x000000", "column cost_usd: '0.00257x000000' in row 0 is not a decimal number"),
+    (b"0.25", b"-.25", r"column revenue_usd: '-.25' in row 1 is not a decimal number"),
+])
+def test_a_block_of_another_layout_or_a_bad_decimal_is_refused(attribution, old, new, message):
+    block = _two_rows(attribution)
+    assert block.count(old) >= 1
+    with pytest.raises(ValueError, match=message):
+        LEDGER.read_block(block.replace(old, new, 1))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=3))
+def test_a_damaged_block_the_reader_accepts_is_one_the_engine_takes(ch_client, attribution, flips):
+    block = bytearray(_two_rows(attribution))
+    for at, xor in flips:
+        block[at % len(block)] ^= xor
+    try:
+        rows = LEDGER.read_block(bytes(block))
+    except ValueError:
+        return  # refused: dead-lettered, never sent
+    ch_client.command("CREATE TABLE IF NOT EXISTS ledger_damaged AS usage_ledger")
+    ch_client.raw_insert("ledger_damaged", LEDGER.column_names, bytes(block), fmt="Native",
+                         settings={"input_format_native_allow_types_conversion": 1})
+    assert rows == 2
+
+
+def test_blocks_cut_by_size_land_in_one_insert_as_one_block_lands(ch_client, attribution):
+    records = [attribution.attribute(UsageEvent(
+        event_id=f"b-{i}", timestamp=AT + timedelta(seconds=i), tenant_id="t-blocks", provider="openai",
+        model="gpt-4o-mini", usage=TokenUsage(input_tokens=100 + i, output_tokens=i % 50), tags={"i": str(i)}), AT)
+        for i in range(3_000)]
+    batch = RecordBatch(LEDGER, block_bytes=64 * 1024)
+    for record in records:
+        batch.add(record)
+    blocks = batch.blocks()
+    sizes = [LEDGER.read_block(block) for block in blocks]
+    assert len(blocks) > 5 and sum(sizes) == 3_000 and max(map(len, blocks)) < 64 * 1024 + 2_000
+    ch_client.command("CREATE TABLE ledger_one_block AS usage_ledger")
+    try:
+        LEDGER.send(ch_client, LEDGER.encode(Blocks(blocks, [f"b:{i}" for i in range(len(blocks))], sum(sizes))))
+        ch_client.raw_insert("ledger_one_block", LEDGER.column_names, LEDGER.native(records), fmt="Native",
+                             settings={"input_format_native_allow_types_conversion": 1})
+        select = "SELECT * EXCEPT landed_at FROM {} WHERE tenant_id = 't-blocks' ORDER BY event_id"
+        landed = ch_client.query(select.format("usage_ledger")).result_rows
+        assert len(landed) == 3_000 and landed == ch_client.query(select.format("ledger_one_block")).result_rows
+        parts = ch_client.query("SELECT count() FROM system.parts WHERE active AND table = 'usage_ledger' "
+                                "AND database = currentDatabase() AND rows = 3000").result_rows
+        assert parts == [(1,)]  # one insert, one part, however many blocks
+    finally:
+        ch_client.command("DROP TABLE ledger_one_block")
