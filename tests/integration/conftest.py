@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +29,14 @@ def worker(kafka_servers: str, tmp_path: Path) -> Iterator[WorkerProcess]:
     yield worker
     worker.stop()
     remove_isolated_topics(worker.settings)
+
+
+def costline(worker, *args: str) -> str:
+    """Runs ``costline <args>`` with the worker's environment; its output, whitespace collapsed."""
+    done = subprocess.run([sys.executable, "-m", "streams.cli", *args], env=worker.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return " ".join(done.stdout.split())
 
 
 def read_topic(servers: str, topic: str, expected: int, timeout_s: float) -> list:

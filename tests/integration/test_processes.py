@@ -7,11 +7,13 @@ import os
 import signal
 from datetime import UTC, datetime, timedelta
 
+from schemas.dead_letter import HEADER_MESSAGE, HEADER_REASON, HEADER_TOPIC
 from schemas.usage import TokenUsage, UsageEvent
 from streams.httpjson import get_json
 from streams.messaging.producer import UsageProducer
 from streams.operations.processes import WorkerProcess, descendants, wait_for
 from streams.storage.query import query
+from tests.integration.conftest import costline, read_topic
 
 
 def send(producer: UsageProducer, first: int, count: int) -> None:
@@ -53,6 +55,21 @@ def test_two_stream_workers_and_a_sink_share_the_stream_and_survive_a_kill_9(wor
         rows = query(supervisor.settings, "SELECT count(), uniqExact(event_id), sum(input_tokens) FROM usage "
                                           "WHERE startsWith(event_id, 'multi-')").rows[0]
         assert [int(v) for v in rows] == [5000, 5000, sum(1_000 + i % 7 for i in range(5000))]
+
+        # A damaged ledger block is dead-lettered with its reason; the sink goes on. Replayed, it
+        # goes back to usage.ledger (not usage.raw), and is refused there again.
+        t = supervisor.settings.topics
+        with UsageProducer(kafka_servers, t.ledger) as producer:
+            producer.send_raw(b"\x01\x02 not a block")
+        [dead] = read_topic(kafka_servers, t.dlq, 1, 60)
+        headers = dict(dead.headers())
+        assert (headers[HEADER_REASON], headers[HEADER_TOPIC]) == (b"invalid_block", t.ledger.encode())
+        assert headers[HEADER_MESSAGE].startswith(b"not a ledger block: a block of 1 columns")
+        assert costline(supervisor, "replay", "--from-dlq", "--reason", "invalid_block") == \
+            "read 1 dead letters, re-submitted 1"
+        again = read_topic(kafka_servers, t.dlq, 2, 60)
+        assert [dict(r.headers())[HEADER_TOPIC] for r in again] == [t.ledger.encode()] * 2
+        assert landed() == 5000
         children = descendants(supervisor.process.pid)
     finally:
         supervisor.stop()

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from schemas.usage import TokenUsage, UsageEvent
 from streams.messaging.producer import UsageProducer
-from streams.operations.processes import ROOT, wait_for
+from streams.operations.processes import wait_for
 from streams.storage.query import query
-from tests.integration.conftest import read_topic
-
-
-def costline(worker, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "streams.cli", *args], env=worker.env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return " ".join(done.stdout.split())
+from tests.integration.conftest import costline, read_topic
 
 
 def test_replay_and_backfill_leave_totals_exact(worker, kafka_servers):

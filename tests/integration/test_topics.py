@@ -1,8 +1,16 @@
 """Topics of an isolated pipeline: created by ensure_topics, deleted again by remove_isolated_topics."""
 
 import pytest
+from confluent_kafka.admin import ConfigResource, ResourceType
 
-from streams.messaging.topics import admin, ensure_topics, pipeline_topics
+from streams.messaging.topics import (
+    LEDGER_BLOCK_BYTES,
+    MAX_LEDGER_RECORD_BYTES,
+    MAX_RECORD_BYTES,
+    admin,
+    ensure_topics,
+    pipeline_topics,
+)
 from streams.operations.processes import isolated_env, remove_isolated_topics, wait_for
 from streams.settings import Settings
 
@@ -10,8 +18,13 @@ from streams.settings import Settings
 def test_an_isolated_pipelines_topics_are_created_and_deleted(kafka_servers, tmp_path):
     settings = Settings.from_env(isolated_env(tmp_path / "home", kafka_servers, tmp_path / "config"))
     names = set(pipeline_topics(settings))
-    assert len(names) == 7 and all(n.startswith(settings.topic_prefix) for n in names)
+    assert len(names) == 8 and all(n.startswith(settings.topic_prefix) for n in names)
     assert set(ensure_topics(settings)) == names
+    # usage.ledger takes a block of LEDGER_BLOCK_BYTES and one row of the largest event after it.
+    resource = ConfigResource(ResourceType.TOPIC, settings.topics.ledger)
+    client = admin(settings)  # (held: a client collected while its future waits destroys it)
+    configs = client.describe_configs([resource])[resource].result(timeout=10)
+    assert int(configs["max.message.bytes"].value) == MAX_LEDGER_RECORD_BYTES > LEDGER_BLOCK_BYTES + MAX_RECORD_BYTES
     remove_isolated_topics(settings)
     wait_for(lambda: names.isdisjoint(admin(settings).list_topics(timeout=10).topics), 30,
              "the broker's metadata to drop the deleted topics")

@@ -14,10 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.attributed import ZERO
-from schemas.trusted import json_writer
 from schemas.quota import QuotaAlert
-from schemas.usage import TokenUsage, UsageEvent
-from schemas.usage import epoch_ms
+from schemas.trusted import json_writer
+from schemas.usage import TokenUsage, UsageEvent, epoch_ms
 from streams.storage.tables import (
     ALERTS,
     AUDIT,
