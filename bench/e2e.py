@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -184,36 +185,17 @@ def latency_phase(settings: Settings, rate: int, seconds: float, tenants: int, d
               for e in planned]
     assert all(value.count(stand_in) == 1 for value in values[:100])
     step = 1 / rate
+    # The quota states and the ledger's row count are watched from a process of their own: on
+    # threads of this one, they waited for the GIL behind the producing loop (which keeps it while
+    # it sends thousands of events a second), and the wait was measured as the worker's latency.
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Event(), context.Event()
+    results, results_in = context.Pipe(duplex=False)
+    watcher = context.Process(target=watch, args=(settings, rows_before, ready, stop, results_in), daemon=True)
+    watcher.start()
+    if not ready.wait(60):
+        raise SystemExit("the latency watcher did not start within 60 s")
     start = datetime.now(UTC) + timedelta(seconds=1)
-
-    state_lag: list[float] = []
-    stop = threading.Event()
-
-    def read_states() -> None:
-        consumer = Consumer({"bootstrap.servers": servers, "group.id": f"bench-{time.time_ns()}",
-                             "enable.auto.commit": False, "isolation.level": "read_committed",
-                             "fetch.wait.max.ms": 10})
-        parts = consumer.list_topics(settings.topics.state, timeout=10).topics[settings.topics.state].partitions
-        ends = [consumer.get_watermark_offsets(TopicPartition(settings.topics.state, p), timeout=10)[1] for p in parts]
-        consumer.assign([TopicPartition(settings.topics.state, p, end) for p, end in zip(parts, ends, strict=True)])
-        while not stop.is_set():
-            for msg in consumer.consume(1000, timeout=0.05):
-                if msg.error() is None and msg.value():
-                    as_of = datetime.fromisoformat(json.loads(msg.value())["as_of"])
-                    if as_of >= start:
-                        state_lag.append((time.time() - as_of.timestamp()) * 1000)
-        consumer.close()
-
-    counts: list[tuple[float, int]] = []  # (when, rows of this phase in the ledger), every 50 ms
-
-    def poll_ledger() -> None:
-        while not stop.is_set():
-            counts.append((time.time(), ledger_rows(settings) - rows_before))
-            time.sleep(0.05)
-
-    threads = [threading.Thread(target=read_states, daemon=True), threading.Thread(target=poll_ledger, daemon=True)]
-    for thread in threads:
-        thread.start()
     sent_at: list[float] = []
     p = producer(servers)
     begin = start.timestamp()
@@ -230,18 +212,50 @@ def latency_phase(settings: Settings, rate: int, seconds: float, tenants: int, d
                  epoch_ms(at))
     p.flush(30)
     deadline = time.monotonic() + 120
-    while (not counts or counts[-1][1] < count) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while ledger_rows(settings) - rows_before < count and time.monotonic() < deadline:
+        time.sleep(0.2)
     time.sleep(1.0)
     stop.set()
-    for thread in threads:
-        thread.join(5)
-    if counts[-1][1] < count:
-        raise SystemExit(f"only {counts[-1][1]} of {count} latency events became queryable within 120s")
+    counts, states = results.recv() if results.poll(30) else ([], [])
+    watcher.join(5)
+    state_lag = [(read_at - as_of) * 1000 for read_at, as_of in states if as_of >= begin]
+    if not counts or counts[-1][1] < count:
+        raise SystemExit(f"only {counts[-1][1] if counts else 0} of {count} latency events became queryable within 120s")
     visible_at: list[float] = []  # the n-th event counts as visible at the first poll that saw n rows
     for when, landed in counts:
         visible_at.extend([when] * (min(landed, count) - len(visible_at)))
     return [(v - s) * 1000 for s, v in zip(sent_at, visible_at, strict=True)], state_lag
+
+
+def watch(settings: Settings, rows_before: int, ready: Any, stop: Any, out: Any) -> None:
+    """(In a process of its own, until ``stop``.) The ledger's rows of the latency phase every 50 ms,
+    as (when, rows); and each quota state record from the topic's end onwards, as (when it was
+    read, its ``as_of``: the last counted event's time, i.e. its planned send time). Sent through ``out``."""
+    topic = settings.topics.state
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": f"bench-{time.time_ns()}",
+                         "enable.auto.commit": False, "isolation.level": "read_committed", "fetch.wait.max.ms": 10})
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts]
+    consumer.assign([TopicPartition(topic, p, end) for p, end in zip(parts, ends, strict=True)])
+    counts: list[tuple[float, int]] = []
+    states: list[tuple[float, float]] = []
+
+    def poll_ledger() -> None:
+        while not stop.is_set():
+            counts.append((time.time(), ledger_rows(settings) - rows_before))
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll_ledger, daemon=True)
+    poller.start()
+    ready.set()
+    while not stop.is_set():
+        for msg in consumer.consume(1000, timeout=0.05):
+            if msg.error() is None and msg.value():
+                read_at = time.time()
+                states.append((read_at, datetime.fromisoformat(json.loads(msg.value())["as_of"]).timestamp()))
+    poller.join(5)
+    consumer.close()
+    out.send((counts, states))
 
 
 def ceiling(servers: str, topic: str, events: int, batch: int, path: Path) -> float:
@@ -333,7 +347,7 @@ def main() -> None:
                         help="run costline worker --processes N: N stream workers and one sink (figures summed "
                              "over the processes)")
     parser.add_argument("--role", choices=["all", "stream"], default="all",
-                        help="stream: the worker publishes usage.attributed instead of writing the embedded "
+                        help="stream: the worker publishes its ledger blocks on usage.ledger instead of writing the embedded "
                              "ClickHouse, so its RSS holds no database; timed until its offsets are committed, "
                              "without the latency phase")
     args = parser.parse_args()
