@@ -9,12 +9,24 @@ A batch goes through four steps, always in this order:
    *Guarantee:* the batch's rows are stored before step 2 moves its positions past them. Moved
    after step 2, a crash between the two would lose the rows for good.
 2. **Write the transaction** (``commit``). Begin a Kafka transaction and queue the batch's dead
-   letters, alerts, the latest quota state of each window it counted into, its ledger rows
+   letters, alerts, the latest quota state of each window it counted into (unless it went out
+   early, below), its ledger rows
    (role ``stream``, for the sink worker: Native blocks on usage.ledger, and JSON records on
    usage.attributed if ``COSTLINE_PUBLISH_ATTRIBUTED`` is set), the changelog records of the quota keys it
    changed and its next source positions (``streams.runtime.state``).
    *Guarantee:* all of these become visible to ``read_committed`` readers together, or none of
-   them: the quota state and the positions can never disagree.
+   them: the alerts, the changelog and the positions can never disagree.
+
+   **Quota states go out early** where the worker writes ClickHouse itself (role ``all``): the
+   states of the batch processed since are queued in this transaction too, or, if no batch is
+   staged, in a transaction of their own, without waiting for that batch to land. Enforcers then
+   see usage a landing sooner (on a busy 2-core host, a landing took about 100 ms at the median).
+   A state is the latest count of its window, computed from the changelog's state and the source in
+   offset order: if the batch is then not committed, it is read and processed again from the same
+   state and publishes the same states, so an early state is never one that a later one contradicts.
+   (Alerts are events, not states: they stay with the positions, so that an aborted batch does not
+   send them twice.) Role ``stream`` commits each batch as soon as it is processed, and has nothing
+   to gain.
 3. **Commit the transaction**, on a thread of its own (it waits on the brokers, without the GIL)
    while this thread reads and processes the next batch. It is waited for (``settle``) before
    the next transaction begins, so transactions never overlap. If it fails, the transaction is
@@ -124,7 +136,7 @@ class Checkpoint:
         #: The batch processed last, landing (step 1) but not written yet, and its landing.
         self._pending: tuple[Batch, Future[bool] | None] | None = None
         #: What step 4 needs of the batch whose transaction is being committed (step 3), and that commit.
-        self._committing: tuple[Written, Future[None]] | None = None
+        self._committing: tuple[Written | None, Future[None]] | None = None
 
     # ---- the steps -----------------------------------------------------------------------------
 
@@ -145,18 +157,28 @@ class Checkpoint:
         """Whether a staged batch needs no more waiting to be committed."""
         return self._pending is not None and (self._pending[1] is None or self._pending[1].done())
 
-    def commit(self) -> None:
+    def commit(self, processed: Batch | None = None) -> None:
         """Steps 2-3 for the staged batch, once it has landed; first waits for the commit before it
-        (``settle``). Raises ``Aborted`` if either transaction was aborted, ``Unlanded`` if the
-        worker stops while the batch cannot land."""
+        (``settle``). ``processed``: the batch processed since, not staged yet, whose quota states
+        go out in this transaction (role ``all``: see the module docstring). Raises ``Aborted`` if
+        either transaction was aborted, ``Unlanded`` if the worker stops while the batch cannot land."""
         self.settle()
+        early = processed if processed is not None and self.sink is not None and self.state is not None \
+            and (processed.windows or processed.expired) else None
         if self._pending is None:
+            if early is not None:  # nothing staged: the states in a transaction of their own
+                try:
+                    self.transactions.begin()
+                    self._send_states(early)
+                except TransactionFailed as exc:
+                    self._abort(exc)
+                self._committing = (None, _in_background(self.transactions.commit))
             return
         batch, landing = self._pending
         self._pending = None
         if landing is not None and not landing.result():
             raise Unlanded(f"stopping with {len(batch.records)} unlanded rows; their offsets are not committed")
-        self._write(batch)
+        self._write(batch, early)
         # Only what step 4 needs is kept while the transaction commits: the batch's records were
         # copied into the producer's queue, and held here too they would double the memory of a
         # batch of many tenants (its changelog records are about 3 KB a new tenant) while the next
@@ -176,15 +198,16 @@ class Checkpoint:
         except TransactionFailed as exc:
             self._pending = None  # it may still land: landed again after the rewind, its rows collapse
             self._abort(exc)
-        self._committed(batch)
+        if batch is not None:  # (None: a transaction of early quota states only)
+            self._committed(batch)
 
     def close(self) -> None:
         """Commits whatever is staged; the worker is stopping."""
         self.commit()
         self.settle()
 
-    def _write(self, batch: Batch) -> None:
-        """Step 2: begins the batch's transaction and queues its records."""
+    def _write(self, batch: Batch, early: Batch | None = None) -> None:
+        """Step 2: begins the batch's transaction and queues its records (and ``early``'s quota states)."""
         t, send = self.topics, self.transactions.produce
         try:
             self.transactions.begin()
@@ -195,10 +218,8 @@ class Checkpoint:
                      headers=dead_letter_headers(rejection, record.topic(), record.partition(), record.offset()))
             for alert in batch.alerts:
                 send(t.alerts, alert.tenant_id.encode(), alert.model_dump_json().encode())
-            for key, counted in batch.windows.items():
-                send(t.state, counted.ref.state_key.encode(), counted.state_json(batch.settled.get(key)))
-            for key in batch.expired:  # compaction then drops the window's state
-                send(t.state, key.encode(), None)
+            if not batch.states_sent:
+                self._send_states(batch)
             if self.publish_blocks:
                 # Without a key: the sink inserts whatever blocks it reads in one go, and the ledger
                 # collapses rows by event_id whatever order they land in.
@@ -212,8 +233,20 @@ class Checkpoint:
             if self.state is not None:
                 for partition, key, value in batch.changelog:
                     send(self.state.topic, key, value, partition=partition)
+            if early is not None:  # after ``batch``'s: a window's states stay in batch order
+                self._send_states(early)
         except TransactionFailed as exc:
             self._abort(exc)
+
+    def _send_states(self, batch: Batch) -> None:
+        """Queues the latest quota state of each window ``batch`` counted into, and a tombstone for
+        each window it closed (compaction then drops the window's state)."""
+        send, topic = self.transactions.produce, self.topics.state
+        for key, counted in batch.windows.items():
+            send(topic, counted.ref.state_key.encode(), counted.state_json(batch.settled.get(key)))
+        for key in batch.expired:
+            send(topic, key.encode(), None)
+        batch.states_sent = True
 
     def _abort(self, exc: Exception) -> None:
         log.warning("aborting the batch's transaction (%s); re-reading from the last committed positions", exc)

@@ -86,7 +86,7 @@ class BatchLoop:
                 if checkpoint.landed():
                     checkpoint.commit()  # batch N has landed already: its quota state need not wait for N+1
                 batch = self.processor.process(records) if records else None
-                checkpoint.commit()  # else batch N+1 was processed while batch N landed
+                checkpoint.commit(batch)  # else batch N+1 was processed while batch N landed (with N+1's states)
             except Aborted:
                 checkpoint.rewind()  # the batch processed since is dropped too: it is read again
                 continue

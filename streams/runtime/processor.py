@@ -86,6 +86,9 @@ class Batch:
     #: Most of its tenants had one event in it (many tenants at a low rate each): the loop reads a
     #: smaller batch next (``streams.runtime.loop.SPARSE_BATCH``).
     sparse: bool = False
+    #: Its quota states were queued in a transaction already (``Checkpoint.commit``: they go out
+    #: before the batch lands).
+    states_sent: bool = False
 
     def __len__(self) -> int:
         return len(self.records) + self.blocks.rows + len(self.alerts) + len(self.read_alerts) + len(self.dead)

@@ -110,7 +110,7 @@ def test_a_batch_is_attributed_counted_landed_and_committed_with_its_dead_letter
     assert worker.transactions.aborted == 0
 
 
-def test_a_transaction_is_written_only_once_its_batch_has_landed(make_worker):
+def test_a_batchs_positions_wait_for_its_landing_and_its_quota_states_do_not(make_worker):
     broker = MemoryBroker(partitions=2)
     fill(broker, 0, 8)
     sink = MemorySink()
@@ -118,16 +118,21 @@ def test_a_transaction_is_written_only_once_its_batch_has_landed(make_worker):
     worker = make_worker(broker, sink=sink, batch_size=100).start()
     # The first poll reads all 8 events; the turn after the second waits in the checkpoint for the landing.
     worker.until(lambda: worker.counters.events_in == 8 and worker.source.polls >= 2, "the next turn of the loop")
-    assert (worker.transactions.committed, worker.transactions.open, broker.group_offsets) == (0, None, {})
-    assert broker.records(TOPICS.state) == [] and broker.records(CHANGELOG) == []
+    # Committed already: a transaction of the batch's quota states alone (one window a tenant).
+    assert (worker.transactions.committed, worker.transactions.open, broker.group_offsets) == (1, None, {})
+    assert states(broker) == expected_usage(8) and len(broker.records(TOPICS.state)) == 2
+    assert broker.records(CHANGELOG) == [] and broker.records(TOPICS.dlq) == []
     sink.release()
     worker.committed_offsets(8)
     worker.stop()
-    assert worker.transactions.committed == 1 and sorted(ledger_ids(sink)) == [f"e-{i:05d}" for i in range(8)]
+    assert worker.transactions.committed == 2 and sorted(ledger_ids(sink)) == [f"e-{i:05d}" for i in range(8)]
+    assert len(broker.records(TOPICS.state)) == 2  # not sent again with the positions
+    positions = {r.key(): r.value() for r in broker.records(CHANGELOG) if r.key().startswith(b"_offset")}
+    assert positions == {b"_offset|0": b"4", b"_offset|1": b"4"}
 
 
 def test_a_batch_that_lands_while_the_next_read_waits_is_committed_at_once(make_worker):
-    """Its quota state must not wait for the read to end (up to COSTLINE_SINK_WITHIN_S)."""
+    """Its positions must not wait for the read to end (up to COSTLINE_SINK_WITHIN_S)."""
     broker = MemoryBroker(partitions=2)
     fill(broker, 0, 8)
     sink = MemorySink()
@@ -136,11 +141,32 @@ def test_a_batch_that_lands_while_the_next_read_waits_is_committed_at_once(make_
     worker.loop.within_s = 60.0  # the next read waits a minute for records that do not come
     worker.start()
     worker.until(lambda: worker.counters.events_in == 8 and worker.source.polls >= 3, "the next read to wait")
-    assert worker.transactions.committed == 0
+    assert worker.transactions.committed == 1 and broker.group_offsets == {}  # the early quota states only
     sink.release()
-    worker.until(lambda: worker.transactions.committed == 1, "the commit, within the read", timeout_s=5)
+    worker.until(lambda: worker.transactions.committed == 2, "the commit, within the read", timeout_s=5)
     assert len(broker.records(TOPICS.state)) == 2 and worker.counters.events_in == 8  # one window a tenant
+    assert {r.key(): r.value() for r in broker.records(CHANGELOG) if r.key().startswith(b"_offset")} == {
+        b"_offset|0": b"4", b"_offset|1": b"4"}
     worker.stop()  # a stop ends the read too
+
+
+def test_the_quota_states_of_a_batch_processed_while_the_one_before_lands_go_out_with_that_ones_commit(
+        make_worker):
+    broker = MemoryBroker(partitions=2)
+    fill(broker, 0, 16)
+    sink = MemorySink()
+    sink.hold()
+    # Two batches of 8 (acme's partition, then globex's): the second is read and processed while
+    # the first cannot land; the loop then waits in the first batch's commit for its landing.
+    worker = make_worker(broker, sink=sink, batch_size=8).start()
+    worker.until(lambda: worker.counters.events_in == 16, "the second batch processed")
+    assert worker.transactions.committed == 1 and list(states(broker)) == ["acme"]  # the first's, early
+    sink.release()
+    # The first batch's commit carries the second's states; then the second's own commit.
+    worker.committed_offsets(16)
+    worker.stop()
+    assert worker.transactions.committed == 3
+    assert states(broker) == expected_usage(16) and len(broker.records(TOPICS.state)) == 2
 
 
 def test_after_a_batch_of_mostly_one_event_a_tenant_a_smaller_batch_is_read(make_worker):
@@ -196,7 +222,7 @@ def test_a_rebalance_within_a_read_drops_what_the_earlier_reads_held():
     assert loop._read(0.1, 5) == ["b1", "b2", "b3"]
 
 
-def test_a_worker_stopped_while_its_batch_cannot_land_commits_nothing_of_it(make_worker):
+def test_a_worker_stopped_while_its_batch_cannot_land_commits_no_position_of_it(make_worker):
     broker = MemoryBroker(partitions=1)
     broker.append(TOPICS.raw, 0, b"acme", usage_event(0))
     sink = MemorySink()
@@ -206,7 +232,10 @@ def test_a_worker_stopped_while_its_batch_cannot_land_commits_nothing_of_it(make
     sink.stopping.set()  # the host stops the sink, then the loop
     with pytest.raises(Unlanded, match="stopping with 1 unlanded rows"):
         worker.stop()
-    assert (worker.transactions.committed, broker.group_offsets, broker.records(TOPICS.state)) == (0, {}, [])
+    # Only its quota state went out (early); read again from the same positions after a restart,
+    # the event gives that same state.
+    assert (worker.transactions.committed, broker.group_offsets, broker.records(CHANGELOG)) == (1, {}, [])
+    assert states(broker) == {"acme": cost_of(0)}
 
 
 def test_an_aborted_transaction_is_rewound_and_its_events_counted_once(make_worker, plans):
@@ -345,7 +374,9 @@ def test_partitions_lost_get_nothing_more_written_and_are_read_again_from_the_la
     worker.committed_offsets(30)
     worker.stop()
     assert worker.counters.events_in == 40       # the dropped batch was read again
-    assert worker.transactions.committed == 2 and broker.group_offsets[(TOPICS.raw, 0)] == 15
+    # Each batch's early quota states and then its positions; of the batch dropped, only its early
+    # states, which went out before the loss was noticed (and equal those of the batch read again).
+    assert worker.transactions.committed == 2 + 1 + 2 and broker.group_offsets[(TOPICS.raw, 0)] == 15
     assert states(broker) == expected_usage(30) and alerts(broker) == expected_alerts(30)
 
 

@@ -144,7 +144,7 @@ def test_the_loop_thread_runs_the_loop_until_stopped_then_closes_the_clients(mak
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
-    assert closed == [True] and worker.transactions.committed == 1
+    assert closed == [True] and worker.transactions.committed == 2  # the early quota state, then the positions
 
 
 def test_metrics_render_counters_sink_figures_and_lag():
