@@ -12,19 +12,21 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from streams.errors import CostlineError
 from streams.settings import Settings
+from streams.stages.validation import MAX_RECORD_BYTES
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-#: The largest record usage.raw and usage.dlq accept (8 MiB).
-MAX_RECORD_BYTES = 8 * 1024 * 1024
 #: A stream worker's ledger block is finished once it holds this many bytes (``RecordBatch``), so
-#: a batch of 5,000 events is a few records of usage.ledger. A block may pass it by one row, and a
-#: row by as much as its event (up to ``MAX_RECORD_BYTES``): usage.ledger takes records of twice
-#: that, and the transactional producer too (``streams.runtime.kafka``). Lowered below the largest
-#: event, a block could be refused by the broker, and its batch's transaction aborted again and again.
+#: a batch of 5,000 events is a few records of usage.ledger.
 LEDGER_BLOCK_BYTES = 1024 * 1024
-MAX_LEDGER_RECORD_BYTES = LEDGER_BLOCK_BYTES + MAX_RECORD_BYTES + 1024 * 1024
+#: The largest record of usage.ledger, and of usage.dlq, where the sink dead-letters a block. A
+#: block may pass ``LEDGER_BLOCK_BYTES`` by one row, and a row its event (up to ``MAX_RECORD_BYTES``,
+#: the largest record usage.raw takes) by up to three times: its free-form JSON (``extra``,
+#: ``raw_usage``) is written with non-ASCII characters escaped, "é" (2 bytes) as 6 and "😀" (4) as 12.
+#: Lowered below that, a block could be refused by the broker, and its batch's transaction aborted
+#: again and again (``tests/storage/test_native.py`` writes the largest row).
+MAX_LEDGER_RECORD_BYTES = LEDGER_BLOCK_BYTES + 3 * MAX_RECORD_BYTES + 1024 * 1024
 
 
 class KafkaUnavailable(CostlineError):
@@ -56,7 +58,7 @@ def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
         t.raw: big,
         t.attributed: EVENT_TIMES,
         t.ledger: {"max.message.bytes": str(MAX_LEDGER_RECORD_BYTES)},
-        t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000), **big},
+        t.dlq: {"retention.ms": str(30 * 24 * 3600 * 1000), **big, "max.message.bytes": str(MAX_LEDGER_RECORD_BYTES)},
         t.alerts: {},
         t.state: {"cleanup.policy": "compact"},
         # Compacted (a hold's latest record), and deleted a while after the longest lease (3,600 s)
@@ -87,8 +89,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
         if name not in existing
     ]
     created: list[str] = []
-    _accept_event_times(client, [name for name, config in wanted.items() if name in existing and EVENT_TIMES.items()
-                                 <= config.items()], timeout_s)
+    _enforce(client, {name: config for name, config in wanted.items() if name in existing}, timeout_s)
     if not missing:
         _wait_for_leaders(client, list(wanted), timeout_s)
         return created
@@ -103,18 +104,24 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
     return created
 
 
-def _accept_event_times(client: AdminClient, topics: list[str], timeout_s: float) -> None:
-    """Sets ``EVENT_TIMES`` on topics that exist already (created before it was set, or by hand)."""
-    if not topics:
-        return
+#: The settings ``ensure_topics`` sets on topics that exist already (created by an earlier version,
+#: or by hand): without them, events over an hour ahead, and the largest ledger blocks and their
+#: dead letters, would be refused. The rest of a topic's configuration is the operator's.
+ENFORCED = ("message.timestamp.after.max.ms", "max.message.bytes")
+
+
+def _enforce(client: AdminClient, existing: dict[str, dict[str, str]], timeout_s: float) -> None:
+    """Sets ``ENFORCED`` settings of each existing topic's wanted configuration."""
     resources = [ConfigResource(ResourceType.TOPIC, name, incremental_configs=[
-        ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET) for key, value in EVENT_TIMES.items()])
-        for name in topics]
+        ConfigEntry(key, config[key], incremental_operation=AlterConfigOpType.SET) for key in ENFORCED if key in config])
+        for name, config in existing.items() if any(key in config for key in ENFORCED)]
+    if not resources:
+        return
     for resource, future in client.incremental_alter_configs(resources).items():
         try:
             future.result(timeout=timeout_s)
-        except KafkaException as exc:  # no permission, say: events over an hour ahead are then refused
-            log.warning("could not let %s take event times over an hour ahead: %s", resource.name, exc.args[0].str())
+        except KafkaException as exc:  # no permission, say: the topic keeps what it had
+            log.warning("could not set %s on %s: %s", ", ".join(ENFORCED), resource.name, exc.args[0].str())
 
 
 def _wait_for_leaders(client: AdminClient, topics: list[str], timeout_s: float) -> None:

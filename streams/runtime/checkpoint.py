@@ -23,9 +23,11 @@ A batch goes through four steps, always in this order:
    see usage a landing sooner (on a busy 2-core host, a landing took about 100 ms at the median).
    A state is the latest count of its window, computed from the changelog's state and the source in
    offset order: if the batch is then not committed, it is read and processed again from the same
-   state and publishes the same states, so an early state is never one that a later one contradicts.
-   (Alerts are events, not states: they stay with the positions, so that an aborted batch does not
-   send them twice.) Role ``stream`` commits each batch as soon as it is processed, and has nothing
+   state, and publishes the same states. (Unless the wall clock moved far in between, a restart
+   after an outage longer than the dedup horizon, say: a re-sent copy of an event may then count,
+   or the watermark's bound let an event fall late. The batch's states then differ a little from
+   the early ones, and replace them.) Alerts are events, not states: they stay with the positions,
+   so that an aborted batch does not send them twice. Role ``stream`` commits each batch as soon as it is processed, and has nothing
    to gain.
 3. **Commit the transaction**, on a thread of its own (it waits on the brokers, without the GIL)
    while this thread reads and processes the next batch. It is waited for (``settle``) before
@@ -177,7 +179,8 @@ class Checkpoint:
         batch, landing = self._pending
         self._pending = None
         if landing is not None and not landing.result():
-            raise Unlanded(f"stopping with {len(batch.records)} unlanded rows; their offsets are not committed")
+            raise Unlanded(f"stopping with {len(batch.records) + batch.blocks.rows} unlanded rows; "
+                           "their offsets are not committed")
         self._write(batch, early)
         # Only what step 4 needs is kept while the transaction commits: the batch's records were
         # copied into the producer's queue, and held here too they would double the memory of a

@@ -23,6 +23,9 @@ EARLIEST_EVENT_TIME = datetime(2020, 1, 1, tzinfo=UTC)
 #: (COSTLINE_MAX_FUTURE_S, COSTLINE_MAX_EVENT_BYTES).
 MAX_FUTURE = timedelta(days=1)
 MAX_EVENT_BYTES = 1_048_576
+#: The largest record usage.raw takes (``streams.messaging.topics``), so the largest an event can
+#: be whatever COSTLINE_MAX_EVENT_BYTES says (which may not exceed it).
+MAX_RECORD_BYTES = 8 * 1024 * 1024
 _MAX_ERRORS_SHOWN = 3
 #: The contract's fast decoder, derived from ``UsageEvent``: it accepts what pydantic accepts, or
 #: leaves the input to pydantic.

@@ -408,11 +408,12 @@ cdef class _Reader:
         return 0
 
 
-def read_block(const unsigned char[::1] data, list plan, bint values=False):
+def read_block(const unsigned char[::1] data, list plan, list decimals, bint values=False):
     """Checks that ``data`` is exactly one Native block of ``plan``'s columns (as ``NativeWriter``
     writes them: the same names and wire types, in order) that ClickHouse can take: every length
     within the block, null maps and Bools 0 or 1, map offsets that only grow, decimals written as
-    decimal numbers, nothing after the last column. Returns the row count; with ``values``, also
+    decimal numbers that their column holds (``decimals``: each column's (precision, scale), None
+    for the others), nothing after the last column. Returns the row count; with ``values``, also
     the columns as lists (text as str, decimals as their text, times as epoch milliseconds),
     to read a block back in tests and in the in-memory sink. Raises ``ValueError`` saying what is
     wrong and where.
@@ -448,7 +449,7 @@ def read_block(const unsigned char[::1] data, list plan, bint values=False):
             for i in range(rows):
                 start = r.string(what)
                 if kind == KIND_DECIMAL:
-                    _check_decimal(r, start, what, i)
+                    _check_decimal(r, start, what, i, decimals[position])
                 if values:
                     column.append(r.text(start))
         elif kind == KIND_OPT_DECIMAL:
@@ -457,8 +458,8 @@ def read_block(const unsigned char[::1] data, list plan, bint values=False):
             r.at += rows
             for i in range(rows):
                 start = r.string(what)
-                if r.data[nulls + i] == 0:
-                    _check_decimal(r, start, what, i)
+                if r.data[nulls + i] == 0:  # (too large for a Nullable column, a value is stored as NULL)
+                    _check_decimal(r, start, what, i, None)
                 if values:
                     column.append(None if r.data[nulls + i] else r.text(start))
         elif kind == KIND_UINT64 or kind == KIND_DATETIME64_MS:
@@ -513,31 +514,53 @@ def read_block(const unsigned char[::1] data, list plan, bint values=False):
     return (rows, decoded) if values else rows
 
 
-cdef int _check_decimal(_Reader r, Py_ssize_t start, str what, Py_ssize_t row) except -1:
-    """A decimal's text as ``str(Decimal)`` writes a finite one: -?digits[.digits][E(+|-)digits]."""
-    cdef Py_ssize_t i = start, end = r.at, digits = 0
+cdef int _check_decimal(_Reader r, Py_ssize_t start, str what, Py_ssize_t row, object bounds) except -1:
+    """A decimal's text as ``str(Decimal)`` writes a finite one, -?digits[.digits][E(+|-)digits],
+    and a value its column holds: ``bounds`` is the column's (precision, scale), None for a
+    Nullable one (which stores a value too large for it as NULL). ClickHouse refuses
+    (on the embedded engine, code 69) more significant digits before the point than the precision,
+    and a value of more integer digits than precision - scale, counting as it does: the digits from
+    the first non-zero one to the end of the mantissa, plus the exponent, less the digits after the
+    point ("0E+10" has ten). Digits beyond the scale it drops."""
+    cdef Py_ssize_t i = start, end = r.at, digits = 0, leading = 0, significant = 0, whole = 0, fraction = 0
     cdef const unsigned char *c = r.data
+    cdef int64_t exponent = 0, sign = 1
+    cdef bint nonzero = False
     if i < end and c[i] == b'-':
         i += 1
     while i < end and b'0' <= c[i] <= b'9':
+        nonzero = nonzero or c[i] != b'0'
+        significant += nonzero
         i += 1
         digits += 1
+    whole = significant
     if digits and i < end and c[i] == b'.':
         i += 1
         digits = 0
         while i < end and b'0' <= c[i] <= b'9':
+            nonzero = nonzero or c[i] != b'0'
+            significant += nonzero
             i += 1
             digits += 1
+            fraction += 1
     if digits and i < end and c[i] == b'E':
         i += 1
         if i < end and (c[i] == b'+' or c[i] == b'-'):
+            sign = -1 if c[i] == b'-' else 1
             i += 1
         digits = 0
         while i < end and b'0' <= c[i] <= b'9':
+            if exponent < 1_000_000:
+                exponent = exponent * 10 + (c[i] - 48)
             i += 1
             digits += 1
     if not digits or i != end:
         raise ValueError(f"{what}: {r.text(start)[:40]!r} in row {row} is not a decimal number")
+    if bounds is None:
+        return 0
+    precision, scale = bounds
+    if whole > precision or significant + sign * exponent - fraction > precision - scale:
+        raise ValueError(f"{what}: {r.text(start)[:40]!r} in row {row} is too large for Decimal({precision}, {scale})")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import operator
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -60,6 +61,7 @@ class TableSpec(Generic[R]):
         object.__setattr__(self, "_wire", [_wire(ch_type, convert) for _, ch_type, _, convert in sent])
         object.__setattr__(self, "_types", [get_from_name(wire_type) for wire_type, _ in self._wire])
         kinds = [_NATIVE_KINDS.get(wire) for wire in self._wire]
+        object.__setattr__(self, "_decimals", [_precision_scale(ch_type) for _, ch_type, _, _ in sent])
         object.__setattr__(self, "_plan", None if None in kinds else [
             (name, wire_type, kind, path) for (name, _, path, _), (wire_type, _), kind in zip(sent, self._wire, kinds)])
 
@@ -139,7 +141,7 @@ class TableSpec(Generic[R]):
         ``ValueError`` saying why ClickHouse would refuse it."""
         if self._plan is None:
             raise ValueError(f"{self.name} has no compiled writer, so no block of it is read")
-        return _native.read_block(block, self._plan, values)
+        return _native.read_block(block, self._plan, self._decimals, values)
 
     def block_rows(self, block: bytes) -> list[dict[str, Any]]:
         """A block's rows as dicts by column name, decimals as ``Decimal`` (the in-memory sink's
@@ -157,7 +159,12 @@ class TableSpec(Generic[R]):
         in one body, as they are: a Native insert reads blocks until its body ends."""
         if isinstance(records, Blocks):
             body, rows = b"".join(records.bodies), records.rows
-            token = hashlib.sha256("\x01".join(records.ids).encode()).hexdigest()
+            # Where each block was read and what it holds (its size and CRC-32, at about 1 GB/s): by
+            # position alone, blocks of a usage.ledger made anew, whose offsets start again, would be
+            # dropped by ClickHouse as repeats of blocks it took before (its deduplication window).
+            token = hashlib.sha256("\x01".join(
+                f"{block_id}:{len(body_)}:{zlib.crc32(body_)}" for block_id, body_ in
+                zip(records.ids, records.bodies, strict=True)).encode()).hexdigest()
         else:
             body, rows, token = self.native(records), len(records), self.dedup_token(records)
         if compression:
@@ -287,6 +294,15 @@ def _wire(ch_type: str, convert: Convert | None) -> tuple[str, Convert | None]:
     if ch_type.startswith("DateTime64(3,") and convert is None:
         return ch_type, _milliseconds
     return ch_type, convert
+
+
+def _precision_scale(ch_type: str) -> tuple[int, int] | None:
+    """A ``Decimal(P, S)`` column's (P, S) (nullable or not); None for any other type."""
+    inner = ch_type.removeprefix("Nullable(").removesuffix(")") if ch_type.startswith("Nullable(") else ch_type
+    if not inner.startswith("Decimal("):
+        return None
+    precision, scale = inner.removeprefix("Decimal(").removesuffix(")").split(",")
+    return int(precision), int(scale)
 
 
 def _milliseconds(column: list[datetime]) -> list[datetime] | list[int]:

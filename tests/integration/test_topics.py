@@ -1,18 +1,17 @@
 """Topics of an isolated pipeline: created by ensure_topics, deleted again by remove_isolated_topics."""
 
 import pytest
-from confluent_kafka.admin import ConfigResource, ResourceType
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
 from streams.messaging.topics import (
-    LEDGER_BLOCK_BYTES,
     MAX_LEDGER_RECORD_BYTES,
-    MAX_RECORD_BYTES,
     admin,
     ensure_topics,
     pipeline_topics,
 )
 from streams.operations.processes import isolated_env, remove_isolated_topics, wait_for
 from streams.settings import Settings
+from streams.stages.validation import MAX_RECORD_BYTES
 
 
 def test_an_isolated_pipelines_topics_are_created_and_deleted(kafka_servers, tmp_path):
@@ -20,11 +19,22 @@ def test_an_isolated_pipelines_topics_are_created_and_deleted(kafka_servers, tmp
     names = set(pipeline_topics(settings))
     assert len(names) == 8 and all(n.startswith(settings.topic_prefix) for n in names)
     assert set(ensure_topics(settings)) == names
-    # usage.ledger takes a block of LEDGER_BLOCK_BYTES and one row of the largest event after it.
-    resource = ConfigResource(ResourceType.TOPIC, settings.topics.ledger)
+    # usage.ledger and usage.dlq take the largest ledger block (tests/storage/test_native.py).
     client = admin(settings)  # (held: a client collected while its future waits destroys it)
-    configs = client.describe_configs([resource])[resource].result(timeout=10)
-    assert int(configs["max.message.bytes"].value) == MAX_LEDGER_RECORD_BYTES > LEDGER_BLOCK_BYTES + MAX_RECORD_BYTES
+
+    def max_bytes(topic: str) -> int:
+        resource = ConfigResource(ResourceType.TOPIC, topic)
+        return int(client.describe_configs([resource])[resource].result(timeout=10)["max.message.bytes"].value)
+
+    t = settings.topics
+    assert [max_bytes(t.ledger), max_bytes(t.dlq), max_bytes(t.raw)] == [MAX_LEDGER_RECORD_BYTES] * 2 + [
+        MAX_RECORD_BYTES]
+    # A topic made before (here: the dead-letter topic at the raw topic's limit) is given the limit.
+    resource = ConfigResource(ResourceType.TOPIC, t.dlq, incremental_configs=[ConfigEntry(
+        "max.message.bytes", str(MAX_RECORD_BYTES), incremental_operation=AlterConfigOpType.SET)])
+    client.incremental_alter_configs([resource])[resource].result(timeout=10)
+    assert max_bytes(t.dlq) == MAX_RECORD_BYTES
+    assert ensure_topics(settings) == [] and max_bytes(t.dlq) == MAX_LEDGER_RECORD_BYTES
     remove_isolated_topics(settings)
     wait_for(lambda: names.isdisjoint(admin(settings).list_topics(timeout=10).topics), 30,
              "the broker's metadata to drop the deleted topics")

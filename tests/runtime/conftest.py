@@ -143,14 +143,23 @@ def make_worker(plans, attribution):
 
 
 def states(broker: MemoryBroker) -> dict[str, Decimal]:
-    """The latest usage published on quota.state per tenant."""
-    latest: dict[str, Decimal] = {}
-    for record in broker.records(TOPICS.state):
+    """The usage of each tenant's window (one a tenant in these tests) in its latest record on
+    quota.state, the record an enforcer or a compacted topic keeps. Each window's records must never
+    go down: a state published again (an aborted batch's, an early one) repeats or passes the one before."""
+    latest: dict[bytes, QuotaState] = {}
+    for record in broker.records(TOPICS.state):  # (a key's records are on one partition, in order)
         if record.value() is None:
-            continue  # a window past its grace period
+            latest.pop(record.key(), None)  # a window past its grace period
+            continue
         state = QuotaState.model_validate_json(record.value())
-        latest[state.tenant_id] = max(latest.get(state.tenant_id, Decimal(0)), state.usage)
-    return latest
+        before = latest.get(record.key())
+        assert before is None or state.usage >= before.usage, f"{record.key()!r} went down: {before} → {state}"
+        latest[record.key()] = state
+    by_tenant: dict[str, Decimal] = {}
+    for state in latest.values():
+        assert state.tenant_id not in by_tenant, "one window a tenant"
+        by_tenant[state.tenant_id] = state.usage
+    return by_tenant
 
 
 def alerts(broker: MemoryBroker) -> list[tuple[str, Decimal, str]]:

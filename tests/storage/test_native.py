@@ -5,6 +5,8 @@ runs on every ledger block before inserting it: what it reads back, and that a b
 is one the engine takes."""
 
 import dataclasses
+import json
+import random
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -17,6 +19,8 @@ from schemas.attributed import ZERO
 from schemas.quota import QuotaAlert
 from schemas.trusted import json_writer
 from schemas.usage import TokenUsage, UsageEvent, epoch_ms
+from streams.messaging.topics import LEDGER_BLOCK_BYTES, MAX_LEDGER_RECORD_BYTES
+from streams.stages.validation import MAX_RECORD_BYTES
 from streams.storage.tables import (
     ALERTS,
     AUDIT,
@@ -229,20 +233,57 @@ def test_a_block_of_another_layout_or_a_bad_decimal_is_refused(attribution, old,
         LEDGER.read_block(block.replace(old, new, 1))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=3))
-def test_a_damaged_block_the_reader_accepts_is_one_the_engine_takes(ch_client, attribution, flips):
-    block = bytearray(_two_rows(attribution))
-    for at, xor in flips:
-        block[at % len(block)] ^= xor
+def _insert(client, table: str, block: bytes) -> bool:
+    """Whether the engine takes ``block`` into ``table``."""
     try:
-        rows = LEDGER.read_block(bytes(block))
+        client.raw_insert(table, LEDGER.column_names, block, fmt="Native",
+                          settings={"input_format_native_allow_types_conversion": 1})
+    except Exception:  # noqa: BLE001 - any refusal
+        return False
+    return True
+
+
+def _accepted(block: bytes) -> bool:
+    try:
+        LEDGER.read_block(block)
     except ValueError:
-        return  # refused: dead-lettered, never sent
-    ch_client.command("CREATE TABLE IF NOT EXISTS ledger_damaged AS usage_ledger")
-    ch_client.raw_insert("ledger_damaged", LEDGER.column_names, bytes(block), fmt="Native",
-                         settings={"input_format_native_allow_types_conversion": 1})
-    assert rows == 2
+        return False
+    return True
+
+
+# cost_usd is a Decimal(18, 12): at most 18 digits before the point, 6 integer digits in value.
+@pytest.mark.parametrize("text", [
+    "999999.99999999", "1000000.0000000", "1E+5", "1E+6", "0E+10", "0E+6", "12.5E+5", "1.25E+6", "99999900E-2",
+    "9999999E-1", "0.00257000000E1", "-999999.9999999", "1" + "0" * 40 + "E-40", "0." + "0" * 80 + "1"])
+def test_the_reader_refuses_exactly_the_decimals_the_engine_refuses(ch_client, attribution, text):
+    block = _two_rows(attribution)
+    damaged = block.replace(b"\x0e0.002570000000", bytes([len(text)]) + text.encode(), 1)
+    assert damaged != block
+    ch_client.command("CREATE TABLE IF NOT EXISTS ledger_decimals AS usage_ledger")
+    try:
+        assert _accepted(damaged) == _insert(ch_client, "ledger_decimals", damaged)
+    finally:
+        ch_client.command("DROP TABLE ledger_decimals")
+
+
+def test_a_damaged_block_the_reader_accepts_is_one_the_engine_takes(ch_client, attribution):
+    block = _two_rows(attribution)
+    rng = random.Random(7)
+    accepted = refused = 0
+    ch_client.command("CREATE TABLE ledger_damaged AS usage_ledger")
+    try:
+        for _ in range(400):  # one to three bytes changed anywhere
+            damaged = bytearray(block)
+            for _ in range(rng.randint(1, 3)):
+                damaged[rng.randrange(len(damaged))] ^= rng.randint(1, 255)
+            if _accepted(bytes(damaged)):
+                accepted += 1
+                assert _insert(ch_client, "ledger_damaged", bytes(damaged)), bytes(damaged)
+            else:
+                refused += 1
+    finally:
+        ch_client.command("DROP TABLE ledger_damaged")
+    assert accepted >= 40 and refused >= 40  # (both sides of the check were exercised)
 
 
 def test_blocks_cut_by_size_land_in_one_insert_as_one_block_lands(ch_client, attribution):
@@ -269,3 +310,17 @@ def test_blocks_cut_by_size_land_in_one_insert_as_one_block_lands(ch_client, att
         assert parts == [(1,)]  # one insert, one part, however many blocks
     finally:
         ch_client.command("DROP TABLE ledger_one_block")
+
+
+def test_the_row_of_the_largest_event_fits_a_ledger_record_after_a_full_block(attribution):
+    # An event as large as usage.raw takes, of text whose JSON grows most when written escaped
+    # ("é": 2 bytes in the event, 6 in the row's JSON column).
+    event = {"event_id": "big", "timestamp": "2026-06-01T09:00:00Z", "tenant_id": "t", "provider": "openai",
+             "model": "gpt-4o", "usage": {"input_tokens": 1}, "notes": ""}
+    event["notes"] = "é" * ((MAX_RECORD_BYTES - len(json.dumps(event)) - 8) // 2)
+    raw = json.dumps(event, ensure_ascii=False).encode()
+    assert MAX_RECORD_BYTES - 16 < len(raw) <= MAX_RECORD_BYTES
+    record = dataclasses.replace(attribution, max_bytes=MAX_RECORD_BYTES).attribute_raw(raw, AT)
+    row = LEDGER.native([record])
+    assert len(row) > 2.9 * len(raw)
+    assert LEDGER_BLOCK_BYTES + len(row) <= MAX_LEDGER_RECORD_BYTES
