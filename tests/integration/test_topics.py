@@ -33,8 +33,9 @@ def test_an_isolated_pipelines_topics_are_created_and_deleted(kafka_servers, tmp
     resource = ConfigResource(ResourceType.TOPIC, t.dlq, incremental_configs=[ConfigEntry(
         "max.message.bytes", str(MAX_RECORD_BYTES), incremental_operation=AlterConfigOpType.SET)])
     client.incremental_alter_configs([resource])[resource].result(timeout=10)
-    assert max_bytes(t.dlq) == MAX_RECORD_BYTES
-    assert ensure_topics(settings) == [] and max_bytes(t.dlq) == MAX_LEDGER_RECORD_BYTES
+    wait_for(lambda: max_bytes(t.dlq) == MAX_RECORD_BYTES, 30, "the broker to apply the lowered limit")
+    assert ensure_topics(settings) == []
+    wait_for(lambda: max_bytes(t.dlq) == MAX_LEDGER_RECORD_BYTES, 30, "ensure_topics to set the limit again")
     remove_isolated_topics(settings)
     wait_for(lambda: names.isdisjoint(admin(settings).list_topics(timeout=10).topics), 30,
              "the broker's metadata to drop the deleted topics")
