@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streams.errors import CostlineError
-from streams.stages.validation import MAX_EVENT_BYTES, MAX_FUTURE, MAX_RECORD_BYTES
+from streams.stages.validation import MAX_EVENT_BYTES, MAX_EVENT_BYTES_CEILING, MAX_FUTURE
 
 
 class SettingsError(CostlineError, ValueError):
@@ -107,7 +107,7 @@ class Settings(BaseModel):
     query_max_rows: int = Field(default=100_000, ge=1)
     query_max_threads: int = Field(default=1, ge=1, le=256)
     max_future_s: int = Field(default=int(MAX_FUTURE.total_seconds()), ge=0)
-    max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=1024, le=MAX_RECORD_BYTES)
+    max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=1024, le=MAX_EVENT_BYTES_CEILING)
     #: Quota and billing state entries kept as objects; beyond that, the tenants used longest ago
     #: are held as compressed bytes, a few hundred a tenant (``streams.runtime.state``). About six
     #: entries a tenant: the default keeps some 3,000 busy tenants' state ready.

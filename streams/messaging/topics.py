@@ -12,7 +12,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from streams.errors import CostlineError
 from streams.settings import Settings
-from streams.stages.validation import MAX_RECORD_BYTES
+from streams.stages.validation import MAX_EVENT_BYTES_CEILING, MAX_RECORD_BYTES
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -21,12 +21,14 @@ log = logging.getLogger(__name__)
 #: a batch of 5,000 events is a few records of usage.ledger.
 LEDGER_BLOCK_BYTES = 1024 * 1024
 #: The largest record of usage.ledger, and of usage.dlq, where the sink dead-letters a block. A
-#: block may pass ``LEDGER_BLOCK_BYTES`` by one row, and a row its event (up to ``MAX_RECORD_BYTES``,
-#: the largest record usage.raw takes) by up to three times: its free-form JSON (``extra``,
-#: ``raw_usage``) is written with non-ASCII characters escaped, "é" (2 bytes) as 6 and "😀" (4) as 12.
-#: Lowered below that, a block could be refused by the broker, and its batch's transaction aborted
-#: again and again (``tests/storage/test_native.py`` writes the largest row).
-MAX_LEDGER_RECORD_BYTES = LEDGER_BLOCK_BYTES + 3 * MAX_RECORD_BYTES + 1024 * 1024
+#: block may pass ``LEDGER_BLOCK_BYTES`` by one row, and a row its event (up to
+#: ``MAX_EVENT_BYTES_CEILING``, the largest COSTLINE_MAX_EVENT_BYTES) by up to six times: its
+#: free-form JSON (``extra``, ``raw_usage``) is written with all but printable ASCII escaped, DEL
+#: (1 byte, legal unescaped in the event) as the 6 of "\u007f", "é" (2) as 6, and "1e15" (4) is
+#: written as "1000000000000000.0". Lowered below that, a block could be refused by the broker and
+#: its batch's transaction aborted again and again (``tests/storage/test_native.py`` writes the
+#: largest row). 26 MiB.
+MAX_LEDGER_RECORD_BYTES = LEDGER_BLOCK_BYTES + 6 * MAX_EVENT_BYTES_CEILING + 1024 * 1024
 
 
 class KafkaUnavailable(CostlineError):
@@ -76,7 +78,8 @@ EVENT_TIMES = {"message.timestamp.after.max.ms": str(2**63 - 1)}
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
-    """Creates missing topics; returns the names created. Existing topics are left as they are.
+    """Creates missing topics; returns the names created. Existing topics keep their configuration,
+    but for the limits of ``ENFORCED``, which are raised to what this version needs.
     Returns once every partition of the pipeline's topics has a leader: a topic created a moment
     ago answers NOT_LEADER_FOR_PARTITION until then, and the worker would start on those errors."""
     check_reachable(settings)
@@ -104,24 +107,39 @@ def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
     return created
 
 
-#: The settings ``ensure_topics`` sets on topics that exist already (created by an earlier version,
+#: The settings ``ensure_topics`` gives topics that exist already (created by an earlier version,
 #: or by hand): without them, events over an hour ahead, and the largest ledger blocks and their
-#: dead letters, would be refused. The rest of a topic's configuration is the operator's.
+#: dead letters, would be refused. A limit is only ever raised (an operator's higher one is kept);
+#: the rest of a topic's configuration is the operator's.
 ENFORCED = ("message.timestamp.after.max.ms", "max.message.bytes")
 
 
 def _enforce(client: AdminClient, existing: dict[str, dict[str, str]], timeout_s: float) -> None:
-    """Sets ``ENFORCED`` settings of each existing topic's wanted configuration."""
-    resources = [ConfigResource(ResourceType.TOPIC, name, incremental_configs=[
-        ConfigEntry(key, config[key], incremental_operation=AlterConfigOpType.SET) for key in ENFORCED if key in config])
-        for name, config in existing.items() if any(key in config for key in ENFORCED)]
-    if not resources:
+    """Raises each existing topic's ``ENFORCED`` settings to its wanted configuration's, one setting
+    at a time (an alter is all or nothing per topic: a broker that does not know one setting would
+    otherwise keep the other from being set). A failure is logged and the start goes on: the
+    topic then refuses what it refused before."""
+    wanted = {name: config for name, config in existing.items() if any(key in config for key in ENFORCED)}
+    if not wanted:
         return
-    for resource, future in client.incremental_alter_configs(resources).items():
-        try:
-            future.result(timeout=timeout_s)
-        except KafkaException as exc:  # no permission, say: the topic keeps what it had
-            log.warning("could not set %s on %s: %s", ", ".join(ENFORCED), resource.name, exc.args[0].str())
+    try:
+        described = {resource.name: future.result(timeout=timeout_s) for resource, future in
+                     client.describe_configs([ConfigResource(ResourceType.TOPIC, name) for name in wanted]).items()}
+    except (KafkaException, TimeoutError) as exc:
+        log.warning("could not read the configuration of %s: %s", ", ".join(wanted), exc)
+        return
+    for key in ENFORCED:
+        low = [name for name, config in wanted.items() if key in config and name in described
+               and (key not in described[name] or int(described[name][key].value) < int(config[key]))]
+        if not low:
+            continue
+        resources = [ConfigResource(ResourceType.TOPIC, name, incremental_configs=[
+            ConfigEntry(key, wanted[name][key], incremental_operation=AlterConfigOpType.SET)]) for name in low]
+        for resource, future in client.incremental_alter_configs(resources).items():
+            try:
+                future.result(timeout=timeout_s)
+            except (KafkaException, TimeoutError) as exc:  # no permission, say
+                log.warning("could not set %s=%s on %s: %s", key, wanted[resource.name][key], resource.name, exc)
 
 
 def _wait_for_leaders(client: AdminClient, topics: list[str], timeout_s: float) -> None:

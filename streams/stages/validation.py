@@ -23,9 +23,12 @@ EARLIEST_EVENT_TIME = datetime(2020, 1, 1, tzinfo=UTC)
 #: (COSTLINE_MAX_FUTURE_S, COSTLINE_MAX_EVENT_BYTES).
 MAX_FUTURE = timedelta(days=1)
 MAX_EVENT_BYTES = 1_048_576
-#: The largest record usage.raw takes (``streams.messaging.topics``), so the largest an event can
-#: be whatever COSTLINE_MAX_EVENT_BYTES says (which may not exceed it).
+#: The largest record usage.raw takes (``streams.messaging.topics``): larger than any event a
+#: worker accepts, so that an oversized one reaches it and is dead-lettered with its reason.
 MAX_RECORD_BYTES = 8 * 1024 * 1024
+#: The largest COSTLINE_MAX_EVENT_BYTES. An accepted event's ledger row, and so a block of the
+#: stream role, grows with it (up to six times: ``streams.messaging.topics.MAX_LEDGER_RECORD_BYTES``).
+MAX_EVENT_BYTES_CEILING = 4 * 1024 * 1024
 _MAX_ERRORS_SHOWN = 3
 #: The contract's fast decoder, derived from ``UsageEvent``: it accepts what pydantic accepts, or
 #: leaves the input to pydantic.

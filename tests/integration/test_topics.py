@@ -29,13 +29,19 @@ def test_an_isolated_pipelines_topics_are_created_and_deleted(kafka_servers, tmp
     t = settings.topics
     assert [max_bytes(t.ledger), max_bytes(t.dlq), max_bytes(t.raw)] == [MAX_LEDGER_RECORD_BYTES] * 2 + [
         MAX_RECORD_BYTES]
-    # A topic made before (here: the dead-letter topic at the raw topic's limit) is given the limit.
-    resource = ConfigResource(ResourceType.TOPIC, t.dlq, incremental_configs=[ConfigEntry(
-        "max.message.bytes", str(MAX_RECORD_BYTES), incremental_operation=AlterConfigOpType.SET)])
-    client.incremental_alter_configs([resource])[resource].result(timeout=10)
-    wait_for(lambda: max_bytes(t.dlq) == MAX_RECORD_BYTES, 30, "the broker to apply the lowered limit")
+    def set_max_bytes(topic: str, value: int) -> None:
+        resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[ConfigEntry(
+            "max.message.bytes", str(value), incremental_operation=AlterConfigOpType.SET)])
+        client.incremental_alter_configs([resource])[resource].result(timeout=10)
+        wait_for(lambda: max_bytes(topic) == value, 30, f"the broker to apply {topic}'s limit")
+
+    # A topic made before (here: the dead-letter topic at the raw topic's limit) is given the limit;
+    # a higher limit an operator set is kept.
+    set_max_bytes(t.dlq, MAX_RECORD_BYTES)
+    set_max_bytes(t.ledger, 2 * MAX_LEDGER_RECORD_BYTES)
     assert ensure_topics(settings) == []
-    wait_for(lambda: max_bytes(t.dlq) == MAX_LEDGER_RECORD_BYTES, 30, "ensure_topics to set the limit again")
+    wait_for(lambda: max_bytes(t.dlq) == MAX_LEDGER_RECORD_BYTES, 30, "ensure_topics to raise the limit")
+    assert max_bytes(t.ledger) == 2 * MAX_LEDGER_RECORD_BYTES
     remove_isolated_topics(settings)
     wait_for(lambda: names.isdisjoint(admin(settings).list_topics(timeout=10).topics), 30,
              "the broker's metadata to drop the deleted topics")

@@ -20,7 +20,8 @@ from schemas.quota import QuotaAlert
 from schemas.trusted import json_writer
 from schemas.usage import TokenUsage, UsageEvent, epoch_ms
 from streams.messaging.topics import LEDGER_BLOCK_BYTES, MAX_LEDGER_RECORD_BYTES
-from streams.stages.validation import MAX_RECORD_BYTES
+from streams.settings import Settings, SettingsError
+from streams.stages.validation import MAX_EVENT_BYTES_CEILING
 from streams.storage.tables import (
     ALERTS,
     AUDIT,
@@ -254,7 +255,9 @@ def _accepted(block: bytes) -> bool:
 # cost_usd is a Decimal(18, 12): at most 18 digits before the point, 6 integer digits in value.
 @pytest.mark.parametrize("text", [
     "999999.99999999", "1000000.0000000", "1E+5", "1E+6", "0E+10", "0E+6", "12.5E+5", "1.25E+6", "99999900E-2",
-    "9999999E-1", "0.00257000000E1", "-999999.9999999", "1" + "0" * 40 + "E-40", "0." + "0" * 80 + "1"])
+    "9999999E-1", "0.00257000000E1", "-999999.9999999", "1" + "0" * 40 + "E-40", "0." + "0" * 80 + "1",
+    "0E+7", "0.0E+7", "0.001E+8", "0.0025700000E7", "0.5E+6", "0.5E+7", "000000123.5", "1E-2147483649",
+    "1E-2147483647", "-0E-12", "1.0E-7"])
 def test_the_reader_refuses_exactly_the_decimals_the_engine_refuses(ch_client, attribution, text):
     block = _two_rows(attribution)
     damaged = block.replace(b"\x0e0.002570000000", bytes([len(text)]) + text.encode(), 1)
@@ -313,14 +316,16 @@ def test_blocks_cut_by_size_land_in_one_insert_as_one_block_lands(ch_client, att
 
 
 def test_the_row_of_the_largest_event_fits_a_ledger_record_after_a_full_block(attribution):
-    # An event as large as usage.raw takes, of text whose JSON grows most when written escaped
-    # ("é": 2 bytes in the event, 6 in the row's JSON column).
+    # An event as large as COSTLINE_MAX_EVENT_BYTES may be, of text whose JSON grows most when
+    # written escaped (DEL: 1 byte in the event, 6 in the row's JSON column).
     event = {"event_id": "big", "timestamp": "2026-06-01T09:00:00Z", "tenant_id": "t", "provider": "openai",
              "model": "gpt-4o", "usage": {"input_tokens": 1}, "notes": ""}
-    event["notes"] = "é" * ((MAX_RECORD_BYTES - len(json.dumps(event)) - 8) // 2)
+    event["notes"] = "\x7f" * (MAX_EVENT_BYTES_CEILING - len(json.dumps(event)) - 8)
     raw = json.dumps(event, ensure_ascii=False).encode()
-    assert MAX_RECORD_BYTES - 16 < len(raw) <= MAX_RECORD_BYTES
-    record = dataclasses.replace(attribution, max_bytes=MAX_RECORD_BYTES).attribute_raw(raw, AT)
+    assert MAX_EVENT_BYTES_CEILING - 16 < len(raw) <= MAX_EVENT_BYTES_CEILING
+    record = dataclasses.replace(attribution, max_bytes=MAX_EVENT_BYTES_CEILING).attribute_raw(raw, AT)
     row = LEDGER.native([record])
-    assert len(row) > 2.9 * len(raw)
+    assert len(row) > 5.9 * len(raw)
     assert LEDGER_BLOCK_BYTES + len(row) <= MAX_LEDGER_RECORD_BYTES
+    with pytest.raises(SettingsError, match="COSTLINE_MAX_EVENT_BYTES"):  # and no event may be larger
+        Settings.from_env(environ={"COSTLINE_MAX_EVENT_BYTES": str(MAX_EVENT_BYTES_CEILING + 1)})
