@@ -16,6 +16,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from clickhouse_connect.datatypes.numeric import Decimal as DecimalType
 from clickhouse_connect.datatypes.registry import get_from_name
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.compression import get_compressor
@@ -93,7 +94,7 @@ class TableSpec(Generic[R]):
 
     def dedup_token(self, records: Sequence[R]) -> str:
         """Identical for a retry of the same batch, different for any other batch."""
-        return hashlib.sha256("\x01".join(self.identity(records)).encode()).hexdigest()
+        return _token(self.identity(records))
 
     def writer(self) -> _native.NativeWriter | None:
         """A compiled writer of this table's Native block (``streams.storage._native``), or None
@@ -147,9 +148,8 @@ class TableSpec(Generic[R]):
         """A block's rows as dicts by column name, decimals as ``Decimal`` (the in-memory sink's
         rows, and tests')."""
         _, columns = self.read_block(block, values=True)
-        decimal = [kind in (_native.KIND_DECIMAL, _native.KIND_OPT_DECIMAL) for _, _, kind, _ in self._plan]
-        columns = [[None if v is None else Decimal(v) for v in column] if is_decimal else column
-                   for column, is_decimal in zip(columns, decimal, strict=True)]
+        columns = [[None if v is None else Decimal(v) for v in column] if bounds is not None else column
+                   for column, bounds in zip(columns, self._decimals, strict=True)]
         return [dict(zip(self.column_names, row, strict=True)) for row in zip(*columns, strict=True)]
 
     def encode(self, records: Sequence[R] | Blocks, compression: str | None = None) -> Encoded:
@@ -162,9 +162,8 @@ class TableSpec(Generic[R]):
             # Where each block was read and what it holds (its size and CRC-32, at about 1 GB/s): by
             # position alone, blocks of a usage.ledger made anew, whose offsets start again, would be
             # dropped by ClickHouse as repeats of blocks it took before (its deduplication window).
-            token = hashlib.sha256("\x01".join(
-                f"{block_id}:{len(body_)}:{zlib.crc32(body_)}" for block_id, body_ in
-                zip(records.ids, records.bodies, strict=True)).encode()).hexdigest()
+            token = _token(f"{block_id}:{len(body_)}:{zlib.crc32(body_)}"
+                           for block_id, body_ in zip(records.ids, records.bodies, strict=True))
         else:
             body, rows, token = self.native(records), len(records), self.dedup_token(records)
         if compression:
@@ -297,12 +296,15 @@ def _wire(ch_type: str, convert: Convert | None) -> tuple[str, Convert | None]:
 
 
 def _precision_scale(ch_type: str) -> tuple[int, int] | None:
-    """A ``Decimal(P, S)`` column's (P, S) (nullable or not); None for any other type."""
-    inner = ch_type.removeprefix("Nullable(").removesuffix(")") if ch_type.startswith("Nullable(") else ch_type
-    if not inner.startswith("Decimal("):
-        return None
-    precision, scale = inner.removeprefix("Decimal(").removesuffix(")").split(",")
-    return int(precision), int(scale)
+    """A ``Decimal(P, S)`` column's (P, S) (nullable or not), as clickhouse-connect reads the type;
+    None for any other type."""
+    column_type = get_from_name(ch_type)
+    return (column_type.prec, column_type.scale) if isinstance(column_type, DecimalType) else None
+
+
+def _token(parts: Iterable[str]) -> str:
+    """A deduplication token: the same parts give the same token, any other parts another."""
+    return hashlib.sha256("\x01".join(parts).encode()).hexdigest()
 
 
 def _milliseconds(column: list[datetime]) -> list[datetime] | list[int]:
