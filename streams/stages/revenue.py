@@ -152,91 +152,88 @@ class RevenueMeter:
              now: datetime | None = None) -> RevenueOutcome:
         """Rates ``record`` into its tenant's period in ``table`` (tenant → entry); ``now`` is the
         worker's clock, which bounds how far the tenant's watermark moves."""
-        # In the exact context, set and restored by hand: ``localcontext`` copies the context on
-        # every entry, 1.3 µs an event against 0.35.
-        saved = getcontext()
-        setcontext(EXACT)
-        try:
-            return self._rate(record, table, now)
-        finally:
-            setcontext(saved)
+        return self.rate_all([record], table, now)[0]
 
     def rate_all(self, records: list[AttributedUsage], table: MutableMapping[str, dict[str, Any]],
                  now: datetime | None = None) -> list[RevenueOutcome]:
-        """``[rate(record, table, now) for record in records]``, for the events of one tenant (the
-        quota stage's batch path): the decimal context set once, the tenant's card read once."""
-        card, zone = self._card_of(records[0].tenant_id)
+        """``[rate(record, table, now) for record in records]`` for the events of one tenant, in
+        their order (the quota stage's batch path gives it a tenant's events of a batch)."""
+        tenant = records[0].tenant_id
+        card, zone = self._card_of(tenant)
         if card is None:
             return [UNRATED] * len(records)
+        # In the exact context, set and restored by hand: ``localcontext`` copies the context on
+        # every entry, 1.3 µs a call against 0.35.
         saved = getcontext()
         setcontext(EXACT)
         try:
-            return [self._rate_on(card, zone, record, table, now) for record in records]
+            return self._rate_group(card, zone, tenant, records, table, now)
         finally:
             setcontext(saved)
 
-    def _rate(self, record: AttributedUsage, table: MutableMapping[str, dict[str, Any]],
-              now: datetime | None) -> RevenueOutcome:
-        card, zone = self._card_of(record.tenant_id)
-        if card is None:
-            return UNRATED
-        return self._rate_on(card, zone, record, table, now)
-
-    def _rate_on(self, card: RateCard, zone: ZoneInfo, record: AttributedUsage,
-                 table: MutableMapping[str, dict[str, Any]], now: datetime | None) -> RevenueOutcome:
-        tenant = record.tenant_id
-        at = record.event_time
-        moved_to = self.bound.moved_to(at, now)
+    def _rate_group(self, card: RateCard, zone: ZoneInfo, tenant: str, records: list[AttributedUsage],
+                    table: MutableMapping[str, dict[str, Any]], now: datetime | None) -> list[RevenueOutcome]:
+        """The events of one tenant, one after the other. What does not change from one event to the
+        next is read once: the tenant's entry (read from and written back to ``table`` once, which
+        in the worker is a changelogged table that thaws a frozen entry on read and marks it changed
+        on write), its card's charges for the call's fields (memoized), the period."""
+        moved_to, grace, derived_of = self.bound.moved_to, self.grace, self._derived
         entry = table.get(tenant)
         if entry is None:
-            entry = {"w": moved_to, "periods": {}}
-        elif moved_to > entry["w"]:
-            entry["w"] = moved_to
-        watermark = entry["w"]
+            entry = {"w": moved_to(records[0].event_time, now), "periods": {}}
         periods: dict[str, dict[str, Any]] = entry["periods"]
-        period = self._period_of(at, zone)
-        state = periods.get(period.start_text)
-        if state is None or len(periods) > 1:  # (only then can another period be open)
-            grace = self.grace
-            for start_text, open_period in list(periods.items()):
-                if open_period["end"] + grace <= watermark:
-                    del periods[start_text]
-                    self._derived.pop((tenant, start_text), None)
-            if period.end + grace <= watermark:
-                table[tenant] = entry
-                return _CLOSED
-            if state is None:
-                state = periods[period.start_text] = {"end": period.end, "q": {}, "v": {}}
-        derived = self._derived.get((tenant, period.start_text))
-        if derived is None:  # (new, or restored from the changelog: under the card in force now)
-            if len(self._derived) >= self.derived_limit:
-                # Bounded like the memos: a tenant's derived values are rebuilt from its entry,
-                # exactly as after a restore. (Left to grow, they were 30 MB with 100,000 tenants.)
-                self._derived.clear()
-            running = _running(card, state)
-            derived = self._derived[(tenant, period.start_text)] = [running, capped(card, running).quantize(MONEY_QUANTUM), {}]
-        running, billed_before, segments = derived
-        added = _ZERO
-        q = state["q"]
-        for charge in self._charges_for(card, record):
-            cid = charge.id
-            before = q.get(cid, _ZERO)
-            after = q[cid] = before + quantity_of(record, charge)
-            segment = segments.get(cid)
-            if segment is not None and segment[0] < before and (segment[1] is None or after <= segment[1]):
-                step = (after - before) * segment[2]  # on one straight piece of the bill: most events
-            else:
-                step = increment(charge, before, after)
-                segments[cid] = segment_of(charge, after)
-            if charge.price == "volume":
-                v = state["v"]
-                v[cid] = v.get(cid, _ZERO) + step
-            added += net(charge, step)
-        derived[0] = running = running + added
-        derived[1] = billed = capped(card, running).quantize(MONEY_QUANTUM)
-        revenue = billed - billed_before
+        outcomes: list[RevenueOutcome] = []
+        period: Period | None = None
+        for record in records:
+            at = record.event_time
+            mark = moved_to(at, now)
+            if mark > entry["w"]:
+                entry["w"] = mark
+            if period is None or not period.start <= at < period.end:
+                period = self._period_of(at, zone)
+            state = periods.get(period.start_text)
+            if state is None or len(periods) > 1:  # (only then can another period be open)
+                watermark = entry["w"]
+                for start_text, open_period in list(periods.items()):
+                    if open_period["end"] + grace <= watermark:
+                        del periods[start_text]
+                        derived_of.pop((tenant, start_text), None)
+                if period.end + grace <= watermark:
+                    outcomes.append(_CLOSED)
+                    continue
+                if state is None:
+                    state = periods[period.start_text] = {"end": period.end, "q": {}, "v": {}}
+            derived = derived_of.get((tenant, period.start_text))
+            if derived is None:  # (new, or restored from the changelog: under the card in force now)
+                if len(derived_of) >= self.derived_limit:
+                    # Bounded like the memos: a tenant's derived values are rebuilt from its entry,
+                    # exactly as after a restore. (Left to grow, they were 30 MB with 100,000 tenants.)
+                    derived_of.clear()
+                running = _running(card, state)
+                derived = derived_of[(tenant, period.start_text)] = [
+                    running, capped(card, running).quantize(MONEY_QUANTUM), {}]
+            running, billed_before, segments = derived
+            added = _ZERO
+            q = state["q"]
+            for charge in self._charges_for(card, record):
+                cid = charge.id
+                before = q.get(cid, _ZERO)
+                after = q[cid] = before + quantity_of(record, charge)
+                segment = segments.get(cid)
+                if segment is not None and segment[0] < before and (segment[1] is None or after <= segment[1]):
+                    step = (after - before) * segment[2]  # on one straight piece of the bill: most events
+                else:
+                    step = increment(charge, before, after)
+                    segments[cid] = segment_of(charge, after)
+                if charge.price == "volume":
+                    v = state["v"]
+                    v[cid] = v.get(cid, _ZERO) + step
+                added += net(charge, step)
+            derived[0] = running = running + added
+            derived[1] = billed = capped(card, running).quantize(MONEY_QUANTUM)
+            outcomes.append(RevenueOutcome(billed - billed_before, False, period.label))
         table[tenant] = entry
-        return RevenueOutcome(revenue, False, period.label)
+        return outcomes
 
     def rates(self, tenant: str) -> bool:
         """Whether the tenant's plan has a rate card."""
