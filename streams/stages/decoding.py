@@ -35,6 +35,7 @@ from pydantic.functional_validators import AfterValidator
 from pydantic.types import StringConstraints
 
 from schemas.trusted import construct
+from streams.storage.compiled import fast
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -73,17 +74,25 @@ class Decoder:
         self._stripped, self._lowered, self._converted, self._nested = (
             plan.stripped, plan.lowered, plan.converted, plan.nested)
         self._after = _after_validators(model)
+        # The same steps in C (``streams/stages/_fast.pyx``): times of the one form every producer
+        # writes are parsed there, every other time by its Python parser (``_TimeParser``).
+        self._finisher = fast.Finisher(
+            plan.stripped, plan.lowered,
+            [(name, convert.after, convert) for name, convert in plan.converted if isinstance(convert, _TimeParser)],
+            [(name, convert) for name, convert in plan.converted if not isinstance(convert, _TimeParser)],
+            [(name, nested._finisher) for name, nested in plan.nested], self._after, Undecided)
+        self.finish = self._finisher.finish
 
     def decode(self, value: bytes) -> msgspec.Struct:
         try:
             decoded = self._decode(value)
         except (msgspec.DecodeError, RecursionError):  # (a ValidationError is a DecodeError)
             raise Undecided from None
-        self._finish(decoded)
-        return decoded
+        return self.finish(decoded)
 
-    def _finish(self, decoded: msgspec.Struct) -> None:
-        """Checks what msgspec does not and converts times, in place (nested twins first)."""
+    def finish_in_python(self, decoded: msgspec.Struct) -> msgspec.Struct:
+        """``finish``, step by step in Python: what the compiled ``Finisher`` is tested against.
+        Checks what msgspec does not and converts times, in place (nested twins first)."""
         # Text pydantic would strip or lowercase is left to it (Rust's notions of white space and
         # of case differ from Python's at the edges; Python's ``strip`` removes a superset of what
         # Rust's ``trim`` does, so text Python finds nothing to strip from, Rust does not either).
@@ -102,12 +111,13 @@ class Decoder:
         for name, nested in self._nested:
             value = getattr(decoded, name)
             if value is not None:
-                nested._finish(value)
+                nested.finish_in_python(value)
         for check in self._after:  # the model's own validators, on the struct: it has the same fields
             try:
                 check(decoded)
             except Exception:  # noqa: BLE001 - pydantic words the reason
                 raise Undecided from None
+        return decoded
 
 
 def twin_as_model(value: Any, model: type[M]) -> M:
@@ -256,7 +266,7 @@ def _constrained(where: str, base: Any, metadata: list[Any]) -> _Translated:
     if base is AwareDatetime:
         if bounds:
             raise TypeError(f"{where}: bounds on a time are not translated")
-        return _Translated(str, convert=_time_parser(after))
+        return _Translated(str, convert=_TimeParser(after))
     if after:
         raise TypeError(f"{where}: an after-validator on {base!r} is not translated")
     meta = Annotated[base, msgspec.Meta(**bounds)] if bounds else base
@@ -296,19 +306,22 @@ def _shallow(value: Any) -> Any:
     return value
 
 
-def _time_parser(after: list[Callable[[Any], Any]]) -> Callable[[str], datetime]:
-    def parse(text: str) -> datetime:
+class _TimeParser:
+    """A time field's text → its aware time, then the field's after-validators (``after``)."""
+
+    def __init__(self, after: list[Callable[[Any], Any]]) -> None:
+        self.after = tuple(after)
+
+    def __call__(self, text: str) -> datetime:
         if _RFC3339(text) is None:
             raise Undecided
         try:
             at = datetime.fromisoformat(text)
-            for step in after:
+            for step in self.after:
                 at = step(at)
         except (ValueError, OverflowError):
             raise Undecided from None
         return at
-
-    return parse
 
 
 def _after_validators(model: type[BaseModel]) -> list[Callable[[Any], Any]]:

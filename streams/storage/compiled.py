@@ -1,6 +1,7 @@
 """The compiled modules, imported with a one-line fix when they are missing or older than their source.
 
-``streams/storage/_native.pyx`` is compiled by ``scripts/setup`` (``pip install -e .``). A
+``streams/storage/_native.pyx`` and ``streams/stages/_fast.pyx`` are compiled by ``scripts/setup``
+(``pip install -e .``). A
 checkout that was never set up, or whose .pyx changed since (a pull, an edit), would otherwise
 fail with a bare ImportError, or run the old compiled code without a word.
 """
@@ -19,15 +20,18 @@ class NotBuilt(CostlineError):
 
 
 def load(name: str) -> ModuleType:
-    """``streams.storage.<name>``, checked against its .pyx beside it (absent from an installed wheel)."""
-    source = Path(__file__).with_name(f"{name}.pyx")
+    """The module ``name`` (``streams.storage._native``), checked against its .pyx beside it
+    (absent from an installed wheel)."""
+    where = name.replace(".", "/") + ".pyx"
+    source = Path(__file__).parents[2] / where
     try:
-        module = importlib.import_module(f"streams.storage.{name}")
+        module = importlib.import_module(name)
     except ImportError:
-        raise NotBuilt(f"streams/storage/{name}.pyx is not compiled: run scripts/setup") from None
+        raise NotBuilt(f"{where} is not compiled: run scripts/setup") from None
     if source.exists() and source.stat().st_mtime > Path(module.__file__).stat().st_mtime:
-        raise NotBuilt(f"streams/storage/{name}.pyx changed since it was compiled: run scripts/setup")
+        raise NotBuilt(f"{where} changed since it was compiled: run scripts/setup")
     return module
 
 
-native = load("_native")
+native = load("streams.storage._native")
+fast = load("streams.stages._fast")

@@ -8,6 +8,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 from schemas.dead_letter import Rejection
 from schemas.usage import TokenUsage, UsageEvent
 from streams.operations.simulate import Workload
-from streams.stages import validation
+from streams.stages import decoding, validation
 from streams.stages.decoding import Undecided, decoder_for, twin_as_model, twin_fields
+from streams.storage.compiled import fast
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 FAST = decoder_for(UsageEvent)
@@ -165,6 +167,59 @@ def test_validation_decides_every_input_as_the_record_by_record_path_does(raw):
     else:
         assert not isinstance(new, Rejection), new
         assert fields_of(new) == fields_of(old) and (new.model_extra or {}) == (old.model_extra or {})
+
+
+@settings(max_examples=3_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payloads)
+def test_the_compiled_finishing_steps_decide_as_the_python_steps(raw):
+    """``Finisher`` (streams/stages/_fast.pyx) against ``Decoder.finish_in_python``, on what msgspec
+    decodes: both leave the same inputs to pydantic, and finish the rest to equal values."""
+    try:
+        compiled, python = FAST._decode(raw), FAST._decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return
+    outcomes = []
+    for finish, decoded in ((FAST.finish, compiled), (FAST.finish_in_python, python)):
+        try:
+            outcomes.append(fields_of(finish(decoded)))
+        except Undecided:
+            outcomes.append(Undecided)
+    assert outcomes[0] == outcomes[1], raw
+    if outcomes[0] is not Undecided:
+        assert compiled.timestamp.tzinfo is python.timestamp.tzinfo
+
+
+_digit = st.sampled_from("0123456789")
+_times_near_the_form = st.one_of(
+    _time.filter(lambda value: isinstance(value, str)),
+    # The form's every part, each now and then replaced: other digits (Unicode's too, which the
+    # pattern's \d takes), separators, fraction lengths 0 to 8, offsets near zero.
+    st.tuples(st.text(_digit, min_size=4, max_size=4), st.sampled_from("--/"), st.sampled_from(["01", "12", "13", "00", "02"]),
+              st.sampled_from("--"), st.sampled_from(["01", "28", "29", "30", "31", "32", "00"]), st.sampled_from("TTt "),
+              st.sampled_from(["00", "23", "24", "99", "\u0661\u0662"]), st.sampled_from("::."),
+              st.text(_digit, min_size=2, max_size=2), st.just(":"), st.sampled_from(["00", "59", "60"]),
+              st.one_of(st.just(""), st.just("."), st.text(_digit, min_size=1, max_size=8).map(lambda f: "." + f)),
+              st.sampled_from(["Z", "z", "+00:00", "-00:00", "+00:01", "+01:00", "-23:59", "+0000", "Z ", "", "+00:00Z"]))
+    .map("".join),
+)
+
+
+@settings(max_examples=5_000, deadline=None)
+@given(_times_near_the_form)
+def test_a_time_parsed_in_c_is_the_one_fromisoformat_reads(text):
+    """``parse_utc`` takes only texts the contract's pattern takes, reads each as ``fromisoformat``
+    does (the same instant, ``timezone.utc``), refuses what it refuses, and leaves the rest (None)."""
+    try:
+        parsed = fast.parse_utc(text)
+    except ValueError:
+        assert decoding._RFC3339(text) is not None
+        with pytest.raises(ValueError):
+            datetime.fromisoformat(text)
+        return
+    if parsed is not None:
+        assert decoding._RFC3339(text) is not None, text
+        reference = datetime.fromisoformat(text)
+        assert (parsed, parsed.tzinfo) == (reference, reference.tzinfo) and parsed.tzinfo is UTC, text
 
 
 def test_simulated_events_all_take_the_fast_path():
