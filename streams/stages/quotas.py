@@ -323,7 +323,10 @@ def metric_amount(record: AttributedUsage, limit: Limit, revenue: Decimal | None
 
 def margin_percent(revenue: Decimal, cost: Decimal) -> Decimal:
     """(revenue − cost) ÷ revenue, in percent to 4 places; 0 while there is no revenue."""
-    return ((revenue - cost) * 100 / revenue).quantize(Decimal("0.0001")) if revenue else _ZERO
+    return ((revenue - cost) * 100 / revenue).quantize(_PERCENT_PLACES) if revenue else _ZERO
+
+
+_PERCENT_PLACES = Decimal("0.0001")
 
 
 def window_key(tenant: str, limit_id: str, scope: str, start_text: str) -> str:

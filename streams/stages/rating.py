@@ -54,6 +54,10 @@ class Tier(Strict):
     flat_amount: Amount = _ZERO
 
 
+#: The call's fields a charge may filter on (``ChargeFilter``).
+FILTERED_FIELDS = ("provider", "model", "business_path", "feature")
+
+
 class ChargeFilter(Strict):
     """Which calls a charge counts: each given field must match one of its shell globs."""
 
@@ -65,7 +69,7 @@ class ChargeFilter(Strict):
     def matches(self, call: Mapping[str, str | None], unknown_matches: bool = False) -> bool:
         """``unknown_matches``: a field the call does not give (None) may match (a reservation's
         upper bound, made before the stream has tagged the call); else it does not."""
-        for name in ("provider", "model", "business_path", "feature"):
+        for name in FILTERED_FIELDS:
             globs = getattr(self, name)
             value = call.get(name)
             if globs is None or (value is None and unknown_matches):

@@ -39,7 +39,8 @@ per charge; an event that crosses a tier bound, or the first of a period, is rat
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import operator
+from collections.abc import Callable, MutableMapping
 from datetime import datetime, timedelta
 from decimal import Decimal, getcontext, setcontext
 from typing import Any, NamedTuple
@@ -48,7 +49,7 @@ from zoneinfo import ZoneInfo
 from schemas.attributed import AttributedUsage
 from streams.stages.plans import Plans, WatermarkBound, window_bounds
 from streams.stages.pricing import MONEY_QUANTUM
-from streams.stages.rating import EXACT, Charge, RateCard, capped, charge_amount, increment, net, segment_of
+from streams.stages.rating import EXACT, FILTERED_FIELDS, Charge, RateCard, capped, charge_amount, increment, net, segment_of
 
 _ZERO = Decimal(0)
 #: Entries kept by the look-up memos (tenant → card; call → matching charges; a period's derived
@@ -135,7 +136,9 @@ class RevenueMeter:
         self.bound = WatermarkBound(plans.watermark_lead)
         self.grace = timedelta(seconds=plans.billing_grace_seconds)
         self._cards: dict[str, tuple[RateCard | None, ZoneInfo]] = {}
-        self._matching: dict[tuple[int, str, str, str, str | None], list[Charge]] = {}
+        #: id(card) → (the call's values its charges filter on, those values → the charges that
+        #: count the call, the card itself: kept so that its id stays its own).
+        self._filtered: dict[int, tuple[Callable[[Any], Any] | None, dict[Any, list[Charge]], RateCard]] = {}
         self._last_period: dict[ZoneInfo, Period] = {}
         #: (tenant, period start) → [running bill before the cap, rounded capped bill, each charge's
         #: current straight piece (``rating.segment_of``)]: derived from the table's entry, so kept
@@ -249,15 +252,22 @@ class RevenueMeter:
         return found
 
     def _charges_for(self, card: RateCard, record: AttributedUsage) -> list[Charge]:
-        """The card's charges that count this call (memoized by the fields they filter on)."""
-        ident = (id(card), record.provider, record.model, record.business_path, record.feature)
-        found = self._matching.get(ident)
+        """The card's charges that count this call, memoized per card by the values of the fields
+        its charges filter on (most cards filter on one field or none: a key of four fields cost
+        0.5 µs an event)."""
+        filtered = self._filtered.get(id(card))
+        if filtered is None:
+            names = [name for name in FILTERED_FIELDS if any(getattr(charge.when, name) is not None for charge in card.charges)]
+            filtered = self._filtered[id(card)] = (operator.attrgetter(*names) if names else None, {}, card)
+        values_of, matching, _ = filtered
+        values = values_of(record) if values_of is not None else None
+        found = matching.get(values)
         if found is None:
-            if len(self._matching) >= _MEMO_SIZE:
-                self._matching.clear()
+            if len(matching) >= _MEMO_SIZE:
+                matching.clear()
             call = {"provider": record.provider, "model": record.model, "business_path": record.business_path,
                     "feature": record.feature}
-            found = self._matching[ident] = [charge for charge in card.charges if charge.when.matches(call)]
+            found = matching[values] = [charge for charge in card.charges if charge.when.matches(call)]
         return found
 
     def _period_of(self, at: datetime, zone: ZoneInfo) -> Period:
