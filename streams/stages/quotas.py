@@ -57,7 +57,7 @@ from schemas.attributed import AttributedUsage
 from schemas.quota import QuotaAlert, QuotaState, QuotaWindow, Status, alert_id, state_key
 from streams.stages import revenue as revenue_stage
 from streams.stages.plans import Limit, Plans, WatermarkBound, WindowKind, window_bounds
-from streams.stages.revenue import UNRATED, RevenueMeter, RevenueOutcome
+from streams.stages.revenue import UNRATED, RevenueMeter, RevenueOutcome, filled
 
 log = logging.getLogger(__name__)
 
@@ -639,7 +639,7 @@ class QuotaEngine:
                     return
         rated = self.revenue.rate_all(group, state.rating_periods, now)
         for j, position in enumerate(positions):
-            events[position] = EventOutcome(False, rated[j].late or late[j], rated[j])
+            events[position] = filled(EventOutcome, (False, rated[j].late or late[j], rated[j]))
         if tenant_state is None:
             tenant_state = {"watermark": marks[0], "windows": {}, "next_expiry": None}
         open_windows: dict[str, Any] = tenant_state["windows"]
