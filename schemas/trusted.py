@@ -29,13 +29,13 @@ def construct(cls: type[M], values: dict[str, Any]) -> M:
     # per instance was two thirds of this function). Pydantic reads it, copies it in ``model_copy``
     # and, on assignment to a field, adds the field's name, which it already holds. The state is
     # set in C (``streams/stages/_fast.pyx``): four ``object.__setattr__`` calls cost 0.7 µs an event.
-    return _fast.construct(cls, values, _all_fields(cls))
+    return _fast.construct(cls, values, all_fields(cls))
 
 
 _FIELD_SETS: dict[type[BaseModel], set[str]] = {}
 
 
-def _all_fields(cls: type[BaseModel]) -> set[str]:
+def all_fields(cls: type[BaseModel]) -> set[str]:
     names = _FIELD_SETS.get(cls)
     if names is None:
         names = _FIELD_SETS[cls] = set(cls.__pydantic_fields__)

@@ -17,6 +17,7 @@ from cpython.object cimport PyObject_GetAttr, PyObject_SetAttr
 from cpython.unicode cimport PyUnicode_GET_LENGTH
 
 import datetime as _dt
+from sys import intern
 
 import_datetime()
 
@@ -183,3 +184,37 @@ def construct(cls, dict values, fields_set):
     PyObject_GenericSetAttr(instance, "__pydantic_extra__", None)
     PyObject_GenericSetAttr(instance, "__pydantic_private__", None)
     return instance
+
+
+cdef class RecordBuilder:
+    """A trusted model instance from an event, its price and what attribution computed, in C.
+
+    ``Attribution.attribute`` declares the mapping (``streams/stages/attribution.py``): fields set
+    to the same value on every record (``constants``), fields copied from the event's attributes
+    and from the price's, by name (``from_event``, ``from_priced``: (field, attribute) pairs), and
+    the ones it computes per event, given to ``build``. A 40-field dict literal of attribute reads
+    and ``construct`` cost 3.3 µs an event in Python: a third of attribution after pricing."""
+
+    cdef object cls, fields_set
+    cdef dict constants
+    cdef tuple from_event, from_priced
+
+    def __init__(self, cls, fields_set, dict constants, from_event, from_priced):
+        self.cls, self.fields_set, self.constants = cls, fields_set, constants
+        self.from_event = tuple((intern(field), intern(attribute)) for field, attribute in from_event)
+        self.from_priced = tuple((intern(field), intern(attribute)) for field, attribute in from_priced)
+
+    def build(self, event, priced, cost_usd, business_path, late, attributed_at):
+        cdef dict values = self.constants.copy()
+        cdef tuple pair
+        for pair in self.from_event:
+            values[pair[0]] = PyObject_GetAttr(event, pair[1])
+        for pair in self.from_priced:
+            values[pair[0]] = PyObject_GetAttr(priced, pair[1])
+        extra = event.model_extra
+        values["extra"] = extra if extra else {}  # (a dict of its own: never one shared by every record)
+        values["cost_usd"] = cost_usd
+        values["business_path"] = business_path
+        values["late"] = late
+        values["attributed_at"] = attributed_at
+        return construct(self.cls, values, self.fields_set)
