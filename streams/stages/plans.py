@@ -146,9 +146,15 @@ class WatermarkBound:
     def moved_to(self, at: datetime, now: datetime | None) -> datetime:
         """``now``: the worker's clock (the processor passes its batch's, so the limit is
         computed once per batch); None: read it."""
+        limit = self.limit(now)
+        return at if at <= limit else limit
+
+    def limit(self, now: datetime | None) -> datetime:
+        """The latest time a watermark moves to at ``now`` (None: read the clock). A loop over
+        events of one batch asks once and compares each event's time itself."""
         if now is None or now is not self._now:
             self._now, self._limit = now, (now or datetime.now(UTC)) + self.lead
-        return at if at <= self._limit else self._limit
+        return self._limit
 
 
 class TenantAssignment(Strict):

@@ -308,6 +308,7 @@ class _Collected:
 
 _FIRST = operator.itemgetter(0)
 _NOTHING_EXPIRED: list[tuple[int, datetime, str]] = []  # (never appended to: returned for reading only)
+_NONE_RESERVED: list[tuple[int, str]] = []  # (the same)
 
 
 def metric_amount(record: AttributedUsage, limit: Limit, revenue: Decimal | None) -> Decimal:
@@ -582,18 +583,19 @@ class QuotaEngine:
         windows, tenants = state.quota_windows, state.quota_tenants
         # The tenant's watermark after each event (``apply`` moves it before counting the event).
         tenant_state = tenants.get(tenant)
-        moved_to = self.bound.moved_to
+        limit = self.bound.limit(now)  # (``WatermarkBound.moved_to``, for the group at once)
         marks: list[datetime] = []
         mark = tenant_state["watermark"] if tenant_state is not None else None
-        for record in group:
-            at = moved_to(record.event_time, now)
+        times = [record.event_time for record in group]
+        for at in times:
+            if at > limit:
+                at = limit
             if mark is None or at > mark:
                 mark = at
             marks.append(mark)
         # Each limit's windows, with their events (by index in ``group``); an event is late for a
         # window past its grace period at the event's watermark.
         late = [False] * len(group)
-        times = [record.event_time for record in group]
         earliest, latest = min(times), max(times)
         by_limit: list[dict[str, tuple[WindowRef, Bounds, list[int]]]] = []
         for limit in limits:
@@ -638,6 +640,8 @@ class QuotaEngine:
                                         collected)
                     return
         rated = self.revenue.rate_all(group, state.rating_periods, now)
+        reservations = [record.reservation_id for record in group]
+        reserving = reservations.count(None) != len(reservations)  # (most batches: no call on a reservation)
         for j, position in enumerate(positions):
             events[position] = filled(EventOutcome, (False, rated[j].late or late[j], rated[j]))
         if tenant_state is None:
@@ -666,8 +670,8 @@ class QuotaEngine:
                 windows[key] = window
                 if key not in open_windows:
                     opened.append((js[0], li, key, bounds.end_text, bounds.expires))
-                reserved = [(positions[j], group[j].reservation_id) for j in js
-                            if group[j].reservation_id is not None]
+                reserved = [(positions[j], reservations[j]) for j in js if reservations[j] is not None] \
+                    if reserving else _NONE_RESERVED
                 collected.count(key, (positions[js[0]], li), Counted(ref, usage, group[last].event_time, judged),
                                 [reservation for _, reservation in reserved], (reserved[0][0], li) if reserved else None)
         for _, _, key, end_text, expires in sorted(opened):  # in the order ``apply`` opens them

@@ -183,16 +183,18 @@ class RevenueMeter:
         next is read once: the tenant's entry (read from and written back to ``table`` once, which
         in the worker is a changelogged table that thaws a frozen entry on read and marks it changed
         on write), its card's charges for the call's fields (memoized), the period."""
-        moved_to, grace, derived_of = self.bound.moved_to, self.grace, self._derived
+        grace, derived_of = self.grace, self._derived
+        limit = self.bound.limit(now)  # (``WatermarkBound.moved_to``, for the group at once)
         entry = table.get(tenant)
         if entry is None:
-            entry = {"w": moved_to(records[0].event_time, now), "periods": {}}
+            first = records[0].event_time
+            entry = {"w": first if first <= limit else limit, "periods": {}}
         periods: dict[str, dict[str, Any]] = entry["periods"]
         outcomes: list[RevenueOutcome] = []
         period: Period | None = None
         for record in records:
             at = record.event_time
-            mark = moved_to(at, now)
+            mark = at if at <= limit else limit
             if mark > entry["w"]:
                 entry["w"] = mark
             if period is None or not period.start <= at < period.end:
