@@ -15,8 +15,6 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from streams.storage.compiled import fast as _fast
-
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -25,11 +23,15 @@ def construct(cls: type[M], values: dict[str, Any]) -> M:
     if len(values) != len(fields):
         missing = sorted(set(fields) - set(values))
         raise TypeError(f"{cls.__name__} needs every field to be built from trusted values; missing {missing}")
+    instance = cls.__new__(cls)
+    object.__setattr__(instance, "__dict__", values)
     # Every field is set, so every instance of the class shares one set of their names (building it
     # per instance was two thirds of this function). Pydantic reads it, copies it in ``model_copy``
-    # and, on assignment to a field, adds the field's name, which it already holds. The state is
-    # set in C (``streams/stages/_fast.pyx``): four ``object.__setattr__`` calls cost 0.7 µs an event.
-    return _fast.construct(cls, values, all_fields(cls))
+    # and, on assignment to a field, adds the field's name, which it already holds.
+    object.__setattr__(instance, "__pydantic_fields_set__", all_fields(cls))
+    object.__setattr__(instance, "__pydantic_extra__", None)
+    object.__setattr__(instance, "__pydantic_private__", None)
+    return instance
 
 
 _FIELD_SETS: dict[type[BaseModel], set[str]] = {}

@@ -151,7 +151,8 @@ class WatermarkBound:
 
     def limit(self, now: datetime | None) -> datetime:
         """The latest time a watermark moves to at ``now`` (None: read the clock). A loop over
-        events of one batch asks once and compares each event's time itself."""
+        events of one batch asks once and compares each event's time itself (with ``now`` None,
+        as outside the worker, the clock is then read once for all of them, not once each)."""
         if now is None or now is not self._now:
             self._now, self._limit = now, (now or datetime.now(UTC)) + self.lead
         return self._limit

@@ -583,13 +583,13 @@ class QuotaEngine:
         windows, tenants = state.quota_windows, state.quota_tenants
         # The tenant's watermark after each event (``apply`` moves it before counting the event).
         tenant_state = tenants.get(tenant)
-        limit = self.bound.limit(now)  # (``WatermarkBound.moved_to``, for the group at once)
+        watermark_limit = self.bound.limit(now)  # (``WatermarkBound.moved_to``, for the group at once)
         marks: list[datetime] = []
         mark = tenant_state["watermark"] if tenant_state is not None else None
         times = [record.event_time for record in group]
         for at in times:
-            if at > limit:
-                at = limit
+            if at > watermark_limit:
+                at = watermark_limit
             if mark is None or at > mark:
                 mark = at
             marks.append(mark)

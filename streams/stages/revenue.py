@@ -52,8 +52,9 @@ from streams.stages.pricing import MONEY_QUANTUM
 from streams.stages.rating import EXACT, FILTERED_FIELDS, Charge, RateCard, capped, charge_amount, increment, net, segment_of
 
 _ZERO = Decimal(0)
-#: Entries kept by the look-up memos (tenant → card; call → matching charges; a period's derived
-#: values), sized like the quota engine's (``streams.stages.quotas._MEMO_SIZE``).
+#: Entries kept by the look-up memos (tenant → card; per card, the call's filtered fields → its
+#: matching charges; a period's derived values), sized like the quota engine's
+#: (``streams.stages.quotas._MEMO_SIZE``). (One memo of charges per card: the cards are the plans'.)
 _MEMO_SIZE = 20_000
 
 
@@ -183,18 +184,25 @@ class RevenueMeter:
         next is read once: the tenant's entry (read from and written back to ``table`` once, which
         in the worker is a changelogged table that thaws a frozen entry on read and marks it changed
         on write), its card's charges for the call's fields (memoized), the period."""
-        grace, derived_of = self.grace, self._derived
-        limit = self.bound.limit(now)  # (``WatermarkBound.moved_to``, for the group at once)
+        watermark_limit = self.bound.limit(now)  # (``WatermarkBound.moved_to``, for the group at once)
         entry = table.get(tenant)
         if entry is None:
             first = records[0].event_time
-            entry = {"w": first if first <= limit else limit, "periods": {}}
+            entry = {"w": first if first <= watermark_limit else watermark_limit, "periods": {}}
+        try:
+            return self._rate_each(card, zone, tenant, records, entry, watermark_limit)
+        finally:  # (also when an event fails: what the events before it changed is in the changelog)
+            table[tenant] = entry
+
+    def _rate_each(self, card: RateCard, zone: ZoneInfo, tenant: str, records: list[AttributedUsage],
+                   entry: dict[str, Any], watermark_limit: datetime) -> list[RevenueOutcome]:
+        grace, derived_of = self.grace, self._derived
         periods: dict[str, dict[str, Any]] = entry["periods"]
         outcomes: list[RevenueOutcome] = []
         period: Period | None = None
         for record in records:
             at = record.event_time
-            mark = at if at <= limit else limit
+            mark = at if at <= watermark_limit else watermark_limit
             if mark > entry["w"]:
                 entry["w"] = mark
             if period is None or not period.start <= at < period.end:
@@ -240,7 +248,6 @@ class RevenueMeter:
             derived[0] = running = running + added
             derived[1] = billed = capped(card, running).quantize(MONEY_QUANTUM)
             outcomes.append(filled(RevenueOutcome, (billed - billed_before, False, period.label)))
-        table[tenant] = entry
         return outcomes
 
     def rates(self, tenant: str) -> bool:

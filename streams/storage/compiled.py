@@ -1,9 +1,8 @@
 """The compiled modules, imported with a one-line fix when they are missing or older than their source.
 
 ``streams/storage/_native.pyx`` and ``streams/stages/_fast.pyx`` are compiled by ``scripts/setup``
-(``pip install -e .``). A
-checkout that was never set up, or whose .pyx changed since (a pull, an edit), would otherwise
-fail with a bare ImportError, or run the old compiled code without a word.
+(``pip install -e .``). A checkout that was never set up, or whose .pyx changed since (a pull, an
+edit), would otherwise fail with a bare ImportError, or run the old compiled code without a word.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from schemas.attributed import AttributedUsage
 from schemas.dead_letter import Rejection
 from schemas.usage import TokenUsage, UsageEvent
 from streams.operations.simulate import Workload
@@ -255,6 +256,9 @@ def test_a_record_attributed_from_a_twin_equals_the_one_from_the_model(tmp_path)
         fast, reference = attribution.attribute(FAST.decode(raw), NOW), attribution.attribute(event, NOW)
         assert type(fast.usage) is not TokenUsage
         assert fast.model_dump_json() == reference.model_dump_json()
+        # In the model's field order, as a record validated from its values is written (pydantic
+        # writes the order of the instance's ``__dict__``): usage.attributed's bytes unchanged.
+        assert fast.model_dump_json() == AttributedUsage.model_validate(fast.model_dump()).model_dump_json()
         assert LEDGER.row(fast) == LEDGER.row(reference)
 
 
