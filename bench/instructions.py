@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -61,8 +62,8 @@ def main() -> None:
     per_event = int(found.group(1)) / args.events
     print(f"{args.stage} in {args.root}: {per_event:,.0f} instructions an event ({args.events:,} events, "
           f"{args.tenants:,} tenants)")
-    print('{"bench": "instructions", "stage": "%s", "events": %d, "tenants": %d, "instructions_per_event": %d}'
-          % (args.stage, args.events, args.tenants, round(per_event)))
+    print(json.dumps({"bench": "instructions", "stage": args.stage, "events": args.events, "tenants": args.tenants,
+                      "instructions_per_event": round(per_event)}))
 
 
 def run_stage(stage: str, events: int, tenants: int, root: Path) -> None:

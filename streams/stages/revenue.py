@@ -49,7 +49,17 @@ from zoneinfo import ZoneInfo
 from schemas.attributed import AttributedUsage
 from streams.stages.plans import Plans, WatermarkBound, window_bounds
 from streams.stages.pricing import MONEY_QUANTUM
-from streams.stages.rating import EXACT, FILTERED_FIELDS, Charge, RateCard, capped, charge_amount, increment, net, segment_of
+from streams.stages.rating import (
+    EXACT,
+    FILTERED_FIELDS,
+    Charge,
+    RateCard,
+    capped,
+    charge_amount,
+    increment,
+    net,
+    segment_of,
+)
 
 _ZERO = Decimal(0)
 #: Entries kept by the look-up memos (tenant → card; per card, the call's filtered fields → its
