@@ -175,31 +175,33 @@ class Counted(NamedTuple):
         what changes is written per state. Building and serializing the model cost 8 µs a state,
         a window a few events (``tests/stages/test_quota_batches.py`` compares the two)."""
         ref, usage, limit = self.ref, self.usage, self.ref.limit
-        # Keyed by everything the prefix holds (the window key has tenant, limit id, scope value and
-        # start): two engines of one process with other plans must not share a window's prefix.
-        ident = (ref.key, limit.metric, limit.scope, ref.end)
-        prefix = _STATE_PREFIXES.get(ident)
+        # Keyed by the window's key (tenant, limit id, scope value, start) and its limit, the object:
+        # the limit (of one plans file) fixes the rest (metric, scope, the window's kind and so its
+        # end in the tenant's zone, the amount), and two engines of one process with other plans
+        # have other limits. By its id, as hashing a time and a decimal for each state cost more than
+        # writing the rest: the entry holds the limit, so no other object can take that id meanwhile.
+        prefix = _STATE_PREFIXES.get((ref.key, id(limit)))
         if prefix is None:
             if len(_STATE_PREFIXES) >= _MEMO_SIZE:
                 _STATE_PREFIXES.clear()
-            prefix = _STATE_PREFIXES[ident] = _state_prefix(ref)
+            prefix = _STATE_PREFIXES[(ref.key, id(limit))] = _state_prefix(ref)
         remaining = usage - limit.limit if limit.metric == "margin_percent" else limit.limit - usage
-        return b"".join((prefix, b',"usage":"', format(usage, "f").encode(), b'","limit":"',
-                         format(limit.limit, "f").encode(), b'","remaining":"',
-                         format(max(remaining, _ZERO), "f").encode(), b'","status":"',
-                         status_of(limit, usage, self.judged).encode(), b'","as_of":', to_json(self.as_of),
-                         b',"settled":', to_json(settled or []), b"}"))
+        return b"".join((prefix[0], format(usage, "f").encode(), prefix[1], format(max(remaining, _ZERO), "f").encode(),
+                         b'","status":"', status_of(limit, usage, self.judged).encode(), b'","as_of":',
+                         to_json(self.as_of), b',"settled":', to_json(settled) if settled else b"[]", b"}"))
 
 
-#: Each window's ``quota.state`` JSON up to its first changing field (``Counted.state_json``).
-_STATE_PREFIXES: dict[tuple[str, str, str, datetime], bytes] = {}
+#: Each window's ``quota.state`` JSON up to its usage, what stays the same between its usage and its
+#: remaining amount (the limit), and the limit (``Counted.state_json``).
+_STATE_PREFIXES: dict[tuple[str, int], tuple[bytes, bytes, Limit]] = {}
 
 
-def _state_prefix(ref: WindowRef) -> bytes:
+def _state_prefix(ref: WindowRef) -> tuple[bytes, bytes, Limit]:
     limit = ref.limit
     window = QuotaWindow(tenant_id=ref.tenant, limit_id=limit.id, metric=limit.metric, scope=limit.scope,
                          scope_value=ref.scope_value, window_start=ref.start, window_end=ref.end)
-    return window.model_dump_json().encode()[:-1]
+    return (window.model_dump_json().encode()[:-1] + b',"usage":"',
+            b'","limit":"' + format(limit.limit, "f").encode() + b'","remaining":"', limit)
 
 
 @dataclass
