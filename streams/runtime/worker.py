@@ -30,11 +30,15 @@ from streams.settings import Settings, Topics
 from streams.stages.attribution import Attribution
 from streams.stages.plans import Plans
 from streams.stages.quotas import QuotaEngine, QuotaTables
-from streams.storage.clickhouse import connect
+from streams.storage.clickhouse import connect, is_embedded
 from streams.storage.faults import ClickHouseFaults
 from streams.storage.migrations import migrate
 from streams.storage.query import connect_readonly
 from streams.storage.sink import ClickHouseSink, send_to
+
+#: How often, at most, the embedded ClickHouse gives its allocator's free memory back after a
+#: landing (``ClickHouseSink``, ``purge_every_s``).
+_PURGE_EVERY_S = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,8 @@ def run_worker(settings: Settings) -> None:
         for migration in migrate(writer):
             log.info("applied migration %04d_%s", migration.version, migration.name)
         sink = ClickHouseSink(writer, connect_readonly(settings.clickhouse_url, settings), counters.sinks,
-                              send=faults.wrap(send_to) if faults else send_to)
+                              send=faults.wrap(send_to) if faults else send_to,
+                              purge_every_s=_PURGE_EVERY_S if is_embedded(settings.clickhouse_url) else None)
     loop, checkpoint = build_loop(settings, counters, attribution, plans, sink)
     app = create_app(settings, loop, checkpoint, counters, attribution, sink, faults)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,

@@ -64,8 +64,16 @@ class ClickHouseSink:
     two are never the same client."""
 
     def __init__(self, writer: Client, reader: Client, stats: dict[str, SinkStats] | None = None, *,
-                 send: Send = send_to, backoff: Backoff = _BACKOFF, stopping: threading.Event | None = None) -> None:
+                 send: Send = send_to, backoff: Backoff = _BACKOFF, stopping: threading.Event | None = None,
+                 purge_every_s: float | None = None) -> None:
+        """``purge_every_s``: the embedded engine's (``connect`` of a ``chdb:`` URL): after a landing,
+        at most this often, its allocator gives the memory it keeps for reuse back to the system
+        (``SYSTEM JEMALLOC PURGE``, about 4 ms). The engine's allocator keeps freed pages for five
+        seconds and purges them only as it allocates again: after an insert and its merges that was
+        about 100 MB of the worker's peak RSS (``docs/performance.md``)."""
         self.writer = writer
+        self.purge_every_s = purge_every_s
+        self._purged = time.monotonic()
         self.reader = reader
         #: Per table; the worker's metrics read the same dict.
         self.stats = stats if stats is not None else {}
@@ -95,7 +103,16 @@ class ClickHouseSink:
         return self.executor.submit(self._land, encoded, attempts)
 
     def _land(self, encoded: list[Encoded], attempts: int | None) -> bool:
-        return all(self._land_one(batch, attempts) for batch in encoded)
+        landed = all(self._land_one(batch, attempts) for batch in encoded)
+        if landed and self.purge_every_s is not None and time.monotonic() - self._purged >= self.purge_every_s:
+            self._purged = time.monotonic()
+            try:
+                self.writer.command("SYSTEM JEMALLOC PURGE")
+            except Exception as exc:  # noqa: BLE001 - memory given back later, or never: not a failed landing
+                log.info("ClickHouse would not purge its allocator's free memory (%s): not asked again",
+                         str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                self.purge_every_s = None
+        return landed
 
     def _land_one(self, batch: Encoded, attempts: int | None) -> bool:
         stats = self.stats.setdefault(batch.table.name, SinkStats())

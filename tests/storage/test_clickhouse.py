@@ -330,3 +330,58 @@ def test_reprice_re_rates_revenue_counting_the_periods_earlier_calls_first(ch_cl
     audit = ch_client.query(f"SELECT sum(revenue_usd), sum(new_revenue_usd) FROM attribution_audit "
                             f"WHERE reprice_id = '{whole.reprice_id}'").result_rows
     assert audit == [(Decimal("0.45"), Decimal("0.12"))]
+
+
+class _Commands:
+    """The embedded client, with the commands sent through it kept (and one refused on request)."""
+
+    def __init__(self, client, refuse=None):
+        self.client, self.refuse, self.commands = client, refuse, []
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def command(self, sql, *args, **kwargs):
+        self.commands.append(sql)
+        if sql == self.refuse:
+            raise RuntimeError("Code: 48. DB::Exception: not implemented")
+        return self.client.command(sql, *args, **kwargs)
+
+
+def test_the_embedded_engine_gives_its_allocators_free_memory_back_after_a_landing_at_most_so_often(
+        ch_client, attribution):
+    purge = "SYSTEM JEMALLOC PURGE"
+    writer = _Commands(ch_client)
+    sink = ClickHouseSink(writer, ch_client, purge_every_s=3600)
+    sink._purged -= 3600  # (as if the last purge were an hour ago)
+    for i in range(3):
+        assert sink.land([(LEDGER, records(attribution, 2, f"t-purge-{i}"))]).result(timeout=30) is True
+    assert writer.commands == [purge]  # after the first landing, then not within the hour
+    assert ledger(ch_client, "t-purge-2") == (2, Decimal("0.007"))
+    sink.close()
+    # An engine that refuses the command: the landing stands, and it is not asked again.
+    refusing = _Commands(ch_client, refuse=purge)
+    sink = ClickHouseSink(refusing, ch_client, purge_every_s=0)
+    for i in range(2):
+        assert sink.land([(LEDGER, records(attribution, 2, f"t-refused-{i}"))]).result(timeout=30) is True
+    assert refusing.commands == [purge] and sink.purge_every_s is None
+    assert ledger(ch_client, "t-refused-1") == (2, Decimal("0.007"))
+    sink.close()
+
+
+def test_a_purge_gives_the_engines_freed_memory_back_to_the_system(ch_client):
+    """What the sink's purge is for, on the embedded engine itself: memory an insert and its merge
+    freed is kept by the engine's allocator until purged."""
+    def anonymous_kib() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+
+    ch_client.command("CREATE TABLE purge_probe (a UInt64, b String) ENGINE = MergeTree ORDER BY a")
+    ch_client.command("SYSTEM JEMALLOC PURGE")
+    for part in range(8):
+        ch_client.command(f"INSERT INTO purge_probe SELECT number, repeat('x', 200) FROM numbers({part * 50000}, 50000)")
+    ch_client.command("OPTIMIZE TABLE purge_probe FINAL")
+    before = anonymous_kib()
+    ch_client.command("SYSTEM JEMALLOC PURGE")
+    assert before - anonymous_kib() > 20 * 1024, "the purge gave back less than 20 MiB"
+    ch_client.command("DROP TABLE purge_probe")
