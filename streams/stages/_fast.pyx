@@ -10,6 +10,11 @@ model's own validators are still the model's Python functions, called as they we
 Every step may only *accept* or leave the input to pydantic (``Undecided``), exactly as the
 Python steps did: ``tests/stages/test_decoding.py`` holds the decoder to pydantic with hypothesis,
 and the same tests hold each step here to the Python it replaced.
+
+``RecordBuilder`` builds the attributed record, one per event, from the mapping
+``streams.stages.attribution`` declares; its ``construct`` is ``schemas.trusted.construct``'s
+state-setting in C (that one, pure Python, serves every other trusted model, so that the contract
+imports without a build). Change what a trusted instance holds in both.
 """
 
 from cpython.datetime cimport datetime_new, import_datetime
