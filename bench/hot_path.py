@@ -38,7 +38,7 @@ from streams.settings import Settings  # noqa: E402
 from streams.stages.attribution import Attribution  # noqa: E402
 from streams.stages.plans import Plans  # noqa: E402
 from streams.stages.quotas import QuotaEngine, QuotaTables  # noqa: E402
-from streams.stages.revenue import RevenueMeter, stamp_fresh  # noqa: E402
+from streams.stages.revenue import RevenueMeter  # noqa: E402
 from streams.stages.validation import validate  # noqa: E402
 from streams.storage.tables import LEDGER, RecordBatch  # noqa: E402
 
@@ -110,29 +110,28 @@ def main() -> None:
     def revenue_run() -> None:
         meter, periods = RevenueMeter(plans), {}
         for record in records:
-            stamp_fresh(record.model_copy(), meter.rate(record, periods, now), False)
-
-    def copies_run() -> None:  # what revenue_run spends on its copies, which the worker does not make
-        for record in records:
-            record.model_copy()
+            rated = meter.rate(record, periods, now)
+            record.stamp(rated.revenue, rated.period, False)
 
     def encode_run(compiled: bool = True) -> None:
-        for base in range(0, len(records), BATCH):
+        rows = records if compiled else models  # (the reference path's records, for its Python encoder)
+        for base in range(0, len(rows), BATCH):
             batch = RecordBatch(LEDGER, compiled=compiled)
-            for record in records[base:base + BATCH]:
+            for record in rows[base:base + BATCH]:
                 batch.add(record)
             LEDGER.encode(batch)
 
     stages: dict[str, Callable[[], Any]] = {
         "validate": lambda: [validate(raw, now=now) for raw in raws],
         "  the same, pydantic alone": lambda: [validate(raw, now=now, fast=False) for raw in raws],
-        "price": lambda: [attribution.pricer.price(event) for event in valid],
+        "price (quote)": lambda: [attribution.pricer.quote(event) for event in valid],
+        "  in Decimal, the reference": lambda: [attribution.pricer.price(event) for event in valid],
         "tag": lambda: [attribution.paths.path_for(event) for event in valid],
-        "attribute (price, tag, record)": lambda: [attribution.attribute(event, now) for event in valid],
+        "attribute (price, tag, row)": lambda: [attribution.row(event, now) for event in valid],
+        "  the reference's record": lambda: [attribution.attribute(event, now) for event in valid],
         "quota windows + changelog": quota_run,
         "  the same, event by event": lambda: quota_run(one_by_one=True),
-        "revenue (rate, stamp) + copy": revenue_run,
-        "  of which the copy": copies_run,
+        "revenue (rate, stamp)": revenue_run,
         "ledger row + encode": encode_run,
         "  the same, in Python": lambda: encode_run(compiled=False),
     }
@@ -149,7 +148,8 @@ def main() -> None:
     # The stages' inputs, made after the whole-batch runs so that those do not carry them in their heap.
     now = datetime.now(UTC)
     valid = [validate(raw, now=now) for raw in raws]
-    records = [attribution.attribute(event, now) for event in valid]
+    records = [attribution.row(event, now) for event in valid]
+    models = [attribution.attribute(event, now) for event in valid]
     timings = {}
     for name, stage in stages.items():
         runs = []

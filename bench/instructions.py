@@ -11,7 +11,7 @@ than one that does not, so a change is confirmed in time by ``bench/hot_path.py`
 
 ``--root``: the checkout whose code is measured (default: this one), to count another build (a
 ``git worktree`` of the commit before a change, say) with the same script. ``attribute``:
-validate, price, tag and build the attributed record, from the raw bytes, caches warm.
+validate, price, tag and build the attributed record (the ledger row), from the raw bytes, caches warm.
 ``quota``: the quota stage per batch of 5,000 (duplicates, rating, windows, thresholds) with its
 changelog drained after each batch, from attributed records. Needs ``valgrind`` (``apt-get install
 valgrind``); about a minute for the default 10,000 events.
@@ -85,11 +85,14 @@ def run_stage(stage: str, events: int, tenants: int, root: Path) -> None:
     plans = Plans.from_file(settings.plans_file)
     raws = [event.model_dump_json(exclude_none=True).encode()
             for event in Workload(events, tenants=tenants, seed=11, start=now - timedelta(minutes=10)).generate()]
-    records = [attribution.attribute_raw(raw, now) for raw in raws]  # (also warms the caches)
+    # The stream's attribution: ledger rows where the measured checkout makes them (``row_raw``),
+    # else its records, so that a checkout from before the rows compares like for like.
+    attribute_raw = getattr(attribution, "row_raw", attribution.attribute_raw)
+    records = [attribute_raw(raw, now) for raw in raws]  # (also warms the caches)
 
     def attribute() -> None:
         for raw in raws:
-            attribution.attribute_raw(raw, now)
+            attribute_raw(raw, now)
 
     def quota() -> None:
         state = quota_state("bench-changelog", settings.live_state_entries)

@@ -37,7 +37,7 @@ from streams.settings import Topics
 from streams.stages.attribution import Attribution
 from streams.stages.quotas import COLD_TABLES, Counted, QuotaEngine, QuotaTables, restore_entry, tenant_of
 from streams.stages.revenue import stamp_fresh
-from streams.storage.tables import LEDGER, Blocks, RecordBatch
+from streams.storage.tables import LEDGER, Blocks, LedgerRow, RecordBatch
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class BatchProcessor:
                 c.duplicates += 1
                 continue
             c.late += event.late
-            stamp_fresh(out, event.rated, event.late)
+            out.stamp(event.rated.revenue, event.rated.period, event.late)
             keep(out)
         batch.alerts.extend(outcome.alerts)
         batch.expired.extend(outcome.expired)
@@ -195,12 +195,15 @@ class BatchProcessor:
         for key, reservations in outcome.settled.items():
             batch.settled.setdefault(key, []).extend(reservations)
 
-    def _attributed(self, record: Record, now: datetime) -> AttributedUsage | Rejection:
+    def _attributed(self, record: Record, now: datetime) -> AttributedUsage | LedgerRow | Rejection:
         """Stages 1-3 for one usage event; a bug on one event makes it a dead letter, never stops the stream."""
         c = self.counters
         c.events_in += 1
         try:
-            out = self.attribution.attribute_raw(record.value(), now)
+            # The stream's path makes ledger rows (priced in integers, written in C); the reference
+            # path makes the records they are held to.
+            out = self.attribution.attribute_raw(record.value(), now) if self.one_by_one else \
+                self.attribution.row_raw(record.value(), now)
         except Exception as exc:  # noqa: BLE001 - a bug on one event must not stop the stream
             log.exception("processing failed for %s[%s]@%s", record.topic(), record.partition(), record.offset())
             return Rejection(reason="processing_error", message=f"{type(exc).__name__}: {exc}"[:500])
@@ -235,7 +238,11 @@ class BatchProcessor:
                 c.duplicates += 1
                 return
             c.late += quota.late
-            stamp_fresh(out, quota.rated, quota.late)  # (``out`` is this batch's own, not yet kept)
+            # (``out`` is this batch's own, not yet kept)
+            if type(out) is LedgerRow:
+                out.stamp(quota.rated.revenue, quota.rated.period, quota.late)
+            else:
+                stamp_fresh(out, quota.rated, quota.late)
             batch.alerts.extend(quota.alerts)
             if quota.expired:
                 batch.expired.extend(quota.expired)

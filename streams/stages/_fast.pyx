@@ -11,15 +11,16 @@ Every step may only *accept* or leave the input to pydantic (``Undecided``), exa
 Python steps did: ``tests/stages/test_decoding.py`` holds the decoder to pydantic with hypothesis,
 and the same tests hold each step here to the Python it replaced.
 
-``RecordBuilder`` builds the attributed record, one per event, from the mapping
-``streams.stages.attribution`` declares; its ``construct`` is ``schemas.trusted.construct``'s
-state-setting in C (that one, pure Python, serves every other trusted model, so that the contract
-imports without a build). Change what a trusted instance holds in both.
+``RowBuilder`` builds the ledger row of an event (``streams.storage._native.LedgerRow``) and prices
+it in integer pico-dollars.
 """
 
 from cpython.datetime cimport datetime_new, import_datetime
 from cpython.object cimport PyObject_GetAttr, PyObject_SetAttr
 from cpython.unicode cimport PyUnicode_GET_LENGTH
+from libc.stdint cimport int64_t
+
+from streams.storage._native cimport LedgerRow
 
 import datetime as _dt
 from sys import intern
@@ -185,50 +186,179 @@ cdef class Finisher:
         return decoded
 
 
-cdef object construct(cls, dict values, fields_set):
-    """A model instance whose state is ``values`` and ``fields_set``, as ``model_construct`` leaves
-    it (``schemas.trusted.construct``, whose four ``object.__setattr__`` calls cost 0.7 µs)."""
-    instance = cls.__new__(cls)
-    PyObject_GenericSetAttr(instance, "__dict__", values)
-    PyObject_GenericSetAttr(instance, "__pydantic_fields_set__", fields_set)
-    PyObject_GenericSetAttr(instance, "__pydantic_extra__", None)
-    PyObject_GenericSetAttr(instance, "__pydantic_private__", None)
-    return instance
+cdef extern from *:
+    # (gcc and clang: the product or sum, and whether it overflowed 64 bits)
+    bint __builtin_mul_overflow(int64_t a, int64_t b, int64_t *out)
+    bint __builtin_add_overflow(int64_t a, int64_t b, int64_t *out)
 
 
-cdef class RecordBuilder:
-    """A trusted model instance from an event, its price and what attribution computed, in C.
+cdef inline int64_t _times(int64_t tokens, int64_t rate, bint *overflow):
+    cdef int64_t out
+    if __builtin_mul_overflow(tokens, rate, &out):
+        overflow[0] = True
+    return out
 
-    ``Attribution.attribute`` declares the mapping (``streams/stages/attribution.py``): fields set
-    to the same value on every record (``constants``), fields copied from the event's attributes
-    and from the price's, by name (``from_event``, ``from_priced``: (field, attribute) pairs), and
-    the ones it computes per event, given to ``build``. A 40-field dict literal of attribute reads
-    and ``construct`` cost 3.3 µs an event in Python: a third of attribution after pricing."""
 
-    cdef object cls, fields_set
-    cdef dict template
-    cdef tuple from_event, from_priced
+cdef inline int64_t _plus(int64_t a, int64_t b, bint *overflow):
+    cdef int64_t out
+    if __builtin_add_overflow(a, b, &out):
+        overflow[0] = True
+    return out
 
-    def __init__(self, cls, fields_set, dict constants, from_event, from_priced):
-        self.cls, self.fields_set = cls, fields_set
-        # Every field in the model's order, then set in place: pydantic writes a model's JSON in the
-        # order of its ``__dict__``, so a record whose dict was filled in another order would be
-        # published (``usage.attributed``) with its fields in that order.
-        self.template = {**dict.fromkeys(cls.__pydantic_fields__), **constants}
-        self.from_event = tuple((intern(field), intern(attribute)) for field, attribute in from_event)
-        self.from_priced = tuple((intern(field), intern(attribute)) for field, attribute in from_priced)
 
-    def build(self, event, priced, cost_usd, business_path, late, attributed_at):
-        cdef dict values = self.template.copy()
-        cdef tuple pair
-        for pair in self.from_event:
-            values[pair[0]] = PyObject_GetAttr(event, pair[1])
-        for pair in self.from_priced:
-            values[pair[0]] = PyObject_GetAttr(priced, pair[1])
+cdef class RowBuilder:
+    """The ledger row of an event (``streams.storage._native.LedgerRow``), priced, in C.
+
+    What ``streams.stages.pricing.cost_of`` computes in ``Decimal`` is computed here in integers when
+    the event's quote has whole pico-dollar rates (``Quote.pico``; most prices): a price per million
+    tokens with at most six decimals is a whole number of pico-dollars a token, so each class's cost
+    is exact in pico-dollars and equals ``cost_of``'s rounded ``Decimal``. The same steps, class by
+    class (``tests/stages/test_rows.py`` holds the two to each other with hypothesis): change
+    ``cost_of`` and ``_price_pico`` together. Any other quote, and a product beyond 64 bits, is
+    priced by ``cost_of`` itself."""
+
+    cdef object token_names, max_pico, beyond, pico_scale
+
+    def __init__(self, token_names, max_pico, beyond):
+        """``token_names``: ``TokenUsage``'s count fields in ``token_counts`` order; ``max_pico``:
+        the ledger's largest cost; ``beyond``: what ``cost_usd_pico`` is set to above it."""
+        self.token_names = tuple(intern(name) for name in token_names)
+        if len(self.token_names) != 12:
+            raise ValueError("RowBuilder reads 12 token counts")
+        self.max_pico, self.beyond = max_pico, beyond
+
+    def build(self, event, quote, business_path, attributed_at):
+        cdef LedgerRow row = LedgerRow.__new__(LedgerRow)
+        cdef int i
+        row.event_id = event.event_id
+        row.event_time = event.timestamp
+        row.tenant_id = event.tenant_id
+        row.user_id = event.user_id
+        row.provider = event.provider
+        row.model = event.model
+        row.service = event.service
+        row.route = event.route
+        row.feature = event.feature
+        row.step = event.step
+        row.trace_id = event.trace_id
+        row.span_id = event.span_id
+        row.parent_span_id = event.parent_span_id
+        row.status = event.status
+        row.latency_ms = event.latency_ms
+        row.reservation_id = event.reservation_id
+        row.batch = event.batch
+        row.tags = event.tags
         extra = event.model_extra
-        values["extra"] = extra if extra else {}  # (a dict of its own: never one shared by every record)
-        values["cost_usd"] = cost_usd
-        values["business_path"] = business_path
-        values["late"] = late
-        values["attributed_at"] = attributed_at
-        return construct(self.cls, values, self.fields_set)
+        row.extra = extra if extra else {}  # (a dict of its own: never one shared by every row)
+        row.raw_usage = event.raw_usage
+        row.raw_usage_format = event.raw_usage_format
+        row.business_path = business_path
+        row.attributed_at = attributed_at
+        row.priced = quote.priced
+        row.unpriced_reason = quote.unpriced_reason
+        row.matched_model = quote.matched_model
+        row.price_source = quote.price_source
+        row.pricing_version = quote.pricing_version
+        row.discount = quote.discount
+        row.discount_percent = quote.discount_percent
+        usage = row.usage = event.usage
+        if usage is None:  # (a bare contract object: validation always gives one)
+            return row
+        for i in range(12):
+            row.tokens[i] = PyObject_GetAttr(usage, self.token_names[i])
+        if quote.rates is None:
+            return row  # not priced: every cost the shared zero
+        pico = quote.pico
+        if pico is None or not _price_pico(row, pico):
+            self._price_decimal(row, quote.priced_for(usage).cost)
+        return row
+
+    cdef _price_decimal(self, LedgerRow row, cost):
+        """A row priced by ``cost_of`` (``cost``: its ``CostBreakdown``), its ``Decimal`` forms kept."""
+        cdef int i
+        total = cost.total
+        row._cost, row._cost_usd = cost, total
+        row.rounded_zeros = 0
+        if total > self.max_pico * _PICO_UNIT:
+            row.cost_usd_pico = self.beyond  # refused by attribution: never written
+            return
+        values = (cost.input, cost.cache_read, cost.cache_write, cost.output, cost.reasoning, cost.input_audio,
+                  cost.input_image, cost.output_audio, cost.output_image, cost.request)
+        for i in range(10):
+            row.costs[i] = int(values[i].scaleb(12))  # (exact: rounded to 12 places)
+        row.cost_usd_pico = int(total.scaleb(12))
+
+
+cdef object _PICO_UNIT = __import__("decimal").Decimal("1E-12")
+
+
+cdef bint _price_pico(LedgerRow row, tuple pico) except -1:
+    """``cost_of`` in pico-dollars into ``row``, from ``Quote.pico``; False if a product or the sum
+    overflowed 64 bits (then nothing in ``row`` is to be kept)."""
+    cdef int64_t *t = row.tokens
+    cdef int64_t *c = row.costs
+    cdef int64_t p[13]
+    cdef int i, rounded = 0
+    cdef int64_t uncached, total = 0
+    cdef bint over = False
+    for i in range(13):
+        p[i] = pico[i]
+    # t: input, cache_read, cache_write, output, reasoning, cache_write_1h, input_audio,
+    #    cache_audio_read, input_image, cache_image_read, output_audio, output_image
+    # p: those classes' rates, then the per-call fee (rounded as ``cost_of`` rounds it)
+    # c: input, cache_read, cache_write, output, reasoning, input_audio, input_image, output_audio,
+    #    output_image, request
+    # A class ``cost_of`` rounds (bit i of ``rounded``) is a Decimal of 12 places even when zero; one
+    # it skips (no tokens) is the shared zero.
+    for i in range(10):
+        c[i] = 0
+    uncached = t[0] - t[1] - t[2]
+    if t[2]:
+        c[2] = _plus(_times(t[2] - t[5], p[2], &over), _times(t[5], p[5], &over), &over)
+        rounded |= 1 << 2
+    if not (t[6] or t[8] or t[10] or t[11] or t[7] or t[9]):  # text only
+        if uncached:
+            c[0] = _times(uncached, p[0], &over)
+            rounded |= 1 << 0
+        if t[1]:
+            c[1] = _times(t[1], p[1], &over)
+            rounded |= 1 << 1
+        if t[3] - t[4]:
+            c[3] = _times(t[3] - t[4], p[3], &over)
+            rounded |= 1 << 3
+    else:
+        uncached = uncached - (t[6] - t[7]) - (t[8] - t[9])
+        if uncached:
+            c[0] = _times(uncached, p[0], &over)
+            rounded |= 1 << 0
+        c[1] = _plus(_plus(_times(t[1] - t[7] - t[9], p[1], &over), _times(t[7], p[7], &over), &over),
+                     _times(t[9], p[9], &over), &over)
+        rounded |= 1 << 1  # (``cost_of`` rounds this sum whatever its counts)
+        if t[3] - t[4] - t[10] - t[11]:
+            c[3] = _times(t[3] - t[4] - t[10] - t[11], p[3], &over)
+            rounded |= 1 << 3
+        if t[6] - t[7]:
+            c[5] = _times(t[6] - t[7], p[6], &over)
+            rounded |= 1 << 5
+        if t[8] - t[9]:
+            c[6] = _times(t[8] - t[9], p[8], &over)
+            rounded |= 1 << 6
+        if t[10]:
+            c[7] = _times(t[10], p[10], &over)
+            rounded |= 1 << 7
+        if t[11]:
+            c[8] = _times(t[11], p[11], &over)
+            rounded |= 1 << 8
+    if t[4]:
+        c[4] = _times(t[4], p[4], &over)
+        rounded |= 1 << 4
+    if pico[13]:  # the rate had a per-call fee (``cost_of`` rounds it, to zero if below a pico-dollar)
+        c[9] = p[12]
+        rounded |= 1 << 9
+    for i in range(10):
+        total = _plus(total, c[i], &over)
+    if over:
+        return False
+    row.cost_usd_pico = total
+    row.rounded_zeros = rounded | ((1 << 10) if rounded else 0)
+    return True

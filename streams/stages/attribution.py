@@ -8,19 +8,24 @@ drift apart. ``costline reprice`` starts from stored events and calls ``attribut
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from schemas.attributed import MAX_COST_USD, AttributedUsage
 from schemas.dead_letter import Rejection
-from schemas.trusted import all_fields
-from schemas.usage import UsageEvent
+from schemas.trusted import construct
+from schemas.usage import TokenUsage, UsageEvent
 from streams.settings import Settings
 from streams.stages.pricing import Pricer
 from streams.stages.tagging import PathRules
 from streams.stages.validation import MAX_EVENT_BYTES, MAX_FUTURE, validate
-from streams.storage.compiled import fast
+from streams.storage.compiled import fast, native
+from streams.storage.tables import LedgerRow
+
+R = TypeVar("R", AttributedUsage, LedgerRow)
 
 
 @dataclass(frozen=True)
@@ -45,27 +50,51 @@ class Attribution:
                                    max_bytes=settings.max_event_bytes)
 
     def attribute_raw(self, value: bytes | None, now: datetime | None = None) -> AttributedUsage | Rejection:
-        """A raw record's attribution, or why it is rejected (never raises on bad input)."""
+        """A raw record's attribution, or why it is rejected (never raises on bad input): the
+        reference path's and the offline tools' form, priced in ``Decimal``."""
+        return self._raw(value, now, self.attribute, lambda record: record.cost_usd > MAX_COST_USD)
+
+    def row_raw(self, value: bytes | None, now: datetime | None = None) -> LedgerRow | Rejection:
+        """``attribute_raw`` as the stream makes it: the ledger row, priced in integer pico-dollars
+        (``row``)."""
+        return self._raw(value, now, self.row, lambda row: row.cost_usd_pico > native.MAX_COST_PICO)
+
+    def _raw(self, value: bytes | None, now: datetime | None, attribute: Callable[[UsageEvent, datetime], R],
+             beyond: Callable[[R], bool]) -> R | Rejection:
         now = now or datetime.now(UTC)
         checked = validate(value, now=now, max_future=self.max_future, max_bytes=self.max_bytes, fast=self.fast)
         if isinstance(checked, Rejection):
             return checked
-        record = self.attribute(checked, now)
-        if record.cost_usd > MAX_COST_USD:  # the ledger would refuse the whole batch, on every retry
+        record = attribute(checked, now)
+        if beyond(record):  # the ledger would refuse the whole batch, on every retry
             return Rejection(reason="cost_out_of_range",
                              message=f"{beyond_ledger(record)}, then re-submit the dead letter")
         return record
 
+    def row(self, event: UsageEvent, now: datetime | None = None) -> LedgerRow:
+        """A valid event's ledger row (``streams.storage._native.LedgerRow``): what ``attribute``
+        gives, built and priced in C (``RowBuilder``); ``row.as_model()`` is that record."""
+        return _ROWS.build(event, self.pricer.quote(event), self.paths.path_for(event), now or datetime.now(UTC))
+
     def attribute(self, event: UsageEvent, now: datetime | None = None, late: bool = False) -> AttributedUsage:
-        """A valid event's attribution. ``late`` is decided by the quota stage, which runs after this."""
+        """A valid event's attribution, priced in ``Decimal`` (``Pricer.price``): the reference the
+        stream's rows are held to. ``late`` is decided by the quota stage, which runs after this."""
         priced = self.pricer.price(event)
-        return _RECORD.build(event, priced, priced.cost.total, self.paths.path_for(event), late,
-                             now or datetime.now(UTC))
+        values = dict.fromkeys(_MODEL_FIELDS)  # (in the model's order: its JSON follows its ``__dict__``)
+        values.update(_CONSTANT)
+        for field, attribute in _FROM_EVENT:
+            values[field] = getattr(event, attribute)
+        for field, attribute in _FROM_PRICED:
+            values[field] = getattr(priced, attribute)
+        values.update(extra=event.model_extra or {}, cost_usd=priced.cost.total, business_path=self.paths.path_for(event),
+                      late=late, attributed_at=now or datetime.now(UTC))
+        return construct(AttributedUsage, values)
 
 
-#: How an attributed record is made from an event (built in C: ``streams/stages/_fast.pyx``,
-#: ``RecordBuilder``). The same on every record (revenue_usd, margin_usd and billing_period are
-#: stamped by the quota stage, which rates the call after this):
+#: How an attributed record is made from an event (``Attribution.attribute``; the stream's rows are
+#: built from the same event and price in C, ``streams/stages/_fast.pyx``, and held to these records by
+#: ``tests/stages/test_rows.py``). The same on every record (revenue_usd, margin_usd and
+#: billing_period are stamped by the quota stage, which rates the call after this):
 _CONSTANT = {"schema_version": 1, "currency": "USD", "revenue_usd": None, "margin_usd": None, "billing_period": None}
 #: From the event: (field, the event's attribute).
 _FROM_EVENT = [
@@ -79,16 +108,17 @@ _FROM_PRICED = [
     ("cost", "cost"), ("priced", "priced"), ("unpriced_reason", "unpriced_reason"), ("matched_model", "matched_model"),
     ("price_source", "price_source"), ("pricing_version", "pricing_version"), ("discount", "discount"),
     ("discount_percent", "discount_percent")]
-#: Given to ``RecordBuilder.build`` for each event (``extra`` is the event's extra fields).
+#: Computed for each event (``extra`` is the event's extra fields).
 _GIVEN = {"extra", "cost_usd", "business_path", "late", "attributed_at"}
+_MODEL_FIELDS = tuple(AttributedUsage.__pydantic_fields__)
 _mapped = [*_CONSTANT, *(field for field, _ in _FROM_EVENT), *(field for field, _ in _FROM_PRICED), *_GIVEN]
-if sorted(_mapped) != sorted(AttributedUsage.__pydantic_fields__):  # (at import: a new field cannot go unset)
+if sorted(_mapped) != sorted(_MODEL_FIELDS):  # (at import: a new field cannot go unset)
     raise TypeError("streams.stages.attribution maps each field of AttributedUsage once: map "
-                    f"{sorted(set(AttributedUsage.__pydantic_fields__) ^ set(_mapped))}")
-_RECORD = fast.RecordBuilder(AttributedUsage, all_fields(AttributedUsage), _CONSTANT, _FROM_EVENT, _FROM_PRICED)
+                    f"{sorted(set(_MODEL_FIELDS) ^ set(_mapped))}")
+_ROWS = fast.RowBuilder(TokenUsage.__pydantic_fields__, native.MAX_COST_PICO, native.BEYOND_LEDGER)
 
 
-def beyond_ledger(record: AttributedUsage) -> str:
+def beyond_ledger(record: AttributedUsage | LedgerRow) -> str:
     """What is wrong with a record whose cost exceeds ``MAX_COST_USD``, which ClickHouse refuses to
     store (and with it the whole insert), and what to check."""
     return (f"cost {record.cost_usd} USD of {record.provider}/{record.model} is beyond the ledger's "

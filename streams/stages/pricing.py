@@ -217,6 +217,65 @@ class Priced:
     unpriced_reason: str | None = None
 
 
+#: The most pico-dollars a token (or a call) a rate may be for the compiled pricing
+#: (``streams/stages/_fast.pyx``, ``RowBuilder``) to multiply in 64-bit integers: 2^31 − 1, about
+#: $2,147 per million tokens. With at most ``MAX_TOKENS`` (10^9) tokens a class, a product stays
+#: below 2^61. A rate above it, or one that is not a whole number of pico-dollars, is priced in
+#: ``Decimal`` (``cost_of``), as every rate is on the reference path.
+MAX_PICO_RATE = 2**31 - 1
+_PICO = Decimal(10) ** 12
+
+
+def pico_rates(rates: Rates) -> tuple[int, ...] | None:
+    """Each class's rate in whole pico-dollars a token, in ``token_counts`` order, then the per-call
+    fee rounded as ``cost_of`` rounds it, then 1 if there is a fee (``cost_of`` rounds it even to
+    zero) else 0; None when a rate is not a whole number of pico-dollars (a
+    discount of a third, a price with more than six decimals per million) or above ``MAX_PICO_RATE``.
+
+    Why whole pico-dollars: a price per million tokens with at most six decimals is a whole number
+    of pico-dollars a token, so tokens × rate is exact in integers and equals ``cost_of``'s
+    ``Decimal`` product, which then needs no rounding (the ledger keeps 12 places: pico-dollars)."""
+    per_token = (rates.input, rates.cache_read, rates.cache_write, rates.output, rates.reasoning,
+                 rates.cache_write_1h, rates.input_audio, rates.cache_audio_read, rates.input_image,
+                 rates.cache_image_read, rates.output_audio, rates.output_image)
+    out = []
+    for rate in (*per_token, money(rates.request)):
+        scaled = rate * _PICO
+        if scaled != scaled.to_integral_value() or not 0 <= scaled <= MAX_PICO_RATE:
+            return None
+        out.append(int(scaled))
+    return (*out, 1 if rates.request else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """What an event is priced at, apart from its token counts: its rates and where they came from.
+    One object for every event of one price (model, period, prompt tier, batch and negotiated
+    discount), memoized by ``Pricer.quote``; ``cost_of(usage, quote.rates)`` is the event's cost."""
+
+    rates: Rates | None  # None: not priced (``unpriced_reason`` says why)
+    priced: bool
+    matched_model: str | None = None
+    price_source: str | None = None
+    pricing_version: str | None = None
+    discount: str | None = None
+    discount_percent: Decimal = _ZERO
+    unpriced_reason: str | None = None
+    #: ``pico_rates(rates)``, or None (then the compiled pricing prices the event in ``Decimal``).
+    pico: tuple[int, ...] | None = None
+
+    def priced_for(self, usage: TokenUsage) -> Priced:
+        """The event's price: its cost at these rates, and their provenance."""
+        if self.rates is None:
+            return Priced(CostBreakdown(), False, pricing_version=self.pricing_version,
+                          unpriced_reason=self.unpriced_reason)
+        return Priced(cost_of(usage, self.rates), True, self.matched_model, self.price_source, self.pricing_version,
+                      self.discount, self.discount_percent)
+
+
+_NO_USAGE = Quote(None, False, unpriced_reason="the event has no usage")
+
+
 class Pricer:
     """Prices events against the catalog and the overrides. Thread-compatible, not thread-safe."""
 
@@ -229,6 +288,11 @@ class Pricer:
         self._by_tenant = any(o.tenant is not None for o in (*self.overrides.models, *self.overrides.discounts))
         self._override_cards: dict[int, RateCard] = {}
         self._scaled: dict[tuple[int, Decimal], Rates] = {}
+        #: Keyed by ids of rates, catalog models, override indexes and discounts: each is made once
+        #: and kept for the pricer's life (by the cards, ``_scaled``, ``_models``, ``overrides``), so
+        #: no id in a key can be taken by another object while its entry lives.
+        self._quotes: dict[tuple[int, int, Decimal | None, int], Quote] = {}
+        self._unpriced: dict[str, Quote] = {}
 
     @classmethod
     def from_file(cls, path: Path | None) -> Pricer:
@@ -275,7 +339,15 @@ class Pricer:
     def price(self, event: UsageEvent) -> Priced:
         usage = event.usage
         if usage is None:  # validation normalizes raw_usage; only a bare contract object gets here
-            return Priced(cost=CostBreakdown(), priced=False, unpriced_reason="the event has no usage")
+            return _NO_USAGE.priced_for(usage)
+        return self.quote(event).priced_for(usage)
+
+    def quote(self, event: UsageEvent) -> Quote:
+        """The price of ``event`` at its time, memoized: the same ``Quote`` object for every event
+        of one price (see ``Quote``)."""
+        usage = event.usage
+        if usage is None:
+            return _NO_USAGE
         at = event.timestamp
         models, discounts = self._candidates(event.tenant_id, event.provider, event.model)
         factor = _ONE
@@ -289,19 +361,24 @@ class Pricer:
             card = self._override_cards.get(index)
             if card is None:
                 card = self._override_cards[index] = card_from_override(entry)
-            matched, catalog_batch = entry.model, False
-            source = f"prices.yaml models[{index}]" + (f" ({entry.name})" if entry.name else "")
+            catalog_batch, origin = False, index
         else:
             found = self.catalog_model(event.provider, event.model)
             if isinstance(found, str):
-                return Priced(cost=CostBreakdown(), priced=False, unpriced_reason=found, pricing_version=self.version)
+                quote = self._unpriced.get(found)
+                if quote is None:
+                    if len(self._unpriced) >= _MEMO_SIZE:
+                        self._unpriced.clear()
+                    quote = self._unpriced[found] = Quote(None, False, pricing_version=self.version,
+                                                          unpriced_reason=found)
+                return quote
             card, catalog_batch = found.card(at, event.batch)
-            matched, source = found.id, CATALOG_LABEL
+            origin = found
+        batch_percent = None
         if event.batch and not catalog_batch:
-            percent = self.overrides.batch_discount_percent.get(event.provider)
-            if percent:
-                factor = factor * (_HUNDRED - percent) / _HUNDRED
-                source += f"; batch -{percent}%"
+            batch_percent = self.overrides.batch_discount_percent.get(event.provider)
+            if batch_percent:
+                factor = factor * (_HUNDRED - batch_percent) / _HUNDRED
         discount = None
         for candidate in discounts:
             if candidate.active(at):
@@ -311,15 +388,25 @@ class Pricer:
         rates = card.for_prompt(usage.input_tokens)
         if factor is not _ONE:
             rates = self._rates_scaled(rates, factor)
-        return Priced(
-            cost=cost_of(usage, rates),
-            priced=True,
-            matched_model=matched,
-            price_source=source,
-            pricing_version=self.version,
-            discount=discount.name if discount else None,
-            discount_percent=discount.percent if discount else _ZERO,
-        )
+        # Keyed by what the quote is made of: the rates chosen (the card's, of its period, tier and
+        # factor), where they came from, and the discount that named them (see ``_quotes``).
+        key = (id(rates), id(origin), batch_percent, id(discount))
+        quote = self._quotes.get(key)
+        if quote is None:
+            if len(self._quotes) >= _MEMO_SIZE:
+                self._quotes.clear()
+            if override is not None:
+                index, entry = override
+                matched = entry.model
+                source = f"prices.yaml models[{index}]" + (f" ({entry.name})" if entry.name else "")
+            else:
+                matched, source = origin.id, CATALOG_LABEL
+            if batch_percent:
+                source += f"; batch -{batch_percent}%"
+            quote = Quote(rates, True, matched, source, self.version, discount.name if discount else None,
+                          discount.percent if discount else _ZERO, pico=pico_rates(rates))
+            self._quotes[key] = quote
+        return quote
 
 
 def cost_of(usage: TokenUsage, r: Rates) -> CostBreakdown:

@@ -150,6 +150,9 @@ cdef class _Column:
     # A decimal column of zeros only is written as "0"s, as the Python encoder writes it (its texts
     # may be "0E-12" or "0.000000000000"; the values stored are the same, the bytes then too).
     cdef bint all_zero
+    # Where ``add_row`` reads the column's value of a ``LedgerRow`` (``_ROW_SLOTS``), or -1: not a
+    # ledger column, and ``add_row`` refuses rows.
+    cdef int slot
 
 
 cdef class NativeWriter:
@@ -184,6 +187,9 @@ cdef class NativeWriter:
             column.values, column.extra, column.offsets = _Buffer(), _Buffer(), _Buffer()
             column.entries = 0
             column.all_zero = True
+            column.slot = _ROW_SLOTS.get(path, -1)
+            if column.slot >= _SLOT_TOKENS and kind != (KIND_UINT64 if column.slot < _SLOT_COSTS else KIND_DECIMAL):
+                column.slot = -1  # (a conversion ``add_row`` does not write from the C fields)
             self._columns.append(column)
 
     def __len__(self):
@@ -231,6 +237,35 @@ cdef class NativeWriter:
         except BaseException:
             # Every column back to where this row started: the writer holds the rows added before,
             # and can take more (a half-written row would make the whole block unreadable).
+            for column in self._columns:
+                column.values.size, column.extra.size, column.offsets.size = \
+                    column.mark_values, column.mark_extra, column.mark_offsets
+                column.entries, column.all_zero = column.mark_entries, column.mark_all_zero
+            raise
+        self._rows += 1
+
+    def add_row(self, LedgerRow row not None):
+        """``add`` for a ``LedgerRow``: the same columns, read from its fields; token counts and costs
+        from its C integers (a cost as its exact decimal text, which ClickHouse parses to the same
+        stored value as the ``Decimal``'s text that ``add`` writes)."""
+        cdef _Column column
+        cdef int slot
+        for column in self._columns:
+            if column.slot < 0:
+                raise TypeError(f"column {column.key!r} is not a ledger row's field")
+            column.mark_values, column.mark_extra, column.mark_offsets = \
+                column.values.size, column.extra.size, column.offsets.size
+            column.mark_entries, column.mark_all_zero = column.entries, column.all_zero
+        try:
+            for column in self._columns:
+                slot = column.slot
+                if slot < _SLOT_TOKENS:
+                    self._write(column, row._field(slot))
+                elif slot < _SLOT_COSTS:
+                    column.values.uint64(<uint64_t> row.tokens[slot - _SLOT_TOKENS])
+                else:
+                    _pico_text(column, row.costs[slot - _SLOT_COSTS] if slot < _SLOT_COST_USD else row.cost_usd_pico)
+        except BaseException:
             for column in self._columns:
                 column.values.size, column.extra.size, column.offsets.size = \
                     column.mark_values, column.mark_extra, column.mark_offsets
@@ -356,6 +391,192 @@ cdef class NativeWriter:
             else:
                 at = _copy(at, column.values)
         return out
+
+
+# ---- the ledger's row as the stream builds it ---------------------------------------------------
+
+#: A row's fields that ``add_row`` reads as objects, in slot order (``LedgerRow._field``).
+_ROW_FIELDS = (
+    "event_id", "event_time", "tenant_id", "user_id", "provider", "model", "service", "route", "feature", "step",
+    "trace_id", "span_id", "parent_span_id", "status", "latency_ms", "reservation_id", "batch", "tags", "extra",
+    "raw_usage", "raw_usage_format", "priced", "unpriced_reason", "matched_model", "price_source",
+    "pricing_version", "discount", "discount_percent", "business_path", "attributed_at", "late", "revenue_usd",
+    "billing_period", "currency")
+_TOKEN_FIELDS = (
+    "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+    "cache_write_1h_tokens", "input_audio_tokens", "cache_audio_read_tokens", "input_image_tokens",
+    "cache_image_read_tokens", "output_audio_tokens", "output_image_tokens")
+_COST_FIELDS = ("input", "cache_read", "cache_write", "output", "reasoning", "input_audio", "input_image",
+                "output_audio", "output_image", "request")
+cdef enum:  # where each part of a row's slots starts
+    _SLOT_TOKENS = 34
+    _SLOT_COSTS = 46
+    _SLOT_COST_USD = 56
+if len(_ROW_FIELDS) != _SLOT_TOKENS or len(_TOKEN_FIELDS) != _SLOT_COSTS - _SLOT_TOKENS \
+        or len(_COST_FIELDS) != _SLOT_COST_USD - _SLOT_COSTS:
+    raise ImportError("streams.storage._native: the row slots do not add up")
+#: A column's attribute path → its slot in a ``LedgerRow``.
+_ROW_SLOTS = {**{name: i for i, name in enumerate(_ROW_FIELDS)},
+              **{f"usage.{name}": _SLOT_TOKENS + i for i, name in enumerate(_TOKEN_FIELDS)},
+              **{f"cost.{name}": _SLOT_COSTS + i for i, name in enumerate(_COST_FIELDS)},
+              "cost_usd": _SLOT_COST_USD}
+
+#: The largest cost the ledger's ``Decimal(18, 12)`` holds, in pico-dollars; a row priced beyond it
+#: has ``cost_usd_pico`` ``BEYOND_LEDGER`` and is dead-lettered, never written.
+MAX_COST_PICO = 999_999_999_999_999_999
+BEYOND_LEDGER = 0x7FFFFFFFFFFFFFFF
+
+cdef object _PICO_UNIT = None   # Decimal("1E-12"), and the rest: set by ``configure_rows``
+cdef object _ZERO = None
+cdef object _COST_BREAKDOWN = None
+cdef object _TO_MODEL = None
+
+
+def configure_rows(zero, cost_breakdown, to_model):
+    """The ledger's ``Decimal`` zero (``schemas.attributed.ZERO``) and ``CostBreakdown`` class, which
+    a row's ``Decimal`` forms are made of, and the function that makes a row's ``AttributedUsage``
+    (``streams.storage.tables``, at import: this module does not import the contract)."""
+    global _PICO_UNIT, _ZERO, _COST_BREAKDOWN, _TO_MODEL
+    _ZERO, _COST_BREAKDOWN, _TO_MODEL = zero, cost_breakdown, to_model
+    _PICO_UNIT = type(zero)("1E-12")
+
+
+cdef inline object _money(int64_t pico, bint rounded):
+    """Pico-dollars as the ``Decimal`` pricing gives: ``pico`` × 10^-12 (12 places; exact: 19 digits
+    at most, within any context's 28); a zero as the shared zero, or as ``0E-12`` when ``rounded``."""
+    if pico == 0 and not rounded:
+        return _ZERO
+    return _PICO_UNIT * pico
+
+
+cdef int _pico_text(_Column column, int64_t pico) except -1:
+    """A cost as decimal text with its 12 places ("0.001569000000"; zero as "0")."""
+    cdef char digits[32]
+    cdef int n = 0, i
+    cdef uint64_t magnitude
+    cdef _Buffer out = column.values
+    if pico == 0:
+        out.leb128(1)
+        return out.byte(48)
+    column.all_zero = False
+    magnitude = <uint64_t> (-pico) if pico < 0 else <uint64_t> pico
+    while magnitude or n < 13:  # the 12 places, and at least one digit before the point
+        digits[n] = <char> (48 + magnitude % 10)
+        magnitude //= 10
+        n += 1
+    out.leb128(n + 1 + (pico < 0))
+    if pico < 0:
+        out.byte(45)
+    for i in range(n - 1, 11, -1):
+        out.byte(<uint8_t> digits[i])
+    out.byte(46)  # "."
+    for i in range(11, -1, -1):
+        out.byte(<uint8_t> digits[i])
+    return 0
+
+
+cdef class LedgerRow:
+    """An attributed usage event as the stream builds it: the fields of ``AttributedUsage``, with
+    token counts and costs held as C integers (costs in pico-dollars, the ledger's 12 places)
+    instead of a model of ``Decimal`` objects. Built in C (``streams/stages/_fast.pyx``,
+    ``RowBuilder``), written by ``NativeWriter.add_row`` straight from those integers, read by the
+    quota stage through the same names as the model (``cost_usd`` a ``Decimal``, made once).
+    ``as_model()`` is the ``AttributedUsage`` it stands for (published, compared in the tests).
+
+    Why not the model: making one per event, and reading it back field by field into the ledger's
+    columns, cost about 5 µs an event of the worker's loop thread; and its costs are ``Decimal``
+    objects, each written as text. Fields are declared in _native.pxd."""
+
+    def __cinit__(self):
+        self.cost_usd_pico = 0
+        self.rounded_zeros = 0
+        self.late = False
+
+    cdef object _field(self, int slot):
+        if slot == 0: return self.event_id
+        if slot == 1: return self.event_time
+        if slot == 2: return self.tenant_id
+        if slot == 3: return self.user_id
+        if slot == 4: return self.provider
+        if slot == 5: return self.model
+        if slot == 6: return self.service
+        if slot == 7: return self.route
+        if slot == 8: return self.feature
+        if slot == 9: return self.step
+        if slot == 10: return self.trace_id
+        if slot == 11: return self.span_id
+        if slot == 12: return self.parent_span_id
+        if slot == 13: return self.status
+        if slot == 14: return self.latency_ms
+        if slot == 15: return self.reservation_id
+        if slot == 16: return self.batch
+        if slot == 17: return self.tags
+        if slot == 18: return self.extra
+        if slot == 19: return self.raw_usage
+        if slot == 20: return self.raw_usage_format
+        if slot == 21: return self.priced
+        if slot == 22: return self.unpriced_reason
+        if slot == 23: return self.matched_model
+        if slot == 24: return self.price_source
+        if slot == 25: return self.pricing_version
+        if slot == 26: return self.discount
+        if slot == 27: return self.discount_percent
+        if slot == 28: return self.business_path
+        if slot == 29: return self.attributed_at
+        if slot == 30: return self.late
+        if slot == 31: return self.revenue_usd
+        if slot == 32: return self.billing_period
+        if slot == 33: return "USD"
+        raise IndexError(slot)
+
+    cpdef stamp(self, object revenue, object period, bint late):
+        """``streams.stages.revenue.stamp_fresh`` for a row: what the call added to its tenant's bill
+        (``revenue``: None when not rated), in which period, and whether it came late."""
+        if late:
+            self.late = True
+        if revenue is not None:
+            self.revenue_usd = revenue
+            self.billing_period = period
+
+    def as_model(self):
+        """The ``AttributedUsage`` this row stands for."""
+        return _TO_MODEL(self)
+
+    @property
+    def schema_version(self):
+        return 1
+
+    @property
+    def currency(self):
+        return "USD"
+
+    @property
+    def cost_usd(self):
+        if self._cost_usd is None:
+            self._cost_usd = _money(self.cost_usd_pico, self.rounded_zeros & (1 << 10))
+        return self._cost_usd
+
+    @property
+    def cost(self):
+        if self._cost is None:
+            self._cost = _COST_BREAKDOWN(*[_money(self.costs[i], self.rounded_zeros & (1 << i)) for i in range(10)])
+        return self._cost
+
+    @property
+    def margin_usd(self):
+        return None if self.revenue_usd is None else self.revenue_usd - self.cost_usd
+
+    def token_count(self, int index):
+        """The ``index``-th token count (``schemas.usage.token_counts`` order)."""
+        if not 0 <= index < 12:
+            raise IndexError(index)
+        return self.tokens[index]
+
+    def cost_pico(self, int index):
+        """The ``index``-th cost class (``CostBreakdown`` order), in pico-dollars."""
+        if not 0 <= index < 10:
+            raise IndexError(index)
+        return self.costs[index]
 
 
 # ---- reading a block back ---------------------------------------------------------------------

@@ -18,19 +18,21 @@ class NotBuilt(CostlineError):
     """A compiled module is missing or older than its source."""
 
 
-def load(name: str) -> ModuleType:
-    """The module ``name`` (``streams.storage._native``), checked against its .pyx beside it
-    (absent from an installed wheel)."""
+def load(name: str, *declarations: str) -> ModuleType:
+    """The module ``name`` (``streams.storage._native``), checked against its .pyx beside it and the
+    ``declarations`` (.pxd files) it is compiled with (absent from an installed wheel)."""
     where = name.replace(".", "/") + ".pyx"
-    source = Path(__file__).parents[2] / where
+    root = Path(__file__).parents[2]
     try:
         module = importlib.import_module(name)
     except ImportError:
         raise NotBuilt(f"{where} is not compiled: run scripts/setup") from None
-    if source.exists() and source.stat().st_mtime > Path(module.__file__).stat().st_mtime:
-        raise NotBuilt(f"{where} changed since it was compiled: run scripts/setup")
+    built = Path(module.__file__).stat().st_mtime
+    for source in (where, *declarations):
+        if (root / source).exists() and (root / source).stat().st_mtime > built:
+            raise NotBuilt(f"{source} changed since {where} was compiled: run scripts/setup")
     return module
 
 
-native = load("streams.storage._native")
-fast = load("streams.stages._fast")
+native = load("streams.storage._native", "streams/storage/_native.pxd")
+fast = load("streams.stages._fast", "streams/storage/_native.pxd")  # (it fills the ledger row's C fields)

@@ -23,13 +23,28 @@ from clickhouse_connect.driver.compression import get_compressor
 from clickhouse_connect.driver.insert import InsertContext
 from clickhouse_connect.driver.transform import NativeTransform
 
-from schemas.attributed import ZERO, AttributedUsage
+from schemas.attributed import ZERO, AttributedUsage, CostBreakdown
 from schemas.quota import QuotaAlert
-from schemas.trusted import json_writer
+from schemas.trusted import construct, json_writer
 from schemas.usage import epoch_ms
 from streams.storage.compiled import native as _native
 
 R = TypeVar("R")
+#: The ledger row the stream builds (``streams/storage/_native.pyx``): ``AttributedUsage``'s fields,
+#: its token counts and costs as C integers; ``NativeWriter.add_row`` writes it.
+LedgerRow = _native.LedgerRow
+_MODEL_FIELDS = tuple(AttributedUsage.__pydantic_fields__)
+if any(not hasattr(LedgerRow, name) for name in _MODEL_FIELDS):  # (at import: a field added to one only)
+    raise TypeError("streams/storage/_native.pyx: LedgerRow lacks AttributedUsage's "
+                    f"{[name for name in _MODEL_FIELDS if not hasattr(LedgerRow, name)]}")
+
+
+def _row_model(row: Any) -> AttributedUsage:
+    """``LedgerRow.as_model``: the row's fields, in the model's order (its JSON follows its ``__dict__``)."""
+    return construct(AttributedUsage, {name: getattr(row, name) for name in _MODEL_FIELDS})
+
+
+_native.configure_rows(ZERO, CostBreakdown, _row_model)
 #: A conversion of a whole column of values.
 Convert = Callable[[list[Any]], list[Any]]
 
@@ -78,6 +93,8 @@ class TableSpec(Generic[R]):
 
     def row(self, record: R) -> tuple[Any, ...]:
         """A record's values, in the order the columns are sent (before their wire conversion)."""
+        if type(record) is LedgerRow:
+            record = record.as_model()  # (for the Python encoder and tests: the stream writes rows in C)
         return self._row(record)
 
     def to_columns(self, records: Sequence[R]) -> list[list[Any]]:
@@ -235,7 +252,8 @@ class RecordBatch(list[R]):
 
     def add(self, record: R) -> None:
         if self.writer is not None:
-            self.writer.add(record)  # (first: a record it refuses is not kept either)
+            # (first: a record it refuses is not kept either)
+            self.writer.add_row(record) if type(record) is LedgerRow else self.writer.add(record)
             if self.block_bytes is not None and self.writer.nbytes >= self.block_bytes:
                 self._finished.append(self.writer.finish())
                 self.writer = self.table.writer()

@@ -1,0 +1,173 @@
+"""The stream's ledger rows (``streams.storage._native.LedgerRow``, built and priced in integer
+pico-dollars by ``streams/stages/_fast.pyx``'s ``RowBuilder``) against the reference: the record
+``Attribution.attribute`` makes, priced in ``Decimal`` by ``pricing.cost_of``. Every cost class and
+the total must be the same ``Decimal``, down to its exponent (a zero that ``cost_of`` rounded is
+``0E-12``, one it skipped the shared zero: sums of them print differently in quota states)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from schemas.attributed import ZERO
+from schemas.dead_letter import Rejection
+from schemas.usage import MAX_TOKENS, TokenUsage, UsageEvent
+from streams.stages.attribution import _ROWS, Attribution
+from streams.stages.prices import ModelPrice, PerMillionTokens, PriceOverrides
+from streams.stages.pricing import MAX_PICO_RATE, Pricer, Quote, Rates, cost_of, pico_rates
+from streams.stages.tagging import PathRules
+from streams.storage.compiled import native
+from streams.storage.tables import LEDGER, LedgerRow, RecordBatch
+
+AT = datetime(2026, 6, 1, 9, 30, tzinfo=UTC)
+CLASSES = ("input", "cache_read", "cache_write", "output", "reasoning", "input_audio", "input_image",
+           "output_audio", "output_image", "request")
+PER_MILLION = ("input", "output", "cache_read", "cache_write", "cache_write_1h", "reasoning", "input_audio",
+               "cache_audio_read", "input_image", "cache_image_read", "output_audio", "output_image")
+
+
+@st.composite
+def usages(draw) -> TokenUsage:
+    """Token counts within the contract's bounds: each part within its total, text only or not."""
+    counts = st.integers(0, 10**6) | st.sampled_from([0, 1, 999_999_999])
+    media = draw(st.booleans())
+    ca, ci = (draw(counts), draw(counts)) if media else (0, 0)
+    ia, ii = (ca + draw(counts), ci + draw(counts)) if media else (0, 0)
+    cache_read = ca + ci + draw(counts)
+    cw1h = draw(counts)
+    cache_write = cw1h + draw(counts)
+    oa, oi = (draw(counts), draw(counts)) if media else (0, 0)
+    reasoning = draw(counts)
+    values = dict(input_tokens=cache_read + cache_write + (ia - ca) + (ii - ci) + draw(counts),
+                  cache_read_tokens=cache_read, cache_write_tokens=cache_write, cache_write_1h_tokens=cw1h,
+                  input_audio_tokens=ia, cache_audio_read_tokens=ca, input_image_tokens=ii, cache_image_read_tokens=ci,
+                  output_tokens=reasoning + oa + oi + draw(counts), reasoning_tokens=reasoning,
+                  output_audio_tokens=oa, output_image_tokens=oi)
+    assume(all(value <= MAX_TOKENS for value in values.values()))
+    try:
+        return TokenUsage(**values)
+    except ValidationError:
+        assume(False)
+        raise
+
+
+def prices(places: int) -> st.SearchStrategy[Decimal]:
+    return st.decimals(min_value=0, max_value=Decimal(2000), places=places, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def rates(draw) -> Rates:
+    """Per-million prices of up to six decimals (whole pico-dollars a token: priced in integers),
+    sometimes more, sometimes scaled by a discount (then often not whole: priced in ``Decimal``),
+    missing classes falling back to their parents', and a per-call fee, some below a pico-dollar."""
+    places = draw(st.sampled_from([0, 2, 6, 6, 6, 9]))
+    per_million = {name: draw(st.none() | prices(places)) for name in PER_MILLION}
+    per_million["input"] = draw(prices(places))
+    fee = draw(st.sampled_from([ZERO, Decimal("0.0004"), Decimal("4E-13"), Decimal("0.000000000001")]))
+    made = Rates.per_million(per_million, fee)
+    factor = draw(st.sampled_from([None, Decimal("0.9"), Decimal(2) / Decimal(3)]))
+    return made.scaled(factor) if factor is not None else made
+
+
+def event(usage: TokenUsage, **fields) -> UsageEvent:
+    return UsageEvent(event_id="e-1", timestamp=AT, tenant_id="t", provider="openai", model="gpt-4o", usage=usage,
+                      **fields)
+
+
+def quote(made: Rates) -> Quote:
+    return Quote(made, True, "gpt-4o", "test", "v1", pico=pico_rates(made))
+
+
+@settings(max_examples=600, deadline=None)
+@given(usage=usages(), made=rates())
+def test_a_rows_costs_are_cost_ofs_decimals_exponents_included(usage, made):
+    row = _ROWS.build(event(usage), quote(made), "p", AT)
+    expected = cost_of(usage, made)
+    assert [getattr(row.cost, c).as_tuple() for c in CLASSES] == [getattr(expected, c).as_tuple() for c in CLASSES]
+    assert row.cost_usd.as_tuple() == expected.total.as_tuple()
+    total = int(expected.total.scaleb(12))
+    if row.cost_usd_pico == native.BEYOND_LEDGER:  # priced in Decimal, beyond the ledger: refused, never written
+        assert total > native.MAX_COST_PICO and pico_rates(made) is None
+    else:
+        assert row.cost_usd_pico == total
+        assert [row.cost_pico(i) for i in range(10)] == [int(getattr(expected, c).scaleb(12)) for c in CLASSES]
+
+
+def test_whole_pico_rates_are_priced_in_integers_and_the_rest_in_decimal():
+    whole = Rates.per_million({"input": Decimal("3"), "output": Decimal("15.000001")})
+    assert pico_rates(whole)[:4] == (3_000_000, 3_000_000, 3_000_000, 15_000_001)
+    assert pico_rates(whole.scaled(Decimal(2) / Decimal(3))) is None  # not whole pico-dollars
+    assert pico_rates(Rates.per_million({"input": Decimal("0.0000001")})) is None  # a tenth of a pico-dollar
+    assert pico_rates(Rates.per_million({"input": Decimal(2148)})) is None  # above MAX_PICO_RATE
+    assert pico_rates(Rates.per_million({"input": MAX_PICO_RATE * Decimal("1e-6")}))[0] == MAX_PICO_RATE
+    # A fee below half a pico-dollar rounds to zero, and is still a rounded zero (0E-12).
+    tiny = Rates.per_million({"input": Decimal(1)}, Decimal("4E-13"))
+    assert pico_rates(tiny)[12:] == (0, 1)
+    row = _ROWS.build(event(TokenUsage(input_tokens=0)), quote(tiny), "p", AT)
+    assert (str(row.cost.request), str(row.cost_usd)) == ("0E-12", "0E-12")
+
+
+def test_a_cost_beyond_the_ledger_is_refused_on_either_pricing_with_the_references_message():
+    usage = TokenUsage(input_tokens=MAX_TOKENS, output_tokens=MAX_TOKENS, reasoning_tokens=MAX_TOKENS // 2,
+                       cache_read_tokens=MAX_TOKENS // 2, cache_write_tokens=MAX_TOKENS // 2)
+    # In integers: the highest whole rate on every class (no sum of them can pass 64 bits: at most
+    # 2 × 10^9 tokens a call at 2^31 pico-dollars each).
+    top = Rates.per_million({name: MAX_PICO_RATE * Decimal("1e-6") for name in PER_MILLION})
+    # In Decimal: a rate above what is multiplied in integers.
+    above = Rates.per_million({name: Decimal(5000) for name in PER_MILLION})
+    assert pico_rates(top) is not None and pico_rates(above) is None
+    for made, pico in ((top, cost_of(usage, top).total.scaleb(12)), (above, native.BEYOND_LEDGER)):
+        row = _ROWS.build(event(usage), quote(made), "p", AT)
+        assert row.cost_usd == cost_of(usage, made).total > Decimal("999999.999999999999")
+        assert row.cost_usd_pico == pico > native.MAX_COST_PICO
+    # Through attribution: the stream's rejection is the reference's, word for word.
+    pricer = Pricer(PriceOverrides(models=[ModelPrice(provider="openai", model="gpt-4o", per_million_tokens=
+                                                      PerMillionTokens(input=Decimal(1000), output=Decimal(1000)))]))
+    attribution = Attribution(pricer, PathRules([]))
+    raw = event(usage).model_dump_json().encode()
+    rejected, expected = attribution.row_raw(raw, AT), attribution.attribute_raw(raw, AT)
+    assert isinstance(rejected, Rejection) and rejected == expected and rejected.reason == "cost_out_of_range"
+    assert "cost 2000000.000000000000 USD of openai/gpt-4o" in rejected.message
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(usage=usages(), model=st.sampled_from(["gpt-4o", "gpt-4o-mini", "o3", "claude-sonnet-4-5", "unknown-model"]),
+       batch=st.booleans(), user=st.none() | st.just("u-1"), tags=st.sampled_from([{}, {"k": "v"}]))
+def test_a_row_stands_for_the_reference_record(attribution, usage, model, batch, user, tags):
+    provider = "anthropic" if model.startswith("claude") else "openai"
+    made = UsageEvent(event_id="e-2", timestamp=AT, tenant_id="t", provider=provider, model=model, usage=usage,
+                      batch=batch, user_id=user, tags=tags, service="chat", feature="answer", latency_ms=12)
+    row, record = attribution.row(made, AT), attribution.attribute(made, AT)
+    assert row.as_model() == record
+    assert row.as_model().model_dump_json() == record.model_dump_json()
+    assert LEDGER.row(row) == LEDGER.row(record)
+    row.stamp(Decimal("0.000001000000"), "2026-06", True)
+    assert (row.revenue_usd, row.billing_period, row.late) == (Decimal("0.000001"), "2026-06", True)
+    assert row.margin_usd == Decimal("0.000001") - record.cost_usd
+
+
+def test_a_rows_ledger_block_stores_what_its_records_block_stores(attribution):
+    usage = TokenUsage(input_tokens=900, cache_read_tokens=300, output_tokens=75, reasoning_tokens=25)
+    events = [event(usage).model_copy(update={"event_id": f"e{i}", "model": model})
+              for i, model in enumerate(["gpt-4o", "gpt-4o-mini", "unknown-model", "o3"])]
+    rows = RecordBatch(LEDGER)
+    for made in events:
+        rows.add(attribution.row(made, AT))
+    assert all(type(row) is LedgerRow for row in rows)
+    records = [attribution.attribute(made, AT) for made in events]
+    # The texts of the decimals may differ ("0E-12" against "0"); the values stored do not.
+    assert LEDGER.block_rows(LEDGER.native(rows)) == LEDGER.block_rows(LEDGER.native_reference(records))
+
+
+def test_a_row_is_refused_by_a_writer_of_another_table():
+    from streams.storage.tables import ALERTS
+
+    writer = ALERTS.writer()
+    with pytest.raises(TypeError, match="not a ledger row's field"):
+        writer.add_row(_ROWS.build(event(TokenUsage()), quote(Rates.per_million({"input": ZERO})), "p", AT))
+    assert len(writer) == 0
