@@ -519,13 +519,25 @@ class QuotaEngine:
         event (``_count``). ``tests/stages/test_quota_batches.py`` holds both to the same results."""
         collected = _Collected(len(records))
         groups: dict[tuple[int, str], list[int]] = {}
+        # The duplicate check with the clock read once a batch: each partition's expired groups are
+        # dropped before its first event, and the group its events go into is marked changed once.
+        # With ``dedup_seconds`` of a second or more, a group opened at the batch's second cannot
+        # expire within the batch, so this is ``_is_duplicate`` event by event at that clock. With 0
+        # it could (the open group expires as soon as the clock has a fraction): then event by event.
+        now_s = self.clock()
+        second, each = int(now_s), self.plans.dedup_seconds == 0
+        queues: dict[int, deque[tuple[float, str]]] = {}
         for position, record in enumerate(records):
             tenant = record.tenant_id
             limits, _ = self._plan_of(tenant)
             if not limits and not self.revenue.rates(tenant):
                 continue
             partition = partitions[position]
-            if self._is_duplicate(self._state(partition).quota_seen, record, partition, offsets[position]):
+            seen = self._state(partition).quota_seen
+            queue = queues.get(partition)
+            if queue is None or each:
+                queue = queues[partition] = self._expire_seen(seen, partition, now_s)
+            if self._seen_before(seen, record, partition, offsets[position], second, queue, each):
                 collected.events[position] = _DUPLICATE
                 continue
             group = groups.get((partition, tenant))
@@ -792,7 +804,15 @@ class QuotaEngine:
 
     def _is_duplicate(self, seen: MutableMapping[str, dict[str, Any]], record: AttributedUsage, partition: int,
                       offset: int) -> bool:
+        """Whether ``record`` (at ``offset`` of ``partition``) is a copy of an event counted within
+        ``dedup_seconds``; if not, it is remembered (in the partition's open group of ``seen``)."""
         now = self.clock()
+        queue = self._expire_seen(seen, partition, now)
+        return self._seen_before(seen, record, partition, offset, int(now), queue, True)
+
+    def _expire_seen(self, seen: MutableMapping[str, dict[str, Any]], partition: int,
+                     now: float) -> deque[tuple[float, str]]:
+        """Drops the partition's groups older than ``dedup_seconds`` at ``now``; its expiry queue."""
         queue = self._expiry.get(partition)
         if queue is None:
             queue = self._expiry[partition] = self._rebuild_seen(seen, partition)
@@ -802,11 +822,16 @@ class QuotaEngine:
             group = seen.pop(group_key, None)
             for key in group["events"] if group else ():
                 self._seen_index.pop(key, None)
+        return queue
+
+    def _seen_before(self, seen: MutableMapping[str, dict[str, Any]], record: AttributedUsage, partition: int,
+                     offset: int, second: int, queue: deque[tuple[float, str]], mark_each: bool) -> bool:
+        """``_is_duplicate`` after the expiry. ``mark_each``: the open group is marked changed with
+        each event it takes, not only when it is first taken to this batch (see ``apply_batch``)."""
         key = f"{record.tenant_id}\x1f{record.event_id}"
         first = self._seen_index.get(key)
         if first is not None:  # the same record again (same partition and offset) is a replay
             return (first["p"], first["events"][key]) != (partition, offset)
-        second = int(now)
         open_group = self._open_groups.get(partition)
         if open_group is None or open_group[1]["t"] != second:
             group_key = f"{partition}:{second}:{offset}"
@@ -815,10 +840,11 @@ class QuotaEngine:
                 group = {"p": partition, "t": second, "events": {}}
                 queue.append((second, group_key))
             open_group = self._open_groups[partition] = group_key, group
-        group_key, group = open_group
-        group["events"][key] = offset
-        self._seen_index[key] = group
-        seen[group_key] = group  # (marks the group changed: its one changelog record, at the batch's end)
+            seen[group_key] = group  # (marks the group changed: its one changelog record, at the batch's end)
+        elif mark_each:
+            seen[open_group[0]] = open_group[1]
+        open_group[1]["events"][key] = offset
+        self._seen_index[key] = open_group[1]
         return False
 
     def _rebuild_seen(self, seen: MutableMapping[str, dict[str, Any]], partition: int) -> deque[tuple[float, str]]:
