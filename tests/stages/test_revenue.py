@@ -214,3 +214,64 @@ def test_the_readme_worked_example():
     meter, table = RevenueMeter(starter), {}
     meter.rate(rec(tokens=9_999_000), table, NOV)
     assert meter.rate(rec(tokens=2_000), table, NOV).revenue == D("0.0105")
+
+
+ROWS_CARD = {
+    "spend_cap": "250",
+    "charges": [
+        {"id": "tokens", "metric": "tokens", "per": 1_000_000, "price": "graduated", "free_units": 1_000_000,
+         "tiers": [{"up_to": 10, "unit_amount": "6"}, {"up_to": 100, "unit_amount": "4.5"}, {"unit_amount": "3"}]},
+        {"id": "in-volume", "metric": "input_tokens", "per": 1_000_000, "price": "volume",
+         "tiers": [{"up_to": 5, "unit_amount": "2", "flat_amount": "1"}, {"unit_amount": "1.5", "flat_amount": "2"}]},
+        {"id": "out-packages", "metric": "output_tokens", "price": "package", "package_size": 1000,
+         "package_amount": "0.01", "discount_percent": "10"},
+        {"id": "reasoning-calls", "metric": "requests", "when": {"model": ["o*"]}, "price": "unit",
+         "unit_amount": "0.002", "discount_percent": "12.5"},
+        {"id": "cost-plus", "metric": "cost_usd", "when": {"business_path": ["support/*"]}, "price": "unit",
+         "unit_amount": "1.3"},
+    ]}
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["acme", "tokyo"]), st.integers(0, 3 * 24 * 60),
+                          st.integers(0, 4_000_000), st.integers(0, 30_000), st.sampled_from(["gpt-4o", "o3"]),
+                          st.sampled_from(["chat/answer", "support/triage"])), min_size=1, max_size=60),
+       st.lists(st.integers(1, 20), min_size=1, max_size=6), st.sampled_from([None, "250", "3.3"]))
+def test_rows_rated_in_c_are_records_rated_in_python(events, cuts, cap):
+    """``fast.rate_rows`` (the stream's ledger rows) against ``RevenueMeter._rate_one`` (records): the
+    same revenue, periods and lateness per event and the same state, through month ends (in UTC and
+    in Tokyo), closed periods, tier bounds, volume and package charges, discounts and caps, whatever
+    the groups the events come in."""
+    from schemas.usage import UsageEvent
+    from streams.stages.attribution import _ROWS
+    from streams.stages.pricing import Quote, Rates, pico_rates
+
+    rates = Rates.per_million({"input": D("2.5"), "output": D("10")})
+    quote = Quote(rates, True, "m", "test", "v1", pico=pico_rates(rates))
+    start = datetime(2026, 11, 29, tzinfo=UTC)
+    rows = []
+    for i, (tenant, minute, tokens, out, model, path) in enumerate(events):
+        event = UsageEvent(event_id=f"e{i}", timestamp=start + timedelta(minutes=minute), tenant_id=tenant,
+                           provider="openai", model=model, usage=TokenUsage(input_tokens=tokens, output_tokens=out))
+        rows.append(_ROWS.build(event, quote, path, NOV))
+    records = [row.as_model() for row in rows]
+    card = {**ROWS_CARD, "spend_cap": cap}
+    meter_plans = plans(plans={**PLANS["plans"], "usage": {"rate_card": card}})
+    now = datetime(2026, 12, 1, 3, tzinfo=UTC)  # (late events: November closes at 01:00 with a grace of 1 h)
+    results = []
+    for made in (rows, records):
+        meter, table, outcomes = RevenueMeter(meter_plans), {}, []
+        at = 0
+        for cut in cuts * (len(made) // sum(cuts) + 1):  # one tenant's consecutive events per call
+            group = made[at:at + cut]
+            while group:
+                tenant = group[0].tenant_id
+                same = [r for r in group[:next((k for k, r in enumerate(group) if r.tenant_id != tenant), len(group))]]
+                outcomes += meter.rate_all(same, table, now)
+                group = group[len(same):]
+            at += cut
+            if at >= len(made):
+                break
+        results.append((outcomes, {key: _encode(entry) for key, entry in table.items()}))
+    assert results[0] == results[1]
+    assert any(outcome.revenue for outcome in results[0][0]) or not any(tokens for _, _, tokens, *_ in events)
