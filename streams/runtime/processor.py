@@ -63,8 +63,9 @@ class Record(Protocol):
 class Batch:
     """What one batch produced, before it is landed and committed."""
 
-    #: The ledger's records, each written into the batch's Native blocks as it is added.
-    records: RecordBatch[AttributedUsage]
+    #: The ledger's records (the stream's ``LedgerRow``s; records on the reference path and the
+    #: sink's), each written into the batch's Native blocks as it is added.
+    records: RecordBatch[AttributedUsage | LedgerRow]
     #: Ledger blocks read from usage.ledger (the sink role), to land as they are.
     blocks: Blocks = field(default_factory=Blocks)
     #: The quota alerts this batch's events crossed (published and landed).
@@ -151,14 +152,14 @@ class BatchProcessor:
             batch.changelog = self.state.drain(positions)  # this batch's changes only
         return batch
 
-    def _usage_batch(self, records: list[Record], batch: Batch, keep: Callable[[AttributedUsage], None],
+    def _usage_batch(self, records: list[Record], batch: Batch, keep: Callable[[AttributedUsage | LedgerRow], None],
                      now: datetime) -> None:
         """The batch's usage events through every stage: attribution event by event, then the quota
         windows for the whole batch at once (``QuotaEngine.apply_batch``, which gives what
         ``_usage`` event by event gives)."""
         c = self.counters
         counted: list[Record] = []
-        attributed: list[AttributedUsage] = []
+        attributed: list[AttributedUsage | LedgerRow] = []
         for record in records:
             out = self._attributed(record, now)
             if isinstance(out, Rejection):
@@ -212,7 +213,7 @@ class BatchProcessor:
             c.unpriced += not out.priced
         return out
 
-    def _usage(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage], None], now: datetime) -> None:
+    def _usage(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage | LedgerRow], None], now: datetime) -> None:
         """One usage event through every stage, in order (the reference path: ``one_by_one``)."""
         out = self._attributed(record, now)  # stages 1-3
         if isinstance(out, Rejection):
@@ -220,8 +221,8 @@ class BatchProcessor:
             return
         self._counted(record, out, batch, keep, now)
 
-    def _counted(self, record: Record, out: AttributedUsage, batch: Batch, keep: Callable[[AttributedUsage], None],
-                 now: datetime) -> None:
+    def _counted(self, record: Record, out: AttributedUsage | LedgerRow, batch: Batch,
+                 keep: Callable[[AttributedUsage | LedgerRow], None], now: datetime) -> None:
         """Stage 4 for one attributed event (``QuotaEngine.apply``), then the event is kept."""
         c = self.counters
         partition, offset = record.partition(), record.offset()
@@ -253,7 +254,7 @@ class BatchProcessor:
                     batch.settled.setdefault(counted.ref.key, []).append(reservation)
         keep(out)
 
-    def _landed(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage], None]) -> None:
+    def _landed(self, record: Record, batch: Batch, keep: Callable[[AttributedUsage | LedgerRow], None]) -> None:
         """A record of usage.attributed, quota.alerts or usage.ledger, for ClickHouse; one that does
         not parse is dead-lettered with the reason."""
         if record.topic() == self.topics.ledger:

@@ -215,17 +215,22 @@ cdef class RowBuilder:
     is exact in pico-dollars and equals ``cost_of``'s rounded ``Decimal``. The same steps, class by
     class (``tests/stages/test_rows.py`` holds the two to each other with hypothesis): change
     ``cost_of`` and ``_price_pico`` together. Any other quote, and a product beyond 64 bits, is
-    priced by ``cost_of`` itself."""
+    priced by ``cost_of`` itself. A row whose cost is beyond the ledger's (``cost_usd_pico`` above
+    ``MAX_COST_PICO``: ``BEYOND_LEDGER`` if it was priced in ``Decimal``, whose total may pass 64
+    bits) is refused by attribution, and by ``NativeWriter.add_row``."""
 
-    cdef object token_names, max_pico, beyond, pico_scale
+    cdef object token_names, max_pico, beyond
+    cdef int64_t max_tokens
 
-    def __init__(self, token_names, max_pico, beyond):
-        """``token_names``: ``TokenUsage``'s count fields in ``token_counts`` order; ``max_pico``:
+    def __init__(self, token_names, max_tokens, max_pico, beyond):
+        """``token_names``: ``TokenUsage``'s count fields in ``token_counts`` order, each at most
+        ``max_tokens`` (the contract's bound: with rates below ``pricing.MAX_PICO_RATE`` no product or
+        sum of costs then passes 64 bits; the overflow checks are there all the same); ``max_pico``:
         the ledger's largest cost; ``beyond``: what ``cost_usd_pico`` is set to above it."""
         self.token_names = tuple(intern(name) for name in token_names)
         if len(self.token_names) != 12:
             raise ValueError("RowBuilder reads 12 token counts")
-        self.max_pico, self.beyond = max_pico, beyond
+        self.max_tokens, self.max_pico, self.beyond = max_tokens, max_pico, beyond
 
     def build(self, event, quote, business_path, attributed_at):
         cdef LedgerRow row = LedgerRow.__new__(LedgerRow)
@@ -265,7 +270,12 @@ cdef class RowBuilder:
         if usage is None:  # (a bare contract object: validation always gives one)
             return row
         for i in range(12):
-            row.tokens[i] = PyObject_GetAttr(usage, self.token_names[i])
+            count = PyObject_GetAttr(usage, self.token_names[i])
+            # (The contract's counts are ints of 0 to 10^9: a value that is not, from an event built
+            # without validation, is refused, not truncated or wrapped into a C integer.)
+            if type(count) is not int or not 0 <= count <= self.max_tokens:
+                raise TypeError(f"usage.{self.token_names[i]}: expected a token count, got {count!r}")
+            row.tokens[i] = count
         if quote.rates is None:
             return row  # not priced: every cost the shared zero
         pico = quote.pico
@@ -301,6 +311,8 @@ cdef bint _price_pico(LedgerRow row, tuple pico) except -1:
     cdef int i, rounded = 0
     cdef int64_t uncached, total = 0
     cdef bint over = False
+    if len(pico) != 14:  # (read below without bounds checks)
+        raise ValueError(f"Quote.pico holds 14 numbers (pricing.pico_rates), not {len(pico)}")
     for i in range(13):
         p[i] = pico[i]
     # t: input, cache_read, cache_write, output, reasoning, cache_write_1h, input_audio,

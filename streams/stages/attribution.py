@@ -1,9 +1,12 @@
 """Stages 1-3 as one entry point: raw bytes → validate → price → tag → an attributed record.
 
-``Attribution.attribute_raw`` is the only way a raw usage record is attributed: the stream
-(``streams.runtime.processor``), ``costline backfill``, ``costline price`` and the tests call it
-with the same limits (``Attribution.from_settings``), so the stream and the offline paths cannot
-drift apart. ``costline reprice`` starts from stored events and calls ``attribute``.
+``Attribution`` is the only way a raw usage record is attributed, with the same limits everywhere
+(``Attribution.from_settings``): the stream (``streams.runtime.processor``) makes ledger rows
+(``row_raw``: built and priced in integers, in C), and ``costline backfill``, ``costline price``
+and the reference path make ``AttributedUsage`` records (``attribute_raw``: priced in ``Decimal``),
+which the rows are held to (``tests/stages/test_rows.py``, ``tests/runtime/test_paths.py``), so
+the stream and the offline paths cannot drift apart. ``costline reprice`` starts from stored
+events and calls ``attribute``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TypeVar
 from schemas.attributed import MAX_COST_USD, AttributedUsage
 from schemas.dead_letter import Rejection
 from schemas.trusted import construct
-from schemas.usage import TokenUsage, UsageEvent
+from schemas.usage import MAX_TOKENS, TokenUsage, UsageEvent
 from streams.settings import Settings
 from streams.stages.pricing import Pricer
 from streams.stages.tagging import PathRules
@@ -115,7 +118,7 @@ _mapped = [*_CONSTANT, *(field for field, _ in _FROM_EVENT), *(field for field, 
 if sorted(_mapped) != sorted(_MODEL_FIELDS):  # (at import: a new field cannot go unset)
     raise TypeError("streams.stages.attribution maps each field of AttributedUsage once: map "
                     f"{sorted(set(_MODEL_FIELDS) ^ set(_mapped))}")
-_ROWS = fast.RowBuilder(TokenUsage.__pydantic_fields__, native.MAX_COST_PICO, native.BEYOND_LEDGER)
+_ROWS = fast.RowBuilder(TokenUsage.__pydantic_fields__, MAX_TOKENS, native.MAX_COST_PICO, native.BEYOND_LEDGER)
 
 
 def beyond_ledger(record: AttributedUsage | LedgerRow) -> str:

@@ -11,8 +11,11 @@ and the first matching negotiated ``discounts`` entry takes its percentage off e
 
 Resolving a price in the catalog costs tens of microseconds, so everything resolved is cached:
 the model per (provider, model), the per-token rates per (model, price period, variant), the
-override candidates per (tenant, provider, model). Pricing an event is then a handful of dict
-look-ups and ``Decimal`` multiplications.
+override candidates per (tenant, provider, model), and the event's whole ``Quote`` (rates and
+provenance) per price. Pricing an event is then a handful of dict look-ups and a multiplication per
+token class: in ``Decimal`` here (``cost_of``, the reference), in integer pico-dollars in the
+stream (``streams/stages/_fast.pyx``, ``RowBuilder``, for rates of whole pico-dollars; see
+``pico_rates``).
 """
 
 from __future__ import annotations
@@ -223,6 +226,8 @@ class Priced:
 #: below 2^61. A rate above it, or one that is not a whole number of pico-dollars, is priced in
 #: ``Decimal`` (``cost_of``), as every rate is on the reference path.
 MAX_PICO_RATE = 2**31 - 1
+#: The largest per-call fee priced in integers: a million dollars less a pico-dollar, as the ledger.
+MAX_PICO_FEE = 10**18 - 1
 _PICO = Decimal(10) ** 12
 
 
@@ -239,12 +244,16 @@ def pico_rates(rates: Rates) -> tuple[int, ...] | None:
                  rates.cache_write_1h, rates.input_audio, rates.cache_audio_read, rates.input_image,
                  rates.cache_image_read, rates.output_audio, rates.output_image)
     out = []
-    for rate in (*per_token, money(rates.request)):
+    for rate in per_token:
         scaled = rate * _PICO
-        if scaled != scaled.to_integral_value() or not 0 <= scaled <= MAX_PICO_RATE:
+        # (A -0 price is left to ``cost_of`` too: its costs are -0E-12, which the JSON shows.)
+        if scaled != scaled.to_integral_value() or not 0 <= scaled <= MAX_PICO_RATE or scaled.is_signed():
             return None
         out.append(int(scaled))
-    return (*out, 1 if rates.request else 0)
+    fee = money(rates.request) * _PICO  # (added once a call, not multiplied: only the ledger bounds it)
+    if fee.is_signed() or fee > MAX_PICO_FEE:
+        return None
+    return (*out, int(fee), 1 if rates.request else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,10 +297,12 @@ class Pricer:
         self._by_tenant = any(o.tenant is not None for o in (*self.overrides.models, *self.overrides.discounts))
         self._override_cards: dict[int, RateCard] = {}
         self._scaled: dict[tuple[int, Decimal], Rates] = {}
-        #: Keyed by ids of rates, catalog models, override indexes and discounts: each is made once
-        #: and kept for the pricer's life (by the cards, ``_scaled``, ``_models``, ``overrides``), so
-        #: no id in a key can be taken by another object while its entry lives.
-        self._quotes: dict[tuple[int, int, Decimal | None, int], Quote] = {}
+        #: Keyed by the ids of the rates chosen and of the discount: each is made once and kept for
+        #: the pricer's life (rates by its cards and ``_scaled``, discounts by ``overrides``), so no
+        #: id in a key can be taken by another object while its entry lives. The rates also fix
+        #: where they came from: each card (and each scaling of one) belongs to one catalog model
+        #: or one override.
+        self._quotes: dict[tuple[int, Decimal | None, int], Quote] = {}
         self._unpriced: dict[str, Quote] = {}
 
     @classmethod
@@ -389,8 +400,8 @@ class Pricer:
         if factor is not _ONE:
             rates = self._rates_scaled(rates, factor)
         # Keyed by what the quote is made of: the rates chosen (the card's, of its period, tier and
-        # factor), where they came from, and the discount that named them (see ``_quotes``).
-        key = (id(rates), id(origin), batch_percent, id(discount))
+        # factor, which fix where they came from), the batch discount and the negotiated discount.
+        key = (id(rates), batch_percent, id(discount))
         quote = self._quotes.get(key)
         if quote is None:
             if len(self._quotes) >= _MEMO_SIZE:

@@ -520,10 +520,12 @@ class QuotaEngine:
         collected = _Collected(len(records))
         groups: dict[tuple[int, str], list[int]] = {}
         # The duplicate check with the clock read once a batch: each partition's expired groups are
-        # dropped before its first event, and the group its events go into is marked changed once.
-        # With ``dedup_seconds`` of a second or more, a group opened at the batch's second cannot
-        # expire within the batch, so this is ``_is_duplicate`` event by event at that clock. With 0
-        # it could (the open group expires as soon as the clock has a fraction): then event by event.
+        # dropped before its first event, and the group its events go into is marked changed with
+        # its first event of the batch (the changelog writes the group as it is at the drain). With
+        # ``dedup_seconds`` of a second or more, a group opened at the batch's second cannot expire
+        # within the batch, so this is ``_is_duplicate`` event by event at that clock. With 0 it
+        # could (the open group expires as soon as the clock has a fraction): then the expiry and
+        # the marking are event by event, still at the batch's clock.
         now_s = self.clock()
         second, each = int(now_s), self.plans.dedup_seconds == 0
         queues: dict[int, deque[tuple[float, str]]] = {}
@@ -535,9 +537,10 @@ class QuotaEngine:
             partition = partitions[position]
             seen = self._state(partition).quota_seen
             queue = queues.get(partition)
-            if queue is None or each:
+            first = queue is None
+            if first or each:
                 queue = queues[partition] = self._expire_seen(seen, partition, now_s)
-            if self._seen_before(seen, record, partition, offsets[position], second, queue, each):
+            if self._seen_before(seen, record, partition, offsets[position], second, queue, first or each):
                 collected.events[position] = _DUPLICATE
                 continue
             group = groups.get((partition, tenant))
@@ -826,8 +829,9 @@ class QuotaEngine:
 
     def _seen_before(self, seen: MutableMapping[str, dict[str, Any]], record: AttributedUsage, partition: int,
                      offset: int, second: int, queue: deque[tuple[float, str]], mark_each: bool) -> bool:
-        """``_is_duplicate`` after the expiry. ``mark_each``: the open group is marked changed with
-        each event it takes, not only when it is first taken to this batch (see ``apply_batch``)."""
+        """``_is_duplicate`` after the expiry. ``mark_each``: the group this event goes into is marked
+        changed (``apply_batch`` marks it with a partition's first event; the open group is then
+        the one every later event of the partition goes into, until ``end_batch``)."""
         key = f"{record.tenant_id}\x1f{record.event_id}"
         first = self._seen_index.get(key)
         if first is not None:  # the same record again (same partition and offset) is a replay
@@ -842,7 +846,7 @@ class QuotaEngine:
             open_group = self._open_groups[partition] = group_key, group
             seen[group_key] = group  # (marks the group changed: its one changelog record, at the batch's end)
         elif mark_each:
-            seen[open_group[0]] = open_group[1]
+            seen[open_group[0]] = open_group[1]  # (an open group of an earlier apply_batch, say)
         open_group[1]["events"][key] = offset
         self._seen_index[key] = open_group[1]
         return False

@@ -4,8 +4,8 @@
 ``TableSpec.native`` (streams/storage/tables.py) encoded a batch in three passes of Python: each
 record's row read into a tuple, the rows turned into columns, each column converted and written by
 clickhouse-connect's column writers: 12 µs an event for the ledger's 56 columns, a fifth of the
-worker's loop thread. ``NativeWriter`` reads each record's attributes once, from its ``__dict__``,
-and appends each value to its column's buffer in C, so a finished batch is only its buffers
+worker's loop thread. ``NativeWriter`` reads each record's attributes once, from its ``__dict__``
+(or, for the stream's ``LedgerRow``, from its C fields: ``add_row``), and appends each value to its column's buffer in C, so a finished batch is only its buffers
 joined. The bytes are those of one Native block with the column names and wire types that
 ``TableSpec`` sends, and the same values: ``tests/storage/test_native.py`` lands batches through
 both encoders into ClickHouse and compares every stored value.
@@ -249,7 +249,12 @@ cdef class NativeWriter:
         from its C integers (a cost as its exact decimal text, which ClickHouse parses to the same
         stored value as the ``Decimal``'s text that ``add`` writes)."""
         cdef _Column column
-        cdef int slot
+        cdef int slot, i
+        if not 0 <= row.cost_usd_pico <= MAX_COST_PICO:  # (each class is at most the sum: none negative)
+            raise OverflowError(f"cost_usd: {row.cost_usd} is beyond the ledger's Decimal(18, 12)")
+        for i in range(10):
+            if row.costs[i] < 0:
+                raise OverflowError(f"cost.{_COST_FIELDS[i]}: {row.costs[i]} pico-dollars")
         for column in self._columns:
             if column.slot < 0:
                 raise TypeError(f"column {column.key!r} is not a ledger row's field")
@@ -421,8 +426,9 @@ _ROW_SLOTS = {**{name: i for i, name in enumerate(_ROW_FIELDS)},
               **{f"cost.{name}": _SLOT_COSTS + i for i, name in enumerate(_COST_FIELDS)},
               "cost_usd": _SLOT_COST_USD}
 
-#: The largest cost the ledger's ``Decimal(18, 12)`` holds, in pico-dollars; a row priced beyond it
-#: has ``cost_usd_pico`` ``BEYOND_LEDGER`` and is dead-lettered, never written.
+#: The largest cost the ledger's ``Decimal(18, 12)`` holds, in pico-dollars. A row priced beyond it
+#: (``cost_usd_pico`` above it; ``BEYOND_LEDGER`` when priced in ``Decimal``, whose total may pass
+#: 64 bits) is dead-lettered by attribution, and refused by ``add_row``.
 MAX_COST_PICO = 999_999_999_999_999_999
 BEYOND_LEDGER = 0x7FFFFFFFFFFFFFFF
 

@@ -30,7 +30,8 @@ def load(name: str, *declarations: str) -> ModuleType:
     built = Path(module.__file__).stat().st_mtime
     for source in (where, *declarations):
         if (root / source).exists() and (root / source).stat().st_mtime > built:
-            raise NotBuilt(f"{source} changed since {where} was compiled: run scripts/setup")
+            compiled = "it" if source == where else where
+            raise NotBuilt(f"{source} changed since {compiled} was compiled: run scripts/setup")
     return module
 
 

@@ -102,7 +102,7 @@ class TableSpec(Generic[R]):
         if not records:
             return [[] for _ in self.columns]
         kept = isinstance(records, RecordBatch) and records.table is self and records.writer is None
-        rows = records.rows if kept else map(self._row, records)
+        rows = records.rows if kept else map(self.row, records)
         columns = list(map(list, zip(*rows, strict=True)))
         for i, (_, convert) in enumerate(self._wire):
             if convert is not None:
@@ -129,7 +129,7 @@ class TableSpec(Generic[R]):
         if writer is None:
             return self.native_reference(records)
         for record in records:
-            writer.add(record)
+            writer.add_row(record) if type(record) is LedgerRow else writer.add(record)
         return writer.finish()
 
     def native_reference(self, records: Sequence[R]) -> bytes:

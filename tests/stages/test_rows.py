@@ -68,7 +68,8 @@ def rates(draw) -> Rates:
     places = draw(st.sampled_from([0, 2, 6, 6, 6, 9]))
     per_million = {name: draw(st.none() | prices(places)) for name in PER_MILLION}
     per_million["input"] = draw(prices(places))
-    fee = draw(st.sampled_from([ZERO, Decimal("0.0004"), Decimal("4E-13"), Decimal("0.000000000001")]))
+    fee = draw(st.sampled_from([ZERO, Decimal("0.0004"), Decimal("4E-13"), Decimal("1.5E-12"), Decimal("2.5E-12"),
+                                Decimal("0.000000000001"), Decimal(5)]))
     made = Rates.per_million(per_million, fee)
     factor = draw(st.sampled_from([None, Decimal("0.9"), Decimal(2) / Decimal(3)]))
     return made.scaled(factor) if factor is not None else made
@@ -105,6 +106,13 @@ def test_whole_pico_rates_are_priced_in_integers_and_the_rest_in_decimal():
     assert pico_rates(Rates.per_million({"input": Decimal("0.0000001")})) is None  # a tenth of a pico-dollar
     assert pico_rates(Rates.per_million({"input": Decimal(2148)})) is None  # above MAX_PICO_RATE
     assert pico_rates(Rates.per_million({"input": MAX_PICO_RATE * Decimal("1e-6")}))[0] == MAX_PICO_RATE
+    # (-0E-12 costs, which the JSON shows: cost_of's to write)
+    assert pico_rates(Rates.per_million({"input": Decimal(1), "cache_read": Decimal("-0")})) is None
+    # A per-call fee is added, not multiplied: $5 a call is priced in integers.
+    assert pico_rates(Rates.per_million({"input": Decimal(1)}, Decimal(5)))[12:] == (5 * 10**12, 1)
+    # Fees round half-even to the pico-dollar, as cost_of rounds them.
+    assert [pico_rates(Rates.per_million({"input": Decimal(1)}, Decimal(fee)))[12] for fee in ("1.5E-12", "2.5E-12")] \
+        == [2, 2]
     # A fee below half a pico-dollar rounds to zero, and is still a rounded zero (0E-12).
     tiny = Rates.per_million({"input": Decimal(1)}, Decimal("4E-13"))
     assert pico_rates(tiny)[12:] == (0, 1)
@@ -145,7 +153,7 @@ def test_a_row_stands_for_the_reference_record(attribution, usage, model, batch,
     row, record = attribution.row(made, AT), attribution.attribute(made, AT)
     assert row.as_model() == record
     assert row.as_model().model_dump_json() == record.model_dump_json()
-    assert LEDGER.row(row) == LEDGER.row(record)
+    assert LEDGER.block_rows(LEDGER.native([row])) == LEDGER.block_rows(LEDGER.native_reference([record]))
     row.stamp(Decimal("0.000001000000"), "2026-06", True)
     assert (row.revenue_usd, row.billing_period, row.late) == (Decimal("0.000001"), "2026-06", True)
     assert row.margin_usd == Decimal("0.000001") - record.cost_usd
@@ -171,3 +179,42 @@ def test_a_row_is_refused_by_a_writer_of_another_table():
     with pytest.raises(TypeError, match="not a ledger row's field"):
         writer.add_row(_ROWS.build(event(TokenUsage()), quote(Rates.per_million({"input": ZERO})), "p", AT))
     assert len(writer) == 0
+
+
+def test_a_row_beyond_the_ledger_or_with_a_count_that_is_not_one_is_refused():
+    made = Rates.per_million({"input": Decimal(2000)})
+    huge = _ROWS.build(event(TokenUsage(input_tokens=MAX_TOKENS)), quote(made), "p", AT)
+    assert huge.cost_usd_pico == 2 * 10**18 > native.MAX_COST_PICO  # (attribution dead-letters it)
+    batch = RecordBatch(LEDGER)
+    with pytest.raises(OverflowError, match="beyond the ledger"):
+        batch.add(huge)
+    assert len(batch) == 0 and LEDGER.native(batch) == b""
+    # A count from an event built without validation is refused, not truncated into a C integer.
+    for count in (1.5, True, -1, MAX_TOKENS + 1):
+        usage = TokenUsage.model_construct(**{**TokenUsage().model_dump(), "output_tokens": count})
+        with pytest.raises(TypeError, match="usage.output_tokens: expected a token count"):
+            _ROWS.build(UsageEvent.model_construct(**{**event(TokenUsage()).__dict__, "usage": usage}), quote(made),
+                        "p", AT)
+    with pytest.raises(ValueError, match="14 numbers"):
+        _ROWS.build(event(TokenUsage(input_tokens=1)), Quote(made, True, pico=pico_rates(made)[:13]), "p", AT)
+
+
+def test_most_rows_of_a_period_are_rated_in_c():
+    """``fast.rate_rows`` takes the events after the first of a period itself: ``_rate_one`` (the
+    Python steps) sees the first, and an event of another period."""
+    from streams.stages.plans import Plans
+    from streams.stages.revenue import RevenueMeter
+
+    card = {"charges": [{"id": "tokens", "metric": "tokens", "per": 1_000_000, "price": "graduated",
+                         "tiers": [{"up_to": 1, "unit_amount": "6"}, {"unit_amount": "3"}]}]}
+    meter = RevenueMeter(Plans.model_validate({"default_plan": "p", "plans": {"p": {"rate_card": card}}}))
+    calls = []
+    python_steps = meter._rate_one
+    meter._rate_one = lambda *args: calls.append(args[3].event_id) or python_steps(*args)
+    usage = TokenUsage(input_tokens=300_000)
+    rows = [_ROWS.build(event(usage).model_copy(update={"event_id": f"e{i}", "timestamp": AT.replace(day=day)}),
+                        quote(Rates.per_million({"input": Decimal(1)})), "p", AT)
+            for i, day in enumerate([1] * 20 + [2] * 9 + [1])]  # (times out of order, all in June)
+    revenue = meter.rate_all(rows, {}, AT.replace(day=3))
+    assert calls == ["e0"]  # one period, one month: every later event in C (a tier bound crossed in C too)
+    assert sum(r.revenue for r in revenue) == Decimal(6) + Decimal("8.0") * 3
