@@ -222,11 +222,16 @@ cdef class RowBuilder:
     cdef object token_names, max_pico, beyond
     cdef int64_t max_tokens
 
-    def __init__(self, token_names, max_tokens, max_pico, beyond):
+    def __init__(self, token_names, provenance, max_tokens, max_pico, beyond):
         """``token_names``: ``TokenUsage``'s count fields in ``token_counts`` order, each at most
         ``max_tokens`` (the contract's bound: with rates below ``pricing.MAX_PICO_RATE`` no product or
         sum of costs then passes 64 bits; the overflow checks are there all the same); ``max_pico``:
-        the ledger's largest cost; ``beyond``: what ``cost_usd_pico`` is set to above it."""
+        the ledger's largest cost; ``beyond``: what ``cost_usd_pico`` is set to above it;
+        ``provenance``: the names of a quote's provenance values (``pricing.PROVENANCE``), in the
+        order ``build`` reads them."""
+        if tuple(provenance) != ("priced", "matched_model", "price_source", "pricing_version", "discount",
+                                 "discount_percent", "unpriced_reason"):
+            raise ValueError(f"RowBuilder reads a quote's provenance in another order than {tuple(provenance)}")
         self.token_names = tuple(intern(name) for name in token_names)
         if len(self.token_names) != 12:
             raise ValueError("RowBuilder reads 12 token counts")
@@ -259,13 +264,9 @@ cdef class RowBuilder:
         row.raw_usage_format = event.raw_usage_format
         row.business_path = business_path
         row.attributed_at = attributed_at
-        row.priced = quote.priced
-        row.unpriced_reason = quote.unpriced_reason
-        row.matched_model = quote.matched_model
-        row.price_source = quote.price_source
-        row.pricing_version = quote.pricing_version
-        row.discount = quote.discount
-        row.discount_percent = quote.discount_percent
+        provenance = <tuple> quote.provenance  # (``PROVENANCE``'s order: checked by ``__init__``)
+        row.priced, row.matched_model, row.price_source, row.pricing_version, row.discount, \
+            row.discount_percent, row.unpriced_reason = provenance
         usage = row.usage = event.usage
         if usage is None:  # (a bare contract object: validation always gives one)
             return row

@@ -22,7 +22,7 @@ from schemas.dead_letter import Rejection
 from schemas.trusted import construct
 from schemas.usage import MAX_TOKENS, TokenUsage, UsageEvent
 from streams.settings import Settings
-from streams.stages.pricing import Pricer
+from streams.stages.pricing import PROVENANCE, Pricer
 from streams.stages.tagging import PathRules
 from streams.stages.validation import MAX_EVENT_BYTES, MAX_FUTURE, validate
 from streams.storage.compiled import fast, native
@@ -118,7 +118,8 @@ _mapped = [*_CONSTANT, *(field for field, _ in _FROM_EVENT), *(field for field, 
 if sorted(_mapped) != sorted(_MODEL_FIELDS):  # (at import: a new field cannot go unset)
     raise TypeError("streams.stages.attribution maps each field of AttributedUsage once: map "
                     f"{sorted(set(_MODEL_FIELDS) ^ set(_mapped))}")
-_ROWS = fast.RowBuilder(TokenUsage.__pydantic_fields__, MAX_TOKENS, native.MAX_COST_PICO, native.BEYOND_LEDGER)
+_ROWS = fast.RowBuilder(TokenUsage.__pydantic_fields__, PROVENANCE, MAX_TOKENS, native.MAX_COST_PICO,
+                        native.BEYOND_LEDGER)
 
 
 def beyond_ledger(record: AttributedUsage | LedgerRow) -> str:

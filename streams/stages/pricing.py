@@ -256,33 +256,35 @@ def pico_rates(rates: Rates) -> tuple[int, ...] | None:
     return (*out, int(fee), 1 if rates.request else 0)
 
 
+#: ``Priced``'s fields after its cost: where a price came from (``Quote.provenance``).
+PROVENANCE = tuple(field.name for field in fields(Priced))[1:]
+
+
 @dataclass(frozen=True, slots=True)
 class Quote:
     """What an event is priced at, apart from its token counts: its rates and where they came from.
     One object for every event of one price (model, period, prompt tier, batch and negotiated
-    discount), memoized by ``Pricer.quote``; ``cost_of(usage, quote.rates)`` is the event's cost."""
+    discount), memoized by ``Pricer.quote``; ``priced_for(usage)`` is the event's price."""
 
-    rates: Rates | None  # None: not priced (``unpriced_reason`` says why)
-    priced: bool
-    matched_model: str | None = None
-    price_source: str | None = None
-    pricing_version: str | None = None
-    discount: str | None = None
-    discount_percent: Decimal = _ZERO
-    unpriced_reason: str | None = None
+    rates: Rates | None  # None: not priced (the provenance's ``unpriced_reason`` says why)
+    #: The values of ``Priced``'s ``PROVENANCE`` fields, in their order.
+    provenance: tuple[object, ...]
     #: ``pico_rates(rates)``, or None (then the compiled pricing prices the event in ``Decimal``).
     pico: tuple[int, ...] | None = None
 
+    @classmethod
+    def of(cls, rates: Rates | None, priced: bool, **provenance: object) -> Quote:
+        """A quote of ``rates`` (None: not priced), its provenance given by ``Priced``'s field names."""
+        values = Priced(CostBreakdown(), priced, **provenance)  # (the defaults and names of one definition)
+        return cls(rates, tuple(getattr(values, name) for name in PROVENANCE),
+                   pico_rates(rates) if rates is not None else None)
+
     def priced_for(self, usage: TokenUsage) -> Priced:
         """The event's price: its cost at these rates, and their provenance."""
-        if self.rates is None:
-            return Priced(CostBreakdown(), False, pricing_version=self.pricing_version,
-                          unpriced_reason=self.unpriced_reason)
-        return Priced(cost_of(usage, self.rates), True, self.matched_model, self.price_source, self.pricing_version,
-                      self.discount, self.discount_percent)
+        return Priced(cost_of(usage, self.rates) if self.rates is not None else CostBreakdown(), *self.provenance)
 
 
-_NO_USAGE = Quote(None, False, unpriced_reason="the event has no usage")
+_NO_USAGE = Quote.of(None, False, unpriced_reason="the event has no usage")
 
 
 class Pricer:
@@ -380,8 +382,8 @@ class Pricer:
                 if quote is None:
                     if len(self._unpriced) >= _MEMO_SIZE:
                         self._unpriced.clear()
-                    quote = self._unpriced[found] = Quote(None, False, pricing_version=self.version,
-                                                          unpriced_reason=found)
+                    quote = self._unpriced[found] = Quote.of(None, False, pricing_version=self.version,
+                                                             unpriced_reason=found)
                 return quote
             card, catalog_batch = found.card(at, event.batch)
             origin = found
@@ -414,8 +416,9 @@ class Pricer:
                 matched, source = origin.id, CATALOG_LABEL
             if batch_percent:
                 source += f"; batch -{batch_percent}%"
-            quote = Quote(rates, True, matched, source, self.version, discount.name if discount else None,
-                          discount.percent if discount else _ZERO, pico=pico_rates(rates))
+            quote = Quote.of(rates, True, matched_model=matched, price_source=source, pricing_version=self.version,
+                             discount=discount.name if discount else None,
+                             discount_percent=discount.percent if discount else _ZERO)
             self._quotes[key] = quote
         return quote
 

@@ -159,6 +159,7 @@ cdef class NativeWriter:
     """One batch of one table: ``add`` each record, then ``finish`` for the Native block."""
     cdef list _columns
     cdef Py_ssize_t _rows
+    cdef bint _rows_readable  # every column is a ledger row's field (``add_row``)
     cdef object _zero, _json, _epoch_ms
 
     def __cinit__(self, list plan, object zero, object json_text, object epoch_ms):
@@ -191,6 +192,7 @@ cdef class NativeWriter:
             if column.slot >= _SLOT_TOKENS and kind != (KIND_UINT64 if column.slot < _SLOT_COSTS else KIND_DECIMAL):
                 column.slot = -1  # (a conversion ``add_row`` does not write from the C fields)
             self._columns.append(column)
+        self._rows_readable = all((<_Column> c).slot >= 0 for c in self._columns)
 
     def __len__(self):
         return self._rows
@@ -212,10 +214,7 @@ cdef class NativeWriter:
         cdef object nested = None, last_head = None, value
         cdef _Column column
         cdef PyObject *found
-        for column in self._columns:
-            column.mark_values, column.mark_extra, column.mark_offsets = \
-                column.values.size, column.extra.size, column.offsets.size
-            column.mark_entries, column.mark_all_zero = column.entries, column.all_zero
+        self._mark()
         try:
             for column in self._columns:
                 if column.head is None:
@@ -235,12 +234,7 @@ cdef class NativeWriter:
                     value = getattr(nested, column.key)
                 self._write(column, value)
         except BaseException:
-            # Every column back to where this row started: the writer holds the rows added before,
-            # and can take more (a half-written row would make the whole block unreadable).
-            for column in self._columns:
-                column.values.size, column.extra.size, column.offsets.size = \
-                    column.mark_values, column.mark_extra, column.mark_offsets
-                column.entries, column.all_zero = column.mark_entries, column.mark_all_zero
+            self._back_to_mark()
             raise
         self._rows += 1
 
@@ -255,12 +249,10 @@ cdef class NativeWriter:
         for i in range(10):
             if row.costs[i] < 0:
                 raise OverflowError(f"cost.{_COST_FIELDS[i]}: {row.costs[i]} pico-dollars")
-        for column in self._columns:
-            if column.slot < 0:
-                raise TypeError(f"column {column.key!r} is not a ledger row's field")
-            column.mark_values, column.mark_extra, column.mark_offsets = \
-                column.values.size, column.extra.size, column.offsets.size
-            column.mark_entries, column.mark_all_zero = column.entries, column.all_zero
+        if not self._rows_readable:
+            raise TypeError(f"columns {[(<_Column> c).key for c in self._columns if (<_Column> c).slot < 0]} "
+                            "are not a ledger row's fields")
+        self._mark()
         try:
             for column in self._columns:
                 slot = column.slot
@@ -271,12 +263,28 @@ cdef class NativeWriter:
                 else:
                     _pico_text(column, row.costs[slot - _SLOT_COSTS] if slot < _SLOT_COST_USD else row.cost_usd_pico)
         except BaseException:
-            for column in self._columns:
-                column.values.size, column.extra.size, column.offsets.size = \
-                    column.mark_values, column.mark_extra, column.mark_offsets
-                column.entries, column.all_zero = column.mark_entries, column.mark_all_zero
+            self._back_to_mark()
             raise
         self._rows += 1
+
+    cdef int _mark(self) except -1:
+        """Notes where the row being added starts in every column (``_back_to_mark``)."""
+        cdef _Column column
+        for column in self._columns:
+            column.mark_values, column.mark_extra, column.mark_offsets = \
+                column.values.size, column.extra.size, column.offsets.size
+            column.mark_entries, column.mark_all_zero = column.entries, column.all_zero
+        return 0
+
+    cdef int _back_to_mark(self) except -1:
+        """Every column back to where the row being added started: the writer holds the rows added
+        before, and can take more (a half-written row would make the whole block unreadable)."""
+        cdef _Column column
+        for column in self._columns:
+            column.values.size, column.extra.size, column.offsets.size = \
+                column.mark_values, column.mark_extra, column.mark_offsets
+            column.entries, column.all_zero = column.mark_entries, column.mark_all_zero
+        return 0
 
     cdef int _write(self, _Column column, object value) except -1:
         cdef int kind = column.kind

@@ -244,10 +244,10 @@ def test_rows_rated_in_c_are_records_rated_in_python(events, cuts, cap):
     the groups the events come in."""
     from schemas.usage import UsageEvent
     from streams.stages.attribution import _ROWS
-    from streams.stages.pricing import Quote, Rates, pico_rates
+    from streams.stages.pricing import Quote, Rates
 
     rates = Rates.per_million({"input": D("2.5"), "output": D("10")})
-    quote = Quote(rates, True, "m", "test", "v1", pico=pico_rates(rates))
+    quote = Quote.of(rates, True, matched_model="m", price_source="test", pricing_version="v1")
     start = datetime(2026, 11, 29, tzinfo=UTC)
     rows = []
     for i, (tenant, minute, tokens, out, model, path) in enumerate(events):

@@ -81,7 +81,7 @@ def event(usage: TokenUsage, **fields) -> UsageEvent:
 
 
 def quote(made: Rates) -> Quote:
-    return Quote(made, True, "gpt-4o", "test", "v1", pico=pico_rates(made))
+    return Quote.of(made, True, matched_model="gpt-4o", price_source="test", pricing_version="v1")
 
 
 @settings(max_examples=600, deadline=None)
@@ -196,7 +196,8 @@ def test_a_row_beyond_the_ledger_or_with_a_count_that_is_not_one_is_refused():
             _ROWS.build(UsageEvent.model_construct(**{**event(TokenUsage()).__dict__, "usage": usage}), quote(made),
                         "p", AT)
     with pytest.raises(ValueError, match="14 numbers"):
-        _ROWS.build(event(TokenUsage(input_tokens=1)), Quote(made, True, pico=pico_rates(made)[:13]), "p", AT)
+        _ROWS.build(event(TokenUsage(input_tokens=1)), Quote(made, (True, *[None] * 6), pico_rates(made)[:13]), "p",
+                    AT)
 
 
 def test_most_rows_of_a_period_are_rated_in_c():
