@@ -264,7 +264,7 @@ cdef class RowBuilder:
         row.raw_usage_format = event.raw_usage_format
         row.business_path = business_path
         row.attributed_at = attributed_at
-        provenance = <tuple> quote.provenance  # (``PROVENANCE``'s order: checked by ``__init__``)
+        provenance = <tuple?> quote.provenance  # (``PROVENANCE``'s order: checked by ``__init__``)
         row.priced, row.matched_model, row.price_source, row.pricing_version, row.discount, \
             row.discount_percent, row.unpriced_reason = provenance
         usage = row.usage = event.usage

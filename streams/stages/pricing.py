@@ -220,7 +220,7 @@ class Priced:
     unpriced_reason: str | None = None
 
 
-#: The most pico-dollars a token (or a call) a rate may be for the compiled pricing
+#: The most pico-dollars a token a rate may be for the compiled pricing
 #: (``streams/stages/_fast.pyx``, ``RowBuilder``) to multiply in 64-bit integers: 2^31 − 1, about
 #: $2,147 per million tokens. With at most ``MAX_TOKENS`` (10^9) tokens a class, a product stays
 #: below 2^61. A rate above it, or one that is not a whole number of pico-dollars, is priced in
@@ -234,8 +234,9 @@ _PICO = Decimal(10) ** 12
 def pico_rates(rates: Rates) -> tuple[int, ...] | None:
     """Each class's rate in whole pico-dollars a token, in ``token_counts`` order, then the per-call
     fee rounded as ``cost_of`` rounds it, then 1 if there is a fee (``cost_of`` rounds it even to
-    zero) else 0; None when a rate is not a whole number of pico-dollars (a
-    discount of a third, a price with more than six decimals per million) or above ``MAX_PICO_RATE``.
+    zero) else 0; None when a rate is not a whole number of pico-dollars (a discount of a third, a
+    price with more than six decimals per million), is above ``MAX_PICO_RATE`` or is -0, or the fee
+    is above ``MAX_PICO_FEE``.
 
     Why whole pico-dollars: a price per million tokens with at most six decimals is a whole number
     of pico-dollars a token, so tokens × rate is exact in integers and equals ``cost_of``'s

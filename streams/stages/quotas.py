@@ -521,14 +521,15 @@ class QuotaEngine:
         groups: dict[tuple[int, str], list[int]] = {}
         # The duplicate check with the clock read once a batch: each partition's expired groups are
         # dropped before its first event, and the group its events go into is marked changed with
-        # its first event of the batch (the changelog writes the group as it is at the drain). With
-        # ``dedup_seconds`` of a second or more, a group opened at the batch's second cannot expire
-        # within the batch, so this is ``_is_duplicate`` event by event at that clock. With 0 it
-        # could (the open group expires as soon as the clock has a fraction): then the expiry and
-        # the marking are event by event, still at the batch's clock.
+        # the first of them that goes into it (``_seen_before``: the changelog writes the group as
+        # it is at the drain). With ``dedup_seconds`` of a second or more, a group opened at the
+        # batch's second cannot expire within the batch, so this is ``_is_duplicate`` event by event
+        # at that clock. With 0 it could (the open group expires as soon as the clock has a
+        # fraction): then the expiry and the marking are event by event, still at the batch's clock.
         now_s = self.clock()
         second, each = int(now_s), self.plans.dedup_seconds == 0
         queues: dict[int, deque[tuple[float, str]]] = {}
+        marked: set[int] | None = None if each else set()
         for position, record in enumerate(records):
             tenant = record.tenant_id
             limits, _ = self._plan_of(tenant)
@@ -537,10 +538,9 @@ class QuotaEngine:
             partition = partitions[position]
             seen = self._state(partition).quota_seen
             queue = queues.get(partition)
-            first = queue is None
-            if first or each:
+            if queue is None or each:
                 queue = queues[partition] = self._expire_seen(seen, partition, now_s)
-            if self._seen_before(seen, record, partition, offsets[position], second, queue, first or each):
+            if self._seen_before(seen, record, partition, offsets[position], second, queue, marked):
                 collected.events[position] = _DUPLICATE
                 continue
             group = groups.get((partition, tenant))
@@ -811,7 +811,7 @@ class QuotaEngine:
         ``dedup_seconds``; if not, it is remembered (in the partition's open group of ``seen``)."""
         now = self.clock()
         queue = self._expire_seen(seen, partition, now)
-        return self._seen_before(seen, record, partition, offset, int(now), queue, True)
+        return self._seen_before(seen, record, partition, offset, int(now), queue, None)
 
     def _expire_seen(self, seen: MutableMapping[str, dict[str, Any]], partition: int,
                      now: float) -> deque[tuple[float, str]]:
@@ -828,10 +828,12 @@ class QuotaEngine:
         return queue
 
     def _seen_before(self, seen: MutableMapping[str, dict[str, Any]], record: AttributedUsage, partition: int,
-                     offset: int, second: int, queue: deque[tuple[float, str]], mark_each: bool) -> bool:
-        """``_is_duplicate`` after the expiry. ``mark_each``: the group this event goes into is marked
-        changed (``apply_batch`` marks it with a partition's first event; the open group is then
-        the one every later event of the partition goes into, until ``end_batch``)."""
+                     offset: int, second: int, queue: deque[tuple[float, str]], marked: set[int] | None) -> bool:
+        """``_is_duplicate`` after the expiry. The group an event goes into is marked changed (its
+        changelog record, written as it is at the drain) with each event, or, given ``marked`` (the
+        partitions whose open group this ``apply_batch`` call marked already), with the first event
+        of the call that goes into it: the partition's later events go into the same open group
+        until ``end_batch``."""
         key = f"{record.tenant_id}\x1f{record.event_id}"
         first = self._seen_index.get(key)
         if first is not None:  # the same record again (same partition and offset) is a replay
@@ -845,8 +847,12 @@ class QuotaEngine:
                 queue.append((second, group_key))
             open_group = self._open_groups[partition] = group_key, group
             seen[group_key] = group  # (marks the group changed: its one changelog record, at the batch's end)
-        elif mark_each:
-            seen[open_group[0]] = open_group[1]  # (an open group of an earlier apply_batch, say)
+            if marked is not None:
+                marked.add(partition)
+        elif marked is None or partition not in marked:
+            seen[open_group[0]] = open_group[1]  # (an open group this call has not marked: an earlier call's)
+            if marked is not None:
+                marked.add(partition)
         open_group[1]["events"][key] = offset
         self._seen_index[key] = open_group[1]
         return False

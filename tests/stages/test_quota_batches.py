@@ -271,14 +271,16 @@ def test_two_engines_with_other_plans_write_each_their_own_states(tmp_path):
 def test_batches_applied_without_end_batch_between_them_still_changelog_every_event(plans):
     """The batch path marks a dedup group changed with a partition's first event of each call: a
     second call after a drain, adding to the group the first call opened (no ``end_batch`` between
-    them), still gives the changelog the group with its new events, as event by event does."""
+    them), still gives the changelog the group with its new events, as event by event does; also
+    when the call's first event is a copy, which goes into no group."""
     stream = [(0, offset, _call("acme", f"e{offset}", START + timedelta(seconds=offset))) for offset in range(6)]
+    copy = (0, 6, stream[0][2])
     reference, batched = Run(plans), Run(plans)
-    for part in (stream[:3], stream[3:]):
+    for part in (stream[:3], [copy, *stream[3:]]):
         for partition, offset, record in part:
             reference.engine.apply(record, partition, offset, NOW)
         batched.engine.apply_batch([r for _, _, r in part], [p for p, _, _ in part], [o for _, o, _ in part], NOW)
         expected, got = reference.state.drain({}), batched.state.drain({})
         assert {(p, k): v for p, k, v in got} == {(p, k): v for p, k, v in expected}
     groups = [json.loads(v) for _, k, v in got if k.startswith(b"quota_seen|")]
-    assert [sorted(group["events"].values()) for group in groups] == [list(range(6))]
+    assert [sorted(group["events"].values()) for group in groups] == [[0, 1, 2, 3, 4, 5]]

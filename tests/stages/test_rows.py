@@ -110,6 +110,7 @@ def test_whole_pico_rates_are_priced_in_integers_and_the_rest_in_decimal():
     assert pico_rates(Rates.per_million({"input": Decimal(1), "cache_read": Decimal("-0")})) is None
     # A per-call fee is added, not multiplied: $5 a call is priced in integers.
     assert pico_rates(Rates.per_million({"input": Decimal(1)}, Decimal(5)))[12:] == (5 * 10**12, 1)
+    assert pico_rates(Rates.per_million({"input": Decimal(1)}, Decimal(10**6))) is None  # beyond the ledger
     # Fees round half-even to the pico-dollar, as cost_of rounds them.
     assert [pico_rates(Rates.per_million({"input": Decimal(1)}, Decimal(fee)))[12] for fee in ("1.5E-12", "2.5E-12")] \
         == [2, 2]
