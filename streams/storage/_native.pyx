@@ -464,29 +464,29 @@ cdef inline object _money(int64_t pico, bint rounded):
 
 
 cdef int _pico_text(_Column column, int64_t pico) except -1:
-    """A cost as decimal text with its 12 places ("0.001569000000"; zero as "0")."""
-    cdef char digits[32]
-    cdef int n = 0, i
-    cdef uint64_t magnitude
+    """A cost of 0 or more pico-dollars (``add_row`` refuses a negative one) as decimal text with its
+    12 places ("0.001569000000"; zero as "0"), written whole into the column (written a byte at a
+    time, costs were a third of writing a row)."""
+    cdef char text[24]   # (19 digits at most, and the point)
+    cdef char *end = text + 24
+    cdef char *at = end
+    cdef int places = 0
+    cdef uint64_t magnitude = <uint64_t> pico
     cdef _Buffer out = column.values
     if pico == 0:
         out.leb128(1)
         return out.byte(48)
     column.all_zero = False
-    magnitude = <uint64_t> (-pico) if pico < 0 else <uint64_t> pico
-    while magnitude or n < 13:  # the 12 places, and at least one digit before the point
-        digits[n] = <char> (48 + magnitude % 10)
+    while magnitude or places <= 12:  # the 12 places, the point, and at least one digit before it
+        if places == 12:
+            at -= 1
+            at[0] = 46  # "."
+        at -= 1
+        at[0] = <char> (48 + magnitude % 10)
         magnitude //= 10
-        n += 1
-    out.leb128(n + 1 + (pico < 0))
-    if pico < 0:
-        out.byte(45)
-    for i in range(n - 1, 11, -1):
-        out.byte(<uint8_t> digits[i])
-    out.byte(46)  # "."
-    for i in range(11, -1, -1):
-        out.byte(<uint8_t> digits[i])
-    return 0
+        places += 1
+    out.leb128(<uint64_t> (end - at))
+    return out.write(at, end - at)
 
 
 cdef class LedgerRow:
