@@ -76,7 +76,7 @@ from streams.runtime.ports import (
 from streams.runtime.processor import Batch, TopicPartitionKey
 from streams.runtime.state import ChangelogTables
 from streams.settings import Topics
-from streams.storage.tables import ALERTS, LEDGER, LedgerRow
+from streams.storage.tables import ALERTS, LEDGER, as_record
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -231,8 +231,7 @@ class Checkpoint:
             if self.publish_json:
                 in_block = [(HEADER_IN_BLOCK, b"1")] if self.publish_blocks else None
                 for attributed in batch.records:
-                    record = attributed.as_model() if type(attributed) is LedgerRow else attributed
-                    send(t.attributed, attributed.tenant_id.encode(), record.model_dump_json().encode(),
+                    send(t.attributed, attributed.tenant_id.encode(), as_record(attributed).model_dump_json().encode(),
                          timestamp=epoch_ms(attributed.event_time), headers=in_block)
             if self.state is not None:
                 for partition, key, value in batch.changelog:

@@ -239,11 +239,7 @@ class BatchProcessor:
                 c.duplicates += 1
                 return
             c.late += quota.late
-            # (``out`` is this batch's own, not yet kept)
-            if type(out) is LedgerRow:
-                out.stamp(quota.rated.revenue, quota.rated.period, quota.late)
-            else:
-                stamp_fresh(out, quota.rated, quota.late)
+            stamp_fresh(out, quota.rated, quota.late)  # (``out`` is this batch's own, not yet kept)
             batch.alerts.extend(quota.alerts)
             if quota.expired:
                 batch.expired.extend(quota.expired)

@@ -60,7 +60,7 @@ class Attribution:
     def row_raw(self, value: bytes | None, now: datetime | None = None) -> LedgerRow | Rejection:
         """``attribute_raw`` as the stream makes it: the ledger row, priced in integer pico-dollars
         (``row``)."""
-        return self._raw(value, now, self.row, lambda row: not 0 <= row.cost_usd_pico <= native.MAX_COST_PICO)
+        return self._raw(value, now, self.row, lambda row: not row.fits_ledger())
 
     def _raw(self, value: bytes | None, now: datetime | None, attribute: Callable[[UsageEvent, datetime], R],
              beyond: Callable[[R], bool]) -> R | Rejection:

@@ -846,11 +846,11 @@ class QuotaEngine:
                 group = {"p": partition, "t": second, "events": {}}
                 queue.append((second, group_key))
             open_group = self._open_groups[partition] = group_key, group
-            seen[group_key] = group  # (marks the group changed: its one changelog record, at the batch's end)
-            if marked is not None:
-                marked.add(partition)
-        elif marked is None or partition not in marked:
-            seen[open_group[0]] = open_group[1]  # (an open group this call has not marked: an earlier call's)
+            mark = True
+        else:  # (an open group: this call's, marked already, or an earlier call's)
+            mark = marked is None or partition not in marked
+        if mark:  # (marks the group changed: its one changelog record, at the batch's end)
+            seen[open_group[0]] = open_group[1]
             if marked is not None:
                 marked.add(partition)
         open_group[1]["events"][key] = offset

@@ -25,4 +25,5 @@ cdef class LedgerRow:
     cdef object _cost, _cost_usd
 
     cdef object _field(self, int slot)
+    cpdef bint fits_ledger(self)
     cpdef stamp(self, object revenue, object period, bint late)

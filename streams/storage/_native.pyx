@@ -208,8 +208,11 @@ cdef class NativeWriter:
         return total
 
     def add(self, object record):
-        """Appends ``record``'s row to the columns. Raises ``TypeError`` (``OverflowError``) for a
-        value its column cannot hold, and then holds what it held before."""
+        """Appends ``record``'s row to the columns (a ``LedgerRow``'s by ``add_row``). Raises
+        ``TypeError`` (``OverflowError``) for a value its column cannot hold, and then holds what it
+        held before."""
+        if type(record) is LedgerRow:
+            return self.add_row(<LedgerRow> record)
         cdef dict own = record.__dict__  # (where a pydantic model keeps its fields)
         cdef object nested = None, last_head = None, value
         cdef _Column column
@@ -243,12 +246,10 @@ cdef class NativeWriter:
         from its C integers (a cost as its exact decimal text, which ClickHouse parses to the same
         stored value as the ``Decimal``'s text that ``add`` writes)."""
         cdef _Column column
-        cdef int slot, i
-        if not 0 <= row.cost_usd_pico <= MAX_COST_PICO:  # (each class is at most the sum: none negative)
-            raise OverflowError(f"cost_usd: {row.cost_usd} is beyond the ledger's Decimal(18, 12)")
-        for i in range(10):
-            if row.costs[i] < 0:
-                raise OverflowError(f"cost.{_COST_FIELDS[i]}: {row.costs[i]} pico-dollars")
+        cdef int slot
+        if not row.fits_ledger():
+            raise OverflowError(f"cost_usd: {row.cost_usd} is beyond the ledger's Decimal(18, 12), or a cost is "
+                                "negative")
         if not self._rows_readable:
             raise TypeError(f"columns {[(<_Column> c).key for c in self._columns if (<_Column> c).slot < 0]} "
                             "are not a ledger row's fields")
@@ -438,6 +439,7 @@ _ROW_SLOTS = {**{name: i for i, name in enumerate(_ROW_FIELDS)},
 #: (``cost_usd_pico`` above it; ``BEYOND_LEDGER`` when priced in ``Decimal``, whose total may pass
 #: 64 bits) is dead-lettered by attribution, and refused by ``add_row``.
 MAX_COST_PICO = 999_999_999_999_999_999
+cdef int64_t _MAX_COST_PICO = MAX_COST_PICO
 BEYOND_LEDGER = 0x7FFFFFFFFFFFFFFF
 
 cdef object _PICO_UNIT = None   # Decimal("1E-12"), and the rest: set by ``configure_rows``
@@ -542,6 +544,18 @@ cdef class LedgerRow:
         if slot == 32: return self.billing_period
         if slot == 33: return "USD"
         raise IndexError(slot)
+
+    cpdef bint fits_ledger(self):
+        """Whether the ledger's ``Decimal(18, 12)`` columns hold the row's costs: none negative, the
+        total at most ``MAX_COST_PICO`` (and so each class). Attribution dead-letters a row that
+        does not (``Attribution.row_raw``); ``add_row`` refuses it."""
+        cdef int i
+        if not 0 <= self.cost_usd_pico <= _MAX_COST_PICO:
+            return False
+        for i in range(10):
+            if self.costs[i] < 0:
+                return False
+        return True
 
     cpdef stamp(self, object revenue, object period, bint late):
         """``streams.stages.revenue.stamp_fresh`` for a row: what the call added to its tenant's bill

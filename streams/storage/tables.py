@@ -45,6 +45,11 @@ def _row_model(row: Any) -> AttributedUsage:
 
 
 _native.configure_rows(ZERO, CostBreakdown, _row_model)
+
+
+def as_record(record: R) -> R | AttributedUsage:
+    """A ledger row as the ``AttributedUsage`` it stands for; any other record as it is."""
+    return record.as_model() if type(record) is LedgerRow else record
 #: A conversion of a whole column of values.
 Convert = Callable[[list[Any]], list[Any]]
 
@@ -93,9 +98,7 @@ class TableSpec(Generic[R]):
 
     def row(self, record: R) -> tuple[Any, ...]:
         """A record's values, in the order the columns are sent (before their wire conversion)."""
-        if type(record) is LedgerRow:
-            record = record.as_model()  # (for the Python encoder and tests: the stream writes rows in C)
-        return self._row(record)
+        return self._row(as_record(record))  # (a row: for the Python encoder and tests; the stream's are C's)
 
     def to_columns(self, records: Sequence[R]) -> list[list[Any]]:
         """The batch as columns of the wire types, in the order they are sent."""
@@ -129,7 +132,7 @@ class TableSpec(Generic[R]):
         if writer is None:
             return self.native_reference(records)
         for record in records:
-            writer.add_row(record) if type(record) is LedgerRow else writer.add(record)
+            writer.add(record)
         return writer.finish()
 
     def native_reference(self, records: Sequence[R]) -> bytes:
@@ -252,8 +255,7 @@ class RecordBatch(list[R]):
 
     def add(self, record: R) -> None:
         if self.writer is not None:
-            # (first: a record it refuses is not kept either)
-            self.writer.add_row(record) if type(record) is LedgerRow else self.writer.add(record)
+            self.writer.add(record)  # (first: a record it refuses is not kept either)
             if self.block_bytes is not None and self.writer.nbytes >= self.block_bytes:
                 self._finished.append(self.writer.finish())
                 self.writer = self.table.writer()
