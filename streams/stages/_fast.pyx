@@ -17,6 +17,7 @@ it in integer pico-dollars.
 
 from cpython.datetime cimport datetime_new, import_datetime
 from cpython.object cimport PyObject_GetAttr, PyObject_SetAttr
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_GET_LENGTH
 from libc.stdint cimport int64_t
 
@@ -289,15 +290,18 @@ cdef class RowBuilder:
         cdef int i
         total = cost.total
         row._cost, row._cost_usd = cost, total
-        row.rounded_zeros = 0
         if total > self.max_pico * _PICO_UNIT:
             row.cost_usd_pico = self.beyond  # refused by attribution: never written
             return
         values = (cost.input, cost.cache_read, cost.cache_write, cost.output, cost.reasoning, cost.input_audio,
                   cost.input_image, cost.output_audio, cost.output_image, cost.request)
+        rounded = 0
         for i in range(10):
             row.costs[i] = int(values[i].scaleb(12))  # (exact: rounded to 12 places)
+            if values[i].as_tuple().exponent:  # (as ``_price_pico`` marks them: the quota stage reads these)
+                rounded |= 1 << i
         row.cost_usd_pico = int(total.scaleb(12))
+        row.rounded_zeros = rounded | ((1 << 10) if total.as_tuple().exponent else 0)
 
 
 cdef object _PICO_UNIT = __import__("decimal").Decimal("1E-12")
@@ -459,3 +463,249 @@ def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit,
         derived[1] = billed
         outcomes.append(tuple.__new__(_OUTCOME, (billed - billed_before, False, period.label)))
     return outcomes
+
+
+# ---- a quota window's events, summed in integers -------------------------------------------------
+# ``QuotaEngine._sum_window`` and ``_margin_window`` add up ``Decimal`` amounts event by event; for
+# the stream's rows the amounts are C integers already (costs in pico-dollars, token counts) and a
+# rated call's revenue is a whole number of pico-dollars (``RevenueMeter`` rounds every bill to 12
+# places). Summed here in 64 bits, a window's ``Decimal`` is made once, with the exponent the
+# ``Decimal`` sum would have had: the least exponent of its terms (an addition within the context's
+# 28 digits is exact and keeps the lesser exponent). That exponent shows: sums print into quota
+# states and the changelog. A term's exponent is 0 or -12 here (a cost ``cost_of`` skipped, a count,
+# an unrated call's revenue: 0; any other money: -12); a window whose usage has another exponent,
+# or is so large that the ``Decimal`` sum could round (|usage| ≥ 10^15), or whose sums would pass 64
+# bits, is left to the ``Decimal`` code (``None``), before anything is changed.
+
+cdef extern from *:
+    ctypedef long long int128 "__int128"
+
+cdef object _W_ZERO = None, _W_PICO = None, _W_BOUND = None, _W_CEILING = None, _MARGIN_PERCENT = None
+#: id(limit) → (the limit, its thresholds' amounts as ceilings of integers at the metric's scale, its
+#: margin floor × 10^4 if that is a whole number, else None): the amounts compared with integer sums.
+cdef dict _AMOUNTS = {}
+cdef int64_t _POW12 = 1000000000000
+cdef int64_t _I64_MAX = 0x7FFFFFFFFFFFFFFF
+
+
+def configure_windows(zero, margin_percent, ceiling):
+    """The quota stage's ``Decimal`` zero, its ``margin_percent`` and ``decimal.ROUND_CEILING``
+    (``streams.stages.quotas``, at its import)."""
+    global _W_ZERO, _W_PICO, _W_BOUND, _MARGIN_PERCENT, _W_CEILING
+    _W_ZERO, _MARGIN_PERCENT, _W_CEILING = zero, margin_percent, ceiling
+    _W_PICO = type(zero)("1E-12")
+    _W_BOUND = type(zero)(10) ** 15
+
+
+cdef inline int _cost_exp(LedgerRow row):
+    """The exponent of ``row.cost_usd``: -12 unless pricing skipped the cost (the shared zero)."""
+    return -12 if row.cost_usd_pico != 0 or row.rounded_zeros & (1 << 10) else 0
+
+
+cdef bint _scaled(object value, int scale, int64_t *out, int *exp) except -1:
+    """A window's ``Decimal`` as an integer at ``scale`` (12: pico-dollars; 0: a count), with its
+    exponent; False if it is not one this code sums exactly."""
+    if not (-_W_BOUND < value < _W_BOUND):
+        return False
+    e = value.as_tuple().exponent
+    if e == 0:
+        scaled = int(value) * (_POW12 if scale == 12 else 1)
+    elif e == -12 and scale == 12:
+        scaled = int(value.scaleb(12))
+    else:
+        return False
+    if not -_I64_MAX < scaled < _I64_MAX:
+        return False
+    out[0], exp[0] = scaled, e
+    return True
+
+
+cdef inline object _unscaled(int64_t value, int exp, int scale):
+    """The ``Decimal`` of ``value`` at ``scale``, with exponent ``exp`` (0 or -12)."""
+    if exp == -12:
+        return _W_PICO * value
+    return type(_W_ZERO)(value // _POW12 if scale == 12 else value)
+
+
+cdef inline int64_t _saturated(object amount):
+    return _I64_MAX if amount >= _I64_MAX else (-_I64_MAX if amount <= -_I64_MAX else amount)
+
+
+cdef tuple _amounts(limit, int scale):
+    found = _AMOUNTS.get(id(limit))
+    if found is None:
+        if len(_AMOUNTS) >= 1000:
+            _AMOUNTS.clear()
+        ceilings = tuple(_saturated(int(level[2].scaleb(scale).to_integral_value(rounding=_W_CEILING)))
+                         for level in limit.levels)
+        floor = None
+        if limit.metric == "margin_percent":
+            scaled = limit.levels[0][2].scaleb(4)
+            if scaled == scaled.to_integral_value() and -10**12 < scaled < 10**12:
+                floor = int(scaled)
+        found = _AMOUNTS[id(limit)] = (limit, ceilings, floor)
+    return <tuple> found
+
+
+cdef inline bint _revenue_pico(object revenue, int64_t *out) except -1:
+    """A rated call's revenue (12 places, ``RevenueMeter``) in pico-dollars; False beyond 64 bits."""
+    value = int(revenue.scaleb(12))
+    if not -_I64_MAX < value < _I64_MAX:
+        return False
+    out[0] = value
+    return True
+
+
+def sum_window(engine, ref, dict window, list js, list group, list rated, list positions, offsets, int li,
+               collected):
+    """``QuotaEngine._sum_window`` for rows, in integers: the window's usage after its events, with
+    each threshold crossed at the event ``_sum_window`` finds; None, with nothing changed, where
+    ``_sum_window`` must do it. The same outcome: change the two together
+    (``tests/stages/test_quota_batches.py`` holds rows summed here to records summed there)."""
+    cdef Py_ssize_t n = len(js), i, k
+    cdef int scale, kind, exp, e0, lowest
+    cdef int64_t v0, running, highest, term, ceiling
+    cdef LedgerRow row
+    cdef bint over = False
+    limit = ref.limit
+    metric = limit.metric
+    if metric == "cost_usd":
+        kind, scale = 0, 12
+    elif metric == "tokens":
+        kind, scale = 1, 0
+    elif metric == "revenue_usd":
+        kind, scale = 2, 12
+    else:
+        kind, scale = 3, 0
+    if not _scaled(window["usage"], scale, &v0, &e0):
+        return None
+    cdef int64_t *terms = <int64_t *> PyMem_Malloc((n + 1) * sizeof(int64_t))
+    cdef signed char *exps = <signed char *> PyMem_Malloc((n + 1) * sizeof(signed char))
+    if terms == NULL or exps == NULL:
+        PyMem_Free(terms)
+        PyMem_Free(exps)
+        raise MemoryError()
+    try:
+        running, highest, lowest = v0, _I64_MAX, e0
+        for i in range(n):
+            j = js[i]
+            x = group[j]
+            if type(x) is not LedgerRow:
+                return None
+            row = <LedgerRow> x
+            if kind == 0:
+                term, exp = row.cost_usd_pico, _cost_exp(row)
+            elif kind == 1:
+                term, exp = row.tokens[0] + row.tokens[3], 0
+            elif kind == 2:
+                revenue = (<tuple> rated[j])[0]
+                if not revenue:  # (``rated[j].revenue or _ZERO``: an unrated or free call adds the zero)
+                    term, exp = 0, 0
+                elif not _revenue_pico(revenue, &term):
+                    return None
+                else:
+                    exp = -12
+            else:
+                term, exp = 1, 0
+            terms[i], exps[i] = term, exp
+            running = _plus(running, term, &over)
+            if i == 0 or running > highest:
+                highest = running
+            if exp < lowest:
+                lowest = exp
+        if over or highest >= _I64_MAX:
+            return None
+        levels = limit.levels
+        crossed = window.get("crossed")
+        if levels and (crossed is None or any(level[3] not in crossed for level in levels)):
+            ceilings = (<tuple> _amounts(limit, scale))[1]
+            for k in range(len(levels)):
+                ceiling = ceilings[k]
+                if highest < ceiling:
+                    break
+                if crossed is None:
+                    crossed = window["crossed"] = {}
+                level = levels[k]
+                if level[3] in crossed:
+                    continue
+                # The first event whose running usage reaches the threshold, and that usage.
+                running, exp = v0, e0
+                for i in range(n):
+                    running += terms[i]
+                    if exps[i] < exp:
+                        exp = exps[i]
+                    if running >= ceiling:
+                        break
+                engine._crossed(ref, window, crossed, k, level[2], _unscaled(running, exp, scale), group[js[i]],
+                                positions[js[i]], offsets, li, collected)
+        running = v0
+        for i in range(n):
+            running += terms[i]
+        return _unscaled(running, lowest, scale)
+    finally:
+        PyMem_Free(terms)
+        PyMem_Free(exps)
+
+
+def margin_window(engine, ref, dict window, list js, list group, list rated, list positions, offsets, int li,
+                  collected):
+    """``QuotaEngine._margin_window`` for rows, in integers: (margin percent, judged) after the
+    window's rated events, the floor's crossing at the event ``_margin_window`` finds; None, with
+    nothing changed, where ``_margin_window`` must do it. A margin is computed (in ``Decimal``, by
+    ``margin_percent``) only where it may be below the floor: (R - C) × 10^6 ≥ floor × 10^4 × R says
+    the exact margin, (R - C) × 100 / R, is at or above the floor, and rounding it (to the context's
+    28 digits, then to 4 places) cannot take it below a floor that both represent. Change the two
+    together (``tests/stages/test_quota_batches.py``)."""
+    cdef Py_ssize_t n = len(js), i
+    cdef int64_t r, c, r0, c0, term, minimum
+    cdef int er, ec, er0, ec0
+    cdef LedgerRow row
+    cdef bint over = False, watching, filtered
+    cdef int128 floor4 = 0
+    limit = ref.limit
+    if not (_scaled(window.get("revenue", _W_ZERO), 12, &r0, &er0)
+            and _scaled(window.get("cost", _W_ZERO), 12, &c0, &ec0)):
+        return None
+    # Every event's revenue in 64 bits, and the sums too, before anything is changed.
+    r, c = r0, c0
+    for i in range(n):
+        j = js[i]
+        x = group[j]
+        if type(x) is not LedgerRow or not _revenue_pico((<tuple> rated[j])[0], &term):
+            return None
+        r = _plus(r, term, &over)
+        c = _plus(c, (<LedgerRow> x).cost_usd_pico, &over)
+    if over:
+        return None
+    window.setdefault("revenue", _W_ZERO)  # (the keys in ``_margin_window``'s order: the changelog's)
+    window.setdefault("cost", _W_ZERO)
+    level = limit.levels[0]
+    amount = level[2]
+    crossed = window.get("crossed")
+    watching = crossed is None or level[3] not in crossed
+    floor = (<tuple> _amounts(limit, 12))[2]
+    filtered = floor is not None
+    if filtered:
+        floor4 = <int128> (<int64_t> floor)
+    minimum = _saturated(int(limit.min_revenue.scaleb(12).to_integral_value(rounding=_W_CEILING)))
+    r, c, er, ec = r0, c0, er0, ec0
+    for i in range(n):
+        j = js[i]
+        row = <LedgerRow> group[j]
+        _revenue_pico((<tuple> rated[j])[0], &term)
+        r += term
+        er = -12  # (a rated call's revenue has 12 places, a zero too)
+        c += row.cost_usd_pico
+        if _cost_exp(row) < ec:
+            ec = -12
+        if watching and r >= minimum and r > 0:
+            if filtered and (<int128> r - <int128> c) * 1000000 >= floor4 * r:
+                continue  # at or above the floor
+            usage = _MARGIN_PERCENT(_unscaled(r, er, 12), _unscaled(c, ec, 12))
+            if usage < amount:
+                crossed = window.setdefault("crossed", {})
+                engine._crossed(ref, window, crossed, 0, amount, usage, row, positions[j], offsets, li, collected)
+                watching = False
+    revenue, cost = _unscaled(r, er, 12), _unscaled(c, ec, 12)
+    window["revenue"], window["cost"] = revenue, cost
+    return _MARGIN_PERCENT(revenue, cost), revenue >= limit.min_revenue and revenue > 0

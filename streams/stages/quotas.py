@@ -47,7 +47,7 @@ from collections import Counter, deque
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -58,6 +58,8 @@ from schemas.quota import QuotaAlert, QuotaState, QuotaWindow, Status, alert_id,
 from streams.stages import revenue as revenue_stage
 from streams.stages.plans import Limit, Plans, WatermarkBound, WindowKind, window_bounds
 from streams.stages.revenue import UNRATED, RevenueMeter, RevenueOutcome, filled
+from streams.storage.compiled import fast
+from streams.storage.tables import LedgerRow
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +332,7 @@ def margin_percent(revenue: Decimal, cost: Decimal) -> Decimal:
 
 
 _PERCENT_PLACES = Decimal("0.0001")
+fast.configure_windows(_ZERO, margin_percent, ROUND_CEILING)
 
 
 def window_key(tenant: str, limit_id: str, scope: str, start_text: str) -> str:
@@ -657,6 +660,7 @@ class QuotaEngine:
                                         collected)
                     return
         rated = self.revenue.rate_all(group, state.rating_periods, now)
+        rows = type(group[0]) is LedgerRow  # (a batch is all rows, the stream's, or all records)
         reservations = [record.reservation_id for record in group]
         reserving = reservations.count(None) != len(reservations)  # (most batches: no call on a reservation)
         for j, position in enumerate(positions):
@@ -675,11 +679,17 @@ class QuotaEngine:
                     js = [j for j in js if rated[j].revenue is not None]  # not rated: nothing to judge by
                     if not js:
                         continue
-                    usage, judged = self._margin_window(ref, window, js, group, rated, positions, offsets, li,
-                                                        collected)
+                    # The stream's rows in integers (``fast.margin_window``), or, where it cannot, here.
+                    found = fast.margin_window(self, ref, window, js, group, rated, positions, offsets, li,
+                                               collected) if rows else None
+                    usage, judged = found if found is not None else self._margin_window(
+                        ref, window, js, group, rated, positions, offsets, li, collected)
                 else:
-                    usage, judged = self._sum_window(ref, window, js, group, rated, positions, offsets, li,
-                                                     collected), True
+                    found = fast.sum_window(self, ref, window, js, group, rated, positions, offsets, li,
+                                            collected) if rows else None
+                    usage = found if found is not None else self._sum_window(ref, window, js, group, rated,
+                                                                             positions, offsets, li, collected)
+                    judged = True
                 last = js[-1]
                 window["usage"] = usage
                 window["partition"] = partition

@@ -12,10 +12,13 @@ from decimal import Decimal
 import pytest
 
 from schemas.attributed import AttributedUsage
-from schemas.usage import TokenUsage
+from schemas.usage import TokenUsage, UsageEvent
 from streams.runtime.state import ChangelogTables, _encode
+from streams.stages.attribution import _ROWS
 from streams.stages.plans import Plans
+from streams.stages.pricing import Quote, Rates
 from streams.stages.quotas import Counted, QuotaEngine, QuotaTables, restore_entry
+from streams.storage.tables import LedgerRow
 
 # Small limits, so that windows cross thresholds within a batch; tiered and filtered charges; every
 # scope and window kind.
@@ -284,3 +287,51 @@ def test_batches_applied_without_end_batch_between_them_still_changelog_every_ev
         assert {(p, k): v for p, k, v in got} == {(p, k): v for p, k, v in expected}
     groups = [json.loads(v) for _, k, v in got if k.startswith(b"quota_seen|")]
     assert [sorted(group["events"].values()) for group in groups] == [[0, 1, 2, 3, 4, 5]]
+
+
+def rows(seed: int, count: int) -> list[tuple[int, LedgerRow]]:
+    """``records(seed, count)`` as the stream's ledger rows: priced in integers (whole pico-dollar
+    rates), in ``Decimal`` (nine decimals, and two thirds of that: rounded zeros among them) or not
+    priced (the shared zero), so that window sums meet every exponent a cost has."""
+    quotes = [Quote.of(Rates.per_million({"input": Decimal("2.5"), "output": Decimal("10")}), True, **PROVENANCE),
+              Quote.of(Rates.per_million({"input": Decimal("0.000123456"), "output": Decimal("0.000000001")})
+                       .scaled(Decimal(2) / Decimal(3)), True, **PROVENANCE),
+              Quote.of(None, False, **PROVENANCE)]
+    made: dict[int, LedgerRow] = {}
+    out = []
+    for i, (partition, record) in enumerate(records(seed, count)):
+        row = made.get(id(record))  # (a copy the producer sent again: the same event)
+        if row is None:
+            event = UsageEvent(event_id=record.event_id, timestamp=record.event_time, tenant_id=record.tenant_id,
+                               user_id=record.user_id, provider=record.provider, model=record.model,
+                               usage=record.usage, reservation_id=record.reservation_id)
+            row = made[id(record)] = _ROWS.build(event, quotes[i % 7 % 3], record.business_path, NOW)
+        out.append((partition, row))
+    return out
+
+
+PROVENANCE = {"matched_model": "m", "price_source": "test", "pricing_version": "v1"}
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("batch_size", [7, 50, 400])
+def test_rows_summed_in_integers_count_as_their_records_one_by_one(plans, seed, batch_size):
+    """The stream's rows through the batch path (window sums in integers: ``fast.sum_window`` and
+    ``fast.margin_window``) against their records through ``apply``: every outcome, alert, state and
+    changelog value the same, exponents included."""
+    placed, offsets = [], {0: 0, 1: 0, 2: 0}
+    for partition, row in rows(seed, 600):
+        placed.append((partition, offsets[partition], row))
+        offsets[partition] += 1
+    as_records = {id(row): row.as_model() for _, _, row in placed}
+    reference, batched = Run(plans), Run(plans)
+    alerts = 0
+    for base in range(0, len(placed), batch_size):
+        batch = placed[base:base + batch_size]
+        expected = reference.one_by_one([(p, o, as_records[id(row)]) for p, o, row in batch])
+        got = batched.batched(batch)
+        for name in expected:
+            assert got[name] == expected[name], (name, base)
+        alerts += len(expected["alerts"])
+    assert reference.state.data == batched.state.data
+    assert alerts > 0
