@@ -480,9 +480,31 @@ def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit,
 cdef extern from *:
     ctypedef long long int128 "__int128"
 
-cdef object _W_ZERO = None, _W_PICO = None, _W_BOUND = None, _W_CEILING = None, _MARGIN_PERCENT = None
-#: id(limit) → (the limit, its thresholds' amounts as ceilings of integers at the metric's scale, its
-#: margin floor × 10^4 if that is a whole number, else None): the amounts compared with integer sums.
+# A ``Decimal``'s sign, exponent and coefficient read from the object itself, as CPython's C
+# ``decimal`` module lays it out (Modules/_decimal/_decimal.c: ``PyDecObject``, libmpdec's
+# ``mpd_t``: flags, exponent, digits, words, allocated words, the words in base 10^19): a few
+# instructions, where ``as_tuple`` or ``int(d.scaleb(12))`` cost hundreds and made the integer sums
+# slower than the ``Decimal`` ones. Read only after ``_check_layout`` has proved, at import, that
+# this interpreter's objects are laid out so; otherwise ``_parts`` falls back to ``as_tuple``.
+cdef extern from *:
+    """
+    typedef struct { uint8_t flags; Py_ssize_t exp; Py_ssize_t digits; Py_ssize_t len; Py_ssize_t alloc;
+                     uint64_t *data; } costline_mpd;
+    typedef struct { PyObject_HEAD Py_hash_t hash; costline_mpd dec; } costline_decimal;
+    static inline costline_mpd *costline_mpd_of(PyObject *o) { return &((costline_decimal *) o)->dec; }
+    """
+    ctypedef struct costline_mpd:
+        unsigned char flags
+        Py_ssize_t exp
+        Py_ssize_t len
+        unsigned long long *data
+    costline_mpd *costline_mpd_of(object o)
+
+cdef object _W_ZERO = None, _W_PICO = None, _W_CEILING = None, _MARGIN_PERCENT = None, _W_DECIMAL = None
+cdef bint _LAYOUT = False
+#: id(limit) → (the limit, its thresholds' amounts as ceilings of integers at the metric's scale, and
+#: for a margin floor: the floor × 10^4 if that is a whole number, else None, and ``min_revenue`` in
+#: whole pico-dollars, rounded up): the amounts compared with integer sums.
 cdef dict _AMOUNTS = {}
 cdef int64_t _POW12 = 1000000000000
 cdef int64_t _I64_MAX = 0x7FFFFFFFFFFFFFFF
@@ -491,10 +513,73 @@ cdef int64_t _I64_MAX = 0x7FFFFFFFFFFFFFFF
 def configure_windows(zero, margin_percent, ceiling):
     """The quota stage's ``Decimal`` zero, its ``margin_percent`` and ``decimal.ROUND_CEILING``
     (``streams.stages.quotas``, at its import)."""
-    global _W_ZERO, _W_PICO, _W_BOUND, _MARGIN_PERCENT, _W_CEILING
+    global _W_ZERO, _W_PICO, _MARGIN_PERCENT, _W_CEILING, _W_DECIMAL, _LAYOUT
     _W_ZERO, _MARGIN_PERCENT, _W_CEILING = zero, margin_percent, ceiling
-    _W_PICO = type(zero)("1E-12")
-    _W_BOUND = type(zero)(10) ** 15
+    _W_DECIMAL = type(zero)
+    _W_PICO = _W_DECIMAL("1E-12")
+    _LAYOUT = False
+    _LAYOUT = _check_layout()
+
+
+cdef bint _check_layout() except -1:
+    """Whether ``_parts`` read from the objects gives what ``as_tuple`` gives, on values of every
+    kind it meets or refuses (only then is it read so; the C module is the only one laid out so)."""
+    if _W_DECIMAL.__module__ != "decimal" or _W_DECIMAL.__name__ != "Decimal" \
+            or not hasattr(__import__("decimal"), "__libmpdec_version__"):
+        return False
+    cdef int64_t coefficient
+    cdef int exp
+    cdef bint ok
+    for text in ("0", "0E-12", "-0", "-123.4500", "1E-12", "7.25", "9223372036854775806", "9223372036854775807",
+                 "9999999999999999999", "10000000000000000000", "123456789012345678901234567890", "-5E+3",
+                 "NaN", "-sNaN", "Infinity", "-Infinity", "0.000001569000"):
+        value = _W_DECIMAL(text)
+        ok = _read_parts(value, &coefficient, &exp)
+        if ok != _tuple_parts(value, &coefficient, &exp):
+            return False
+        if ok:
+            sign, digits, exponent = value.as_tuple()
+            if coefficient != (-1 if sign else 1) * int("".join(map(str, digits))) or exp != exponent:
+                return False
+    return True
+
+
+def decimal_parts(value):
+    """(coefficient, exponent) of a ``Decimal`` as the window sums read it, or None where they do not
+    sum it; and whether it was read from the object (for the tests)."""
+    cdef int64_t coefficient
+    cdef int exp
+    return ((coefficient, exp) if _parts(value, &coefficient, &exp) else None), _LAYOUT
+
+
+cdef bint _read_parts(object value, int64_t *coefficient, int *exp):
+    """A finite ``Decimal``'s coefficient (signed, below 2^63 - 1) and exponent (within an ``int``)
+    read from the object; False for any other."""
+    cdef costline_mpd *d = costline_mpd_of(value)
+    if d.flags & 14 or d.len != 1 or d.data[0] >= <unsigned long long> _I64_MAX \
+            or not -1000000 < d.exp < 1000000:  # (14: infinite or NaN)
+        return False
+    coefficient[0] = -<int64_t> d.data[0] if d.flags & 1 else <int64_t> d.data[0]
+    exp[0] = <int> d.exp
+    return True
+
+
+cdef bint _tuple_parts(object value, int64_t *coefficient, int *exp) except -1:
+    """``_read_parts`` by ``as_tuple``."""
+    if not value.is_finite():
+        return False
+    sign, digits, exponent = value.as_tuple()
+    number = int("".join(map(str, digits)))
+    if number >= _I64_MAX or not -1000000 < exponent < 1000000:
+        return False
+    coefficient[0], exp[0] = (-number if sign else number), exponent
+    return True
+
+
+cdef inline bint _parts(object value, int64_t *coefficient, int *exp) except -1:
+    if type(value) is not _W_DECIMAL:
+        return False
+    return _read_parts(value, coefficient, exp) if _LAYOUT else _tuple_parts(value, coefficient, exp)
 
 
 cdef inline int _cost_exp(LedgerRow row):
@@ -503,20 +588,22 @@ cdef inline int _cost_exp(LedgerRow row):
 
 
 cdef bint _scaled(object value, int scale, int64_t *out, int *exp) except -1:
-    """A window's ``Decimal`` as an integer at ``scale`` (12: pico-dollars; 0: a count), with its
-    exponent; False if it is not one this code sums exactly."""
-    if not (-_W_BOUND < value < _W_BOUND):
+    """A ``Decimal`` of exponent 0 or -``scale`` as an integer at ``scale`` (12: pico-dollars; 0: a
+    count) within 64 bits, and its exponent; False for any other. (A sum of such values within 64
+    bits has at most 19 digits: exact in ``Decimal``'s 28.)"""
+    cdef int64_t coefficient
+    cdef int e
+    if not _parts(value, &coefficient, &e):
         return False
-    e = value.as_tuple().exponent
-    if e == 0:
-        scaled = int(value) * (_POW12 if scale == 12 else 1)
-    elif e == -12 and scale == 12:
-        scaled = int(value.scaleb(12))
+    if e == 0 and scale == 12:
+        if not -9223372 <= coefficient <= 9223372:
+            return False
+        out[0] = coefficient * _POW12
+    elif e == 0 or e == -scale:
+        out[0] = coefficient
     else:
         return False
-    if not -_I64_MAX < scaled < _I64_MAX:
-        return False
-    out[0], exp[0] = scaled, e
+    exp[0] = e
     return True
 
 
@@ -524,7 +611,7 @@ cdef inline object _unscaled(int64_t value, int exp, int scale):
     """The ``Decimal`` of ``value`` at ``scale``, with exponent ``exp`` (0 or -12)."""
     if exp == -12:
         return _W_PICO * value
-    return type(_W_ZERO)(value // _POW12 if scale == 12 else value)
+    return _W_DECIMAL(value // _POW12 if scale == 12 else value)
 
 
 cdef inline int64_t _saturated(object amount):
@@ -538,22 +625,14 @@ cdef tuple _amounts(limit, int scale):
             _AMOUNTS.clear()
         ceilings = tuple(_saturated(int(level[2].scaleb(scale).to_integral_value(rounding=_W_CEILING)))
                          for level in limit.levels)
-        floor = None
+        floor = minimum = None
         if limit.metric == "margin_percent":
             scaled = limit.levels[0][2].scaleb(4)
             if scaled == scaled.to_integral_value() and -10**12 < scaled < 10**12:
                 floor = int(scaled)
-        found = _AMOUNTS[id(limit)] = (limit, ceilings, floor)
+            minimum = _saturated(int(limit.min_revenue.scaleb(12).to_integral_value(rounding=_W_CEILING)))
+        found = _AMOUNTS[id(limit)] = (limit, ceilings, floor, minimum)
     return <tuple> found
-
-
-cdef inline bint _revenue_pico(object revenue, int64_t *out) except -1:
-    """A rated call's revenue (12 places, ``RevenueMeter``) in pico-dollars; False beyond 64 bits."""
-    value = int(revenue.scaleb(12))
-    if not -_I64_MAX < value < _I64_MAX:
-        return False
-    out[0] = value
-    return True
 
 
 def sum_window(engine, ref, dict window, list js, list group, list rated, list positions, offsets, int li,
@@ -601,10 +680,8 @@ def sum_window(engine, ref, dict window, list js, list group, list rated, list p
                 revenue = (<tuple> rated[j])[0]
                 if not revenue:  # (``rated[j].revenue or _ZERO``: an unrated or free call adds the zero)
                     term, exp = 0, 0
-                elif not _revenue_pico(revenue, &term):
+                elif not _scaled(revenue, 12, &term, &exp):
                     return None
-                else:
-                    exp = -12
             else:
                 term, exp = 1, 0
             terms[i], exps[i] = term, exp
@@ -657,44 +734,64 @@ def margin_window(engine, ref, dict window, list js, list group, list rated, lis
     28 digits, then to 4 places) cannot take it below a floor that both represent. Change the two
     together (``tests/stages/test_quota_batches.py``)."""
     cdef Py_ssize_t n = len(js), i
-    cdef int64_t r, c, r0, c0, term, minimum
-    cdef int er, ec, er0, ec0
-    cdef LedgerRow row
-    cdef bint over = False, watching, filtered
-    cdef int128 floor4 = 0
-    limit = ref.limit
+    cdef int64_t r, c, r0, c0, term
+    cdef int er0, ec0, exp
+    cdef bint over = False
     if not (_scaled(window.get("revenue", _W_ZERO), 12, &r0, &er0)
             and _scaled(window.get("cost", _W_ZERO), 12, &c0, &ec0)):
         return None
     # Every event's revenue in 64 bits, and the sums too, before anything is changed.
-    r, c = r0, c0
-    for i in range(n):
-        j = js[i]
-        x = group[j]
-        if type(x) is not LedgerRow or not _revenue_pico((<tuple> rated[j])[0], &term):
+    cdef int64_t *terms = <int64_t *> PyMem_Malloc(n * sizeof(int64_t) + 1)
+    cdef signed char *exps = <signed char *> PyMem_Malloc(n * sizeof(signed char) + 1)
+    if terms == NULL or exps == NULL:
+        PyMem_Free(terms)
+        PyMem_Free(exps)
+        raise MemoryError()
+    try:
+        r, c = r0, c0
+        for i in range(n):
+            j = js[i]
+            x = group[j]
+            if type(x) is not LedgerRow or not _scaled((<tuple> rated[j])[0], 12, &term, &exp):
+                return None
+            terms[i], exps[i] = term, exp
+            r = _plus(r, term, &over)
+            c = _plus(c, (<LedgerRow> x).cost_usd_pico, &over)
+        if over:
             return None
-        r = _plus(r, term, &over)
-        c = _plus(c, (<LedgerRow> x).cost_usd_pico, &over)
-    if over:
-        return None
+        return _margin_rows(engine, ref, window, js, group, positions, offsets, li, collected, terms, exps, r0, er0,
+                            c0, ec0)
+    finally:
+        PyMem_Free(terms)
+        PyMem_Free(exps)
+
+
+cdef object _margin_rows(engine, ref, dict window, list js, list group, list positions, offsets, int li, collected,
+                         int64_t *terms, signed char *exps, int64_t r, int er, int64_t c, int ec):
+    """``margin_window`` once every term is known to be summed exactly."""
+    cdef Py_ssize_t n = len(js), i
+    cdef int64_t minimum
+    cdef LedgerRow row
+    cdef bint watching, filtered
+    cdef int128 floor4 = 0
+    limit = ref.limit
     window.setdefault("revenue", _W_ZERO)  # (the keys in ``_margin_window``'s order: the changelog's)
     window.setdefault("cost", _W_ZERO)
     level = limit.levels[0]
     amount = level[2]
     crossed = window.get("crossed")
     watching = crossed is None or level[3] not in crossed
-    floor = (<tuple> _amounts(limit, 12))[2]
+    amounts = _amounts(limit, 12)
+    floor, minimum = amounts[2], amounts[3]
     filtered = floor is not None
     if filtered:
         floor4 = <int128> (<int64_t> floor)
-    minimum = _saturated(int(limit.min_revenue.scaleb(12).to_integral_value(rounding=_W_CEILING)))
-    r, c, er, ec = r0, c0, er0, ec0
     for i in range(n):
         j = js[i]
         row = <LedgerRow> group[j]
-        _revenue_pico((<tuple> rated[j])[0], &term)
-        r += term
-        er = -12  # (a rated call's revenue has 12 places, a zero too)
+        r += terms[i]
+        if exps[i] < er:
+            er = exps[i]
         c += row.cost_usd_pico
         if _cost_exp(row) < ec:
             ec = -12
@@ -708,4 +805,4 @@ def margin_window(engine, ref, dict window, list js, list group, list rated, lis
                 watching = False
     revenue, cost = _unscaled(r, er, 12), _unscaled(c, ec, 12)
     window["revenue"], window["cost"] = revenue, cost
-    return _MARGIN_PERCENT(revenue, cost), revenue >= limit.min_revenue and revenue > 0
+    return _MARGIN_PERCENT(revenue, cost), r >= minimum and r > 0

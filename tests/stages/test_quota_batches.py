@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.attributed import AttributedUsage
 from schemas.usage import TokenUsage, UsageEvent
@@ -18,6 +20,7 @@ from streams.stages.attribution import _ROWS
 from streams.stages.plans import Plans
 from streams.stages.pricing import Quote, Rates
 from streams.stages.quotas import Counted, QuotaEngine, QuotaTables, restore_entry
+from streams.storage.compiled import fast
 from streams.storage.tables import LedgerRow
 
 # Small limits, so that windows cross thresholds within a batch; tiered and filtered charges; every
@@ -335,3 +338,23 @@ def test_rows_summed_in_integers_count_as_their_records_one_by_one(plans, seed, 
         alerts += len(expected["alerts"])
     assert reference.state.data == batched.state.data
     assert alerts > 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.decimals(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [Decimal("9223372036854775806"), Decimal("9223372036854775807"), Decimal("-0E-12"), Decimal("1E+999999")]))
+def test_a_decimal_is_read_from_the_object_as_its_tuple_says(value):
+    """The window sums read a ``Decimal``'s coefficient and exponent from the object itself (CPython's
+    C ``decimal`` layout, proved at import): on this interpreter they do, and what they read is what
+    ``as_tuple`` gives, for every kind of value they sum or refuse."""
+    found, read_from_object = fast.decimal_parts(value)
+    assert read_from_object
+    if not value.is_finite():
+        assert found is None
+        return
+    sign, digits, exponent = value.as_tuple()
+    number = int("".join(map(str, digits)))
+    if number >= 2**63 - 1 or not -10**6 < exponent < 10**6:
+        assert found is None
+    else:
+        assert found == ((-number if sign else number), exponent)
