@@ -394,6 +394,7 @@ def configure_rating(outcome, quantum, zero, one, increment, segment_of):
     global _OUTCOME, _QUANTUM, _RZERO, _RONE, _DECIMAL, _INCREMENT, _SEGMENT_OF
     _OUTCOME, _QUANTUM, _RZERO, _RONE, _INCREMENT, _SEGMENT_OF = outcome, quantum, zero, one, increment, segment_of
     _DECIMAL = type(zero)
+    _configure_decimal(zero)
 
 
 cdef inline object _quantity(LedgerRow row, object metric):
@@ -412,56 +413,71 @@ cdef inline object _quantity(LedgerRow row, object metric):
 def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit, list at):
     """``RevenueMeter._rate_one`` for each of one tenant's rows, in order, in the exact context
     ``rate_all`` set: what it does for an event in the period of the event before, with that period
-    the only one open, in C (most events); every other event by ``_rate_one`` itself, which leaves
-    ``at`` (the period, its state, its derived values) for the next. The same steps in the same
-    order, on the same ``Decimal`` values: change ``_rate_one``'s and these together
-    (``tests/runtime/test_paths.py`` holds rows rated here to records rated there, 200,000 events)."""
+    the only one open, in C (most events: in integers, ``_rate_ints``, else on the ``Decimal``
+    values); every other event by ``_rate_one`` itself, which leaves ``at`` (the period, its state,
+    its derived values) for the next. The same steps in the same order, to the same values: change
+    ``_rate_one``'s and these together (``tests/stages/test_revenue.py`` holds rows rated here to
+    records rated there, and ``tests/runtime/test_paths.py`` on 200,000 events)."""
     cdef list outcomes = []
     cdef LedgerRow row
     cdef dict q, segments, state, v
-    cdef list derived, charges = None
+    cdef list derived, charges = None, pending_derived = None
+    # The running bill of consecutive rows rated in integers, written to their derived values once
+    # they end (before any other step reads them, and if a row fails): two ``Decimal``s a row fewer.
+    cdef _Pending pending
+    pending.on = False
     spend_cap = card.spend_cap
     last_values = _NO_VALUES
-    for row in rows:
-        period, state = at[0], at[1]
-        time = row.event_time
-        if state is None or not (period.start <= time < period.end):
-            outcomes.append(meter._rate_one(card, zone, tenant, row, entry, watermark_limit, at))
-            continue
-        mark = time if time <= watermark_limit else watermark_limit
-        if mark > entry["w"]:
-            entry["w"] = mark
-        derived = at[2]
-        running, billed_before, segments = derived[0], derived[1], derived[2]
-        added = _RZERO
-        q = state["q"]
-        # The card's charges for the row: the same list while the fields they filter on repeat.
-        filtered = meter._filtered.get(id(card))
-        values = filtered[0](row) if filtered is not None and filtered[0] is not None else None
-        if charges is None or values != last_values:
-            charges = meter._charges_for(card, row)
-            last_values = values
-        for charge in charges:
-            cid = charge.id
-            before = q.get(cid, _RZERO)
-            after = before + _quantity(row, charge.metric)
-            q[cid] = after
-            segment = segments.get(cid)
-            if segment is not None and segment[0] < before and (segment[1] is None or after <= segment[1]):
-                step = (after - before) * segment[2]
-            else:
-                step = _INCREMENT(charge, before, after)
-                segments[cid] = _SEGMENT_OF(charge, after)
-            if charge.price == "volume":
-                v = state["v"]
-                v[cid] = v.get(cid, _RZERO) + step
-            discount = charge.discount_percent
-            added = added + (step * (100 - discount) / 100 if discount else step)  # (``rating.net``)
-        running = running + added
-        derived[0] = running
-        billed = (spend_cap if spend_cap is not None and running > spend_cap else running).quantize(_QUANTUM)
-        derived[1] = billed
-        outcomes.append(tuple.__new__(_OUTCOME, (billed - billed_before, False, period.label)))
+    try:
+        for row in rows:
+            period, state = at[0], at[1]
+            time = row.event_time
+            if state is None or not (period.start <= time < period.end):
+                _flush(&pending, pending_derived)
+                outcomes.append(meter._rate_one(card, zone, tenant, row, entry, watermark_limit, at))
+                continue
+            mark = time if time <= watermark_limit else watermark_limit
+            if mark > entry["w"]:
+                entry["w"] = mark
+            derived = at[2]
+            if pending.on and derived is not pending_derived:
+                _flush(&pending, pending_derived)
+            q = state["q"]
+            # The card's charges for the row: the same list while the fields they filter on repeat.
+            filtered = meter._filtered.get(id(card))
+            values = filtered[0](row) if filtered is not None and filtered[0] is not None else None
+            if charges is None or values != last_values:
+                charges = meter._charges_for(card, row)
+                last_values = values
+            if _rate_ints(row, charges, q, derived, spend_cap, period.label, outcomes, &pending):
+                pending_derived = derived
+                continue
+            _flush(&pending, pending_derived)
+            running, billed_before, segments = derived[0], derived[1], derived[2]
+            added = _RZERO
+            for charge in charges:
+                cid = charge.id
+                before = q.get(cid, _RZERO)
+                after = before + _quantity(row, charge.metric)
+                q[cid] = after
+                segment = segments.get(cid)
+                if segment is not None and segment[0] < before and (segment[1] is None or after <= segment[1]):
+                    step = (after - before) * segment[2]
+                else:
+                    step = _INCREMENT(charge, before, after)
+                    segments[cid] = _SEGMENT_OF(charge, after)
+                if charge.price == "volume":
+                    v = state["v"]
+                    v[cid] = v.get(cid, _RZERO) + step
+                discount = charge.discount_percent
+                added = added + (step * (100 - discount) / 100 if discount else step)  # (``rating.net``)
+            running = running + added
+            derived[0] = running
+            billed = (spend_cap if spend_cap is not None and running > spend_cap else running).quantize(_QUANTUM)
+            derived[1] = billed
+            outcomes.append(tuple.__new__(_OUTCOME, (billed - billed_before, False, period.label)))
+    finally:
+        _flush(&pending, pending_derived)
     return outcomes
 
 
@@ -513,11 +529,21 @@ cdef int64_t _I64_MAX = 0x7FFFFFFFFFFFFFFF
 def configure_windows(zero, margin_percent, ceiling):
     """The quota stage's ``Decimal`` zero, its ``margin_percent`` and ``decimal.ROUND_CEILING``
     (``streams.stages.quotas``, at its import)."""
-    global _W_ZERO, _W_PICO, _MARGIN_PERCENT, _W_CEILING, _W_DECIMAL, _LAYOUT
+    global _W_ZERO, _MARGIN_PERCENT, _W_CEILING
     _W_ZERO, _MARGIN_PERCENT, _W_CEILING = zero, margin_percent, ceiling
+    _configure_decimal(zero)
+
+
+cdef _configure_decimal(zero):
+    """The ``Decimal`` type that ``_parts`` reads and the integer steps make, and whether it reads
+    them from the objects (``_check_layout``): from ``configure_windows`` or ``configure_rating``."""
+    global _W_PICO, _W_DECIMAL, _LAYOUT, _NEGATIVE_POWERS
+    if _W_DECIMAL is type(zero):
+        return
+    _LAYOUT = False
     _W_DECIMAL = type(zero)
     _W_PICO = _W_DECIMAL("1E-12")
-    _LAYOUT = False
+    _NEGATIVE_POWERS = [_W_DECIMAL(f"1E-{k}") for k in range(41)]
     _LAYOUT = _check_layout()
 
 
@@ -806,3 +832,220 @@ cdef object _margin_rows(engine, ref, dict window, list js, list group, list pos
     revenue, cost = _unscaled(r, er, 12), _unscaled(c, ec, 12)
     window["revenue"], window["cost"] = revenue, cost
     return _MARGIN_PERCENT(revenue, cost), r >= minimum and r > 0
+
+
+# ---- a rated row in integers ----------------------------------------------------------------------
+# ``rate_rows``'s step for one row, computed on the ``Decimal`` values' coefficients and exponents
+# (read by ``_parts``) in 128-bit integers: the same exact values (``rate_all`` runs in a 60-digit
+# context, in which these additions and products are exact), the same exponents for what is kept
+# (a charge's quantity: the lesser of its terms'), and the bill rounded to 12 places half to even,
+# as ``quantize`` rounds in that context. Anything else (a volume price, a step off its straight
+# piece, a value beyond 64 bits or the table of powers) is left, with nothing changed, to the
+# ``Decimal`` steps.
+
+cdef extern from *:
+    """
+    static inline int costline_mul128(__int128 a, __int128 b, __int128 *out) { return __builtin_mul_overflow(a, b, out); }
+    static inline int costline_add128(__int128 a, __int128 b, __int128 *out) { return __builtin_add_overflow(a, b, out); }
+    static inline __int128 costline_floordiv128(__int128 a, __int128 b) {
+        __int128 q = a / b;
+        if (a % b != 0 && ((a < 0) != (b < 0))) q -= 1;
+        return q;
+    }
+    """
+    bint costline_mul128(int128 a, int128 b, int128 *out)
+    bint costline_add128(int128 a, int128 b, int128 *out)
+    int128 costline_floordiv128(int128 a, int128 b)
+
+cdef int128 _P10[39]
+cdef int _p
+_P10[0] = 1
+for _p in range(1, 39):
+    _P10[_p] = _P10[_p - 1] * 10
+#: Decimal("1E-k") for k of 0 to 40 (``_decimal_of``).
+cdef list _NEGATIVE_POWERS = None
+cdef int _MAX_CHARGES = 16
+
+
+cdef inline bint _at_exponent(int128 *c, int *e, int target):
+    """``c`` × 10^``e`` written at the lesser exponent ``target``; False if it passes 128 bits."""
+    cdef int d = e[0] - target
+    if d == 0:
+        return True
+    if d < 0 or d > 38 or costline_mul128(c[0], _P10[d], c):
+        return False
+    e[0] = target
+    return True
+
+
+cdef inline bint _add(int128 *a, int *ea, int128 b, int eb):
+    """a += b, at the lesser exponent."""
+    cdef int e = ea[0] if ea[0] < eb else eb
+    if not (_at_exponent(a, ea, e) and _at_exponent(&b, &eb, e)):
+        return False
+    return not costline_add128(a[0], b, a)
+
+
+cdef inline int _compare(int128 a, int ea, int128 b, int eb) except -2:
+    """-1, 0 or 1 as a is below, at or above b; -2 (with no error set) if they cannot be aligned."""
+    cdef int e = ea if ea < eb else eb
+    if not (_at_exponent(&a, &ea, e) and _at_exponent(&b, &eb, e)):
+        return -2
+    return -1 if a < b else (1 if a > b else 0)
+
+
+cdef inline bint _wide(object value, int128 *c, int *e) except -1:
+    cdef int64_t coefficient
+    if not _parts(value, &coefficient, e):
+        return False
+    c[0] = coefficient
+    return True
+
+
+cdef inline bint _negative_infinity(object value) except -1:
+    if _LAYOUT and type(value) is _W_DECIMAL:
+        return (costline_mpd_of(value).flags & 3) == 3  # (infinite and negative)
+    return value.is_infinite() and value < 0
+
+
+cdef inline bint _fits(int128 c, int e):
+    """Whether ``_decimal_of`` makes this value: a coefficient within 64 bits, an exponent of 0 to -40."""
+    return -_I64_MAX < c < _I64_MAX and -40 <= e <= 0
+
+
+cdef inline object _decimal_of(int128 c, int e):
+    """The ``Decimal`` c × 10^e, exponent e (``_fits``; made in the exact context ``rate_all`` set)."""
+    if e == 0:
+        return _W_DECIMAL(<int64_t> c)
+    return _W_DECIMAL(<int64_t> c) * _NEGATIVE_POWERS[-e]
+
+
+cdef bint _to_pico(int128 c, int e, int64_t *out):
+    """c × 10^e rounded to 12 places, half to even, in pico-dollars; False beyond 64 bits."""
+    cdef int128 q, r, unit
+    if e >= -12:  # (exact)
+        if not _at_exponent(&c, &e, -12):
+            return False
+        q = c
+    else:
+        if -12 - e > 38:
+            return False
+        unit = _P10[-12 - e]
+        q = costline_floordiv128(c, unit)
+        r = c - q * unit  # (0 ≤ r < unit)
+        if 2 * r > unit or (2 * r == unit and (q & 1)):
+            q += 1
+    if not -_I64_MAX < q < _I64_MAX:
+        return False
+    out[0] = <int64_t> q
+    return True
+
+
+cdef struct _Pending:
+    bint on
+    int128 running
+    int e_running
+    int64_t billed
+
+
+cdef inline int _flush(_Pending *pending, list derived) except -1:
+    """The running bill and the bill kept in C (``rate_rows``) into the derived values."""
+    if pending.on:
+        pending.on = False
+        derived[0] = _decimal_of(pending.running, pending.e_running)
+        derived[1] = _W_PICO * pending.billed
+    return 0
+
+
+cdef bint _rate_ints(LedgerRow row, list charges, dict q, list derived, object spend_cap, object label,
+                     list outcomes, _Pending *pending) except -1:
+    """One row's ``rate_rows`` step in integers, appended to ``outcomes``, its running bill left in
+    ``pending`` (the derived values' own when it is on); False, with nothing changed, where the
+    ``Decimal`` steps must do it."""
+    cdef Py_ssize_t n = len(charges), k
+    cdef int128 afters[16]
+    cdef int after_exps[16]
+    cdef int128 added = 0, before, quantity, after, bound, price, step, factor, running, capped
+    cdef int e_added = 0, e_before, e_quantity, e_after, e_bound, e_price, e_step, e_factor, e_running, e_capped
+    cdef int64_t billed, billed_before
+    cdef int e_billed
+    if n > _MAX_CHARGES or _NEGATIVE_POWERS is None:
+        return False
+    for k in range(n):
+        charge = charges[k]
+        if charge.price == "volume":
+            return False
+        cid = charge.id
+        found = q.get(cid)
+        if found is None:
+            before, e_before = 0, 0  # (the Decimal zero)
+        elif not _wide(found, &before, &e_before):
+            return False
+        metric = charge.metric
+        if metric == "cost_usd":
+            quantity, e_quantity = row.cost_usd_pico, _cost_exp(row)
+        elif metric == "requests":
+            quantity, e_quantity = 1, 0
+        elif metric == "input_tokens":
+            quantity, e_quantity = row.tokens[0], 0
+        elif metric == "output_tokens":
+            quantity, e_quantity = row.tokens[3], 0
+        else:
+            quantity, e_quantity = row.tokens[0] + row.tokens[3], 0
+        after, e_after = before, e_before
+        if not _add(&after, &e_after, quantity, e_quantity):
+            return False
+        # On the charge's current straight piece (``segment_of``): start < before, after ≤ its end.
+        segment = (<dict> derived[2]).get(cid)
+        if segment is None:
+            return False
+        start, end, per_unit = <tuple> segment
+        if not _negative_infinity(start):
+            if not _wide(start, &bound, &e_bound) or _compare(bound, e_bound, before, e_before) != -1:
+                return False
+        if end is not None:
+            if not _wide(end, &bound, &e_bound) or _compare(after, e_after, bound, e_bound) not in (-1, 0):
+                return False
+        if not _wide(per_unit, &price, &e_price):
+            return False
+        # (after - before) × price, less the discount: × (100 - discount) / 100 (``rating.net``).
+        step, e_step = before, e_before
+        if not _at_exponent(&step, &e_step, e_after) or costline_add128(after, -step, &step) \
+                or costline_mul128(step, price, &step):
+            return False
+        e_step += e_price
+        discount = charge.discount_percent
+        if discount:
+            if not _wide(100 - discount, &factor, &e_factor) or costline_mul128(step, factor, &step):
+                return False
+            e_step += e_factor - 2
+        if not _add(&added, &e_added, step, e_step) or not _fits(after, e_after):
+            return False
+        afters[k], after_exps[k] = after, e_after
+    if pending.on:
+        running, e_running = pending.running, pending.e_running
+    elif not _wide(derived[0], &running, &e_running):
+        return False
+    if not _add(&running, &e_running, added, e_added) or not _fits(running, e_running):
+        return False
+    capped, e_capped = running, e_running
+    if spend_cap is not None:
+        if not _wide(spend_cap, &bound, &e_bound):
+            return False
+        k = _compare(running, e_running, bound, e_bound)
+        if k == -2:
+            return False
+        if k == 1:
+            capped, e_capped = bound, e_bound
+    if pending.on:
+        billed_before = pending.billed
+    elif not _scaled(derived[1], 12, &billed_before, &e_billed) or e_billed != -12:
+        return False
+    if not _to_pico(capped, e_capped, &billed):
+        return False
+    # Everything is known: kept as the ``Decimal`` steps keep it (the bill: by ``_flush``).
+    for k in range(n):
+        q[(<object> charges[k]).id] = _decimal_of(afters[k], after_exps[k])
+    pending.on, pending.running, pending.e_running, pending.billed = True, running, e_running, billed
+    outcomes.append(tuple.__new__(_OUTCOME, (_W_PICO * (billed - billed_before), False, label)))
+    return True
