@@ -1049,3 +1049,87 @@ cdef bint _rate_ints(LedgerRow row, list charges, dict q, list derived, object s
     pending.on, pending.running, pending.e_running, pending.billed = True, running, e_running, billed
     outcomes.append(tuple.__new__(_OUTCOME, (_W_PICO * (billed - billed_before), False, label)))
     return True
+
+
+# ---- the quota stage's duplicate check ------------------------------------------------------------
+
+cdef bint _seen(dict index, dict open_groups, seen, str key, object partition, int64_t offset, object second,
+                queue, set marked) except -1:
+    """``QuotaEngine._seen_before`` after the expiry (see there): whether the event ``key`` ("tenant
+    \\x1f event id") at ``offset`` of ``partition`` is a copy of one counted before; if not, it goes
+    into the partition's open group of ``seen`` (opened for ``second`` if the open one is of another)
+    and the index, and the group is marked changed with the first event of the call (``marked``: the
+    partitions marked so far, or None: with every event)."""
+    cdef dict group, events
+    first = index.get(key)
+    if first is not None:  # the same record again (same partition and offset) is a replay
+        return (<dict> first)["p"] != partition or (<dict> (<dict> first)["events"])[key] != offset
+    open_group = open_groups.get(partition)
+    if open_group is None or (<dict> (<tuple> open_group)[1])["t"] != second:
+        group_key = f"{partition}:{second}:{offset}"
+        found = seen.get(group_key)
+        if found is None:
+            found = {"p": partition, "t": second, "events": {}}
+            queue.append((second, group_key))
+        open_group = open_groups[partition] = (group_key, found)
+        mark = True
+    else:  # (an open group: this call's, marked already, or an earlier call's)
+        mark = marked is None or partition not in marked
+    group = <dict> (<tuple> open_group)[1]
+    if mark:  # (marks the group changed: its one changelog record, at the batch's end)
+        seen[(<tuple> open_group)[0]] = group
+        if marked is not None:
+            marked.add(partition)
+    events = <dict> group["events"]
+    events[key] = offset
+    index[key] = group
+    return False
+
+
+def seen_before(engine, seen, record, partition, int64_t offset, second, queue, marked):
+    """``QuotaEngine._seen_before``: ``_seen`` for one record."""
+    return _seen(<dict> engine._seen_index, <dict> engine._open_groups, seen,
+                 f"{record.tenant_id}\x1f{record.event_id}", partition, offset, second, queue, marked)
+
+
+def sort_copies(engine, list records, partitions, offsets, double now_s, list events, duplicate, dict groups):
+    """``QuotaEngine.apply_batch``'s first pass: each event of a tenant with limits or rates checked
+    for a copy (``_seen``), with the clock read once (``now_s``); a copy's ``events`` entry set to
+    ``duplicate``; the others' positions in ``groups`` by (partition, tenant), in order."""
+    cdef Py_ssize_t position, n = len(records)
+    cdef LedgerRow row
+    cdef dict index = engine._seen_index, open_groups = engine._open_groups, plans = engine._plans
+    cdef dict queues = {}, seens = {}
+    cdef bint each = engine.plans.dedup_seconds == 0
+    cdef set marked = None if each else set()
+    second = int(now_s)
+    rates = engine.revenue.rates
+    for position in range(n):
+        record = records[position]
+        if type(record) is LedgerRow:
+            row = <LedgerRow> record
+            tenant, event_id = row.tenant_id, row.event_id
+        else:
+            tenant, event_id = record.tenant_id, record.event_id
+        plan = plans.get(tenant)
+        if plan is None:
+            plan = engine._plan_of(tenant)
+        if not (<tuple> plan)[0] and not rates(tenant):
+            continue
+        partition = partitions[position]
+        seen = seens.get(partition)
+        if seen is None:
+            seen = seens[partition] = engine._state(partition).quota_seen
+        queue = queues.get(partition)
+        if queue is None or each:
+            queue = queues[partition] = engine._expire_seen(seen, partition, now_s)
+        if _seen(index, open_groups, seen, f"{tenant}\x1f{event_id}", partition, offsets[position], second, queue,
+                 marked):
+            events[position] = duplicate
+            continue
+        key = (partition, tenant)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [position]
+        else:
+            (<list> group).append(position)

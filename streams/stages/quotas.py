@@ -529,28 +529,9 @@ class QuotaEngine:
         # batch's second cannot expire within the batch, so this is ``_is_duplicate`` event by event
         # at that clock. With 0 it could (the open group expires as soon as the clock has a
         # fraction): then the expiry and the marking are event by event, still at the batch's clock.
-        now_s = self.clock()
-        second, each = int(now_s), self.plans.dedup_seconds == 0
-        queues: dict[int, deque[tuple[float, str]]] = {}
-        marked: set[int] | None = None if each else set()
-        for position, record in enumerate(records):
-            tenant = record.tenant_id
-            limits, _ = self._plan_of(tenant)
-            if not limits and not self.revenue.rates(tenant):
-                continue
-            partition = partitions[position]
-            seen = self._state(partition).quota_seen
-            queue = queues.get(partition)
-            if queue is None or each:
-                queue = queues[partition] = self._expire_seen(seen, partition, now_s)
-            if self._seen_before(seen, record, partition, offsets[position], second, queue, marked):
-                collected.events[position] = _DUPLICATE
-                continue
-            group = groups.get((partition, tenant))
-            if group is None:
-                groups[(partition, tenant)] = [position]
-            else:
-                group.append(position)
+        # (In C: ``fast.sort_copies``, with ``_seen_before``'s own steps.)
+        fast.sort_copies(self, records if isinstance(records, list) else list(records), partitions, offsets,
+                         self.clock(), collected.events, _DUPLICATE, groups)
         # A tenant whose events came from more than one partition (a producer keyed them otherwise)
         # shares its windows between them: its events are counted one by one, in the batch's order,
         # as ``apply`` interleaves them.
@@ -844,28 +825,7 @@ class QuotaEngine:
         partitions whose open group this ``apply_batch`` call marked already), with the first event
         of the call that goes into it: the partition's later events go into the same open group
         until ``end_batch``."""
-        key = f"{record.tenant_id}\x1f{record.event_id}"
-        first = self._seen_index.get(key)
-        if first is not None:  # the same record again (same partition and offset) is a replay
-            return (first["p"], first["events"][key]) != (partition, offset)
-        open_group = self._open_groups.get(partition)
-        if open_group is None or open_group[1]["t"] != second:
-            group_key = f"{partition}:{second}:{offset}"
-            group = seen.get(group_key)
-            if group is None:
-                group = {"p": partition, "t": second, "events": {}}
-                queue.append((second, group_key))
-            open_group = self._open_groups[partition] = group_key, group
-            mark = True
-        else:  # (an open group: this call's, marked already, or an earlier call's)
-            mark = marked is None or partition not in marked
-        if mark:  # (marks the group changed: its one changelog record, at the batch's end)
-            seen[open_group[0]] = open_group[1]
-            if marked is not None:
-                marked.add(partition)
-        open_group[1]["events"][key] = offset
-        self._seen_index[key] = open_group[1]
-        return False
+        return fast.seen_before(self, seen, record, partition, offset, second, queue, marked)
 
     def _rebuild_seen(self, seen: MutableMapping[str, dict[str, Any]], partition: int) -> deque[tuple[float, str]]:
         """The partition's expiry queue, and its events in the index, from the (restored) table."""
