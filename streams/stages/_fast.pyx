@@ -18,6 +18,7 @@ it in integer pico-dollars.
 from cpython.datetime cimport datetime_new, import_datetime
 from cpython.object cimport PyObject_GetAttr, PyObject_SetAttr
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_GET_LENGTH
 from libc.stdint cimport int64_t
 
@@ -422,18 +423,20 @@ def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit,
     cdef LedgerRow row
     cdef dict q, segments, state, v
     cdef list derived, charges = None, pending_derived = None
+    cdef dict pending_q = None
     # The running bill of consecutive rows rated in integers, written to their derived values once
     # they end (before any other step reads them, and if a row fails): two ``Decimal``s a row fewer.
     cdef _Pending pending
-    pending.on = False
+    pending.on, pending.quantities = False, 0
     spend_cap = card.spend_cap
     last_values = _NO_VALUES
+    filtered = None
     try:
         for row in rows:
             period, state = at[0], at[1]
             time = row.event_time
             if state is None or not (period.start <= time < period.end):
-                _flush(&pending, pending_derived)
+                _flush(&pending, pending_derived, pending_q)
                 outcomes.append(meter._rate_one(card, zone, tenant, row, entry, watermark_limit, at))
                 continue
             mark = time if time <= watermark_limit else watermark_limit
@@ -441,18 +444,21 @@ def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit,
                 entry["w"] = mark
             derived = at[2]
             if pending.on and derived is not pending_derived:
-                _flush(&pending, pending_derived)
+                _flush(&pending, pending_derived, pending_q)
             q = state["q"]
-            # The card's charges for the row: the same list while the fields they filter on repeat.
-            filtered = meter._filtered.get(id(card))
+            # The card's charges for the row: the same list while the fields they filter on repeat,
+            # and ``_charges_for``'s memo read here (a call of it cost 4,000 instructions a row).
+            if filtered is None:
+                filtered = meter._filtered.get(id(card))
             values = filtered[0](row) if filtered is not None and filtered[0] is not None else None
             if charges is None or values != last_values:
-                charges = meter._charges_for(card, row)
+                found = (<dict> filtered[1]).get(values) if filtered is not None else None
+                charges = found if found is not None else meter._charges_for(card, row)
                 last_values = values
             if _rate_ints(row, charges, q, derived, spend_cap, period.label, outcomes, &pending):
-                pending_derived = derived
+                pending_derived, pending_q = derived, q
                 continue
-            _flush(&pending, pending_derived)
+            _flush(&pending, pending_derived, pending_q)
             running, billed_before, segments = derived[0], derived[1], derived[2]
             added = _RZERO
             for charge in charges:
@@ -477,7 +483,7 @@ def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit,
             derived[1] = billed
             outcomes.append(tuple.__new__(_OUTCOME, (billed - billed_before, False, period.label)))
     finally:
-        _flush(&pending, pending_derived)
+        _flush(&pending, pending_derived, pending_q)
     return outcomes
 
 
@@ -946,15 +952,49 @@ cdef struct _Pending:
     int128 running
     int e_running
     int64_t billed
+    # Each charge's quantity, by its id (the charge's own string), in the order first rated.
+    int quantities
+    PyObject *ids[16]
+    int128 values[16]
+    int exps[16]
 
 
-cdef inline int _flush(_Pending *pending, list derived) except -1:
-    """The running bill and the bill kept in C (``rate_rows``) into the derived values."""
+cdef inline int _flush(_Pending *pending, list derived, dict q) except -1:
+    """What consecutive rows rated in integers left in C (``rate_rows``): the running bill and the
+    bill into the derived values, the charges' quantities into the period's ``q``."""
+    cdef int k
     if pending.on:
         pending.on = False
         derived[0] = _decimal_of(pending.running, pending.e_running)
         derived[1] = _W_PICO * pending.billed
+        for k in range(pending.quantities):
+            q[<object> pending.ids[k]] = _decimal_of(pending.values[k], pending.exps[k])
+        pending.quantities = 0
     return 0
+
+
+cdef inline int _pending_at(_Pending *pending, object cid):
+    """Where the charge ``cid``'s quantity is kept in ``pending``, or -1."""
+    cdef int k
+    for k in range(pending.quantities):
+        if pending.ids[k] == <PyObject *> cid:
+            return k
+    return -1
+
+
+#: id(charge) → (the charge, its id, its metric's code for ``_rate_ints`` (-1: a volume price, not
+#: rated there), 100 - its discount or None): read once, not four attributes of a model a row.
+cdef dict _CHARGES = {}
+cdef dict _METRIC_CODES = {"cost_usd": 0, "requests": 1, "input_tokens": 2, "output_tokens": 3, "tokens": 4}
+
+
+cdef tuple _charge_of(charge):
+    if len(_CHARGES) >= 1000:
+        _CHARGES.clear()
+    discount = charge.discount_percent
+    found = _CHARGES[id(charge)] = (charge, charge.id, -1 if charge.price == "volume" else _METRIC_CODES[charge.metric],
+                                    (100 - discount) if discount else None)
+    return found
 
 
 cdef bint _rate_ints(LedgerRow row, list charges, dict q, list derived, object spend_cap, object label,
@@ -965,30 +1005,41 @@ cdef bint _rate_ints(LedgerRow row, list charges, dict q, list derived, object s
     cdef Py_ssize_t n = len(charges), k
     cdef int128 afters[16]
     cdef int after_exps[16]
-    cdef int128 added = 0, before, quantity, after, bound, price, step, factor, running, capped
+    cdef int128 added = 0, before, quantity, after, bound, price, step, multiplier, running, capped
     cdef int e_added = 0, e_before, e_quantity, e_after, e_bound, e_price, e_step, e_factor, e_running, e_capped
     cdef int64_t billed, billed_before
-    cdef int e_billed
+    cdef int e_billed, metric_code, at, added_ids = 0
+    cdef PyObject *ids[16]
+    cdef int ats[16]
     if n > _MAX_CHARGES or _NEGATIVE_POWERS is None:
         return False
     for k in range(n):
         charge = charges[k]
-        if charge.price == "volume":
+        known = _CHARGES.get(id(charge))
+        if known is None:
+            known = _charge_of(charge)
+        cid, metric_code, factor = (<tuple> known)[1], (<tuple> known)[2], (<tuple> known)[3]
+        if metric_code < 0:  # (a volume price)
             return False
-        cid = charge.id
-        found = q.get(cid)
-        if found is None:
-            before, e_before = 0, 0  # (the Decimal zero)
-        elif not _wide(found, &before, &e_before):
-            return False
-        metric = charge.metric
-        if metric == "cost_usd":
+        at = _pending_at(pending, cid) if pending.on else -1
+        ids[k], ats[k] = <PyObject *> cid, at
+        if at < 0:
+            added_ids += 1
+        if at >= 0:
+            before, e_before = pending.values[at], pending.exps[at]
+        else:
+            found = q.get(cid)
+            if found is None:
+                before, e_before = 0, 0  # (the Decimal zero)
+            elif not _wide(found, &before, &e_before):
+                return False
+        if metric_code == 0:
             quantity, e_quantity = row.cost_usd_pico, _cost_exp(row)
-        elif metric == "requests":
+        elif metric_code == 1:
             quantity, e_quantity = 1, 0
-        elif metric == "input_tokens":
+        elif metric_code == 2:
             quantity, e_quantity = row.tokens[0], 0
-        elif metric == "output_tokens":
+        elif metric_code == 3:
             quantity, e_quantity = row.tokens[3], 0
         else:
             quantity, e_quantity = row.tokens[0] + row.tokens[3], 0
@@ -1014,9 +1065,8 @@ cdef bint _rate_ints(LedgerRow row, list charges, dict q, list derived, object s
                 or costline_mul128(step, price, &step):
             return False
         e_step += e_price
-        discount = charge.discount_percent
-        if discount:
-            if not _wide(100 - discount, &factor, &e_factor) or costline_mul128(step, factor, &step):
+        if factor is not None:  # (``rating.net``: × (100 - discount) / 100)
+            if not _wide(factor, &multiplier, &e_factor) or costline_mul128(step, multiplier, &step):
                 return False
             e_step += e_factor - 2
         if not _add(&added, &e_added, step, e_step) or not _fits(after, e_after):
@@ -1043,9 +1093,18 @@ cdef bint _rate_ints(LedgerRow row, list charges, dict q, list derived, object s
         return False
     if not _to_pico(capped, e_capped, &billed):
         return False
-    # Everything is known: kept as the ``Decimal`` steps keep it (the bill: by ``_flush``).
+    if not pending.on:
+        pending.quantities = 0
+    if pending.quantities + added_ids > _MAX_CHARGES:
+        return False
+    # Everything is known: kept in ``pending``, written as the ``Decimal`` steps write it by ``_flush``.
     for k in range(n):
-        q[(<object> charges[k]).id] = _decimal_of(afters[k], after_exps[k])
+        at = ats[k]
+        if at < 0:
+            at = pending.quantities
+            pending.quantities += 1
+            pending.ids[at] = ids[k]
+        pending.values[at], pending.exps[at] = afters[k], after_exps[k]
     pending.on, pending.running, pending.e_running, pending.billed = True, running, e_running, billed
     outcomes.append(tuple.__new__(_OUTCOME, (_W_PICO * (billed - billed_before), False, label)))
     return True
