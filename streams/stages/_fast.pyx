@@ -15,7 +15,9 @@ and the same tests hold each step here to the Python it replaced.
 it in integer pico-dollars.
 """
 
-from cpython.datetime cimport datetime_new, import_datetime
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.datetime cimport (datetime_day, datetime_hour, datetime_microsecond, datetime_minute, datetime_month,
+                               datetime_new, datetime_second, datetime_year, import_datetime)
 from cpython.object cimport PyObject_GetAttr, PyObject_SetAttr
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject
@@ -1192,3 +1194,176 @@ def sort_copies(engine, list records, partitions, offsets, double now_s, list ev
             groups[key] = [position]
         else:
             (<list> group).append(position)
+
+
+# ---- a quota state's JSON -------------------------------------------------------------------------
+# ``Counted.state_json``'s per-state part in C: the usage and remaining amounts as ``format(d, "f")``
+# writes them, the status as ``quotas.status_of`` decides it, the time as pydantic writes a UTC
+# ``datetime``; anything else (an amount of a positive exponent or beyond 64 bits, a time in another
+# zone) by those functions themselves. ``tests/stages/test_quota_batches.py`` holds every state the
+# batch path writes to the model's own JSON, byte for byte.
+
+cdef object _STATE_PREFIX = None, _TO_JSON = None, _STATUS_OF = None
+#: (window key, id(limit)) → ``quotas._state_prefix``'s (head, middle, limit).
+cdef dict _PREFIXES = {}
+#: id(limit) → (the limit, margin floor?, its amount, its hard cap's amount or None, its first
+#: threshold's amount or None): ``status_of``'s values, computed as it computes them.
+cdef dict _STATUS_AMOUNTS = {}
+
+
+def configure_states(state_prefix, to_json, status_of):
+    """``quotas._state_prefix``, ``pydantic_core.to_json`` and ``quotas.status_of`` (at import)."""
+    global _STATE_PREFIX, _TO_JSON, _STATUS_OF
+    _STATE_PREFIX, _TO_JSON, _STATUS_OF = state_prefix, to_json, status_of
+
+
+cdef bytes _digits_text(int128 c, int e):
+    """c × 10^e (|c| < 2^63, -40 ≤ e ≤ 0) as ``format(d, "f")`` writes a ``Decimal`` of that
+    coefficient and exponent (a zero's sign aside: the callers pass none that is negative), written
+    into a buffer: no intermediate strings."""
+    cdef char digits[24]
+    cdef char out[72]
+    cdef unsigned long long magnitude = <unsigned long long> (-c if c < 0 else c)
+    cdef int n = 0, k = -e, at = 0, i
+    while True:
+        digits[n] = <char> (48 + magnitude % 10)  # (least significant first)
+        n += 1
+        magnitude //= 10
+        if magnitude == 0:
+            break
+    if c < 0:
+        out[at] = 45  # "-"
+        at += 1
+    if n > k:
+        for i in range(n - 1, k - 1, -1):
+            out[at] = digits[i]
+            at += 1
+        if k:
+            out[at] = 46  # "."
+            at += 1
+    else:
+        out[at] = 48
+        out[at + 1] = 46
+        at += 2
+        for i in range(k - n):
+            out[at] = 48
+            at += 1
+    for i in range((k if n > k else n) - 1, -1, -1):
+        out[at] = digits[i]
+        at += 1
+    return PyBytes_FromStringAndSize(out, at)
+
+
+cdef bytes _fixed(object value):
+    """``format(value, "f").encode()`` of a ``Decimal``."""
+    cdef costline_mpd *d
+    cdef int64_t coefficient
+    cdef int e
+    if _LAYOUT and type(value) is _W_DECIMAL:
+        d = costline_mpd_of(value)
+        if not (d.flags & 1 and d.len == 1 and d.data[0] == 0) and _read_parts(value, &coefficient, &e) \
+                and -40 <= e <= 0:
+            return _digits_text(coefficient, e)  # (a negative zero, "-0", is left to ``format``)
+    return format(value, "f").encode()
+
+
+cdef inline int _put(char *out, int at, int value, int width):
+    """``value`` in ``width`` digits, zero-padded, at ``out[at]``; where the next goes."""
+    cdef int i
+    for i in range(width - 1, -1, -1):
+        out[at + i] = <char> (48 + value % 10)
+        value //= 10
+    return at + width
+
+
+cdef bytes _utc_text(object at):
+    """pydantic's JSON of a ``datetime`` in UTC (``"2026-06-01T12:00:00Z"``, microseconds when not
+    0), or ``to_json``'s own for any other (another zone, a subclass)."""
+    if type(at) is not _dt.datetime or at.tzinfo is not _UTC:
+        return _TO_JSON(at)
+    cdef char out[32]
+    cdef int n, micro = datetime_microsecond(at)
+    out[0] = 34  # '"'
+    n = _put(out, 1, datetime_year(at), 4)
+    out[n] = 45
+    n = _put(out, n + 1, datetime_month(at), 2)
+    out[n] = 45
+    n = _put(out, n + 1, datetime_day(at), 2)
+    out[n] = 84  # "T"
+    n = _put(out, n + 1, datetime_hour(at), 2)
+    out[n] = 58
+    n = _put(out, n + 1, datetime_minute(at), 2)
+    out[n] = 58
+    n = _put(out, n + 1, datetime_second(at), 2)
+    if micro:
+        out[n] = 46
+        n = _put(out, n + 1, micro, 6)
+    out[n] = 90  # "Z"
+    out[n + 1] = 34
+    return PyBytes_FromStringAndSize(out, n + 2)
+
+
+cdef tuple _status_amounts(limit):
+    found = _STATUS_AMOUNTS.get(id(limit))
+    if found is None:
+        if len(_STATUS_AMOUNTS) >= 1000:
+            _STATUS_AMOUNTS.clear()
+        levels = limit.levels
+        found = _STATUS_AMOUNTS[id(limit)] = (
+            limit, limit.metric == "margin_percent", limit.limit,
+            limit.limit * limit.hard_cap / 100 if limit.hard_cap is not None else None,
+            levels[0][2] if levels else None)
+    return <tuple> found
+
+
+cdef bytes _status(limit, usage, bint judged):
+    """``status_of(limit, usage, judged)``, from its amounts computed once (in the context in force:
+    the worker's default, as ``status_of``'s own)."""
+    amounts = _status_amounts(limit)
+    amount = amounts[2]
+    if amounts[1]:
+        return b"soft_cap" if judged and usage < amount else b"ok"
+    hard = amounts[3]
+    if hard is not None and usage >= hard:
+        return b"hard_cap"
+    if usage >= amount:
+        return b"soft_cap"
+    first = amounts[4]
+    if first is not None and usage >= first:
+        return b"warning"
+    return b"ok"
+
+
+def state_json(counted, settled):
+    """``Counted.state_json``: the state's JSON, its window's fixed part written once per window."""
+    cdef int64_t u, l
+    cdef int eu, el
+    cdef int128 uc, lc, remaining
+    ref, usage, as_of, judged = <tuple> counted
+    limit = (<tuple> ref)[2]
+    key = ((<tuple> ref)[0], id(limit))
+    prefix = _PREFIXES.get(key)
+    if prefix is None:
+        if len(_PREFIXES) >= 20000:
+            _PREFIXES.clear()
+        prefix = _PREFIXES[key] = _STATE_PREFIX(ref)
+    amounts = _status_amounts(limit)
+    margin = amounts[1]
+    amount = amounts[2]
+    # remaining: the limit less the usage (a margin: the usage less the floor), at least zero.
+    remaining_text = None
+    if _parts(usage, &u, &eu) and _parts(amount, &l, &el) and -40 <= eu <= 0 and -40 <= el <= 0:
+        uc, lc = u, l
+        e = eu if eu < el else el
+        if _at_exponent(&uc, &eu, e) and _at_exponent(&lc, &el, e):
+            remaining = (uc - lc) if margin else (lc - uc)  # (exact: the difference ``Decimal`` gives)
+            if remaining < 0:
+                remaining_text = b"0"  # (``max(remaining, ZERO)``: the zero's text)
+            elif remaining < _I64_MAX:  # (and e ≥ -40: ``_digits_text``'s bounds)
+                remaining_text = _digits_text(remaining, e)
+    if remaining_text is None:
+        remaining_value = usage - amount if margin else amount - usage
+        remaining_text = format(max(remaining_value, _W_ZERO), "f").encode()
+    return b"".join((prefix[0], _fixed(usage), prefix[1], remaining_text, b'","status":"',
+                     _status(limit, usage, judged), b'","as_of":', _utc_text(as_of), b',"settled":',
+                     _TO_JSON(settled) if settled else b"[]", b"}"))

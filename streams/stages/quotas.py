@@ -172,33 +172,22 @@ class Counted(NamedTuple):
         return self.ref.state(self.usage, self.as_of, self.judged, settled)
 
     def state_json(self, settled: list[str] | None = None) -> bytes:
-        """``state(settled).model_dump_json()``, byte for byte, written directly: the window's own
-        fields are serialized once per window (by pydantic, so their form cannot drift), and only
-        what changes is written per state. Building and serializing the model cost 8 µs a state,
-        a window a few events (``tests/stages/test_quota_batches.py`` compares the two)."""
-        ref, usage, limit = self.ref, self.usage, self.ref.limit
-        # Keyed by the window's key (tenant, limit id, scope value, start) and its limit, the object:
-        # the limit (of one plans file) fixes the rest (metric, scope, the window's kind and so its
-        # end in the tenant's zone, the amount), and two engines of one process with other plans
-        # have other limits. By its id, as hashing a time and a decimal for each state cost more than
-        # writing the rest: the entry holds the limit, so no other object can take that id meanwhile.
-        prefix = _STATE_PREFIXES.get((ref.key, id(limit)))
-        if prefix is None:
-            if len(_STATE_PREFIXES) >= _MEMO_SIZE:
-                _STATE_PREFIXES.clear()
-            prefix = _STATE_PREFIXES[(ref.key, id(limit))] = _state_prefix(ref)
-        remaining = usage - limit.limit if limit.metric == "margin_percent" else limit.limit - usage
-        return b"".join((prefix[0], format(usage, "f").encode(), prefix[1], format(max(remaining, _ZERO), "f").encode(),
-                         b'","status":"', status_of(limit, usage, self.judged).encode(), b'","as_of":',
-                         to_json(self.as_of), b',"settled":', to_json(settled) if settled else b"[]", b"}"))
-
-
-#: Each window's ``quota.state`` JSON up to its usage, what stays the same between its usage and its
-#: remaining amount (the limit), and the limit (``Counted.state_json``).
-_STATE_PREFIXES: dict[tuple[str, int], tuple[bytes, bytes, Limit]] = {}
+        """``state(settled).model_dump_json()``, byte for byte, written directly (``fast.state_json``):
+        the window's own fields are serialized once per window (by pydantic, in ``_state_prefix``,
+        so their form cannot drift), and only what changes is written per state. Building and
+        serializing the model cost 8 µs a state, a window a few events
+        (``tests/stages/test_quota_batches.py`` compares the two)."""
+        return fast.state_json(self, settled)
 
 
 def _state_prefix(ref: WindowRef) -> tuple[bytes, bytes, Limit]:
+    """A window's ``quota.state`` JSON up to its usage, what stays the same between its usage and its
+    remaining amount (the limit), and the limit: ``fast.state_json`` memoizes it by the window's key
+    (tenant, limit id, scope value, start) and its limit, the object. The limit (of one plans file)
+    fixes the rest (metric, scope, the window's kind and so its end in the tenant's zone, the
+    amount), and two engines of one process with other plans have other limits; by its id, as
+    hashing a time and a decimal for each state cost more than writing the rest: the memo holds the
+    limit, so no other object can take that id meanwhile."""
     limit = ref.limit
     window = QuotaWindow(tenant_id=ref.tenant, limit_id=limit.id, metric=limit.metric, scope=limit.scope,
                          scope_value=ref.scope_value, window_start=ref.start, window_end=ref.end)
@@ -332,7 +321,6 @@ def margin_percent(revenue: Decimal, cost: Decimal) -> Decimal:
 
 
 _PERCENT_PLACES = Decimal("0.0001")
-fast.configure_windows(_ZERO, margin_percent, ROUND_CEILING)
 
 
 def window_key(tenant: str, limit_id: str, scope: str, start_text: str) -> str:
@@ -844,6 +832,10 @@ class QuotaEngine:
                 again.append(_alert(ref, percent, level, Decimal(crossing["usage"]),
                                     datetime.fromisoformat(crossing["at"]), crossing["event_id"]))
         return again
+
+
+fast.configure_windows(_ZERO, margin_percent, ROUND_CEILING)
+fast.configure_states(_state_prefix, to_json, status_of)
 
 
 def _state_key_of(window: str) -> str:

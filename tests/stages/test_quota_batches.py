@@ -8,6 +8,7 @@ import json
 import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +20,7 @@ from streams.runtime.state import ChangelogTables, _encode
 from streams.stages.attribution import _ROWS
 from streams.stages.plans import Plans
 from streams.stages.pricing import Quote, Rates
-from streams.stages.quotas import Counted, QuotaEngine, QuotaTables, restore_entry
+from streams.stages.quotas import Bounds, Counted, QuotaEngine, QuotaTables, restore_entry
 from streams.storage.compiled import fast
 from streams.storage.tables import LedgerRow
 
@@ -358,3 +359,27 @@ def test_a_decimal_is_read_from_the_object_as_its_tuple_says(value):
         assert found is None
     else:
         assert found == ((-number if sign else number), exponent)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([("acme", "small"), ("wide", "wide"), ("free", "unrated")]), st.integers(0, 3),
+       st.decimals(allow_nan=False, allow_infinity=False, min_value=-10**9, max_value=10**9)
+       | st.sampled_from([Decimal("-0"), Decimal("0E-12"), Decimal("-0E-3"), Decimal("1E+3"), Decimal("0.20"),
+                          Decimal("0.30"), Decimal("0.1"), Decimal("60"), Decimal("59.9999"), Decimal("4"),
+                          Decimal("12345678901234567890.123456789"), Decimal("1E-41"), Decimal("-1E-40"),
+                          Decimal("123456789E-45")]),
+       st.booleans(), st.datetimes(timezones=st.sampled_from([UTC, ZoneInfo("UTC"), ZoneInfo("Asia/Tokyo")])),
+       st.sampled_from([None, [], ["0-r1"], ["0-r1", 'q"uote']]))
+def test_a_state_written_directly_is_the_models_json(plans, tenant_plan, which, usage, judged, as_of, settled):
+    """``Counted.state_json`` (``fast.state_json``) against pydantic's JSON of the state, byte for byte:
+    usages of every exponent and sign (a negative zero, a positive exponent, more than 64 bits), at,
+    below and above each kind of limit's thresholds, margin floors judged or not, times in UTC and in
+    other zones, settled reservations or none."""
+    tenant, _ = tenant_plan
+    limits, _ = plans.for_tenant(tenant)
+    limit = limits[which % len(limits)]
+    start = datetime(2026, 6, 1, tzinfo=UTC)
+    ref = QuotaEngine(plans, QuotaTables({}, {}, {}, {}))._ref(tenant, limit, "*", Bounds.of(limit.window, start, UTC,
+                                                                                             timedelta(0)))
+    counted = Counted(ref, usage, as_of, judged)
+    assert counted.state_json(settled) == counted.state(settled).model_dump_json().encode()
