@@ -498,8 +498,9 @@ def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit,
 # 28 digits is exact and keeps the lesser exponent). That exponent shows: sums print into quota
 # states and the changelog. A term's exponent is 0 or -12 here (a cost ``cost_of`` skipped, a count,
 # an unrated call's revenue: 0; any other money: -12); a window whose usage has another exponent,
-# or is so large that the ``Decimal`` sum could round (|usage| ≥ 10^15), or whose sums would pass 64
-# bits, is left to the ``Decimal`` code (``None``), before anything is changed.
+# or is beyond 64 bits at its scale (about $9.2 million, or 9.2 × 10^18 tokens or calls: every sum
+# within 64 bits is exact in ``Decimal``'s 28 digits), or whose sums would pass 64 bits, is left to
+# the ``Decimal`` code (``None``), before anything is changed.
 
 cdef extern from *:
     ctypedef long long int128 "__int128"
@@ -508,7 +509,7 @@ cdef extern from *:
 # ``decimal`` module lays it out (Modules/_decimal/_decimal.c: ``PyDecObject``, libmpdec's
 # ``mpd_t``: flags, exponent, digits, words, allocated words, the words in base 10^19): a few
 # instructions, where ``as_tuple`` or ``int(d.scaleb(12))`` cost hundreds and made the integer sums
-# slower than the ``Decimal`` ones. Read only after ``_check_layout`` has proved, at import, that
+# slower than the ``Decimal`` ones. Read only after ``_check_layout`` has found, at import, that
 # this interpreter's objects are laid out so; otherwise ``_parts`` falls back to ``as_tuple``.
 cdef extern from *:
     """
@@ -530,6 +531,9 @@ cdef bint _LAYOUT = False
 #: for a margin floor: the floor × 10^4 if that is a whole number, else None, and ``min_revenue`` in
 #: whole pico-dollars, rounded up): the amounts compared with integer sums.
 cdef dict _AMOUNTS = {}
+import decimal as _decimal
+#: A context in which scaling and rounding a plan's amounts is exact, whatever their digits.
+cdef object _UNBOUNDED = _decimal.Context(prec=_decimal.MAX_PREC, Emax=_decimal.MAX_EMAX, Emin=_decimal.MIN_EMIN)
 cdef int64_t _POW12 = 1000000000000
 cdef int64_t _I64_MAX = 0x7FFFFFFFFFFFFFFF
 
@@ -561,20 +565,18 @@ cdef bint _check_layout() except -1:
     if _W_DECIMAL.__module__ != "decimal" or _W_DECIMAL.__name__ != "Decimal" \
             or not hasattr(__import__("decimal"), "__libmpdec_version__"):
         return False
-    cdef int64_t coefficient
-    cdef int exp
+    cdef int64_t coefficient, tuple_coefficient
+    cdef int exp, tuple_exp
     cdef bint ok
     for text in ("0", "0E-12", "-0", "-123.4500", "1E-12", "7.25", "9223372036854775806", "9223372036854775807",
                  "9999999999999999999", "10000000000000000000", "123456789012345678901234567890", "-5E+3",
                  "NaN", "-sNaN", "Infinity", "-Infinity", "0.000001569000"):
         value = _W_DECIMAL(text)
         ok = _read_parts(value, &coefficient, &exp)
-        if ok != _tuple_parts(value, &coefficient, &exp):
+        if ok != _tuple_parts(value, &tuple_coefficient, &tuple_exp):
             return False
-        if ok:
-            sign, digits, exponent = value.as_tuple()
-            if coefficient != (-1 if sign else 1) * int("".join(map(str, digits))) or exp != exponent:
-                return False
+        if ok and (coefficient != tuple_coefficient or exp != tuple_exp):
+            return False
     return True
 
 
@@ -657,16 +659,22 @@ cdef tuple _amounts(limit, int scale):
     if found is None:
         if len(_AMOUNTS) >= 1000:
             _AMOUNTS.clear()
-        ceilings = tuple(_saturated(int(level[2].scaleb(scale).to_integral_value(rounding=_W_CEILING)))
-                         for level in limit.levels)
-        floor = minimum = None
-        if limit.metric == "margin_percent":
-            scaled = limit.levels[0][2].scaleb(4)
-            if scaled == scaled.to_integral_value() and -10**12 < scaled < 10**12:
-                floor = int(scaled)
-            minimum = _saturated(int(limit.min_revenue.scaleb(12).to_integral_value(rounding=_W_CEILING)))
-        found = _AMOUNTS[id(limit)] = (limit, ceilings, floor, minimum)
+        with _decimal.localcontext(_UNBOUNDED):  # (exact: the reference compares the amounts exactly)
+            found = _amounts_of(limit, scale)
     return <tuple> found
+
+
+cdef tuple _amounts_of(limit, int scale):
+    ceilings = tuple(_saturated(int(level[2].scaleb(scale).to_integral_value(rounding=_W_CEILING)))
+                     for level in limit.levels)
+    floor = minimum = None
+    if limit.metric == "margin_percent":
+        scaled = limit.levels[0][2].scaleb(4)
+        if scaled == scaled.to_integral_value() and -10**12 < scaled < 10**12:
+            floor = int(scaled)
+        minimum = _saturated(int(limit.min_revenue.scaleb(12).to_integral_value(rounding=_W_CEILING)))
+    found = _AMOUNTS[id(limit)] = (limit, ceilings, floor, minimum)
+    return found
 
 
 def sum_window(engine, ref, dict window, list js, list group, list rated, list positions, offsets, int li,
@@ -791,7 +799,7 @@ def margin_window(engine, ref, dict window, list js, list group, list rated, lis
             terms[i], exps[i] = term, exp
             r = _plus(r, term, &over)
             c = _plus(c, (<LedgerRow> x).cost_usd_pico, &over)
-        if over:
+        if over or r >= _I64_MAX or c >= _I64_MAX:
             return None
         return _margin_rows(engine, ref, window, js, group, positions, offsets, li, collected, terms, exps, r0, er0,
                             c0, ec0)
@@ -894,7 +902,7 @@ cdef inline bint _add(int128 *a, int *ea, int128 b, int eb):
     return not costline_add128(a[0], b, a)
 
 
-cdef inline int _compare(int128 a, int ea, int128 b, int eb) except -2:
+cdef inline int _compare(int128 a, int ea, int128 b, int eb) noexcept:
     """-1, 0 or 1 as a is below, at or above b; -2 (with no error set) if they cannot be aligned."""
     cdef int e = ea if ea < eb else eb
     if not (_at_exponent(&a, &ea, e) and _at_exponent(&b, &eb, e)):
@@ -1203,7 +1211,7 @@ def sort_copies(engine, list records, partitions, offsets, double now_s, list ev
 # zone) by those functions themselves. ``tests/stages/test_quota_batches.py`` holds every state the
 # batch path writes to the model's own JSON, byte for byte.
 
-cdef object _STATE_PREFIX = None, _TO_JSON = None, _STATUS_OF = None
+cdef object _STATE_PREFIX = None, _TO_JSON = None
 #: (window key, id(limit)) → ``quotas._state_prefix``'s (head, middle, limit).
 cdef dict _PREFIXES = {}
 #: id(limit) → (the limit, margin floor?, its amount, its hard cap's amount or None, its first
@@ -1211,10 +1219,11 @@ cdef dict _PREFIXES = {}
 cdef dict _STATUS_AMOUNTS = {}
 
 
-def configure_states(state_prefix, to_json, status_of):
-    """``quotas._state_prefix``, ``pydantic_core.to_json`` and ``quotas.status_of`` (at import)."""
-    global _STATE_PREFIX, _TO_JSON, _STATUS_OF
-    _STATE_PREFIX, _TO_JSON, _STATUS_OF = state_prefix, to_json, status_of
+def configure_states(state_prefix, to_json):
+    """``quotas._state_prefix`` and ``pydantic_core.to_json`` (at import). (``_status`` is
+    ``quotas.status_of`` on amounts computed once: change the two together.)"""
+    global _STATE_PREFIX, _TO_JSON
+    _STATE_PREFIX, _TO_JSON = state_prefix, to_json
 
 
 cdef bytes _digits_text(int128 c, int e):

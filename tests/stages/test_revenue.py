@@ -293,3 +293,29 @@ def test_rows_rated_in_c_are_records_rated_in_python(events, cuts, cap, card):
     assert results[0] == results[1]
     if card is ROWS_CARD:  # (``INTEGER_CARD`` bills nothing for a month's first million tokens)
         assert any(outcome.revenue for outcome in results[0][0]) or not any(tokens for _, _, tokens, *_ in events)
+
+
+def test_a_bill_beyond_128_bits_is_rated_in_decimal_not_refused_with_an_error():
+    """A cost-plus price of 12 decimals with a discount puts the running bill at 34 places; a spend
+    cap of 25000.5 then cannot be compared with it in 128 bits: the rows go to the ``Decimal`` steps
+    (this once crashed the worker) and are rated as their records are."""
+    from schemas.usage import UsageEvent
+    from streams.stages.attribution import _ROWS
+    from streams.stages.pricing import Quote, Rates
+
+    card = {"spend_cap": "25000.5", "charges": [
+        {"id": "cost-plus", "metric": "cost_usd", "price": "unit", "per": 1_000_000, "unit_amount": "0.000000012345",
+         "discount_percent": "12.25"}]}
+    meter_plans = plans(plans={**PLANS["plans"], "usage": {"rate_card": card}})
+    quote = Quote.of(Rates.per_million({"input": D("2.5"), "output": D("10")}), True, matched_model="m",
+                     price_source="test", pricing_version="v1")
+    rows = [_ROWS.build(UsageEvent(event_id=f"e{i}", timestamp=datetime(2026, 11, 29, tzinfo=UTC),
+                                   tenant_id="acme", provider="openai", model="gpt-4o",
+                                   usage=TokenUsage(input_tokens=1000 + i, output_tokens=7)), quote, "p", NOV)
+            for i in range(3)]
+    now = datetime(2026, 11, 30, tzinfo=UTC)
+    results = []
+    for made in (rows, [row.as_model() for row in rows]):
+        meter, table = RevenueMeter(meter_plans), {}
+        results.append((meter.rate_all(made, table, now), {key: _encode(entry) for key, entry in table.items()}))
+    assert results[0] == results[1]
