@@ -1206,24 +1206,20 @@ def sort_copies(engine, list records, partitions, offsets, double now_s, list ev
 
 # ---- a quota state's JSON -------------------------------------------------------------------------
 # ``Counted.state_json``'s per-state part in C: the usage and remaining amounts as ``format(d, "f")``
-# writes them, the status as ``quotas.status_of`` decides it, the time as pydantic writes a UTC
+# writes them, the status by ``quotas.status_of``, the time as pydantic writes a UTC
 # ``datetime``; anything else (an amount of a positive exponent or beyond 64 bits, a time in another
 # zone) by those functions themselves. ``tests/stages/test_quota_batches.py`` holds every state the
 # batch path writes to the model's own JSON, byte for byte.
 
-cdef object _STATE_PREFIX = None, _TO_JSON = None
+cdef object _STATE_PREFIX = None, _TO_JSON = None, _STATUS_OF = None
 #: (window key, id(limit)) → ``quotas._state_prefix``'s (head, middle, limit).
 cdef dict _PREFIXES = {}
-#: id(limit) → (the limit, margin floor?, its amount, its hard cap's amount or None, its first
-#: threshold's amount or None): ``status_of``'s values, computed as it computes them.
-cdef dict _STATUS_AMOUNTS = {}
 
 
-def configure_states(state_prefix, to_json):
-    """``quotas._state_prefix`` and ``pydantic_core.to_json`` (at import). (``_status`` is
-    ``quotas.status_of`` on amounts computed once: change the two together.)"""
-    global _STATE_PREFIX, _TO_JSON
-    _STATE_PREFIX, _TO_JSON = state_prefix, to_json
+def configure_states(state_prefix, to_json, status_of):
+    """``quotas._state_prefix``, ``pydantic_core.to_json`` and ``quotas.status_of`` (at import)."""
+    global _STATE_PREFIX, _TO_JSON, _STATUS_OF
+    _STATE_PREFIX, _TO_JSON, _STATUS_OF = state_prefix, to_json, status_of
 
 
 cdef bytes _digits_text(int128 c, int e):
@@ -1312,37 +1308,6 @@ cdef bytes _utc_text(object at):
     return PyBytes_FromStringAndSize(out, n + 2)
 
 
-cdef tuple _status_amounts(limit):
-    found = _STATUS_AMOUNTS.get(id(limit))
-    if found is None:
-        if len(_STATUS_AMOUNTS) >= 1000:
-            _STATUS_AMOUNTS.clear()
-        levels = limit.levels
-        found = _STATUS_AMOUNTS[id(limit)] = (
-            limit, limit.metric == "margin_percent", limit.limit,
-            limit.limit * limit.hard_cap / 100 if limit.hard_cap is not None else None,
-            levels[0][2] if levels else None)
-    return <tuple> found
-
-
-cdef bytes _status(limit, usage, bint judged):
-    """``status_of(limit, usage, judged)``, from its amounts computed once (in the context in force:
-    the worker's default, as ``status_of``'s own)."""
-    amounts = _status_amounts(limit)
-    amount = amounts[2]
-    if amounts[1]:
-        return b"soft_cap" if judged and usage < amount else b"ok"
-    hard = amounts[3]
-    if hard is not None and usage >= hard:
-        return b"hard_cap"
-    if usage >= amount:
-        return b"soft_cap"
-    first = amounts[4]
-    if first is not None and usage >= first:
-        return b"warning"
-    return b"ok"
-
-
 def state_json(counted, settled):
     """``Counted.state_json``: the state's JSON, its window's fixed part written once per window."""
     cdef int64_t u, l
@@ -1356,9 +1321,8 @@ def state_json(counted, settled):
         if len(_PREFIXES) >= 20000:
             _PREFIXES.clear()
         prefix = _PREFIXES[key] = _STATE_PREFIX(ref)
-    amounts = _status_amounts(limit)
-    margin = amounts[1]
-    amount = amounts[2]
+    margin = limit.metric == "margin_percent"
+    amount = limit.limit
     # remaining: the limit less the usage (a margin: the usage less the floor), at least zero.
     remaining_text = None
     if _parts(usage, &u, &eu) and _parts(amount, &l, &el) and -40 <= eu <= 0 and -40 <= el <= 0:
@@ -1374,5 +1338,5 @@ def state_json(counted, settled):
         remaining_value = usage - amount if margin else amount - usage
         remaining_text = format(max(remaining_value, _W_ZERO), "f").encode()
     return b"".join((prefix[0], _fixed(usage), prefix[1], remaining_text, b'","status":"',
-                     _status(limit, usage, judged), b'","as_of":', _utc_text(as_of), b',"settled":',
+                     (<str> _STATUS_OF(limit, usage, judged)).encode(), b'","as_of":', _utc_text(as_of), b',"settled":',
                      _TO_JSON(settled) if settled else b"[]", b"}"))

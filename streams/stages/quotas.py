@@ -835,7 +835,7 @@ class QuotaEngine:
 
 
 fast.configure_windows(_ZERO, margin_percent, ROUND_CEILING)
-fast.configure_states(_state_prefix, to_json)
+fast.configure_states(_state_prefix, to_json, status_of)
 
 
 def _state_key_of(window: str) -> str:
