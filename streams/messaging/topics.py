@@ -165,10 +165,18 @@ _STARTING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS
              # served it (seen: a worker rewinding after an aborted transaction exited on it).
              KafkaError._UNKNOWN_PARTITION}
 
+#: Consumer setting for every reader of a backlog. When a partition's local queue is full
+#: (``queued.max.messages.kbytes``), librdkafka postpones that partition's next fetch by
+#: ``fetch.queue.backoff.ms``, 1,000 ms by default (librdkafka >= 2.4). The worker drains its queue
+#: in about half a second, so with the default it then waited in ``poll`` for the rest: 35% of the
+#: loop thread's time on a backlog, 9% at 10 ms (docs/performance.md). Back at the default the
+#: loop starves on every full queue.
+REFETCH_PROMPTLY = {"fetch.queue.backoff.ms": 10}
+
 #: Consumer settings for topics the worker writes in transactions: read only what was committed,
 #: and learn the end of a partition from the consumer (its last offsets can be transaction markers,
 #: which are never delivered).
-READ_TRANSACTIONAL = {"isolation.level": "read_committed", "enable.partition.eof": True}
+READ_TRANSACTIONAL = {"isolation.level": "read_committed", "enable.partition.eof": True, **REFETCH_PROMPTLY}
 
 
 def retrying(call: Callable[[], T], timeout_s: float = 60.0) -> T:

@@ -13,7 +13,14 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from streams.messaging.topics import MAX_LEDGER_RECORD_BYTES, READ_TRANSACTIONAL, SilentLogger, is_transient, retrying
+from streams.messaging.topics import (
+    MAX_LEDGER_RECORD_BYTES,
+    READ_TRANSACTIONAL,
+    REFETCH_PROMPTLY,
+    SilentLogger,
+    is_transient,
+    retrying,
+)
 from streams.runtime.ports import OnAssign, OnRevoke, TransactionFailed, TransportError
 from streams.runtime.processor import TopicPartitionKey
 from streams.runtime.state import ChangelogRecord
@@ -55,6 +62,7 @@ class KafkaSource:
             # host's drift. docs/performance.md has the runs. A prefetch queue of about two batches.
             "fetch.max.bytes": 4 * 1024 * 1024, "max.partition.fetch.bytes": 1024 * 1024,
             "queued.max.messages.kbytes": 8 * 1024,
+            **REFETCH_PROMPTLY,
             # Eager rebalancing: every partition is revoked, then the new set assigned and restored whole
             # (ChangelogTables.clear relies on it).
             "partition.assignment.strategy": "range", "log_level": 3, "logger": logging.getLogger("librdkafka"),
