@@ -15,12 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.attributed import AttributedUsage
+from schemas.quota import QuotaWindow
 from schemas.usage import TokenUsage, UsageEvent
 from streams.runtime.state import ChangelogTables, _encode
 from streams.stages.attribution import _ROWS
 from streams.stages.plans import Plans
 from streams.stages.pricing import Quote, Rates
-from streams.stages.quotas import Bounds, Counted, QuotaEngine, QuotaTables, restore_entry
+from streams.stages.quotas import Bounds, Counted, QuotaEngine, QuotaTables, WindowRef, _state_prefix, restore_entry
 from streams.storage.compiled import fast
 from streams.storage.tables import LedgerRow
 
@@ -383,3 +384,25 @@ def test_a_state_written_directly_is_the_models_json(plans, tenant_plan, which, 
                                                                                              timedelta(0)))
     counted = Counted(ref, usage, as_of, judged)
     assert counted.state_json(settled) == counted.state(settled).model_dump_json().encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 3), st.text(min_size=1, max_size=12), st.text(max_size=12),
+       st.datetimes(min_value=datetime(1970, 1, 2), timezones=st.sampled_from(
+           [UTC, ZoneInfo("Europe/Paris"), ZoneInfo("America/St_Johns"), ZoneInfo("Asia/Kolkata")])),
+       st.timedeltas(min_value=timedelta(seconds=1), max_value=timedelta(days=40)))
+def test_state_prefix_is_the_models_json(plans, which, tenant, scope_value, start, length):
+    """A window's fixed part of its states, written into its limit's template (``_state_prefix``),
+    is what pydantic writes for the window: any text (quotes, control characters, non-ASCII, the
+    template's own stand-ins' characters), any time in any zone, with microseconds or without."""
+    limits, _ = plans.for_tenant("acme")
+    limit = limits[which % len(limits)]
+    key = repr((tenant, scope_value, start, length))  # (``fast.state_json`` memoizes a window's part by its key)
+    ref = WindowRef(key, tenant, limit, scope_value, start, start + length, "state-key")
+    window = QuotaWindow(tenant_id=tenant, limit_id=limit.id, metric=limit.metric, scope=limit.scope,
+                         scope_value=scope_value, window_start=start, window_end=start + length)
+    head, middle, held = _state_prefix(ref)
+    assert head == window.model_dump_json().encode()[:-1] + b',"usage":"'
+    assert middle == b'","limit":"' + format(limit.limit, "f").encode() + b'","remaining":"' and held is limit
+    assert Counted(ref, Decimal("1.5"), start, True).state_json(None) == \
+        Counted(ref, Decimal("1.5"), start, True).state(None).model_dump_json().encode()
