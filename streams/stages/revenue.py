@@ -96,7 +96,7 @@ _CLOSED = RevenueOutcome(None, True)
 filled = tuple.__new__
 
 
-fast.configure_rating(RevenueOutcome, MONEY_QUANTUM, _ZERO, _ONE, increment, segment_of)
+fast.configure_rating(RevenueOutcome, _CLOSED, MONEY_QUANTUM, _ZERO, _ONE, increment, segment_of)
 
 
 def restore_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +226,18 @@ class RevenueMeter:
                   entry: dict[str, Any], watermark_limit: datetime, at: list[Any]) -> RevenueOutcome:
         """One event into its period. ``at``: [period, its state, its derived values] as the event
         before left them, updated for the next (``fast.rate_rows`` takes its fast steps from there,
-        and calls this for any event that needs more: change both together)."""
+        and calls ``_open`` and ``_charge`` for any event that needs more: change them together)."""
+        opened = self._open(card, zone, tenant, record, entry, watermark_limit, at)
+        if opened is None:
+            return _CLOSED
+        return self._charge(card, record, *opened)
+
+    def _open(self, card: RateCard, zone: ZoneInfo, tenant: str, record: AttributedUsage, entry: dict[str, Any],
+              watermark_limit: datetime, at: list[Any]) -> tuple[Period, dict[str, Any], list[Any]] | None:
+        """The first steps of ``_rate_one``: the tenant's watermark moved to the event, its period
+        found and opened (periods past their grace closed), its derived values made; the period, its
+        state and its derived values, or None when the period has closed. ``at`` as ``_rate_one``
+        leaves it: its state and derived values only when that period is the only one open."""
         grace, derived_of = self.grace, self._derived
         periods: dict[str, dict[str, Any]] = entry["periods"]
         time = record.event_time
@@ -245,7 +256,7 @@ class RevenueMeter:
                     del periods[start_text]
                     derived_of.pop((tenant, start_text), None)
             if period.end + grace <= watermark:
-                return _CLOSED
+                return None
             if state is None:
                 state = periods[period.start_text] = {"end": period.end, "q": {}, "v": {}}
         derived = derived_of.get((tenant, period.start_text))
@@ -259,6 +270,11 @@ class RevenueMeter:
                 running, capped(card, running).quantize(MONEY_QUANTUM), {}]
         if len(periods) == 1:  # (the next event in this period needs no look at the others)
             at[1], at[2] = state, derived
+        return period, state, derived
+
+    def _charge(self, card: RateCard, record: AttributedUsage, period: Period, state: dict[str, Any],
+                derived: list[Any]) -> RevenueOutcome:
+        """The rest of ``_rate_one``: the call's charges added to its open period."""
         running, billed_before, segments = derived
         added = _ZERO
         q = state["q"]

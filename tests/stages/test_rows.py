@@ -202,21 +202,22 @@ def test_a_row_beyond_the_ledger_or_with_a_count_that_is_not_one_is_refused():
 
 
 def test_most_rows_of_a_period_are_rated_in_c():
-    """``fast.rate_rows`` takes the events after the first of a period itself: ``_rate_one`` (the
-    Python steps) sees the first, and an event of another period."""
+    """``fast.rate_rows`` rates every event of a period itself: ``_open`` (Python) opens the period
+    at its first, and ``_charge`` (the Python steps of a charge) is left no event."""
     from streams.stages.plans import Plans
     from streams.stages.revenue import RevenueMeter
 
     card = {"charges": [{"id": "tokens", "metric": "tokens", "per": 1_000_000, "price": "graduated",
                          "tiers": [{"up_to": 1, "unit_amount": "6"}, {"unit_amount": "3"}]}]}
     meter = RevenueMeter(Plans.model_validate({"default_plan": "p", "plans": {"p": {"rate_card": card}}}))
-    calls = []
-    python_steps = meter._rate_one
-    meter._rate_one = lambda *args: calls.append(args[3].event_id) or python_steps(*args)
+    calls, charged = [], []
+    opens, charges = meter._open, meter._charge
+    meter._open = lambda *args: calls.append(args[3].event_id) or opens(*args)
+    meter._charge = lambda *args: charged.append(args[1].event_id) or charges(*args)
     usage = TokenUsage(input_tokens=300_000)
     rows = [_ROWS.build(event(usage).model_copy(update={"event_id": f"e{i}", "timestamp": AT.replace(day=day)}),
                         quote(Rates.per_million({"input": Decimal(1)})), "p", AT)
             for i, day in enumerate([1] * 20 + [2] * 9 + [1])]  # (times out of order, all in June)
     revenue = meter.rate_all(rows, {}, AT.replace(day=3))
-    assert calls == ["e0"]  # one period, one month: every later event in C (a tier bound crossed in C too)
+    assert calls == ["e0"] and charged == []  # one period, one month: every event charged in C (a tier bound too)
     assert sum(r.revenue for r in revenue) == Decimal(6) + Decimal("8.0") * 3
