@@ -166,7 +166,7 @@ _STARTING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS
              KafkaError._UNKNOWN_PARTITION}
 
 #: Consumer setting for every reader of a backlog. When a partition's local queue is full
-#: (``queued.max.messages.kbytes``), librdkafka postpones that partition's next fetch by
+#: (``queued.max.messages.kbytes`` or ``queued.min.messages``), librdkafka postpones that partition's next fetch by
 #: ``fetch.queue.backoff.ms``, 1,000 ms by default (librdkafka >= 2.4). The worker drains its queue
 #: in about half a second, so with the default it then waited in ``poll`` for the rest: 35% of the
 #: loop thread's time on a backlog, 9% at 10 ms (docs/performance.md). Back at the default the
@@ -175,7 +175,8 @@ REFETCH_PROMPTLY = {"fetch.queue.backoff.ms": 10}
 
 #: Consumer settings for topics the worker writes in transactions: read only what was committed,
 #: and learn the end of a partition from the consumer (its last offsets can be transaction markers,
-#: which are never delivered).
+#: which are never delivered). Their readers read backlogs (restores, replay, the enforcer's start):
+#: ``REFETCH_PROMPTLY`` too.
 READ_TRANSACTIONAL = {"isolation.level": "read_committed", "enable.partition.eof": True, **REFETCH_PROMPTLY}
 
 

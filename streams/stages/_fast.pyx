@@ -421,7 +421,7 @@ def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit,
     values); an event in another period has it opened by ``_open``, which leaves ``at`` (the
     period, its state, its derived values) for the next, then goes on here, or is charged by
     ``_charge`` where other periods are open too. The same steps in the same order, to the same
-    values: change ``_rate_one``'s and these together (``tests/stages/test_revenue.py`` holds rows rated here to
+    values: change ``_open``'s, ``_charge``'s and these together (``tests/stages/test_revenue.py`` holds rows rated here to
     records rated there, and ``tests/runtime/test_paths.py`` on 200,000 events)."""
     cdef list outcomes = []
     cdef LedgerRow row
@@ -440,21 +440,23 @@ def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit,
             period, state = at[0], at[1]
             time = row.event_time
             if state is None or not (period.start <= time < period.end):
-                # A group's first row, or a period's: opened by ``_open``, then on here in C if it is
-                # the only period open (``_rate_one`` whole took a fifth of the rows with five rows
-                # a tenant and batch, for most of the rating's time).
+                # A group's first row, or a period's: opened by ``_open`` (which moves the tenant's
+                # watermark first, as below), then charged here in C when it is the only period open.
+                # (``_rate_one`` whole took the first row of every tenant group: a fifth of the rows
+                # with five rows a tenant and batch.)
                 _flush(&pending, pending_derived, pending_q)
                 opened = meter._open(card, zone, tenant, row, entry, watermark_limit, at)
                 if opened is None:
                     outcomes.append(_CLOSED)
                     continue
-                if at[1] is None:  # (another period open too: ``_charge`` looks at it)
+                if at[1] is None:  # (more than one period open, as at a month's turn: rare, by ``_charge``)
                     outcomes.append(meter._charge(card, row, *opened))
                     continue
                 period, state = at[0], at[1]
-            mark = time if time <= watermark_limit else watermark_limit
-            if mark > entry["w"]:
-                entry["w"] = mark
+            else:
+                mark = time if time <= watermark_limit else watermark_limit
+                if mark > entry["w"]:
+                    entry["w"] = mark
             derived = at[2]
             if pending.on and derived is not pending_derived:
                 _flush(&pending, pending_derived, pending_q)
@@ -463,9 +465,14 @@ def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit,
             # and ``_charges_for``'s memo read here (a call of it cost 4,000 instructions a row).
             if filtered is None:
                 filtered = meter._filtered.get(id(card))
-            values = filtered[0](row) if filtered is not None and filtered[0] is not None else None
+                if filtered is None:  # (the meter's first row of this card: ``_charges_for`` makes the memo)
+                    meter._charges_for(card, row)
+                    filtered = meter._filtered[id(card)]
+            # (A card filtering on one field reads that field's value, None included: compared with
+            # the row before's only once both were read the same way.)
+            values = filtered[0](row) if filtered[0] is not None else None
             if charges is None or values != last_values:
-                found = (<dict> filtered[1]).get(values) if filtered is not None else None
+                found = (<dict> filtered[1]).get(values)
                 charges = found if found is not None else meter._charges_for(card, row)
                 last_values = values
             if _rate_ints(row, charges, q, derived, spend_cap, period.label, outcomes, &pending):

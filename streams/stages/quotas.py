@@ -173,8 +173,9 @@ class Counted(NamedTuple):
 
     def state_json(self, settled: list[str] | None = None) -> bytes:
         """``state(settled).model_dump_json()``, byte for byte, written directly (``fast.state_json``):
-        the window's own fields are serialized once per window (by pydantic, in ``_state_prefix``,
-        so their form cannot drift), and only what changes is written per state. Building and
+        the window's own fields are serialized once per window (``_state_prefix``: pydantic's dump
+        of the limit's fields, its serializer for the window's values, so their form cannot
+        drift), and only what changes is written per state. Building and
         serializing the model cost 8 µs a state, a window a few events
         (``tests/stages/test_quota_batches.py`` compares the two)."""
         return fast.state_json(self, settled)
@@ -196,6 +197,8 @@ def _state_prefix(ref: WindowRef) -> tuple[bytes, bytes, Limit]:
     this ran for most events. ``tests/stages/test_quota_batches.py`` holds the states to the model's
     own JSON, byte for byte; ``test_state_prefix_is_the_models_json`` holds this to the model."""
     limit = ref.limit
+    if type(ref.tenant) is not str or type(ref.scope_value) is not str:  # (as ``QuotaWindow`` would refuse them)
+        raise TypeError(f"a quota window's tenant and scope value must be strings: {ref.tenant!r}, {ref.scope_value!r}")
     pieces, middle = _window_template(limit)
     return (b"".join((pieces[0], to_json(ref.tenant), pieces[1], to_json(ref.scope_value), pieces[2],
                       to_json(ref.start), pieces[3], to_json(ref.end), pieces[4])), middle, limit)
@@ -206,10 +209,10 @@ def _state_prefix(ref: WindowRef) -> tuple[bytes, bytes, Limit]:
 _HOLES = {"tenant_id": "\ue000 0 \ue000", "scope_value": "\ue000 1 \ue000",
           "window_start": datetime(1, 1, 1, tzinfo=UTC), "window_end": datetime(1, 1, 2, tzinfo=UTC)}
 #: id(limit) → (limit, its ``_window_template``); the limit held, so that its id is not reused.
-_TEMPLATES: dict[int, tuple[Limit, tuple[list[bytes], bytes]]] = {}
+_TEMPLATES: dict[int, tuple[Limit, tuple[tuple[bytes, ...], bytes]]] = {}
 
 
-def _window_template(limit: Limit) -> tuple[list[bytes], bytes]:
+def _window_template(limit: Limit) -> tuple[tuple[bytes, ...], bytes]:
     """``QuotaWindow``'s JSON for ``limit``'s windows in the pieces around its four per-window values
     (``_HOLES``'s order: the model's field order), the last ending with the state's usage key; and
     the state's fixed middle, the limit's amount. Cut from the model's own dump, so the form of every
@@ -227,7 +230,7 @@ def _window_template(limit: Limit) -> tuple[list[bytes], bytes]:
             raise AssertionError(f"a quota window's JSON changed form: {dumped!r}")  # (at the first state)
         pieces.append(head)
     pieces.append(rest + b',"usage":"')
-    template = pieces, b'","limit":"' + format(limit.limit, "f").encode() + b'","remaining":"'
+    template = tuple(pieces), b'","limit":"' + format(limit.limit, "f").encode() + b'","remaining":"'
     if len(_TEMPLATES) >= _MEMO_SIZE:
         _TEMPLATES.clear()
     _TEMPLATES[id(limit)] = limit, template

@@ -216,7 +216,7 @@ class RevenueMeter:
     def _rate_each(self, card: RateCard, zone: ZoneInfo, tenant: str, records: list[AttributedUsage],
                    entry: dict[str, Any], watermark_limit: datetime) -> list[RevenueOutcome]:
         # What the event before left for the next: its period, the period's state in ``entry`` and
-        # its derived values (``_rate_one``).
+        # its derived values (``_open``).
         at: list[Any] = [None, None, None]
         if records and type(records[0]) is LedgerRow:  # the stream's rows: the same steps, in C
             return fast.rate_rows(self, card, zone, tenant, records, entry, watermark_limit, at)

@@ -221,3 +221,32 @@ def test_most_rows_of_a_period_are_rated_in_c():
     revenue = meter.rate_all(rows, {}, AT.replace(day=3))
     assert calls == ["e0"] and charged == []  # one period, one month: every event charged in C (a tier bound too)
     assert sum(r.revenue for r in revenue) == Decimal(6) + Decimal("8.0") * 3
+
+
+@pytest.mark.parametrize("features", [["search", None, None, "search", None], [None, "search", None, None]])
+def test_a_fresh_meter_charges_rows_as_records_where_a_card_filters_on_one_field(features):
+    """A card whose charges filter on one field (``feature``, which a call may lack) reads that
+    field's value, None included, to pick a row's charges: a meter that has rated nothing yet
+    charges its first row in C too, and each later row by its own value, as records are charged."""
+    from streams.stages.plans import Plans
+    from streams.stages.revenue import RevenueMeter
+
+    card = {"charges": [
+        {"id": "search-calls", "metric": "requests", "when": {"feature": ["search"]}, "price": "unit",
+         "unit_amount": "1"},
+        {"id": "tokens", "metric": "tokens", "per": 1_000_000, "price": "unit", "unit_amount": "1"}]}
+    plans = Plans.model_validate({"default_plan": "p", "plans": {"p": {"rate_card": card}}})
+    rows = [_ROWS.build(event(TokenUsage(input_tokens=1000), feature=feature).model_copy(update={"event_id": f"e{i}"}),
+                        quote(Rates.per_million({"input": Decimal(1)})), "p", AT)
+            for i, feature in enumerate(features)]
+    outcomes, entries = [], []
+    for made in (rows, [row.as_model() for row in rows]):
+        entry: dict = {}
+        outcomes.append(RevenueMeter(plans).rate_all(made, entry, AT))  # (a fresh meter each: its memos empty)
+        entries.append(entry)
+    searches = features.count("search")
+    assert outcomes[0] == outcomes[1] and entries[0] == entries[1]
+    assert [o.revenue for o in outcomes[0]] == [Decimal("1.001") if f == "search" else Decimal("0.001")
+                                               for f in features]
+    assert entries[0]["t"]["periods"]["2026-06-01T00:00:00+00:00"]["q"] == {
+        "search-calls": Decimal(searches), "tokens": Decimal(1000 * len(features))}
