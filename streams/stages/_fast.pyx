@@ -544,6 +544,7 @@ cdef extern from *:
     costline_mpd *costline_mpd_of(object o)
 
 cdef object _W_ZERO = None, _W_PICO = None, _W_CEILING = None, _MARGIN_PERCENT = None, _W_DECIMAL = None
+cdef object _COUNTED = None
 cdef bint _LAYOUT = False
 #: id(limit) → (the limit, its thresholds' amounts as ceilings of integers at the metric's scale, and
 #: for a margin floor: the floor × 10^4 if that is a whole number, else None, and ``min_revenue`` in
@@ -556,11 +557,11 @@ cdef int64_t _POW12 = 1000000000000
 cdef int64_t _I64_MAX = 0x7FFFFFFFFFFFFFFF
 
 
-def configure_windows(zero, margin_percent, ceiling):
-    """The quota stage's ``Decimal`` zero, its ``margin_percent`` and ``decimal.ROUND_CEILING``
-    (``streams.stages.quotas``, at its import)."""
-    global _W_ZERO, _MARGIN_PERCENT, _W_CEILING
-    _W_ZERO, _MARGIN_PERCENT, _W_CEILING = zero, margin_percent, ceiling
+def configure_windows(zero, margin_percent, ceiling, counted):
+    """The quota stage's ``Decimal`` zero, its ``margin_percent``, ``decimal.ROUND_CEILING`` and its
+    ``Counted`` (``streams.stages.quotas``, at its import)."""
+    global _W_ZERO, _MARGIN_PERCENT, _W_CEILING, _COUNTED
+    _W_ZERO, _MARGIN_PERCENT, _W_CEILING, _COUNTED = zero, margin_percent, ceiling, counted
     _configure_decimal(zero)
 
 
@@ -867,6 +868,87 @@ cdef object _margin_rows(engine, ref, dict window, list js, list group, list pos
     window["revenue"], window["cost"] = revenue, cost
     return _MARGIN_PERCENT(revenue, cost), r >= minimum and r > 0
 
+
+def group_marks(records, list positions, watermark_limit, mark):
+    """``QuotaEngine._count_group``'s first look at a tenant's events: the group (its records in
+    order), their event times, the tenant's watermark after each (``apply`` moves it before
+    counting the event: to the event's time, at most ``watermark_limit``, never back from ``mark``)
+    and their reservations, with whether any event has one. (Four loops over the events in Python.)"""
+    cdef Py_ssize_t i, n = len(positions)
+    cdef list group = [None] * n, times = [None] * n, marks = [None] * n, reservations = [None] * n
+    cdef bint reserving = False
+    for i in range(n):
+        record = records[positions[i]]
+        group[i] = record
+        at = record.event_time
+        times[i] = at
+        if at > watermark_limit:
+            at = watermark_limit
+        if mark is None or at > mark:
+            mark = at
+        marks[i] = mark
+        reservation = record.reservation_id
+        if reservation is not None:
+            reservations[i] = reservation
+            reserving = True
+    return group, times, marks, reservations, reserving
+
+
+def count_windows(engine, list limits, list by_limit, windows, partition, offsets, list positions, list group,
+                  list rated, list reservations, bint reserving, collected, dict open_windows, list opened):
+    """``QuotaEngine._count_group``'s last step, for each limit's windows (``by_limit``: key → (its
+    reference, bounds, events by index in ``group``)): the window's usage after its events (its
+    crossings with them: ``sum_window``, ``margin_window`` or the engine's ``Decimal`` steps), the
+    window written back at its last event's offset, a window new to the tenant noted in ``opened``,
+    and the window's ``Counted`` and settled reservations given to ``collected.count``. The loop
+    ``_count_group`` ran in Python, one window in about one event with five events a tenant and
+    batch, in the same order with the same calls; ``tests/stages/test_quota_batches.py`` holds the
+    batch path to ``apply`` event by event."""
+    cdef Py_ssize_t li, i, n
+    cdef list js, kept, reserved
+    cdef bint rows = type(group[0]) is LedgerRow, margin
+    for li in range(len(limits)):
+        margin = limits[li].metric == "margin_percent"
+        for key, found in (<dict> by_limit[li]).items():
+            ref, bounds, js = <tuple> found
+            window = windows.get(key)
+            if window is None:
+                window = {"usage": _W_ZERO, "partition": partition, "offset": -1}
+            if margin:
+                kept = [j for j in js if (<tuple> rated[j])[0] is not None]  # not rated: nothing to judge by
+                if not kept:
+                    continue
+                js = kept
+                result = margin_window(engine, ref, window, js, group, rated, positions, offsets, li,
+                                       collected) if rows else None
+                if result is None:
+                    result = engine._margin_window(ref, window, js, group, rated, positions, offsets, li, collected)
+                usage, judged = <tuple> result
+            else:
+                usage = sum_window(engine, ref, window, js, group, rated, positions, offsets, li,
+                                   collected) if rows else None
+                if usage is None:
+                    usage = engine._sum_window(ref, window, js, group, rated, positions, offsets, li, collected)
+                judged = True
+            n = len(js)
+            first, last = js[0], js[n - 1]
+            window["usage"] = usage
+            window["partition"] = partition
+            window["offset"] = offsets[positions[last]]
+            windows[key] = window
+            if key not in open_windows:
+                opened.append((first, li, key, (<tuple> bounds)[3], (<tuple> bounds)[4]))
+            reserved = []
+            if reserving:
+                for i in range(n):
+                    j = js[i]
+                    if reservations[j] is not None:
+                        if not reserved:
+                            reserved_order = (positions[j], li)
+                        reserved.append(reservations[j])
+            collected.count(key, (positions[first], li),
+                            tuple.__new__(_COUNTED, (ref, usage, group[last].event_time, judged)),
+                            reserved, reserved_order if reserved else None)
 
 # ---- a rated row in integers ----------------------------------------------------------------------
 # ``rate_rows``'s step for one row, computed on the ``Decimal`` values' coefficients and exponents

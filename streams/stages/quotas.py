@@ -59,7 +59,6 @@ from streams.stages import revenue as revenue_stage
 from streams.stages.plans import Limit, Plans, WatermarkBound, WindowKind, window_bounds
 from streams.stages.revenue import UNRATED, RevenueMeter, RevenueOutcome, filled
 from streams.storage.compiled import fast
-from streams.storage.tables import LedgerRow
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +342,6 @@ class _Collected:
 
 _FIRST = operator.itemgetter(0)
 _NOTHING_EXPIRED: list[tuple[int, datetime, str]] = []  # (never appended to: returned for reading only)
-_NONE_RESERVED: list[tuple[int, str]] = []  # (the same)
 
 
 def metric_amount(record: AttributedUsage, limit: Limit, revenue: Decimal | None) -> Decimal:
@@ -606,24 +604,19 @@ class QuotaEngine:
         limits, zone = self._plan_of(tenant)
         state = self._state(partition)
         events = collected.events
-        group = [records[position] for position in positions]
         if not limits:
+            group = [records[position] for position in positions]
             for position, rated in zip(positions, self.revenue.rate_all(group, state.rating_periods, now), strict=True):
                 events[position] = EventOutcome(False, rated.late, rated)
             return
         windows, tenants = state.quota_windows, state.quota_tenants
-        # The tenant's watermark after each event (``apply`` moves it before counting the event).
         tenant_state = tenants.get(tenant)
         watermark_limit = self.bound.limit(now)  # (``WatermarkBound.moved_to``, for the group at once)
-        marks: list[datetime] = []
-        mark = tenant_state["watermark"] if tenant_state is not None else None
-        times = [record.event_time for record in group]
-        for at in times:
-            if at > watermark_limit:
-                at = watermark_limit
-            if mark is None or at > mark:
-                mark = at
-            marks.append(mark)
+        # The group's records, their times, the tenant's watermark after each (``apply`` moves it
+        # before counting the event) and their reservations (in C: four loops over the events).
+        group, times, marks, reservations, reserving = fast.group_marks(
+            records, positions, watermark_limit, tenant_state["watermark"] if tenant_state is not None else None)
+        mark = marks[-1]
         # Each limit's windows, with their events (by index in ``group``); an event is late for a
         # window past its grace period at the event's watermark.
         late = [False] * len(group)
@@ -671,9 +664,6 @@ class QuotaEngine:
                                         collected)
                     return
         rated = self.revenue.rate_all(group, state.rating_periods, now)
-        rows = type(group[0]) is LedgerRow  # (a batch is all rows, the stream's, or all records)
-        reservations = [record.reservation_id for record in group]
-        reserving = reservations.count(None) != len(reservations)  # (most batches: no call on a reservation)
         for j, position in enumerate(positions):
             events[position] = filled(EventOutcome, (False, rated[j].late or late[j], rated[j]))
         if tenant_state is None:
@@ -681,37 +671,9 @@ class QuotaEngine:
         open_windows: dict[str, Any] = tenant_state["windows"]
         next_expiry = tenant_state["next_expiry"]
         opened: list[tuple[int, int, str, str, datetime]] = []
-        for li, (limit, found) in enumerate(zip(limits, by_limit, strict=True)):
-            for key, (ref, bounds, js) in found.items():
-                window = windows.get(key)
-                if window is None:
-                    window = {"usage": _ZERO, "partition": partition, "offset": -1}
-                if limit.metric == "margin_percent":
-                    js = [j for j in js if rated[j].revenue is not None]  # not rated: nothing to judge by
-                    if not js:
-                        continue
-                    # The stream's rows in integers (``fast.margin_window``), or, where it cannot, here.
-                    found = fast.margin_window(self, ref, window, js, group, rated, positions, offsets, li,
-                                               collected) if rows else None
-                    usage, judged = found if found is not None else self._margin_window(
-                        ref, window, js, group, rated, positions, offsets, li, collected)
-                else:
-                    found = fast.sum_window(self, ref, window, js, group, rated, positions, offsets, li,
-                                            collected) if rows else None
-                    usage = found if found is not None else self._sum_window(ref, window, js, group, rated,
-                                                                             positions, offsets, li, collected)
-                    judged = True
-                last = js[-1]
-                window["usage"] = usage
-                window["partition"] = partition
-                window["offset"] = offsets[positions[last]]
-                windows[key] = window
-                if key not in open_windows:
-                    opened.append((js[0], li, key, bounds.end_text, bounds.expires))
-                reserved = [(positions[j], reservations[j]) for j in js if reservations[j] is not None] \
-                    if reserving else _NONE_RESERVED
-                collected.count(key, (positions[js[0]], li), Counted(ref, usage, group[last].event_time, judged),
-                                [reservation for _, reservation in reserved], (reserved[0][0], li) if reserved else None)
+        # Each window's usage after its events, written back, and given to ``collected`` (in C).
+        fast.count_windows(self, limits, by_limit, windows, partition, offsets, positions, group, rated, reservations,
+                           reserving, collected, open_windows, opened)
         for _, _, key, end_text, expires in sorted(opened):  # in the order ``apply`` opens them
             open_windows[key] = end_text
             if next_expiry is None or expires < next_expiry:
@@ -876,7 +838,7 @@ class QuotaEngine:
         return again
 
 
-fast.configure_windows(_ZERO, margin_percent, ROUND_CEILING)
+fast.configure_windows(_ZERO, margin_percent, ROUND_CEILING, Counted)
 fast.configure_states(_state_prefix, to_json, status_of)
 
 
