@@ -544,7 +544,7 @@ cdef extern from *:
     costline_mpd *costline_mpd_of(object o)
 
 cdef object _W_ZERO = None, _W_PICO = None, _W_CEILING = None, _MARGIN_PERCENT = None, _W_DECIMAL = None
-cdef object _COUNTED = None
+cdef object _COUNTED = None, _EVENT_OUTCOME = None
 cdef bint _LAYOUT = False
 #: id(limit) → (the limit, its thresholds' amounts as ceilings of integers at the metric's scale, and
 #: for a margin floor: the floor × 10^4 if that is a whole number, else None, and ``min_revenue`` in
@@ -557,11 +557,12 @@ cdef int64_t _POW12 = 1000000000000
 cdef int64_t _I64_MAX = 0x7FFFFFFFFFFFFFFF
 
 
-def configure_windows(zero, margin_percent, ceiling, counted):
-    """The quota stage's ``Decimal`` zero, its ``margin_percent``, ``decimal.ROUND_CEILING`` and its
-    ``Counted`` (``streams.stages.quotas``, at its import)."""
-    global _W_ZERO, _MARGIN_PERCENT, _W_CEILING, _COUNTED
-    _W_ZERO, _MARGIN_PERCENT, _W_CEILING, _COUNTED = zero, margin_percent, ceiling, counted
+def configure_windows(zero, margin_percent, ceiling, counted, event_outcome):
+    """The quota stage's ``Decimal`` zero, its ``margin_percent``, ``decimal.ROUND_CEILING``, its
+    ``Counted`` and its ``EventOutcome`` (``streams.stages.quotas``, at its import)."""
+    global _W_ZERO, _MARGIN_PERCENT, _W_CEILING, _COUNTED, _EVENT_OUTCOME
+    _W_ZERO, _MARGIN_PERCENT, _W_CEILING = zero, margin_percent, ceiling
+    _COUNTED, _EVENT_OUTCOME = counted, event_outcome
     _configure_decimal(zero)
 
 
@@ -894,8 +895,31 @@ def group_marks(records, list positions, watermark_limit, mark):
     return group, times, marks, reservations, reserving
 
 
-def count_windows(engine, list limits, list by_limit, windows, partition, offsets, list positions, list group,
-                  list rated, list reservations, bint reserving, collected, dict open_windows, list opened):
+def stored_windows(list by_limit, windows, partition, offsets, list positions):
+    """Each of ``by_limit``'s windows as ``windows`` holds it (None: new), in order; or None when one
+    of them has already counted an offset of this group (a replay after a restore)."""
+    cdef list stored = []
+    for found in by_limit:
+        for key, window_of in (<dict> found).items():
+            window = windows.get(key)
+            if window is not None and window["partition"] == partition \
+                    and offsets[positions[(<tuple> window_of)[2][0]]] <= window["offset"]:
+                return None
+            stored.append(window)
+    return stored
+
+
+def fill_outcomes(list events, list positions, list rated, list late):
+    """Each event's ``EventOutcome`` (not a copy; late for its rating or for a window) at its position."""
+    cdef Py_ssize_t j
+    for j in range(len(positions)):
+        outcome = rated[j]
+        events[positions[j]] = tuple.__new__(_EVENT_OUTCOME, (False, (<tuple> outcome)[1] or late[j], outcome))
+
+
+def count_windows(engine, list limits, list by_limit, list stored, windows, partition, offsets, list positions,
+                  list group, list rated, list reservations, bint reserving, collected, dict open_windows,
+                  list opened):
     """``QuotaEngine._count_group``'s last step, for each limit's windows (``by_limit``: key → (its
     reference, bounds, events by index in ``group``)): the window's usage after its events (its
     crossings with them: ``sum_window``, ``margin_window`` or the engine's ``Decimal`` steps), the
@@ -904,14 +928,15 @@ def count_windows(engine, list limits, list by_limit, windows, partition, offset
     ``_count_group`` ran in Python, one window in about one event with five events a tenant and
     batch, in the same order with the same calls; ``tests/stages/test_quota_batches.py`` holds the
     batch path to ``apply`` event by event."""
-    cdef Py_ssize_t li, i, n
+    cdef Py_ssize_t li, i, n, w = 0
     cdef list js, kept, reserved
     cdef bint rows = type(group[0]) is LedgerRow, margin
     for li in range(len(limits)):
         margin = limits[li].metric == "margin_percent"
         for key, found in (<dict> by_limit[li]).items():
             ref, bounds, js = <tuple> found
-            window = windows.get(key)
+            window = stored[w]  # (``stored_windows``: as ``windows`` held it)
+            w += 1
             if window is None:
                 window = {"usage": _W_ZERO, "partition": partition, "offset": -1}
             if margin:

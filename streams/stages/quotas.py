@@ -57,7 +57,7 @@ from schemas.attributed import AttributedUsage
 from schemas.quota import QuotaAlert, QuotaState, QuotaWindow, Status, alert_id, state_key
 from streams.stages import revenue as revenue_stage
 from streams.stages.plans import Limit, Plans, WatermarkBound, WindowKind, window_bounds
-from streams.stages.revenue import UNRATED, RevenueMeter, RevenueOutcome, filled
+from streams.stages.revenue import UNRATED, RevenueMeter, RevenueOutcome
 from streams.storage.compiled import fast
 
 log = logging.getLogger(__name__)
@@ -652,27 +652,23 @@ class QuotaEngine:
                 last_bounds, last = bounds, entry[2]
                 last.append(j)
             by_limit.append(found)
-        # A window that already counted one of these offsets (a replay after a restore): the events
-        # go through ``apply``'s own code, which sends a replayed crossing's alert again.
-        for found in by_limit:
-            for key, (_, _, js) in found.items():
-                window = windows.get(key)
-                if window is not None and window["partition"] == partition \
-                        and offsets[positions[js[0]]] <= window["offset"]:
-                    for position in positions:
-                        self._count_one(position, records[position], partition, offsets[position], now, limits, zone,
-                                        collected)
-                    return
+        stored = fast.stored_windows(by_limit, windows, partition, offsets, positions)
+        if stored is None:
+            # A window that already counted one of these offsets (a replay after a restore): the events
+            # go through ``apply``'s own code, which sends a replayed crossing's alert again.
+            for position in positions:
+                self._count_one(position, records[position], partition, offsets[position], now, limits, zone,
+                                collected)
+            return
         rated = self.revenue.rate_all(group, state.rating_periods, now)
-        for j, position in enumerate(positions):
-            events[position] = filled(EventOutcome, (False, rated[j].late or late[j], rated[j]))
+        fast.fill_outcomes(events, positions, rated, late)
         if tenant_state is None:
             tenant_state = {"watermark": marks[0], "windows": {}, "next_expiry": None}
         open_windows: dict[str, Any] = tenant_state["windows"]
         next_expiry = tenant_state["next_expiry"]
         opened: list[tuple[int, int, str, str, datetime]] = []
         # Each window's usage after its events, written back, and given to ``collected`` (in C).
-        fast.count_windows(self, limits, by_limit, windows, partition, offsets, positions, group, rated, reservations,
+        fast.count_windows(self, limits, by_limit, stored, windows, partition, offsets, positions, group, rated, reservations,
                            reserving, collected, open_windows, opened)
         for _, _, key, end_text, expires in sorted(opened):  # in the order ``apply`` opens them
             open_windows[key] = end_text
@@ -838,7 +834,7 @@ class QuotaEngine:
         return again
 
 
-fast.configure_windows(_ZERO, margin_percent, ROUND_CEILING, Counted)
+fast.configure_windows(_ZERO, margin_percent, ROUND_CEILING, Counted, EventOutcome)
 fast.configure_states(_state_prefix, to_json, status_of)
 
 
