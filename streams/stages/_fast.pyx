@@ -23,6 +23,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_GET_LENGTH
 from libc.stdint cimport int64_t
+cimport cython
 
 from streams.storage._native cimport LedgerRow
 
@@ -395,6 +396,9 @@ def configure_rating(outcome, closed, quantum, zero, one, increment, segment_of)
     """What ``rate_rows`` makes and calls, from ``streams.stages.revenue`` and ``rating`` (at their
     import: this module does not import them)."""
     global _OUTCOME, _CLOSED, _QUANTUM, _RZERO, _RONE, _DECIMAL, _INCREMENT, _SEGMENT_OF
+    # (Made and read by position here: a field added or moved must be added or moved here too.)
+    if outcome._fields != ("revenue", "late", "period"):
+        raise AssertionError(f"RevenueOutcome's fields changed: {outcome._fields}")
     _OUTCOME, _CLOSED, _QUANTUM, _RZERO, _RONE = outcome, closed, quantum, zero, one
     _INCREMENT, _SEGMENT_OF = increment, segment_of
     _DECIMAL = type(zero)
@@ -561,6 +565,9 @@ def configure_windows(zero, margin_percent, ceiling, counted, event_outcome):
     """The quota stage's ``Decimal`` zero, its ``margin_percent``, ``decimal.ROUND_CEILING``, its
     ``Counted`` and its ``EventOutcome`` (``streams.stages.quotas``, at its import)."""
     global _W_ZERO, _MARGIN_PERCENT, _W_CEILING, _COUNTED, _EVENT_OUTCOME
+    # (Made by position here: a field added or moved must be added or moved here too.)
+    if counted._fields != ("ref", "usage", "as_of", "judged") or event_outcome._fields != ("duplicate", "late", "rated"):
+        raise AssertionError(f"Counted's or EventOutcome's fields changed: {counted._fields}, {event_outcome._fields}")
     _W_ZERO, _MARGIN_PERCENT, _W_CEILING = zero, margin_percent, ceiling
     _COUNTED, _EVENT_OUTCOME = counted, event_outcome
     _configure_decimal(zero)
@@ -870,11 +877,18 @@ cdef object _margin_rows(engine, ref, dict window, list js, list group, list pos
     return _MARGIN_PERCENT(revenue, cost), r >= minimum and r > 0
 
 
+# ---- a tenant group's windows --------------------------------------------------------------------
+# ``QuotaEngine._count_group``'s loops over a group's events and windows, in C: the same reads,
+# calls and values in the same order as ``apply`` event by event (``tests/stages/test_quota_batches.py``
+# holds the two to the same outcome). Checked bounds: an index out of range raises (and the tenant's
+# events still land, as ``apply_batch`` catches it), where this file's default would read past a list.
+
+@cython.boundscheck(True)
 def group_marks(records, list positions, watermark_limit, mark):
-    """``QuotaEngine._count_group``'s first look at a tenant's events: the group (its records in
-    order), their event times, the tenant's watermark after each (``apply`` moves it before
-    counting the event: to the event's time, at most ``watermark_limit``, never back from ``mark``)
-    and their reservations, with whether any event has one. (Four loops over the events in Python.)"""
+    """A tenant group's records in order, their event times, the tenant's watermark after each
+    (``apply`` moves it before counting the event, as ``WatermarkBound.moved_to`` clamps it: to the
+    event's time, at most ``watermark_limit``, never back from ``mark``: change them together) and
+    their reservations, with whether any event has one."""
     cdef Py_ssize_t i, n = len(positions)
     cdef list group = [None] * n, times = [None] * n, marks = [None] * n, reservations = [None] * n
     cdef bint reserving = False
@@ -895,9 +909,11 @@ def group_marks(records, list positions, watermark_limit, mark):
     return group, times, marks, reservations, reserving
 
 
+@cython.boundscheck(True)
 def stored_windows(list by_limit, windows, partition, offsets, list positions):
     """Each of ``by_limit``'s windows as ``windows`` holds it (None: new), in order; or None when one
-    of them has already counted an offset of this group (a replay after a restore)."""
+    of them has already counted an offset of this group (a replay after a restore: ``_count``'s
+    test, event by event; change them together)."""
     cdef list stored = []
     for found in by_limit:
         for key, window_of in (<dict> found).items():
@@ -909,38 +925,43 @@ def stored_windows(list by_limit, windows, partition, offsets, list positions):
     return stored
 
 
+@cython.boundscheck(True)
 def fill_outcomes(list events, list positions, list rated, list late):
     """Each event's ``EventOutcome`` (not a copy; late for its rating or for a window) at its position."""
     cdef Py_ssize_t j
+    if len(rated) != len(positions) or len(late) != len(positions):
+        raise ValueError(f"{len(positions)} events, {len(rated)} rated, {len(late)} late")
     for j in range(len(positions)):
         outcome = rated[j]
-        events[positions[j]] = tuple.__new__(_EVENT_OUTCOME, (False, (<tuple> outcome)[1] or late[j], outcome))
+        events[positions[j]] = tuple.__new__(_EVENT_OUTCOME, (False, outcome[1] or late[j], outcome))
 
 
+@cython.boundscheck(True)
 def count_windows(engine, list limits, list by_limit, list stored, windows, partition, offsets, list positions,
                   list group, list rated, list reservations, bint reserving, collected, dict open_windows,
                   list opened):
     """``QuotaEngine._count_group``'s last step, for each limit's windows (``by_limit``: key → (its
-    reference, bounds, events by index in ``group``)): the window's usage after its events (its
-    crossings with them: ``sum_window``, ``margin_window`` or the engine's ``Decimal`` steps), the
-    window written back at its last event's offset, a window new to the tenant noted in ``opened``,
-    and the window's ``Counted`` and settled reservations given to ``collected.count``. The loop
-    ``_count_group`` ran in Python, one window in about one event with five events a tenant and
-    batch, in the same order with the same calls; ``tests/stages/test_quota_batches.py`` holds the
-    batch path to ``apply`` event by event."""
+    reference, bounds, events by index in ``group``); ``stored``: each as the table held it, from
+    ``stored_windows``): the window's usage after its events (its crossings with them:
+    ``sum_window``, ``margin_window`` or the engine's ``Decimal`` steps), the window written to
+    ``windows`` at its last event's offset, a window new to the tenant noted in ``opened``, and the
+    window's ``Counted`` and settled reservations given to ``collected.count``. About one window
+    an event with five events a tenant and batch."""
     cdef Py_ssize_t li, i, n, w = 0
     cdef list js, kept, reserved
     cdef bint rows = type(group[0]) is LedgerRow, margin
+    if len(by_limit) != len(limits) or len(rated) != len(group) or len(reservations) != len(group):
+        raise ValueError(f"{len(limits)} limits, {len(by_limit)} found; {len(group)} events, {len(rated)} rated")
     for li in range(len(limits)):
         margin = limits[li].metric == "margin_percent"
         for key, found in (<dict> by_limit[li]).items():
             ref, bounds, js = <tuple> found
             window = stored[w]  # (``stored_windows``: as ``windows`` held it)
             w += 1
-            if window is None:
+            if window is None:  # (a new window, as ``_count`` makes it)
                 window = {"usage": _W_ZERO, "partition": partition, "offset": -1}
             if margin:
-                kept = [j for j in js if (<tuple> rated[j])[0] is not None]  # not rated: nothing to judge by
+                kept = [j for j in js if rated[j][0] is not None]  # not rated: nothing to judge by
                 if not kept:
                     continue
                 js = kept
@@ -962,7 +983,7 @@ def count_windows(engine, list limits, list by_limit, list stored, windows, part
             window["offset"] = offsets[positions[last]]
             windows[key] = window
             if key not in open_windows:
-                opened.append((first, li, key, (<tuple> bounds)[3], (<tuple> bounds)[4]))
+                opened.append((first, li, key, bounds.end_text, bounds.expires))
             reserved = []
             if reserving:
                 for i in range(n):

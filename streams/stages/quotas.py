@@ -474,6 +474,8 @@ class QuotaEngine:
             ref = self._ref(tenant, limit, limit.scope_value(record.user_id, record.model, record.business_path), bounds)
             key = ref.key
             window = windows.get(key)
+            # (``fast.count_windows`` makes a new window, and ``fast.stored_windows`` tells a replay,
+            # as these lines do: change them together.)
             if window is None:
                 window = {"usage": _ZERO, "partition": partition, "offset": -1}
             elif window["partition"] == partition and offset <= window["offset"]:
@@ -613,7 +615,7 @@ class QuotaEngine:
         tenant_state = tenants.get(tenant)
         watermark_limit = self.bound.limit(now)  # (``WatermarkBound.moved_to``, for the group at once)
         # The group's records, their times, the tenant's watermark after each (``apply`` moves it
-        # before counting the event) and their reservations (in C: four loops over the events).
+        # before counting the event) and their reservations.
         group, times, marks, reservations, reserving = fast.group_marks(
             records, positions, watermark_limit, tenant_state["watermark"] if tenant_state is not None else None)
         mark = marks[-1]
@@ -652,6 +654,10 @@ class QuotaEngine:
                 last_bounds, last = bounds, entry[2]
                 last.append(j)
             by_limit.append(found)
+        # The group's windows, read once: rating, between this and ``count_windows``, cannot change
+        # which object the table holds for them (the tenant's entries of every table are thawed
+        # together, by ``tenants.get`` above; they are frozen only at the batch's drain; no key
+        # belongs to two limits, whose ids are unique in a plan).
         stored = fast.stored_windows(by_limit, windows, partition, offsets, positions)
         if stored is None:
             # A window that already counted one of these offsets (a replay after a restore): the events
@@ -668,8 +674,8 @@ class QuotaEngine:
         next_expiry = tenant_state["next_expiry"]
         opened: list[tuple[int, int, str, str, datetime]] = []
         # Each window's usage after its events, written back, and given to ``collected`` (in C).
-        fast.count_windows(self, limits, by_limit, stored, windows, partition, offsets, positions, group, rated, reservations,
-                           reserving, collected, open_windows, opened)
+        fast.count_windows(self, limits, by_limit, stored, windows, partition, offsets, positions, group, rated,
+                           reservations, reserving, collected, open_windows, opened)
         for _, _, key, end_text, expires in sorted(opened):  # in the order ``apply`` opens them
             open_windows[key] = end_text
             if next_expiry is None or expires < next_expiry:
