@@ -933,7 +933,9 @@ def fill_outcomes(list events, list positions, list rated, list late):
         raise ValueError(f"{len(positions)} events, {len(rated)} rated, {len(late)} late")
     for j in range(len(positions)):
         outcome = rated[j]
-        events[positions[j]] = tuple.__new__(_EVENT_OUTCOME, (False, outcome[1] or late[j], outcome))
+        if not isinstance(outcome, tuple):
+            raise TypeError(f"a rating outcome, not {type(outcome).__name__}")
+        events[positions[j]] = tuple.__new__(_EVENT_OUTCOME, (False, (<tuple> outcome)[1] or late[j], outcome))
 
 
 @cython.boundscheck(True)
@@ -961,7 +963,8 @@ def count_windows(engine, list limits, list by_limit, list stored, windows, part
             if window is None:  # (a new window, as ``_count`` makes it)
                 window = {"usage": _W_ZERO, "partition": partition, "offset": -1}
             if margin:
-                kept = [j for j in js if rated[j][0] is not None]  # not rated: nothing to judge by
+                # (Each outcome a tuple: ``fill_outcomes`` checked them. Not rated: nothing to judge by.)
+                kept = [j for j in js if (<tuple> rated[j])[0] is not None]
                 if not kept:
                     continue
                 js = kept
