@@ -425,8 +425,9 @@ def rate_rows(meter, card, zone, tenant, list rows, dict entry, watermark_limit,
     values); an event in another period has it opened by ``_open``, which leaves ``at`` (the
     period, its state, its derived values) for the next, then goes on here, or is charged by
     ``_charge`` where other periods are open too. The same steps in the same order, to the same
-    values: change ``_open``'s, ``_charge``'s and these together (``tests/stages/test_revenue.py`` holds rows rated here to
-    records rated there, and ``tests/runtime/test_paths.py`` on 200,000 events)."""
+    values: change ``_open``'s, ``_charge``'s and these together (``tests/stages/test_revenue.py``
+    holds rows rated here to records rated there, and ``tests/runtime/test_paths.py`` on 200,000
+    events)."""
     cdef list outcomes = []
     cdef LedgerRow row
     cdef dict q, segments, state, v
@@ -566,7 +567,8 @@ def configure_windows(zero, margin_percent, ceiling, counted, event_outcome):
     ``Counted`` and its ``EventOutcome`` (``streams.stages.quotas``, at its import)."""
     global _W_ZERO, _MARGIN_PERCENT, _W_CEILING, _COUNTED, _EVENT_OUTCOME
     # (Made by position here: a field added or moved must be added or moved here too.)
-    if counted._fields != ("ref", "usage", "as_of", "judged") or event_outcome._fields != ("duplicate", "late", "rated"):
+    if counted._fields != ("ref", "usage", "as_of", "judged") \
+            or event_outcome._fields != ("duplicate", "late", "rated"):
         raise AssertionError(f"Counted's or EventOutcome's fields changed: {counted._fields}, {event_outcome._fields}")
     _W_ZERO, _MARGIN_PERCENT, _W_CEILING = zero, margin_percent, ceiling
     _COUNTED, _EVENT_OUTCOME = counted, event_outcome
