@@ -911,6 +911,86 @@ def group_marks(records, list positions, watermark_limit, mark):
     return group, times, marks, reservations, reserving
 
 
+cdef inline tuple _tuple(value):
+    """``value`` as a tuple (a named tuple's fields read by index), or TypeError."""
+    if not isinstance(value, tuple):
+        raise TypeError(f"a tuple, not {type(value).__name__}")
+    return <tuple> value
+
+
+cdef inline list _list(value):
+    if not isinstance(value, list):
+        raise TypeError(f"a list, not {type(value).__name__}")
+    return <list> value
+
+
+@cython.boundscheck(True)
+cdef tuple _bounds_of(engine, dict recent_bounds, kind, at, zone):
+    """``engine._bounds(kind, at, zone)``: its memo read here, the engine's own code on a miss."""
+    recent = recent_bounds.get((kind, zone))
+    if recent is not None:
+        for bounds in _list(recent):
+            if _tuple(bounds)[0] <= at < (<tuple> bounds)[1]:  # (``Bounds``: start, end)
+                return <tuple> bounds
+    return _tuple(engine._bounds(kind, at, zone))
+
+
+@cython.boundscheck(True)
+cdef object _ref_of(engine, dict refs, tenant, limit, scope, bounds):
+    """``engine._ref(tenant, limit, scope, bounds)``: its memo read here, the engine's own code on a miss."""
+    ref = refs.get((tenant, limit.id, scope, _tuple(bounds)[0]))
+    return engine._ref(tenant, limit, scope, bounds) if ref is None else ref
+
+
+@cython.boundscheck(True)
+def group_windows(engine, tenant, list limits, zone, list group, list times, list marks, list late):
+    """Each limit's windows of a tenant group (``group_marks``'s lists): for each limit a dict of
+    window key → (its ``WindowRef``, ``Bounds``, the events in it by index in ``group``), in the
+    order ``apply`` meets them. An event past a window's grace period at its own watermark is late
+    for it: marked in ``late`` and in none of that limit's windows. Through the engine's ``_bounds``
+    and ``_ref`` memos: the same objects."""
+    cdef Py_ssize_t j, n = len(group)
+    cdef list last
+    cdef dict found, recent_bounds = engine._last_bounds, refs = engine._refs
+    cdef list by_limit = []
+    cdef tuple bounds
+    cdef bint scoped
+    if n == 0 or len(times) != n or len(marks) != n or len(late) != n:
+        raise ValueError(f"{n} events, {len(times)} times, {len(marks)} marks, {len(late)} late")
+    earliest, latest, mark = min(times), max(times), marks[n - 1]
+    for limit in limits:
+        found = {}
+        by_limit.append(found)
+        kind, scope = limit.window, limit.scope
+        scoped = scope != "tenant"
+        bounds = _bounds_of(engine, recent_bounds, kind, earliest, zone)
+        if not scoped and latest < bounds[1] and bounds[4] > mark:  # (``Bounds``: end, expires)
+            # Most groups: every event in one window, none of them late (the watermark only grows,
+            # and the last one is ``mark``): no look at the events one by one.
+            ref = _ref_of(engine, refs, tenant, limit, "*", bounds)
+            found[_tuple(ref)[0]] = (ref, bounds, list(range(n)))
+            continue
+        last_bounds, last = None, None
+        for j in range(n):
+            bounds = _bounds_of(engine, recent_bounds, kind, times[j], zone)
+            if bounds[4] <= marks[j]:
+                late[j] = True
+                continue
+            if bounds is last_bounds and not scoped:  # the window of the event before
+                last.append(j)
+                continue
+            record = group[j]
+            ref = _ref_of(engine, refs, tenant, limit,
+                          limit.scope_value(record.user_id, record.model, record.business_path), bounds)
+            key = _tuple(ref)[0]
+            entry = found.get(key)
+            if entry is None:
+                entry = found[key] = (ref, bounds, [])
+            last_bounds, last = bounds, _list(_tuple(entry)[2])
+            last.append(j)
+    return by_limit
+
+
 @cython.boundscheck(True)
 def stored_windows(list by_limit, windows, partition, offsets, list positions):
     """Each of ``by_limit``'s windows as ``windows`` holds it (None: new), in order; or None when one

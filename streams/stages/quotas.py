@@ -618,42 +618,10 @@ class QuotaEngine:
         # before counting the event) and their reservations.
         group, times, marks, reservations, reserving = fast.group_marks(
             records, positions, watermark_limit, tenant_state["watermark"] if tenant_state is not None else None)
-        mark = marks[-1]
         # Each limit's windows, with their events (by index in ``group``); an event is late for a
-        # window past its grace period at the event's watermark.
+        # window past its grace period at the event's watermark (in C, through ``_bounds`` and ``_ref``).
         late = [False] * len(group)
-        earliest, latest = min(times), max(times)
-        by_limit: list[dict[str, tuple[WindowRef, Bounds, list[int]]]] = []
-        for limit in limits:
-            found: dict[str, tuple[WindowRef, Bounds, list[int]]] = {}
-            kind = limit.window
-            bounds = self._bounds(kind, earliest, zone)
-            if limit.scope == "tenant" and latest < bounds.end and bounds.expires > mark:
-                # Most groups: every event in one window, none of them late (the watermark only
-                # grows, and the last one is ``mark``): no look at the events one by one.
-                ref = self._ref(tenant, limit, "*", bounds)
-                found[ref.key] = (ref, bounds, list(range(len(group))))
-                by_limit.append(found)
-                continue
-            last_bounds: Bounds | None = None
-            last: list[int] = []
-            scoped = limit.scope != "tenant"
-            for j, record in enumerate(group):
-                bounds = self._bounds(kind, times[j], zone)
-                if bounds.expires <= marks[j]:
-                    late[j] = True
-                    continue
-                if bounds is last_bounds and not scoped:  # the window of the event before
-                    last.append(j)
-                    continue
-                ref = self._ref(tenant, limit, limit.scope_value(record.user_id, record.model, record.business_path),
-                                bounds)
-                entry = found.get(ref.key)
-                if entry is None:
-                    entry = found[ref.key] = (ref, bounds, [])
-                last_bounds, last = bounds, entry[2]
-                last.append(j)
-            by_limit.append(found)
+        by_limit = fast.group_windows(self, tenant, limits, zone, group, times, marks, late)
         # The group's windows, read once: rating, between this and ``count_windows``, cannot change
         # which object the table holds for them (the tenant's entries of every table are thawed
         # together, by ``tenants.get`` above; they are frozen only at the batch's drain; no key
