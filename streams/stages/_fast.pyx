@@ -935,11 +935,39 @@ cdef tuple _bounds_of(engine, dict recent_bounds, kind, at, zone):
     return _tuple(engine._bounds(kind, at, zone))
 
 
+cdef object _WINDOW_REF = None, _WINDOW_KEY = None, _STATE_KEY = None
+cdef Py_ssize_t _REF_MEMO = 0
+
+
+def configure_refs(bounds, window_ref, Py_ssize_t memo_size, window_key, state_key):
+    """The quota stage's ``Bounds`` and ``WindowRef``, its memo size, ``window_key`` and
+    ``schemas.quota.state_key`` (``streams.stages.quotas``, at its import)."""
+    global _WINDOW_REF, _REF_MEMO, _WINDOW_KEY, _STATE_KEY
+    # (Read and made by position here: a field added or moved must be added or moved here too.)
+    if bounds._fields != ("start", "end", "start_text", "end_text", "expires") or window_ref._fields != (
+            "key", "tenant", "limit", "scope_value", "start", "end", "state_key"):
+        raise AssertionError(f"Bounds' or WindowRef's fields changed: {bounds._fields}, {window_ref._fields}")
+    _WINDOW_REF, _REF_MEMO, _WINDOW_KEY, _STATE_KEY = window_ref, memo_size, window_key, state_key
+
+
 @cython.boundscheck(True)
-cdef object _ref_of(engine, dict refs, tenant, limit, scope, bounds):
-    """``engine._ref(tenant, limit, scope, bounds)``: its memo read here, the engine's own code on a miss."""
-    ref = refs.get((tenant, limit.id, scope, _tuple(bounds)[0]))
-    return engine._ref(tenant, limit, scope, bounds) if ref is None else ref
+cpdef object window_ref(dict refs, tenant, limit, scope, bounds):
+    """``QuotaEngine._ref``: the ``WindowRef`` of ``tenant``'s window of ``limit`` and ``scope`` at
+    ``bounds``, from the engine's memo ``refs`` (emptied once it holds ``configure_refs``'s memo
+    size), or made and remembered."""
+    cdef tuple b = _tuple(bounds)
+    limit_id = limit.id
+    start = b[0]
+    ident = (tenant, limit_id, scope, start)
+    ref = refs.get(ident)
+    if ref is None:
+        if len(refs) >= _REF_MEMO:
+            refs.clear()
+        start_text = b[2]
+        ref = refs[ident] = tuple.__new__(_WINDOW_REF, (
+            _WINDOW_KEY(tenant, limit_id, scope, start_text), tenant, limit, scope, start, b[1],
+            _STATE_KEY(tenant, limit_id, scope, start_text)))
+    return ref
 
 
 @cython.boundscheck(True)
@@ -948,7 +976,7 @@ def group_windows(engine, tenant, list limits, zone, list group, list times, lis
     window key → (its ``WindowRef``, ``Bounds``, the events in it by index in ``group``), in the
     order ``apply`` meets them. An event past a window's grace period at its own watermark is late
     for it: marked in ``late`` and in none of that limit's windows. Through the engine's ``_bounds``
-    and ``_ref`` memos: the same objects."""
+    and ``_ref`` (``window_ref``) memos: the same objects."""
     cdef Py_ssize_t j, n = len(group)
     cdef list last
     cdef dict found, recent_bounds = engine._last_bounds, refs = engine._refs
@@ -967,7 +995,7 @@ def group_windows(engine, tenant, list limits, zone, list group, list times, lis
         if not scoped and latest < bounds[1] and bounds[4] > mark:  # (``Bounds``: end, expires)
             # Most groups: every event in one window, none of them late (the watermark only grows,
             # and the last one is ``mark``): no look at the events one by one.
-            ref = _ref_of(engine, refs, tenant, limit, "*", bounds)
+            ref = window_ref(refs, tenant, limit, "*", bounds)
             found[_tuple(ref)[0]] = (ref, bounds, list(range(n)))
             continue
         last_bounds, last = None, None
@@ -980,8 +1008,8 @@ def group_windows(engine, tenant, list limits, zone, list group, list times, lis
                 last.append(j)
                 continue
             record = group[j]
-            ref = _ref_of(engine, refs, tenant, limit,
-                          limit.scope_value(record.user_id, record.model, record.business_path), bounds)
+            ref = window_ref(refs, tenant, limit,
+                             limit.scope_value(record.user_id, record.model, record.business_path), bounds)
             key = _tuple(ref)[0]
             entry = found.get(key)
             if entry is None:

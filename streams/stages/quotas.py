@@ -747,16 +747,8 @@ class QuotaEngine:
         return bounds
 
     def _ref(self, tenant: str, limit: Limit, scope: str, bounds: Bounds) -> WindowRef:
-        """The window's reference (memoized)."""
-        ident = (tenant, limit.id, scope, bounds.start)
-        ref = self._refs.get(ident)
-        if ref is None:
-            if len(self._refs) >= _MEMO_SIZE:
-                self._refs.clear()
-            ref = self._refs[ident] = WindowRef(window_key(tenant, limit.id, scope, bounds.start_text), tenant, limit,
-                                                scope, bounds.start, bounds.end,
-                                                state_key(tenant, limit.id, scope, bounds.start_text))
-        return ref
+        """The window's reference (memoized; in C: ``fast.window_ref``)."""
+        return fast.window_ref(self._refs, tenant, limit, scope, bounds)
 
     def _is_duplicate(self, seen: MutableMapping[str, dict[str, Any]], record: AttributedUsage, partition: int,
                       offset: int) -> bool:
@@ -809,6 +801,7 @@ class QuotaEngine:
 
 
 fast.configure_windows(_ZERO, margin_percent, ROUND_CEILING, Counted, EventOutcome)
+fast.configure_refs(Bounds, WindowRef, _MEMO_SIZE, window_key, state_key)
 fast.configure_states(_state_prefix, to_json, status_of)
 
 
