@@ -926,7 +926,8 @@ cdef inline list _list(value):
 
 @cython.boundscheck(True)
 cdef tuple _bounds_of(engine, dict recent_bounds, kind, at, zone):
-    """``engine._bounds(kind, at, zone)``: its memo read here, the engine's own code on a miss."""
+    """``engine._bounds(kind, at, zone)``: its memo read here (as ``QuotaEngine._bounds`` reads it:
+    change the two together), the engine's own code on a miss."""
     recent = recent_bounds.get((kind, zone))
     if recent is not None:
         for bounds in _list(recent):

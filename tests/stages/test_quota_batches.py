@@ -21,7 +21,16 @@ from streams.runtime.state import ChangelogTables, _encode
 from streams.stages.attribution import _ROWS
 from streams.stages.plans import Plans
 from streams.stages.pricing import Quote, Rates
-from streams.stages.quotas import Bounds, Counted, QuotaEngine, QuotaTables, WindowRef, _state_prefix, restore_entry
+from streams.stages.quotas import (
+    _MEMO_SIZE,
+    Bounds,
+    Counted,
+    QuotaEngine,
+    QuotaTables,
+    WindowRef,
+    _state_prefix,
+    restore_entry,
+)
 from streams.storage.compiled import fast
 from streams.storage.tables import LedgerRow
 
@@ -407,3 +416,20 @@ def test_state_prefix_is_the_models_json(plans, which, tenant, scope_value, star
     assert middle == b'","limit":"' + format(limit.limit, "f").encode() + b'","remaining":"' and held is limit
     assert Counted(ref, Decimal("1.5"), start, True).state_json(None) == \
         Counted(ref, Decimal("1.5"), start, True).state(None).model_dump_json().encode()
+
+
+def test_a_window_reference_is_made_once_and_its_memo_emptied_at_its_size(plans):
+    """``QuotaEngine._ref`` (``fast.window_ref``): the window's key, tenant, limit, scope, bounds and
+    state key; the same object while remembered; the memo emptied before it grows past its size."""
+    engine = QuotaEngine(plans, QuotaTables({}, {}, {}, {}))
+    limits, _ = plans.for_tenant("acme")
+    limit = limits[0]
+    bounds = Bounds.of(limit.window, datetime(2026, 6, 1, 12, 30, tzinfo=UTC), UTC, timedelta(0))
+    ref = engine._ref('te"nant', limit, "*", bounds)
+    assert ref == WindowRef(json.dumps(['te"nant', limit.id, "*", bounds.start_text]), 'te"nant', limit, "*",
+                            bounds.start, bounds.end, f'te"nant/{limit.id}/*/{bounds.start_text}')
+    assert type(ref) is WindowRef and engine._ref('te"nant', limit, "*", bounds) is ref
+    engine._refs.update((("filler", i), None) for i in range(_MEMO_SIZE - len(engine._refs)))
+    assert engine._ref('te"nant', limit, "*", bounds) is ref  # (found: nothing is dropped)
+    again = engine._ref("other", limit, "*", bounds)  # (not found, and the memo full: emptied first)
+    assert list(engine._refs.values()) == [again] and again.tenant == "other"
