@@ -129,6 +129,21 @@ def test_retried_batch_is_deduplicated_at_insert(ch_client, attribution):
     assert ledger(ch_client, "t-retry") == (5, Decimal("0.0175"))
 
 
+def test_copies_of_an_event_in_one_landing_are_collapsed_by_final_not_by_the_insert(ch_client, attribution):
+    """Landings skip ClickHouse's merge at insert (``optimize_on_insert = 0``): two rows of one key
+    in one block are both stored, and every reader's FINAL (the ``usage`` view) counts one, the
+    later ``attributed_at``."""
+    first = records(attribution, 3, "t-copies")
+    copy = first[1].model_copy(update={"attributed_at": first[1].attributed_at + timedelta(seconds=5),
+                                       "user_id": "the-copy"})
+    LEDGER.insert(ch_client, [*first, copy])
+    raw = ch_client.query("SELECT count() FROM usage_ledger WHERE tenant_id = 't-copies'").result_rows[0][0]
+    assert raw == 4
+    assert ledger(ch_client, "t-copies") == (3, Decimal("0.0105"))
+    kept = ch_client.query("SELECT user_id FROM usage WHERE event_id = 't-copies-1'").result_rows
+    assert kept == [("the-copy",)]
+
+
 def test_the_dedup_token_tells_batches_apart_by_ids_order_and_attribution_time(attribution):
     batch = records(attribution, 4, "t-token")
     token = LEDGER.dedup_token(batch)
