@@ -7,13 +7,15 @@ so two checkouts compare exactly. It is not time: an instruction that misses the
 than one that does not, so a change is confirmed in time by ``bench/hot_path.py`` and
 ``bench/e2e.py`` over several pairs.
 
-    .venv/bin/python bench/instructions.py [--stage attribute|quota] [--events N] [--tenants T] [--root DIR]
+    .venv/bin/python bench/instructions.py [--stage attribute|quota|batch] [--events N] [--tenants T] [--root DIR]
 
 ``--root``: the checkout whose code is measured (default: this one), to count another build (a
 ``git worktree`` of the commit before a change, say) with the same script. ``attribute``:
 validate, price, tag and build the attributed record (the ledger row), from the raw bytes, caches warm.
 ``quota``: the quota stage per batch of 5,000 (duplicates, rating, windows, thresholds) with its
-changelog drained after each batch, from attributed records. Needs ``valgrind`` (``apt-get install
+changelog drained after each batch, from attributed records. ``batch``: the loop thread's whole
+work on batches of 5,000 raw records, as ``bench/hot_path.py`` times it (``BatchProcessor.process``,
+the ledger's Native block, a quota state per changed window). Needs ``valgrind`` (``apt-get install
 valgrind``); about a minute for the default 10,000 events.
 """
 
@@ -37,7 +39,7 @@ _TOGGLE = "starmap_next"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stage", choices=("attribute", "quota"), default="attribute")
+    parser.add_argument("--stage", choices=("attribute", "quota", "batch"), default="attribute")
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--tenants", type=int, default=200)
     parser.add_argument("--root", type=Path, default=HERE, help="the checkout to measure (default: this one)")
@@ -73,11 +75,14 @@ def run_stage(stage: str, events: int, tenants: int, root: Path) -> None:
 
     from streams.operations.simulate import Workload
     from streams.runtime.loop import tune_gc
-    from streams.runtime.processor import quota_state
+    from streams.runtime.memory import MemoryRecord
+    from streams.runtime.metrics import Counters
+    from streams.runtime.processor import BatchProcessor, quota_state
     from streams.settings import Settings
     from streams.stages.attribution import Attribution
     from streams.stages.plans import Plans
     from streams.stages.quotas import QuotaEngine, QuotaTables
+    from streams.storage.tables import LEDGER
 
     now = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)  # (a fixed clock: the same windows in every run)
     settings = Settings.from_env(environ={"COSTLINE_CONFIG_DIR": str(root / "config")})
@@ -103,8 +108,21 @@ def run_stage(stage: str, events: int, tenants: int, root: Path) -> None:
             quotas.end_batch()
             state.drain({0: base + len(chunk)})
 
+    batches = [[MemoryRecord(settings.topics.raw, 0, base + i, None, raw) for i, raw in enumerate(raws[base:base + 5_000])]
+               for base in range(0, len(raws), 5_000)]
+
+    def batch() -> None:
+        state = quota_state("bench-changelog", settings.live_state_entries)
+        quotas = QuotaEngine(plans, lambda partition: QuotaTables(**state.views(partition)))
+        processor = BatchProcessor(settings.topics, Counters(), attribution=attribution, quotas=quotas, state=state)
+        for records_ in batches:
+            done = processor.process(records_)
+            LEDGER.encode(done.records)
+            for key, counted in done.windows.items():
+                counted.state_json(done.settled.get(key))
+
     tune_gc()
-    list(itertools.starmap(attribute if stage == "attribute" else quota, [()]))  # (counted: see _TOGGLE)
+    list(itertools.starmap({"attribute": attribute, "quota": quota, "batch": batch}[stage], [()]))  # (counted: see _TOGGLE)
 
 
 if __name__ == "__main__":
