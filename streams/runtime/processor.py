@@ -20,6 +20,7 @@ What the batch produced (``Batch``) is made durable by ``streams.runtime.checkpo
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,9 +38,12 @@ from streams.settings import Topics
 from streams.stages.attribution import Attribution
 from streams.stages.quotas import COLD_TABLES, Counted, QuotaEngine, QuotaTables, restore_entry, tenant_of
 from streams.stages.revenue import stamp_fresh
+from streams.storage.compiled import fast
 from streams.storage.tables import LEDGER, Blocks, LedgerRow, RecordBatch
 
 log = logging.getLogger(__name__)
+#: A row's tenant (for the batch's count of tenants: in C, not a Python frame a row).
+_TENANT = operator.attrgetter("tenant_id")
 
 #: A (topic, partition) pair.
 TopicPartitionKey = tuple[str, int]
@@ -167,7 +171,7 @@ class BatchProcessor:
             else:
                 counted.append(record)
                 attributed.append(out)
-        if len({out.tenant_id for out in attributed}) * 2 > len(attributed):
+        if len(set(map(_TENANT, attributed))) * 2 > len(attributed):
             batch.sparse = True
             # Most tenants have one event in this batch (as with many tenants at a low rate each):
             # no window has events to sum, and event by event does without the batch path's
@@ -180,16 +184,11 @@ class BatchProcessor:
                                           now)  # stage 4
         failed = set(outcome.failed)
         c.quota_errors += len(failed)
-        for position, (out, event) in enumerate(zip(attributed, outcome.events, strict=True)):
-            if failed and position in failed:
-                keep(out)  # the event still reaches the ledger; the error is counted
-                continue
-            if event.duplicate:  # not landed again: see ``_usage``
-                c.duplicates += 1
-                continue
-            c.late += event.late
-            out.stamp(event.rated.revenue, event.rated.period, event.late)
-            keep(out)
+        # Each row stamped with its rating and kept, in order (in C): one whose quota update failed
+        # still reaches the ledger (the error is counted); a duplicate is not landed again (see ``_usage``).
+        duplicates, late = fast.keep_outcomes(attributed, outcome.events, failed, keep)
+        c.duplicates += duplicates
+        c.late += late
         batch.alerts.extend(outcome.alerts)
         batch.expired.extend(outcome.expired)
         batch.windows.update(outcome.counted)

@@ -1110,6 +1110,34 @@ def count_windows(engine, list limits, list by_limit, list stored, windows, part
                             tuple.__new__(_COUNTED, (ref, usage, group[last].event_time, judged)),
                             reserved, reserved_order if reserved else None)
 
+@cython.boundscheck(True)
+def keep_outcomes(list rows, list events, failed, keep):
+    """``BatchProcessor._usage_batch``'s last step, for a batch's ledger rows and their
+    ``EventOutcome`` from ``apply_batch``, in order: a row whose position is in ``failed`` (its
+    quota update failed) is kept as it is; a duplicate is not kept; any other row is stamped with
+    its rating and lateness (``LedgerRow.stamp``) and kept (``keep``). Returns (duplicates, late
+    rows among those kept)."""
+    cdef Py_ssize_t i, n = len(rows), duplicates = 0, late = 0
+    cdef tuple event, rated
+    if len(events) != n:
+        raise ValueError(f"{n} rows, {len(events)} outcomes")
+    for i in range(n):
+        row = rows[i]
+        if failed and i in failed:
+            keep(row)
+            continue
+        event = _tuple(events[i])  # (``EventOutcome``: duplicate, late, rated; checked at import)
+        if event[0]:
+            duplicates += 1
+            continue
+        rated = _tuple(event[2])  # (``RevenueOutcome``: revenue, late, period)
+        if event[1]:
+            late += 1
+        (<LedgerRow?> row).stamp(rated[0], rated[2], event[1])
+        keep(row)
+    return duplicates, late
+
+
 # ---- a rated row in integers ----------------------------------------------------------------------
 # ``rate_rows``'s step for one row, computed on the ``Decimal`` values' coefficients and exponents
 # (read by ``_parts``) in 128-bit integers: the same exact values (``rate_all`` runs in a 60-digit
