@@ -84,7 +84,10 @@ def run_stage(stage: str, events: int, tenants: int, root: Path) -> None:
     from streams.stages.quotas import QuotaEngine, QuotaTables
     from streams.storage.tables import LEDGER
 
-    now = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)  # (a fixed clock: the same windows in every run)
+    # A fixed clock: the same windows in every run. (The batch stage's processor reads the host's
+    # clock, for when rows are attributed and for the duplicate check's groups; its events, behind
+    # it, are counted the same at any later time.)
+    now = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
     settings = Settings.from_env(environ={"COSTLINE_CONFIG_DIR": str(root / "config")})
     attribution = Attribution.from_settings(settings)
     plans = Plans.from_file(settings.plans_file)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import KafkaError
 
+from schemas.usage import UsageEvent
 from streams.runtime import loop as loop_module
 from streams.runtime.checkpoint import Unlanded
 from streams.runtime.loop import EXIT_FAILED, EXIT_UNLANDED, LoopThread
@@ -15,7 +17,7 @@ from streams.runtime.memory import MemoryBroker, MemoryRecord
 from streams.runtime.metrics import Counters, render
 from streams.runtime.processor import BatchProcessor
 from streams.storage.sink import SinkStats
-from tests.runtime.conftest import TOPICS, usage_event
+from tests.runtime.conftest import AT, TOPICS, usage_event
 
 
 class ErrorRecord(MemoryRecord):
@@ -84,6 +86,25 @@ def test_in_a_batch_a_quota_failure_is_the_tenants_and_its_events_still_reach_th
     assert {counted.ref.tenant for counted in batch.windows.values()} == {"globex"}
     c = worker.counters
     assert (c.events_in, c.attributed, c.quota_errors) == (4, 4, 2)
+
+
+def test_in_a_batch_late_events_are_kept_stamped_late_and_copies_are_dropped_and_counted(make_worker):
+    """The batch path's last step (``fast.keep_outcomes``): a copy of an event already in the batch
+    is not kept and counts as a duplicate; an event 40 days behind its tenant's watermark (its
+    windows and billing period closed, whatever the day) is kept, not rated, stamped late and
+    counted late; the others are kept and rated, in order."""
+    broker = MemoryBroker()
+    worker = make_worker(broker)
+    late = UsageEvent.model_validate_json(usage_event(9)).model_copy(
+        update={"event_id": "e-late", "timestamp": AT - timedelta(days=40)}).model_dump_json().encode()
+    records = [broker.append(TOPICS.raw, 0, b"acme", value)
+               for value in (usage_event(0), usage_event(1), usage_event(1), late, usage_event(2))]
+    batch = worker.processor.process(records)
+    assert [(r.event_id, r.late) for r in batch.records] == [
+        ("e-00000", False), ("e-00001", False), ("e-late", True), ("e-00002", False)]
+    assert [r.revenue_usd is not None for r in batch.records] == [True, True, False, True]
+    c = worker.counters
+    assert (c.events_in, c.attributed, c.duplicates, c.late, c.quota_errors) == (5, 5, 1, 1, 0)
 
 
 def test_a_processor_of_usage_needs_attribution_quotas_and_state_together(attribution):
