@@ -924,31 +924,38 @@ cdef inline list _list(value):
     return <list> value
 
 
-@cython.boundscheck(True)
-cdef tuple _bounds_of(engine, dict recent_bounds, kind, at, zone):
-    """``engine._bounds(kind, at, zone)``: its memo read here (as ``QuotaEngine._bounds`` reads it:
-    change the two together), the engine's own code on a miss."""
-    recent = recent_bounds.get((kind, zone))
-    if recent is not None:
-        for bounds in _list(recent):
-            if _tuple(bounds)[0] <= at < (<tuple> bounds)[1]:  # (``Bounds``: start, end)
-                return <tuple> bounds
-    return _tuple(engine._bounds(kind, at, zone))
+cdef object _BOUNDS = None, _WINDOW_REF = None, _WINDOW_KEY = None, _STATE_KEY = None
+cdef Py_ssize_t _REF_MEMO = 0, _RECENT = 0
 
 
-cdef object _WINDOW_REF = None, _WINDOW_KEY = None, _STATE_KEY = None
-cdef Py_ssize_t _REF_MEMO = 0
-
-
-def configure_refs(bounds, window_ref, Py_ssize_t memo_size, window_key, state_key):
-    """The quota stage's ``Bounds`` and ``WindowRef``, its memo size, ``window_key`` and
-    ``schemas.quota.state_key`` (``streams.stages.quotas``, at its import)."""
-    global _WINDOW_REF, _REF_MEMO, _WINDOW_KEY, _STATE_KEY
+def configure_refs(bounds, window_ref, Py_ssize_t memo_size, Py_ssize_t recent, window_key, state_key):
+    """The quota stage's ``Bounds`` and ``WindowRef``, its memo size, how many windows
+    ``bounds_of`` remembers per kind and zone, ``window_key`` and ``schemas.quota.state_key``
+    (``streams.stages.quotas``, at its import)."""
+    global _BOUNDS, _WINDOW_REF, _REF_MEMO, _RECENT, _WINDOW_KEY, _STATE_KEY
     # (Read and made by position here: a field added or moved must be added or moved here too.)
     if bounds._fields != ("start", "end", "start_text", "end_text", "expires") or window_ref._fields != (
             "key", "tenant", "limit", "scope_value", "start", "end", "state_key"):
         raise AssertionError(f"Bounds' or WindowRef's fields changed: {bounds._fields}, {window_ref._fields}")
-    _WINDOW_REF, _REF_MEMO, _WINDOW_KEY, _STATE_KEY = window_ref, memo_size, window_key, state_key
+    _BOUNDS, _WINDOW_REF, _REF_MEMO, _RECENT, _WINDOW_KEY, _STATE_KEY = \
+        bounds, window_ref, memo_size, recent, window_key, state_key
+
+
+@cython.boundscheck(True)
+cpdef tuple bounds_of(dict recent_bounds, kind, at, zone, grace):
+    """``QuotaEngine._bounds``: the window of ``kind`` holding ``at`` in ``zone``, from the last few
+    of each kind and zone in ``recent_bounds`` (the most recent first, ``configure_refs``'s number of
+    them), or made (``Bounds.of``) and remembered."""
+    recent = recent_bounds.get((kind, zone))
+    if recent is None:
+        recent = recent_bounds[(kind, zone)] = []
+    for bounds in _list(recent):
+        if _tuple(bounds)[0] <= at < (<tuple> bounds)[1]:  # (``Bounds``: start, end)
+            return <tuple> bounds
+    made = _tuple(_BOUNDS.of(kind, at, zone, grace))
+    (<list> recent).insert(0, made)
+    del (<list> recent)[_RECENT:]
+    return made
 
 
 @cython.boundscheck(True)
@@ -976,11 +983,12 @@ def group_windows(engine, tenant, list limits, zone, list group, list times, lis
     """Each limit's windows of a tenant group (``group_marks``'s lists): for each limit a dict of
     window key → (its ``WindowRef``, ``Bounds``, the events in it by index in ``group``), in the
     order ``apply`` meets them. An event past a window's grace period at its own watermark is late
-    for it: marked in ``late`` and in none of that limit's windows. Through the engine's ``_bounds``
-    and ``_ref`` (``window_ref``) memos: the same objects."""
+    for it: marked in ``late`` and in none of that limit's windows. Through the engine's memos
+    (``bounds_of``, ``window_ref``): the same objects as its ``_bounds`` and ``_ref`` give."""
     cdef Py_ssize_t j, n = len(group)
     cdef list last
     cdef dict found, recent_bounds = engine._last_bounds, refs = engine._refs
+    grace = engine.grace
     cdef list by_limit = []
     cdef tuple bounds
     cdef bint scoped
@@ -992,7 +1000,7 @@ def group_windows(engine, tenant, list limits, zone, list group, list times, lis
         by_limit.append(found)
         kind, scope = limit.window, limit.scope
         scoped = scope != "tenant"
-        bounds = _bounds_of(engine, recent_bounds, kind, earliest, zone)
+        bounds = bounds_of(recent_bounds, kind, earliest, zone, grace)
         if not scoped and latest < bounds[1] and bounds[4] > mark:  # (``Bounds``: end, expires)
             # Most groups: every event in one window, none of them late (the watermark only grows,
             # and the last one is ``mark``): no look at the events one by one.
@@ -1001,7 +1009,7 @@ def group_windows(engine, tenant, list limits, zone, list group, list times, lis
             continue
         last_bounds, last = None, None
         for j in range(n):
-            bounds = _bounds_of(engine, recent_bounds, kind, times[j], zone)
+            bounds = bounds_of(recent_bounds, kind, times[j], zone, grace)
             if bounds[4] <= marks[j]:
                 late[j] = True
                 continue

@@ -619,7 +619,7 @@ class QuotaEngine:
         group, times, marks, reservations, reserving = fast.group_marks(
             records, positions, watermark_limit, tenant_state["watermark"] if tenant_state is not None else None)
         # Each limit's windows, with their events (by index in ``group``); an event is late for a
-        # window past its grace period at the event's watermark (in C, through ``_bounds`` and ``_ref``).
+        # window past its grace period at the event's watermark (in C, through the engine's memos).
         late = [False] * len(group)
         by_limit = fast.group_windows(self, tenant, limits, zone, group, times, marks, late)
         # The group's windows, read once: rating, between this and ``count_windows``, cannot change
@@ -734,18 +734,9 @@ class QuotaEngine:
         """The window holding ``at``, remembering the last few per kind and zone (windows do not
         overlap, so an event time inside one is in that window). A few, not one: the batch path
         goes tenant by tenant, each from its earliest event, so a batch that spans a minute's turn
-        asks for the two minutes by turns (computing a window costs about 2 µs). The memo is read
-        in C too (``fast.group_windows``'s ``_bounds_of``): change the two together."""
-        recent = self._last_bounds.get((kind, zone))
-        if recent is None:
-            recent = self._last_bounds[(kind, zone)] = []
-        for bounds in recent:
-            if bounds.start <= at < bounds.end:
-                return bounds
-        bounds = Bounds.of(kind, at, zone, self.grace)
-        recent.insert(0, bounds)
-        del recent[_RECENT_BOUNDS:]
-        return bounds
+        asks for the two minutes by turns (computing a window costs about 2 µs). (In C:
+        ``fast.bounds_of``.)"""
+        return fast.bounds_of(self._last_bounds, kind, at, zone, self.grace)
 
     def _ref(self, tenant: str, limit: Limit, scope: str, bounds: Bounds) -> WindowRef:
         """The window's reference (memoized; in C: ``fast.window_ref``)."""
@@ -802,7 +793,7 @@ class QuotaEngine:
 
 
 fast.configure_windows(_ZERO, margin_percent, ROUND_CEILING, Counted, EventOutcome)
-fast.configure_refs(Bounds, WindowRef, _MEMO_SIZE, window_key, state_key)
+fast.configure_refs(Bounds, WindowRef, _MEMO_SIZE, _RECENT_BOUNDS, window_key, state_key)
 fast.configure_states(_state_prefix, to_json, status_of)
 
 
