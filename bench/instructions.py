@@ -112,7 +112,7 @@ def run_stage(stage: str, events: int, tenants: int, root: Path) -> None:
             state.drain({0: base + len(chunk)})
 
     batches = [[MemoryRecord(settings.topics.raw, 0, base + i, None, raw) for i, raw in enumerate(raws[base:base + 5_000])]
-               for base in range(0, len(raws), 5_000)]
+               for base in range(0, len(raws), 5_000)] if stage == "batch" else []
 
     def batch() -> None:
         state = quota_state("bench-changelog", settings.live_state_entries)
