@@ -27,6 +27,10 @@ Reason = Literal[
     "cost_out_of_range",
     "processing_error",
     "invalid_block",
+    # The OTLP input (``streams.stages.spans``): a message that is not OTLP traces, and one with an
+    # inference span that cannot make a valid usage event.
+    "invalid_otlp",
+    "invalid_span",
 ]
 
 

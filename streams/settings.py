@@ -72,6 +72,7 @@ _ENV = {
     "enforcer_peers": "COSTLINE_ENFORCER_PEERS",
     "fault_injection": "COSTLINE_FAULT_INJECTION",
     "role": "COSTLINE_ROLE",
+    "otlp_topic": "COSTLINE_OTLP_TOPIC",
     "publish_attributed": "COSTLINE_PUBLISH_ATTRIBUTED",
     "log_format": "COSTLINE_LOG_FORMAT",
     "web_token": "COSTLINE_WEB_TOKEN",
@@ -133,11 +134,20 @@ class Settings(BaseModel):
     #: Role ``stream`` also publishes each attributed record as JSON on usage.attributed, for
     #: consumers of that topic other than the sink (which reads the ledger blocks of usage.ledger).
     publish_attributed: bool = False
+    #: The topic an OpenTelemetry Collector's Kafka exporter writes spans to (``otlp_spans`` is its
+    #: default); when set, workers of roles ``all`` and ``stream`` turn its GenAI spans into usage
+    #: events (``streams.runtime.spans``). The Collector names it: no topic prefix is added.
+    otlp_topic: str = Field(default="", max_length=249, pattern=r"^[A-Za-z0-9._-]*$")
 
     @property
     def plans_file(self) -> Path:
         """Plans, their limits and rate cards (``streams.stages.plans``)."""
         return self.config_dir / "plans.yaml"
+
+    @property
+    def otlp_file(self) -> Path:
+        """Where a span's tenant, user and business context are (``streams.stages.spans``)."""
+        return self.config_dir / "otlp.yaml"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

@@ -67,6 +67,9 @@ def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
         # could have ended: an ended hold is never restored, so its expiry needs no tombstone here.
         t.reservations: {"cleanup.policy": "compact,delete", "retention.ms": str(2 * 3600 * 1000)},
         changelog_topic(settings): {"cleanup.policy": "compact"},
+        # The OpenTelemetry Collector's spans (``COSTLINE_OTLP_TOPIC``): created if the Collector
+        # has not written to it yet, with the broker's defaults; an existing one is left as it is.
+        **({settings.otlp_topic: {}} if settings.otlp_topic else {}),
     }
 
 

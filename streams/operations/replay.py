@@ -5,7 +5,8 @@ event that reaches it again replaces its earlier row instead of adding to the to
 
 ``replay_dead_letters`` reads ``usage.dlq`` with its own consumer group and commits as it goes,
 so each dead letter is re-submitted once; the original key, bytes and timestamp go back to
-``usage.raw`` (or the topic they were read from: usage.attributed, quota.alerts, usage.ledger),
+``usage.raw`` (or the topic they were read from: usage.attributed, quota.alerts, usage.ledger, the
+OTLP spans topic),
 where the worker validates them again (a record that is still invalid returns to the dead-letter
 topic with its reason).
 
@@ -103,7 +104,7 @@ def replay_dead_letters(settings: Settings, reason: str | None = None, timeout_s
         # A dead letter goes back to the topic it was read from (a ledger block the sink refused
         # to usage.ledger, not to usage.raw, where it could only fail again), and to usage.raw
         # if that topic is not one of the pipeline's (a record from before the header was set).
-        sources = {t.raw, t.attributed, t.alerts, t.ledger}
+        sources = {t.raw, t.attributed, t.alerts, t.ledger} | ({settings.otlp_topic} if settings.otlp_topic else set())
         with UsageProducer(settings.kafka_bootstrap_servers, t.raw,
                            config={"message.max.bytes": MAX_LEDGER_RECORD_BYTES + 65_536}) as producer:
             def resubmit(msg: Message) -> None:

@@ -36,6 +36,7 @@ from streams.operations.reprice import RepriceRefused, RepriceResult, RepriceWin
 from streams.runtime.checkpoint import Checkpoint
 from streams.runtime.loop import LoopThread
 from streams.runtime.metrics import Counters, render
+from streams.runtime.spans import SpanIngest
 from streams.settings import Settings
 from streams.stages.attribution import Attribution
 from streams.stages.plans import Plans
@@ -82,7 +83,9 @@ class Host(faust.App):
 
 
 def create_app(settings: Settings, loop: LoopThread, checkpoint: Checkpoint, counters: Counters,
-               attribution: Attribution, sink: ClickHouseSink | None, faults: ClickHouseFaults | None) -> faust.App:
+               attribution: Attribution, sink: ClickHouseSink | None, faults: ClickHouseFaults | None,
+               spans: SpanIngest | None = None) -> faust.App:
+    """``spans``: the OTLP input, run beside the batch loop when the worker has one."""
     app_id = f"{settings.app_id}-{settings.role}"
     datadir = settings.home / "worker" / f"{app_id}-{settings.web_port}"  # Faust wants one; nothing is kept there
     datadir.mkdir(parents=True, exist_ok=True)
@@ -104,8 +107,12 @@ def create_app(settings: Settings, loop: LoopThread, checkpoint: Checkpoint, cou
 
         async def on_start(self) -> None:
             loop.start()
+            if spans is not None:
+                spans.start()
 
         async def on_stop(self) -> None:
+            if spans is not None:  # (its turn in progress commits: what it published is read by the loop or its successor)
+                await asyncio.get_running_loop().run_in_executor(None, spans.stop)
             # Lets the batch in flight land and commit (or the process exits 75 when it cannot).
             if sink is not None:
                 sink.stopping.set()  # a failing write stops retrying; one in progress finishes

@@ -18,6 +18,12 @@ class Counters:
     duplicates: int = 0
     alerts: int = 0
     quota_errors: int = 0
+    #: The OTLP input's (``streams.runtime.spans``).
+    otlp_messages: int = 0
+    otlp_spans: int = 0
+    otlp_events: int = 0
+    otlp_skipped: int = 0
+    otlp_dead_lettered: int = 0
     #: Per ClickHouse table.
     sinks: dict[str, SinkStats] = field(default_factory=dict)
     #: Next offset to process per (topic, partition), for the consumer lag.
@@ -33,6 +39,8 @@ class Counters:
             "events_in": self.events_in, "attributed": self.attributed, "unpriced": self.unpriced,
             "dead_lettered": self.dead_lettered, "late": self.late, "duplicates": self.duplicates,
             "alerts": self.alerts, "quota_errors": self.quota_errors,
+            "otlp": {"messages": self.otlp_messages, "spans": self.otlp_spans, "events": self.otlp_events,
+                     "skipped": self.otlp_skipped, "dead_lettered": self.otlp_dead_lettered},
             "sinks": {name: vars(stats) for name, stats in self.sinks.items()},
         }
 
@@ -46,6 +54,11 @@ _COUNTERS = [
     ("duplicates", "Re-sent copies of events, not counted again in quota windows, revenue or the ledger"),
     ("alerts", "Quota alerts sent"),
     ("quota_errors", "Events whose quota update failed"),
+    ("otlp_messages", "Messages read from the OpenTelemetry spans topic"),
+    ("otlp_spans", "Spans in those messages"),
+    ("otlp_events", "Spans published to usage.raw as usage events"),
+    ("otlp_skipped", "Spans that are not model calls with usage (agent, tool and other spans)"),
+    ("otlp_dead_lettered", "Span messages sent to usage.dlq (not OTLP, or with an unusable inference span)"),
 ]
 
 

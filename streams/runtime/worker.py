@@ -9,6 +9,10 @@ source, processor, checkpoint and sink — and the Faust host around it.
 | `all`    | usage.raw, usage.attributed (backfill) | ledger, alerts | dead letters, alerts, quota state |
 | `stream` | usage.raw                 | —                 | the above, usage.ledger (and usage.attributed if `COSTLINE_PUBLISH_ATTRIBUTED`) |
 | `sink`   | usage.ledger, usage.attributed, quota.alerts | ledger, alerts | dead letters      |
+
+With ``COSTLINE_OTLP_TOPIC`` set, roles ``all`` and ``stream`` also read an OpenTelemetry
+Collector's spans from that topic and publish their usage events to usage.raw
+(``streams.runtime.spans``).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from streams.runtime.logs import logging_config
 from streams.runtime.loop import BatchLoop, LoopThread
 from streams.runtime.metrics import Counters
 from streams.runtime.processor import BatchProcessor, quota_state
+from streams.runtime.spans import SpanIngest
 from streams.settings import Settings, Topics
 from streams.stages.attribution import Attribution
 from streams.stages.plans import Plans
 from streams.stages.quotas import QuotaEngine, QuotaTables
+from streams.stages.spans import SpanMapping
 from streams.storage.clickhouse import connect, is_embedded
 from streams.storage.faults import ClickHouseFaults
 from streams.storage.migrations import migrate
@@ -47,6 +53,8 @@ def run_worker(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT. The worker owns an embedded database path while it runs."""
     attribution = Attribution.from_settings(settings)
     plans = Plans.from_file(settings.plans_file)
+    reads_spans = bool(settings.otlp_topic) and settings.role in ("all", "stream")
+    mapping = SpanMapping.from_file(settings.otlp_file) if reads_spans else None  # (a mistake stops the start)
     ensure_topics(settings)
     counters = Counters()
     faults = ClickHouseFaults() if settings.fault_injection else None
@@ -59,7 +67,8 @@ def run_worker(settings: Settings) -> None:
                               send=faults.wrap(send_to) if faults else send_to,
                               purge_every_s=_PURGE_EVERY_S if is_embedded(settings.clickhouse_url) else None)
     loop, checkpoint = build_loop(settings, counters, attribution, plans, sink)
-    app = create_app(settings, loop, checkpoint, counters, attribution, sink, faults)
+    spans = SpanIngest(settings, mapping, counters) if mapping is not None else None
+    app = create_app(settings, loop, checkpoint, counters, attribution, sink, faults, spans)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
                           logging_config=logging_config(settings.log_level, settings.log_format))
     worker.execute_from_commandline()
