@@ -244,7 +244,7 @@ def read_message(value: bytes | None) -> Iterator[Span]:
     """The spans of one message, in either encoding. Raises ``NotOtlp``."""
     if not value:
         raise NotOtlp("empty message")
-    if value.lstrip()[:1] == b"{":
+    if value.lstrip()[:1] in (b"{", b"["):  # (a TracesData begins with field 1: 0x0a)
         yield from _from_json(value)
     else:
         yield from _from_proto(value)
@@ -349,11 +349,13 @@ def _json_id(span: dict[str, Any], name: str, size: int, where: str, required: b
     return raw.hex()
 
 
-def _json_int(value: Any, where: str) -> int:
-    """A 64-bit integer, as pdata writes it (a string) or as a number."""
-    if isinstance(value, int) and not isinstance(value, bool):
+def _json_int(value: Any, where: str, signed: bool = False) -> int:
+    """A 64-bit integer, as pdata writes it (a string) or as a number; ``signed``: an attribute's
+    ``intValue`` (times and status codes are never negative)."""
+    if isinstance(value, int) and not isinstance(value, bool) and (signed or value >= 0):
         return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():  # (ASCII: isdigit alone takes "²")
+    digits = value[1:] if signed and isinstance(value, str) and value.startswith("-") else value
+    if isinstance(digits, str) and digits.isascii() and digits.isdigit():  # (ASCII: isdigit alone takes "²")
         return int(value)
     raise NotOtlp(f"not OTLP JSON: {where} is not an integer")
 
@@ -378,7 +380,7 @@ def _json_value(value: dict[str, Any], where: str) -> Any:
     if "stringValue" in value:
         return value["stringValue"]
     if "intValue" in value:
-        return _json_int(value["intValue"], where)
+        return _json_int(value["intValue"], where, signed=True)
     if "boolValue" in value:
         return value["boolValue"]
     if "doubleValue" in value:
