@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -43,15 +43,8 @@ BATCH = 500
 WAIT_S = 0.1
 
 
-@dataclass
-class _Turn:
-    """What a turn did, added to the worker's ``Counters`` (``otlp_*``) once it is committed."""
-
-    otlp_messages: int = 0
-    otlp_spans: int = 0
-    otlp_events: int = 0
-    otlp_skipped: int = 0
-    otlp_dead_lettered: int = 0
+#: The counters of the OTLP input (``Counters.otlp_*``): a turn's are added to the worker's once committed.
+_COUNTED = [f.name for f in fields(Counters) if f.name.startswith("otlp_")]
 
 
 class SpanIngest:
@@ -121,7 +114,7 @@ class SpanIngest:
     def _publish(self, messages: list[Message]) -> None:
         """One transaction: the messages' events and dead letters, and their offsets."""
         t, produce = self.settings.topics, self.producer.produce
-        done = _Turn(otlp_messages=len(messages))
+        done = Counters(otlp_messages=len(messages))  # (this turn's, added to the worker's once committed)
         try:
             self.producer.begin_transaction()
             for message in messages:
@@ -146,8 +139,8 @@ class SpanIngest:
         except KafkaException as exc:
             self._abort(exc, messages)
             return
-        for f in fields(done):
-            setattr(self.counters, f.name, getattr(self.counters, f.name) + getattr(done, f.name))
+        for name in _COUNTED:
+            setattr(self.counters, name, getattr(self.counters, name) + getattr(done, name))
 
     def _outcome(self, message: Message) -> SpanOutcome:
         """The message's outcome; a bug on one message makes it a dead letter, never stops the input."""
