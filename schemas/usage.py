@@ -168,6 +168,12 @@ class UsageEvent(BaseModel):
         return epoch_ms(self.timestamp)
 
 
+def from_epoch_ns(ns: int) -> datetime:
+    """The UTC time of epoch nanoseconds (as OpenTelemetry times are), to the microsecond, in exact
+    integer arithmetic. Raises ``OverflowError`` beyond ``datetime``'s range (year 9999)."""
+    return _EPOCH + timedelta(microseconds=ns // 1000)
+
+
 def epoch_ms(at: datetime) -> int:
     """Epoch milliseconds of an aware time, in exact integer arithmetic (no float rounding), as
     Kafka record timestamps are."""

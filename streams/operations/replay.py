@@ -5,8 +5,8 @@ event that reaches it again replaces its earlier row instead of adding to the to
 
 ``replay_dead_letters`` reads ``usage.dlq`` with its own consumer group and commits as it goes,
 so each dead letter is re-submitted once; the original key, bytes and timestamp go back to
-``usage.raw`` (or the topic they were read from: usage.attributed, quota.alerts, usage.ledger, the
-OTLP spans topic),
+``usage.raw`` (or the topic they were read from: usage.attributed, quota.alerts, usage.ledger, an
+OpenTelemetry spans topic),
 where the worker validates them again (a record that is still invalid returns to the dead-letter
 topic with its reason).
 
@@ -37,6 +37,8 @@ from streams.stages.attribution import Attribution
 from streams.storage.query import query, sql_time
 
 DLQ_REPLAY_GROUP = "dlq-replay"
+#: The reasons of the OTLP input's dead letters (``streams.stages.spans``).
+OTLP_REASONS = ("invalid_otlp", "invalid_span")
 
 
 @dataclass
@@ -104,7 +106,7 @@ def replay_dead_letters(settings: Settings, reason: str | None = None, timeout_s
         # A dead letter goes back to the topic it was read from (a ledger block the sink refused
         # to usage.ledger, not to usage.raw, where it could only fail again), and to usage.raw
         # if that topic is not one of the pipeline's (a record from before the header was set).
-        sources = {t.raw, t.attributed, t.alerts, t.ledger} | ({settings.otlp_topic} if settings.otlp_topic else set())
+        sources = {t.raw, t.attributed, t.alerts, t.ledger}
         with UsageProducer(settings.kafka_bootstrap_servers, t.raw,
                            config={"message.max.bytes": MAX_LEDGER_RECORD_BYTES + 65_536}) as producer:
             def resubmit(msg: Message) -> None:
@@ -114,8 +116,11 @@ def replay_dead_letters(settings: Settings, reason: str | None = None, timeout_s
                     result.skipped += 1
                     return
                 source = headers.get(HEADER_TOPIC, b"").decode()
+                # (a span message's dead letter goes back to the spans topic it came from, whose name
+                # is the Collector's: the replaying shell need not know it)
+                spans = headers.get(HEADER_REASON, b"").decode() in OTLP_REASONS and source
                 producer.send_raw(msg.value() or b"", key=msg.key(), timestamp_ms=msg.timestamp()[1],
-                                  topic=source if source in sources else t.raw)
+                                  topic=source if source in sources or spans else t.raw)
                 result.resubmitted += 1
 
             handled = _read_range(consumer, settings.topics.dlq, committed_starts, None, resubmit, timeout_s)

@@ -111,11 +111,13 @@ class KafkaSource:
 
 
 class KafkaTransactions:
-    """A transactional producer whose transactional id is stable per worker (``instance_id``)."""
+    """A transactional producer whose transactional id is stable per worker (``instance_id``, then
+    ``suffix``: the OTLP input's producer is ``-otlp``)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, suffix: str = "") -> None:
         self.config = {
-            "bootstrap.servers": settings.kafka_bootstrap_servers, "transactional.id": instance_id(settings),
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "transactional.id": instance_id(settings) + suffix,
             "transaction.timeout.ms": 30_000, "linger.ms": 5, "compression.type": "lz4",
             "partitioner": "murmur2_random", "message.max.bytes": MAX_LEDGER_RECORD_BYTES + 65_536,
             "log_level": 3, "logger": logging.getLogger("librdkafka"),
@@ -144,6 +146,14 @@ class KafkaTransactions:
                 self.producer.poll(0.05)
             except KafkaException as exc:
                 raise TransactionFailed(exc.args[0].str()) from exc
+
+    def send_offsets(self, offsets: list[TopicPartition], group: Any) -> None:
+        """Commits a consumer group's ``offsets`` with the open transaction (``group``: the
+        consumer's ``consumer_group_metadata()``)."""
+        try:
+            _while_retriable(lambda timeout: self.producer.send_offsets_to_transaction(offsets, group, timeout))
+        except KafkaException as exc:
+            raise TransactionFailed(exc.args[0].str()) from exc
 
     def commit(self) -> None:
         try:

@@ -23,7 +23,9 @@ class Counters:
     otlp_spans: int = 0
     otlp_events: int = 0
     otlp_skipped: int = 0
+    otlp_completed: int = 0
     otlp_dead_lettered: int = 0
+    otlp_aborted: int = 0
     #: Per ClickHouse table.
     sinks: dict[str, SinkStats] = field(default_factory=dict)
     #: Next offset to process per (topic, partition), for the consumer lag.
@@ -40,7 +42,8 @@ class Counters:
             "dead_lettered": self.dead_lettered, "late": self.late, "duplicates": self.duplicates,
             "alerts": self.alerts, "quota_errors": self.quota_errors,
             "otlp": {"messages": self.otlp_messages, "spans": self.otlp_spans, "events": self.otlp_events,
-                     "skipped": self.otlp_skipped, "dead_lettered": self.otlp_dead_lettered},
+                     "skipped": self.otlp_skipped, "completed": self.otlp_completed,
+                     "dead_lettered": self.otlp_dead_lettered, "aborted": self.otlp_aborted},
             "sinks": {name: vars(stats) for name, stats in self.sinks.items()},
         }
 
@@ -58,7 +61,9 @@ _COUNTERS = [
     ("otlp_spans", "Spans in those messages"),
     ("otlp_events", "Spans published to usage.raw as usage events"),
     ("otlp_skipped", "Spans that are not model calls with usage (agent, tool and other spans)"),
+    ("otlp_completed", "Spans whose input or output total left out its cache or reasoning part, which was added"),
     ("otlp_dead_lettered", "Span messages sent to usage.dlq (not OTLP, or with an unusable inference span)"),
+    ("otlp_aborted", "OTLP input transactions aborted (their messages read and published again)"),
 ]
 
 

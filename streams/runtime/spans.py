@@ -2,10 +2,13 @@
 
 ``SpanIngest`` runs on a thread of its own in workers of roles ``all`` and ``stream`` when
 ``COSTLINE_OTLP_TOPIC`` is set. Each turn reads up to ``BATCH`` messages, maps them
-(``streams.stages.spans``), and in one Kafka transaction publishes the events to usage.raw, the
-messages that cannot be used to usage.dlq with their reasons, and the messages' offsets for its
-consumer group (``send_offsets_to_transaction``). So a message is published exactly once, or, if
-the transaction is aborted, read again from the committed offsets and published then.
+(``streams.stages.spans``) and then, in one Kafka transaction (``KafkaTransactions``, the batch
+loop's, with its own transactional id), publishes the events to usage.raw, the dead letters to
+usage.dlq, and the messages' offsets for its consumer group. A transaction that fails is aborted
+and its messages read again from the group's committed offsets (not from the turn's first ones: a
+commit that failed on the way back may have been made), so each message is published once.
+Retriable broker errors are retried as the batch loop's are; a turn holds at most ``TURN_BYTES``
+of messages, so that it commits well within its transaction's timeout.
 
 Why a hop through usage.raw, not spans into the batch loop directly: the quota windows are kept
 per usage.raw partition, and usage.raw is keyed by tenant, so a tenant's events are all counted
@@ -14,6 +17,12 @@ arrive on every partition of its topic. Published keyed by tenant, they take the
 producer's events take: the same validation, pricing, quota windows, dead letters and copy
 checks. A span delivered twice becomes two records with one ``event_id``, collapsed downstream as
 any resent event. The cost is one produce an event.
+
+Why a thread of the worker, not a process or role of its own: nothing more to deploy or supervise,
+and it is served by the worker's health, metrics and shutdown. It shares the interpreter with the
+batch loop: mapping a span costs about as much as attributing its event (``bench/otlp.py``), so
+a worker fed by spans does about twice the Python work an event. A failure it cannot recover from
+exits the worker (as the batch loop's does), for its supervisor to restart both.
 """
 
 from __future__ import annotations
@@ -21,16 +30,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import fields
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas.dead_letter import Rejection, dead_letter_headers
 from streams.messaging.topics import REFETCH_PROMPTLY
-from streams.runtime.kafka import SESSION_TIMEOUT_MS, instance_id
+from streams.runtime.kafka import SESSION_TIMEOUT_MS, KafkaTransactions
 from streams.runtime.loop import EXIT_FAILED
 from streams.runtime.metrics import Counters
+from streams.runtime.ports import TransactionFailed
 from streams.settings import Settings
 from streams.stages.spans import SpanMapping, SpanOutcome
 
@@ -38,10 +47,12 @@ log = logging.getLogger(__name__)
 
 #: Messages read a turn (each one span, or a Collector's whole export batch).
 BATCH = 500
+#: The most message bytes a turn takes: a thousand-span export is about 0.5 MB, so a turn of a few
+#: of them commits in well under a second, far from the transaction's 30 s timeout.
+TURN_BYTES = 8 * 1024 * 1024
 #: The longest wait for messages in a turn: a span reaches usage.raw within about this much, plus
 #: its transaction's commit.
 WAIT_S = 0.1
-
 
 #: The counters of the OTLP input (``Counters.otlp_*``): a turn's are added to the worker's once committed.
 _COUNTED = [f.name for f in fields(Counters) if f.name.startswith("otlp_")]
@@ -58,17 +69,13 @@ class SpanIngest:
             "bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": f"{settings.deployment}-otlp",
             "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed",
             "session.timeout.ms": SESSION_TIMEOUT_MS, "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 4,
+            # (as the batch loop's source: a bounded prefetch, whatever the Collector's message size)
+            "fetch.max.bytes": 4 * 1024 * 1024, "queued.max.messages.kbytes": 16 * 1024,
             **REFETCH_PROMPTLY, "log_level": 3, "logger": logging.getLogger("librdkafka"),
         })
-        # The same partitioner as every usage.raw producer (``UsageProducer``): a tenant's events,
-        # whoever publishes them, go to one partition.
-        self.config = {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "transactional.id": f"{instance_id(settings)}-otlp", "transaction.timeout.ms": 30_000,
-            "linger.ms": 5, "compression.type": "lz4", "partitioner": "murmur2_random",
-            "log_level": 3, "logger": logging.getLogger("librdkafka"),
-        }
-        self.producer = Producer(self.config)
+        # The batch loop's producer settings (the same partitioner as every usage.raw producer: a
+        # tenant's events, whoever publishes them, go to one partition; room for any dead letter).
+        self.transactions = KafkaTransactions(settings, suffix="-otlp")
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -89,17 +96,17 @@ class SpanIngest:
 
     def run(self) -> None:
         """Until ``stopping`` is set."""
-        self.producer.init_transactions(30)
+        self.transactions.init()
         self.consumer.subscribe([self.topic])
         log.info("reading OpenTelemetry spans from %s", self.topic)
         try:
             while not self.stopping.is_set():
                 messages = [m for m in self.consumer.consume(BATCH, timeout=WAIT_S) if self._usable(m)]
-                if messages:
-                    self._publish(messages)
+                for turn in _turns(messages):
+                    self._publish(turn)
         finally:
             self.consumer.close()
-            self.producer.flush(10)
+            self.transactions.close()
 
     def _usable(self, message: Message) -> bool:
         error = message.error()
@@ -112,31 +119,32 @@ class SpanIngest:
         return False
 
     def _publish(self, messages: list[Message]) -> None:
-        """One transaction: the messages' events and dead letters, and their offsets."""
-        t, produce = self.settings.topics, self.producer.produce
+        """One transaction: the messages' events and dead letters, and their offsets. The messages
+        are mapped before it begins: a transaction stays open only while it is written."""
+        t, tx = self.settings.topics, self.transactions
+        outcomes = [self._outcome(m) for m in messages]
         done = Counters(otlp_messages=len(messages))  # (this turn's, added to the worker's once committed)
         try:
-            self.producer.begin_transaction()
-            for message in messages:
-                outcome = self._outcome(message)
+            tx.begin()
+            for message, outcome in zip(messages, outcomes, strict=True):
                 done.otlp_spans += outcome.spans
                 done.otlp_skipped += outcome.skipped
+                done.otlp_completed += outcome.completed
                 for event in outcome.events:
-                    _retrying(self.producer, lambda e=event: produce(
-                        t.raw, e.model_dump_json(exclude_defaults=True).encode(), e.kafka_key(),
-                        timestamp=e.timestamp_ms()))
+                    tx.produce(t.raw, event.kafka_key(), event.model_dump_json(exclude_defaults=True).encode(),
+                               timestamp=event.timestamp_ms())
                     done.otlp_events += 1
                 if outcome.rejection is not None:
                     log.info("dead-lettered %s[%s]@%s: %s: %s", message.topic(), message.partition(),
                              message.offset(), outcome.rejection.reason, outcome.rejection.message)
-                    _retrying(self.producer, lambda m=message, r=outcome.rejection: produce(
-                        t.dlq, m.value() or b"", m.key(), timestamp=m.timestamp()[1],
-                        headers=dead_letter_headers(r, m.topic(), m.partition(), m.offset())))
+                    value = outcome.dead_value if outcome.dead_value is not None else message.value() or b""
+                    tx.produce(t.dlq, message.key(), value, timestamp=message.timestamp()[1],
+                               headers=dead_letter_headers(outcome.rejection, message.topic(), message.partition(),
+                                                           message.offset()))
                     done.otlp_dead_lettered += 1
-            self.producer.send_offsets_to_transaction(self._next_offsets(messages),
-                                                      self.consumer.consumer_group_metadata(), 30)
-            self.producer.commit_transaction(30)
-        except KafkaException as exc:
+            tx.send_offsets(_next_offsets(messages), self.consumer.consumer_group_metadata())
+            tx.commit()
+        except TransactionFailed as exc:
             self._abort(exc, messages)
             return
         for name in _COUNTED:
@@ -151,38 +159,47 @@ class SpanIngest:
             return SpanOutcome(rejection=Rejection(reason="processing_error",
                                                    message=f"{type(exc).__name__}: {exc}"[:500]))
 
-    @staticmethod
-    def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
-        offsets: dict[tuple[str, int], int] = {}
-        for m in messages:
-            offsets[(m.topic(), m.partition())] = m.offset() + 1
-        return [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
-
-    def _abort(self, exc: KafkaException, messages: list[Message]) -> None:
-        """Drops the transaction and goes back to its messages' first offsets (where the group's
-        committed offsets are: each turn commits its own): they are read and published again. A
-        producer that cannot abort (in a fatal state after a broker's restart) is replaced."""
-        log.warning("OTLP input transaction failed (%s); reading its messages again", exc.args[0])
-        try:
-            self.producer.abort_transaction(30)
-        except KafkaException:
-            self.producer = Producer(self.config)
-            self.producer.init_transactions(30)
+    def _abort(self, exc: TransactionFailed, messages: list[Message]) -> None:
+        """Aborts the transaction and goes back to the group's committed offsets of the turn's
+        partitions (its first offsets where none is committed yet): the messages after them are read
+        and published again."""
+        log.warning("OTLP input transaction failed (%s); reading its messages again", exc)
+        self.transactions.abort()
+        self.counters.otlp_aborted += 1
         firsts: dict[tuple[str, int], int] = {}
         for m in messages:
             firsts.setdefault((m.topic(), m.partition()), m.offset())
-        for (topic, partition), offset in firsts.items():
-            try:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
-            except KafkaException as seek_error:  # (revoked meanwhile: its next owner starts at the committed offset)
-                log.info("not rewinding %s[%s]: %s", topic, partition, seek_error.args[0])
-
-
-def _retrying(producer: Producer, produce: Callable[[], None]) -> None:
-    """``produce``, waiting for room in the producer's queue when it is full."""
-    while True:
         try:
-            produce()
-            return
-        except BufferError:
-            producer.poll(0.05)
+            committed = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(
+                [TopicPartition(topic, partition) for topic, partition in firsts], timeout=30)}
+        except KafkaException as error:  # (the group coordinator did not answer: the turn's first offsets)
+            log.warning("committed offsets of %s unknown (%s): rewinding to the turn's start", self.topic,
+                        error.args[0])
+            committed = {}
+        for key, first in firsts.items():
+            offset = committed.get(key, -1)
+            try:
+                self.consumer.seek(TopicPartition(*key, offset if offset >= 0 else first))
+            except KafkaException as error:  # (revoked meanwhile: its next owner starts at the committed offset)
+                log.info("not rewinding %s[%s]: %s", *key, error.args[0])
+
+
+def _turns(messages: list[Message]) -> list[list[Message]]:
+    """``messages`` in turns of at most ``TURN_BYTES`` (a larger message alone)."""
+    turns: list[list[Message]] = []
+    size = TURN_BYTES
+    for m in messages:
+        length = len(m.value() or b"")
+        if size + length > TURN_BYTES:
+            turns.append([])
+            size = 0
+        turns[-1].append(m)
+        size += length
+    return turns
+
+
+def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
+    offsets: dict[tuple[str, int], int] = {}
+    for m in messages:
+        offsets[(m.topic(), m.partition())] = m.offset() + 1
+    return [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]

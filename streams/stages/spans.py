@@ -28,19 +28,25 @@ the two to the same ledger rows):
   ``output_tokens``, as Costline's contract does. Some instrumentations copy Anthropic's raw
   ``input_tokens``, which leave the cached tokens out: where the cache counts exceed the input
   count (impossible in the convention), or the span's instrumentation scope is listed in
-  ``input_excludes_cache``, the cache counts are added to it. Reasoning beyond the output count is
-  added to it the same way. Never subtracted: a count is only ever completed, not guessed down.
+  ``input_excludes_cache``, the cache counts are added to it. Reasoning is added to the output count
+  the same way: where it exceeds it, or for a scope listed in ``output_excludes_reasoning`` (some
+  releases of google-genai's instrumentation leave thoughts out of the output). Never subtracted: a
+  count is only ever completed, not guessed down. Each completed span is counted
+  (``SpanOutcome.completed``), so that an operator sees which instrumentation needs listing.
 - ``tenant_id``, ``user_id``, ``route``, ``feature``, ``step`` and ``tags`` from the attributes
   ``config/otlp.yaml`` names (a span's own attribute before its resource's; ``@name`` is the span's
-  name); ``service`` from the resource's ``service.name``; ``trace_id``, ``span_id`` and
-  ``parent_span_id`` as hex, so that per-trace attribution works.
+  name), the optional ones cut to the contract's 256 characters rather than refused: a long route
+  must not keep a call from being billed; ``service`` from the resource's ``service.name``;
+  ``trace_id``, ``span_id`` and ``parent_span_id`` as hex, so that per-trace attribution works.
 
 A span without ``gen_ai.operation.name``, of another operation, or without any usage count is
-skipped (and counted). An inference span whose usage or identity cannot make a valid event (no
-tenant, a count that is not a whole number, a part beyond its total) makes the message a dead
-letter, its reason naming the span; the message's other spans are still published, and a fixed
-message re-submitted from the dead-letter topic publishes them again under the same event ids, so
-they collapse. A message that is not OTLP is a dead letter too.
+skipped (and counted), as is such a span with malformed ids. An inference span that cannot make a
+valid event (no tenant, malformed ids, a count that is not a whole number, a part beyond its total)
+is dead-lettered with its reason: the dead letter is a ``TracesData`` (protobuf) of the unusable
+spans only, with their resources and scopes, so that once the cause is fixed, re-submitting it
+publishes those spans and no other. (Re-submitting the whole message would publish its good spans
+a second time, after the quota stage's copy check has forgotten them.) A message that is not OTLP
+is dead-lettered as it arrived.
 """
 
 from __future__ import annotations
@@ -48,19 +54,20 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterator
+import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Status, TracesData
-from pydantic import Field, ValidationError
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Status, TracesData
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
+from pydantic import Field, ValidationError, field_validator
 
 from schemas.dead_letter import Rejection
-from schemas.usage import MAX_LATENCY_MS, UsageEvent
+from schemas.usage import MAX_LATENCY_MS, UsageEvent, from_epoch_ns
 from streams.config import Strict, load_model
 
 #: Operations whose spans are model calls with usage of their own (the GenAI conventions' names).
@@ -92,11 +99,16 @@ TOKENS = {
 #: A span carries usage when it has one of these.
 _TOTALS = (*TOKENS["input_tokens"], *TOKENS["output_tokens"])
 
-#: How many unusable spans a dead letter's message names.
+#: How many unusable spans a dead letter's message names, and the longest message (a header).
 _SHOWN = 3
+_MESSAGE_CHARS = 500
 #: The span field an attribute list may name instead of an attribute.
 SPAN_NAME = "@name"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The contract's longest optional text (``ShortText``): longer context is cut, not refused.
+_SHORT = 256
+#: The most digits a JSON integer is read with (a 64-bit one has at most 20).
+_DIGITS = 20
+_HEX = {size: re.compile(f"[0-9a-f]{{{2 * size}}}").fullmatch for size in (8, 16)}
 
 Attributes = list[str]
 
@@ -119,6 +131,13 @@ class SpanMapping(Strict):
     #: Instrumentation scopes whose ``input_tokens`` leave cache reads and writes out (a copy of
     #: Anthropic's raw count): their cache counts are always added to it.
     input_excludes_cache: list[str] = Field(default_factory=list)
+    #: Instrumentation scopes whose ``output_tokens`` leave reasoning out: it is always added to it.
+    output_excludes_reasoning: list[str] = Field(default_factory=list)
+
+    @field_validator("providers")
+    @classmethod
+    def _lowercase(cls, providers: dict[str, str]) -> dict[str, str]:
+        return {name.lower(): catalog for name, catalog in providers.items()}  # (looked up lowercased)
 
     @classmethod
     def from_file(cls, path: Path | None) -> SpanMapping:
@@ -126,19 +145,19 @@ class SpanMapping(Strict):
         return load_model(path, cls)
 
     def outcome(self, value: bytes | None) -> SpanOutcome:
-        """What one message of the spans topic gives: its events, how many spans it skipped, and
-        the reason it is a dead letter (or None)."""
+        """What one message of the spans topic gives: its events, its spans' counts, and its dead
+        letter (``rejection``, and ``dead_value``: None for the message as it arrived)."""
         try:
-            spans = list(read_message(value))
+            spans = read_message(value)
         except NotOtlp as exc:
-            return SpanOutcome(rejection=Rejection(reason="invalid_otlp", message=str(exc)))
+            return SpanOutcome(rejection=Rejection(reason="invalid_otlp", message=_cut(str(exc))))
         out = SpanOutcome(spans=len(spans))
-        bad: list[str] = []
+        bad: list[tuple[Span, str]] = []
         for span in spans:
             try:
-                event = self.event_of(span)
+                event = self.event_of(span, out)
             except UnusableSpan as exc:
-                bad.append(f"span {span.trace_id}/{span.span_id}: {exc}")
+                bad.append((span, f"span {span.trace_id or '?'}/{span.span_id or '?'}: {exc}"))
                 continue
             if event is None:
                 out.skipped += 1
@@ -146,26 +165,36 @@ class SpanMapping(Strict):
                 out.events.append(event)
         if bad:
             more = f" (+{len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else ""
-            out.rejection = Rejection(reason="invalid_span", message="; ".join(bad[:_SHOWN]) + more)
+            out.rejection = Rejection(reason="invalid_span",
+                                      message=_cut("; ".join(reason for _, reason in bad[:_SHOWN]) + more))
+            out.dead_value = traces_of([span for span, _ in bad])
         return out
 
-    def event_of(self, span: Span) -> UsageEvent | None:
+    def event_of(self, span: Span, counts: SpanOutcome | None = None) -> UsageEvent | None:
         """The usage event of an inference span with usage; None for any other span. Raises
-        ``UnusableSpan`` for an inference span that cannot make a valid event."""
+        ``UnusableSpan`` for an inference span that cannot make a valid event. ``counts``: where a
+        span whose totals were completed is counted."""
         operation = span.attributes.get("gen_ai.operation.name")
         if operation not in self.operations or not any(name in span.attributes for name in _TOTALS):
             return None
-        counts = {name: _count(span.attributes, names) for name, names in TOKENS.items()}
-        usage = {name: count for name, count in counts.items() if count is not None}
-        _complete(usage, span.scope in self.input_excludes_cache)
+        if span.problem:
+            raise UnusableSpan(span.problem)
+        usage = {name: count for name, names in TOKENS.items() if (count := _count(span.attributes, names)) is not None}
+        if _complete(usage, span.scope in self.input_excludes_cache, span.scope in self.output_excludes_reasoning) \
+                and counts is not None:
+            counts.completed += 1
         provider = _text(span.attributes, ("gen_ai.provider.name", "gen_ai.system"))
         model = _text(span.attributes, ("gen_ai.response.model", "gen_ai.request.model"))
         if provider is None:
-            raise UnusableSpan("no gen_ai.provider.name (or gen_ai.system)")
+            raise UnusableSpan("no gen_ai.provider.name or gen_ai.system: its instrumentation must set one "
+                               "(a span processor can add it)")
         if model is None:
-            raise UnusableSpan("no gen_ai.response.model (or gen_ai.request.model)")
+            raise UnusableSpan("no gen_ai.response.model or gen_ai.request.model: its instrumentation must set one")
         if not span.end_ns:
-            raise UnusableSpan("no end time")
+            raise UnusableSpan("no end time: the span was exported before it ended")
+        # (At most 20 digits, or 64 bits: before the year 5200, within datetime's range. A time the
+        # contract does not take is dead-lettered by the stream with its reason.)
+        timestamp = from_epoch_ns(span.end_ns)
         tenant = self._lookup(span, self.tenant_id)
         if tenant is None:
             raise UnusableSpan(f"no tenant: none of the attributes {', '.join(self.tenant_id)} is set "
@@ -173,12 +202,12 @@ class SpanMapping(Strict):
         tags = {name: value for name, names in self.tags.items() if (value := self._lookup(span, names)) is not None}
         latency = (span.end_ns - span.start_ns) // 1_000_000 if span.start_ns else None
         values = {
-            "event_id": f"otel-{span.trace_id}-{span.span_id}", "timestamp": _time(span.end_ns),
+            "event_id": f"otel-{span.trace_id}-{span.span_id}", "timestamp": timestamp,
             "tenant_id": tenant, "user_id": self._lookup(span, self.user_id),
             "provider": self.providers.get(provider.lower(), PROVIDERS.get(provider.lower(), provider)),
-            "model": model, "usage": usage, "service": self._lookup(span, self.service),
-            "route": self._lookup(span, self.route), "feature": self._lookup(span, self.feature),
-            "step": self._lookup(span, self.step), "trace_id": span.trace_id, "span_id": span.span_id,
+            "model": model, "usage": usage, "service": _short(self._lookup(span, self.service)),
+            "route": _short(self._lookup(span, self.route)), "feature": _short(self._lookup(span, self.feature)),
+            "step": _short(self._lookup(span, self.step)), "trace_id": span.trace_id, "span_id": span.span_id,
             "parent_span_id": span.parent_span_id or None, "tags": tags,
             "status": "error" if span.status == Status.STATUS_CODE_ERROR else "ok",
             "latency_ms": latency if latency is not None and 0 <= latency <= MAX_LATENCY_MS else None,
@@ -206,13 +235,16 @@ class SpanMapping(Strict):
 
 @dataclass
 class SpanOutcome:
-    """What one message gave: its events, the number of spans in it, of those skipped, and the
-    reason it goes to the dead-letter topic (None if it does not)."""
+    """What one message gave: its events; the number of spans in it, of those skipped, and of
+    those whose totals were completed; and its dead letter: why (None: it has none), and what
+    (``dead_value``: the unusable spans' ``TracesData``; None: the message as it arrived)."""
 
     events: list[UsageEvent] = field(default_factory=list)
     spans: int = 0
     skipped: int = 0
+    completed: int = 0
     rejection: Rejection | None = None
+    dead_value: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +262,8 @@ class Span:
     attributes: dict[str, Any]
     resource: dict[str, Any]
     scope: str
+    #: What is wrong with its ids (a model call's span with one is dead-lettered; another is skipped).
+    problem: str | None = None
 
 
 class NotOtlp(ValueError):
@@ -240,22 +274,30 @@ class UnusableSpan(ValueError):
     """An inference span that cannot make a valid usage event; the text says why."""
 
 
-def read_message(value: bytes | None) -> Iterator[Span]:
-    """The spans of one message, in either encoding. Raises ``NotOtlp``."""
+def read_message(value: bytes | None) -> list[Span]:
+    """The spans of one message, in either encoding. Raises ``NotOtlp``.
+
+    JSON begins with ``{`` (pdata's) or ``[``; a ``TracesData`` begins with its field 1's tag, 0x0a,
+    which is also JSON's newline, and its next byte (the first resource's length) may be ``{`` or
+    ``[``: a message beginning with 0x0a is read as protobuf first."""
     if not value:
         raise NotOtlp("empty message")
-    if value.lstrip()[:1] in (b"{", b"["):  # (a TracesData begins with field 1: 0x0a)
-        yield from _from_json(value)
-    else:
-        yield from _from_proto(value)
+    looks_json = value.lstrip()[:1] in (b"{", b"[")
+    if value[:1] == b"\n":
+        try:
+            return _from_proto(value)
+        except NotOtlp:
+            if not looks_json:
+                raise
+    return _from_json(value) if looks_json else _from_proto(value)
 
 
 # ---- otlp_proto ---------------------------------------------------------------------------------
 
-def _from_proto(value: bytes) -> Iterator[Span]:
+def _from_proto(value: bytes) -> list[Span]:
     try:
         data = TracesData.FromString(value)
-    except (DecodeError, RuntimeError) as exc:  # (the upb backend raises DecodeError; others may differ)
+    except (DecodeError, RuntimeError, RecursionError) as exc:  # (upb raises DecodeError; others may differ)
         raise NotOtlp(f"neither OTLP JSON nor an OTLP protobuf TracesData: {exc}") from None
     if not data.resource_spans:
         raise NotOtlp("an OTLP protobuf message without resource spans (or not OTLP at all)")
@@ -265,13 +307,24 @@ def _from_proto(value: bytes) -> Iterator[Span]:
         for scope_spans in resource_spans.scope_spans:
             scope = scope_spans.scope.name
             for s in scope_spans.spans:
-                if len(s.trace_id) != 16 or len(s.span_id) != 8 or len(s.parent_span_id) not in (0, 8):
-                    raise NotOtlp(f"a span with a {len(s.trace_id)}-byte trace id and a {len(s.span_id)}-byte "
-                                  "span id (OTLP's are 16 and 8 bytes)")
+                problem = _ids_problem(s.trace_id, s.span_id, s.parent_span_id)
                 spans.append(Span(s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.name,
                                   s.start_time_unix_nano, s.end_time_unix_nano, s.status.code,
-                                  {a.key: _proto_value(a.value) for a in s.attributes}, resource, scope))
-    return iter(spans)
+                                  {a.key: _proto_value(a.value) for a in s.attributes}, resource, scope, problem))
+    return spans
+
+
+def _ids_problem(trace_id: bytes, span_id: bytes, parent_span_id: bytes) -> str | None:
+    """What is wrong with a span's ids (OTLP's are 16 and 8 bytes, never all zero), or None."""
+    for name, value, size, optional in (("trace id", trace_id, 16, False), ("span id", span_id, 8, False),
+                                        ("parent span id", parent_span_id, 8, True)):
+        if optional and not value:
+            continue
+        if len(value) != size:
+            return f"its {name} is {len(value)} bytes long, not {size}"
+        if not any(value):
+            return f"its {name} is all zeros (an invalid id)"
+    return None
 
 
 def _proto_value(value: AnyValue) -> Any:
@@ -283,13 +336,57 @@ def _proto_value(value: AnyValue) -> Any:
     return getattr(value, kind) if kind else None
 
 
+def traces_of(spans: list[Span]) -> bytes:
+    """``spans`` as a ``TracesData``, each under its own resource and scope: what the dead-letter
+    topic keeps of a message's unusable spans, read back by ``read_message`` as the same spans."""
+    data = TracesData()
+    groups: dict[tuple[int, str], ScopeSpans] = {}
+    resources: dict[int, ResourceSpans] = {}
+    for span in spans:
+        key = (id(span.resource), span.scope)
+        if key not in groups:
+            if id(span.resource) not in resources:
+                resources[id(span.resource)] = data.resource_spans.add(
+                    resource=Resource(attributes=_key_values(span.resource)))
+            groups[key] = resources[id(span.resource)].scope_spans.add(scope=InstrumentationScope(name=span.scope))
+        groups[key].spans.append(ProtoSpan(
+            trace_id=bytes.fromhex(span.trace_id), span_id=bytes.fromhex(span.span_id),
+            parent_span_id=bytes.fromhex(span.parent_span_id), name=span.name, start_time_unix_nano=span.start_ns,
+            end_time_unix_nano=span.end_ns, status=Status(code=span.status), attributes=_key_values(span.attributes)))
+    return data.SerializeToString()
+
+
+def _key_values(attributes: dict[str, Any]) -> list[KeyValue]:
+    return [KeyValue(key=key, value=_any_value(value)) for key, value in attributes.items()]
+
+
+def _any_value(value: Any) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, bytes):
+        return AnyValue(bytes_value=value)
+    if isinstance(value, list):
+        return AnyValue(array_value=ArrayValue(values=[_any_value(v) for v in value]))
+    if isinstance(value, dict):
+        return AnyValue(kvlist_value=KeyValueList(values=_key_values(value)))
+    return AnyValue() if value is None else AnyValue(string_value=value)
+
+
 # ---- otlp_json ----------------------------------------------------------------------------------
 
-def _from_json(value: bytes) -> Iterator[Span]:
+#: How JSON's types are named in what is wrong with a message.
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string"}
+
+
+def _from_json(value: bytes) -> list[Span]:
     try:
         data = json.loads(value)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise NotOtlp(f"invalid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise NotOtlp(f"invalid JSON: {str(exc)[:200]}") from None
     spans = []
     try:
         resource_spans = _field(data, "resourceSpans", list, "the message")
@@ -303,18 +400,26 @@ def _from_json(value: bytes) -> Iterator[Span]:
                 here = f"{where}.scopeSpans[{j}]"
                 scope = _field(_field(ss, "scope", dict, here, {}), "name", str, here, "")
                 for k, s in enumerate(_field(ss, "spans", list, here, [])):
-                    at = f"{here}.spans[{k}]"
-                    status = _field(s, "status", dict, at, {})
-                    spans.append(Span(
-                        _json_id(s, "traceId", 16, at), _json_id(s, "spanId", 8, at),
-                        _json_id(s, "parentSpanId", 8, at, required=False), _field(s, "name", str, at, ""),
-                        _json_int(s.get("startTimeUnixNano", 0), f"{at}.startTimeUnixNano"),
-                        _json_int(s.get("endTimeUnixNano", 0), f"{at}.endTimeUnixNano"),
-                        _json_status(status.get("code", 0), f"{at}.status.code"),
-                        _json_attributes(_field(s, "attributes", list, at, []), at), resource, scope))
-    except AttributeError:  # (a value that is not an object where one must be)
-        raise NotOtlp("not OTLP JSON: an object was expected where another value is") from None
-    return iter(spans)
+                    spans.append(_json_span(s, f"{here}.spans[{k}]", resource, scope))
+    except RecursionError:  # (attribute values nested deeper than Python's stack)
+        raise NotOtlp("not OTLP JSON: attribute values nested too deep") from None
+    return spans
+
+
+def _json_span(s: Any, at: str, resource: dict[str, Any], scope: str) -> Span:
+    status = _field(s, "status", dict, at, {})
+    ids, problem = [], None
+    for name, size in (("traceId", 16), ("spanId", 8), ("parentSpanId", 8)):
+        try:
+            ids.append(_json_id(s, name, size, at, required=name != "parentSpanId"))
+        except UnusableSpan as exc:
+            ids.append("")
+            problem = problem or str(exc)
+    return Span(*ids, _field(s, "name", str, at, ""),
+                _json_int(s.get("startTimeUnixNano", 0), f"{at}.startTimeUnixNano"),
+                _json_int(s.get("endTimeUnixNano", 0), f"{at}.endTimeUnixNano"),
+                _json_status(status.get("code", 0), f"{at}.status.code"),
+                _json_attributes(_field(s, "attributes", list, at, []), at), resource, scope, problem)
 
 
 def _field(obj: Any, name: str, kind: type, where: str, default: Any = ...) -> Any:
@@ -324,28 +429,29 @@ def _field(obj: Any, name: str, kind: type, where: str, default: Any = ...) -> A
     if value is ...:
         raise NotOtlp(f"not OTLP JSON: {where} has no {name!r}")
     if not isinstance(value, kind):
-        raise NotOtlp(f"not OTLP JSON: {where}.{name} is not a JSON {kind.__name__}")
+        raise NotOtlp(f"not OTLP JSON: {where}.{name} is not {_JSON_TYPES.get(kind, kind.__name__)}")
     return value
 
 
 def _json_id(span: dict[str, Any], name: str, size: int, where: str, required: bool = True) -> str:
-    """An id as pdata writes it (lowercase hex); the base64 of protobuf's generic JSON mapping too."""
+    """An id as pdata writes it (hex), or as protobuf's generic JSON mapping does (base64); an id
+    that is neither is ``UnusableSpan`` (the span's problem, not the message's)."""
     text = span.get(name, "")
     if not isinstance(text, str) or (not text and required):
-        raise NotOtlp(f"not OTLP JSON: {where}.{name} is missing or not a string")
+        raise UnusableSpan(f"{where}.{name} is missing or not a string")
     if not text:
         return ""
-    if len(text) == 2 * size:
+    if _HEX[size](text.lower()):
+        raw = bytes.fromhex(text)
+    else:
         try:
-            return bytes.fromhex(text).hex()
-        except ValueError:
-            pass
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except binascii.Error:
-        raw = b""
-    if len(raw) != size:
-        raise NotOtlp(f"not OTLP JSON: {where}.{name} {text[:40]!r} is not a {size}-byte id in hex")
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != size:
+            raise UnusableSpan(f"{where}.{name} {text[:40]!r} is not a {size}-byte id in hex")
+    if not any(raw):
+        raise UnusableSpan(f"{where}.{name} is all zeros (an invalid id)")
     return raw.hex()
 
 
@@ -355,7 +461,8 @@ def _json_int(value: Any, where: str, signed: bool = False) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and (signed or value >= 0):
         return value
     digits = value[1:] if signed and isinstance(value, str) and value.startswith("-") else value
-    if isinstance(digits, str) and digits.isascii() and digits.isdigit():  # (ASCII: isdigit alone takes "²")
+    # (ASCII digits only: isdigit alone takes "²"; and few of them: int() of thousands is refused)
+    if isinstance(digits, str) and 0 < len(digits) <= _DIGITS and digits.isascii() and digits.isdigit():
         return int(value)
     raise NotOtlp(f"not OTLP JSON: {where} is not an integer")
 
@@ -376,7 +483,9 @@ def _json_attributes(items: list[Any], where: str) -> dict[str, Any]:
     return attributes
 
 
-def _json_value(value: dict[str, Any], where: str) -> Any:
+def _json_value(value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise NotOtlp(f"not OTLP JSON: {where} holds a value that is not an object")
     if "stringValue" in value:
         return value["stringValue"]
     if "intValue" in value:
@@ -392,7 +501,7 @@ def _json_value(value: dict[str, Any], where: str) -> Any:
     if "bytesValue" in value:
         try:
             return base64.b64decode(value["bytesValue"], validate=True)
-        except (binascii.Error, TypeError):
+        except (binascii.Error, TypeError, ValueError):
             raise NotOtlp(f"not OTLP JSON: {where} bytesValue is not base64") from None
     return None
 
@@ -409,19 +518,24 @@ def _count(attributes: dict[str, Any], names: tuple[str, ...]) -> int | None:
         if isinstance(value, float) and value.is_integer():  # (some SDKs record counts as doubles)
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UnusableSpan(f"{name} is {value!r}, not a token count")
+            raise UnusableSpan(f"{name} is {repr(value)[:40]}, not a token count")
         return value
     return None
 
 
-def _complete(usage: dict[str, int], excludes_cache: bool) -> None:
-    """Completes totals that leave their parts out (see the module docstring), in place."""
+def _complete(usage: dict[str, int], excludes_cache: bool, excludes_reasoning: bool) -> bool:
+    """Completes totals that leave their parts out (see the module docstring), in place; whether
+    it did."""
+    completed = False
     cached = usage.get("cache_read_tokens", 0) + usage.get("cache_write_tokens", 0)
     if cached and (excludes_cache or cached > usage.get("input_tokens", 0)):
         usage["input_tokens"] = usage.get("input_tokens", 0) + cached
+        completed = True
     reasoning = usage.get("reasoning_tokens", 0)
-    if reasoning > usage.get("output_tokens", 0):
+    if reasoning and (excludes_reasoning or reasoning > usage.get("output_tokens", 0)):
         usage["output_tokens"] = usage.get("output_tokens", 0) + reasoning
+        completed = True
+    return completed
 
 
 def _text(attributes: dict[str, Any], names: tuple[str, ...]) -> str | None:
@@ -432,5 +546,10 @@ def _text(attributes: dict[str, Any], names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _time(ns: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=ns // 1000)
+def _short(text: str | None) -> str | None:
+    return None if text is None else text[:_SHORT]
+
+
+def _cut(message: str) -> str:
+    """A dead letter's message, within a header's reasonable size (attribute values are the sender's)."""
+    return message if len(message) <= _MESSAGE_CHARS else message[:_MESSAGE_CHARS - 1] + "…"

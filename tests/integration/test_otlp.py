@@ -4,6 +4,8 @@ and real ClickHouse. The same calls sent as usage events land as the same ledger
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +16,7 @@ from schemas.usage import TokenUsage, UsageEvent
 from streams.messaging.producer import UsageProducer
 from streams.messaging.topics import ensure_topics
 from streams.operations.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics, wait_for
+from streams.stages.spans import read_message
 from streams.storage.query import query
 from tests.integration.conftest import read_topic
 from tests.otlp import Spans, messages
@@ -115,9 +118,23 @@ def _run(worker: WorkerProcess, kafka_servers: str) -> None:
             for m in read_topic(kafka_servers, settings.topics.dlq, 2, 30)]
     assert sorted((d.reason, d.source_topic) for d in dead) == [("invalid_otlp", settings.otlp_topic),
                                                                 ("invalid_span", settings.otlp_topic)]
-    assert sorted(d.value for d in dead) == sorted(bad), "the messages kept as they arrived"
-    assert any("no tenant" in d.message for d in dead)
+    not_otlp, unusable = sorted(dead, key=lambda d: d.reason)
+    assert not_otlp.value == bad[0], "a message that is not OTLP is kept as it arrived"
+    # a message's unusable span is kept alone, in a TracesData of its own
+    assert read_message(unusable.value) == read_message(bad[1])
+    assert "no tenant" in unusable.message
     health = worker.health()
     assert health["otlp"] == {"messages": len(sent) + len(bad) + len(redelivered), "spans": 2 * 30 + 20 + 1,
-                              "events": 30 + 10, "skipped": 30 + 10, "dead_lettered": 2}
+                              "events": 30 + 10, "skipped": 30 + 10, "completed": 0, "dead_lettered": 2,
+                              "aborted": 0}
+
+    # Re-submitted from a shell that does not know the spans topic: it goes back there by its header
+    # (and, still without a tenant, to the dead-letter topic again); nothing else is published.
+    shell = {k: v for k, v in worker.env.items() if k != "COSTLINE_OTLP_TOPIC"}
+    done = subprocess.run([sys.executable, "-m", "streams.cli", "replay", "--from-dlq", "--reason", "invalid_span"],
+                          env=shell, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: (worker.health() or {}).get("otlp", {}).get("dead_lettered") == 3, 60,
+             "the re-submitted span to be dead-lettered again")
+    assert query(settings, "SELECT count() FROM usage_ledger").rows[0][0] == 60
     assert worker.running, worker.log_tail()
