@@ -20,9 +20,9 @@ any resent event. The cost is one produce an event.
 
 Why a thread of the worker, not a process or role of its own: nothing more to deploy or supervise,
 and it is served by the worker's health, metrics and shutdown. It shares the interpreter with the
-batch loop, which costs: mapping a call's span (read, mapped, validated, encoded) took 30 µs from
-batched otlp_proto messages and 67-80 µs from otlp_json, against 6 µs for the stream's attribution
-of the same event (``bench/otlp.py``). So a worker fed by spans spends more of its one core on the
+batch loop, which costs: mapping a call's span (read, mapped, checked, encoded) took 25 µs from
+batched otlp_proto messages, 38 from one span a message, and 41-69 from otlp_json, against 6 µs
+for the stream's attribution of the same event (``bench/otlp.py``). So a worker fed by spans spends more of its one core on the
 input than on the stream; with many spans, run more processes (``--processes N``), each of which
 reads a share of the spans topic's partitions. A failure it cannot recover from exits the worker
 (as the batch loop's does), for its supervisor to restart both.
@@ -134,8 +134,7 @@ class SpanIngest:
                 done.otlp_skipped += outcome.skipped
                 done.otlp_completed += outcome.completed
                 for event in outcome.events:
-                    tx.produce(t.raw, event.kafka_key(), event.model_dump_json(exclude_defaults=True).encode(),
-                               timestamp=event.timestamp_ms())
+                    tx.produce(t.raw, event.key, event.value, timestamp=event.timestamp_ms)
                     done.otlp_events += 1
                 if outcome.rejection is not None:
                     log.info("dead-lettered %s[%s]@%s: %s: %s", message.topic(), message.partition(),

@@ -5,7 +5,8 @@ An OpenTelemetry Collector's Kafka exporter writes spans to a topic (``otlp_span
 ``otlp_json`` (pdata's JSON: lowerCamelCase names, hex ids, 64-bit integers as strings), a whole
 export batch in one message or one span per message, depending on its version. ``read_message``
 takes either encoding and either layout (JSON begins with ``{``; a protobuf ``TracesData`` never
-does) and gives its spans; ``SpanMapping.event_of`` makes a span a ``UsageEvent``, or says why not.
+does) and gives its spans; ``SpanMapping.event_of`` makes a span a usage event (``Mapped``: the
+record to publish on usage.raw, checked against the contract), or says why not.
 
 Which spans become events: those whose ``gen_ai.operation.name`` is an inference (``operations``:
 chat, text completion, content generation, embeddings) and that carry usage. Agent and tool spans
@@ -57,8 +58,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgspec
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -69,6 +71,7 @@ from pydantic import Field, ValidationError, field_validator
 from schemas.dead_letter import Rejection
 from schemas.usage import MAX_LATENCY_MS, UsageEvent, from_epoch_ns
 from streams.config import Strict, load_model
+from streams.stages.decoding import Undecided, decoder_for
 
 #: Operations whose spans are model calls with usage of their own (the GenAI conventions' names).
 INFERENCE = ("chat", "text_completion", "generate_content", "embeddings")
@@ -109,6 +112,10 @@ _SHORT = 256
 #: The most digits a JSON integer is read with (a 64-bit one has at most 20).
 _DIGITS = 20
 _HEX = {size: re.compile(f"[0-9a-f]{{{2 * size}}}").fullmatch for size in (8, 16)}
+#: The contract's fast decoder (``streams.stages.decoding``), as the stream checks each event: an
+#: event is written as JSON and checked there, in a few µs, not built as a pydantic model (10).
+_CONTRACT = decoder_for(UsageEvent)
+_ENCODE = msgspec.json.Encoder().encode
 
 Attributes = list[str]
 
@@ -170,7 +177,7 @@ class SpanMapping(Strict):
             out.dead_value = traces_of([span for span, _ in bad])
         return out
 
-    def event_of(self, span: Span, counts: SpanOutcome | None = None) -> UsageEvent | None:
+    def event_of(self, span: Span, counts: SpanOutcome | None = None) -> Mapped | None:
         """The usage event of an inference span with usage; None for any other span. Raises
         ``UnusableSpan`` for an inference span that cannot make a valid event. ``counts``: where a
         span whose totals were completed is counted."""
@@ -202,7 +209,8 @@ class SpanMapping(Strict):
         tags = {name: value for name, names in self.tags.items() if (value := self._lookup(span, names)) is not None}
         latency = (span.end_ns - span.start_ns) // 1_000_000 if span.start_ns else None
         values = {
-            "event_id": f"otel-{span.trace_id}-{span.span_id}", "timestamp": timestamp,
+            "event_id": f"otel-{span.trace_id}-{span.span_id}",
+            "timestamp": timestamp.isoformat().replace("+00:00", "Z"),
             "tenant_id": tenant, "user_id": self._lookup(span, self.user_id),
             "provider": self.providers.get(provider.lower(), PROVIDERS.get(provider.lower(), provider)),
             "model": model, "usage": usage, "service": _short(self._lookup(span, self.service)),
@@ -212,12 +220,17 @@ class SpanMapping(Strict):
             "status": "error" if span.status == Status.STATUS_CODE_ERROR else "ok",
             "latency_ms": latency if latency is not None and 0 <= latency <= MAX_LATENCY_MS else None,
         }
+        value = _ENCODE({k: v for k, v in values.items() if v is not None})
         try:
-            return UsageEvent.model_validate({k: v for k, v in values.items() if v is not None})
-        except ValidationError as exc:
-            error = exc.errors(include_url=False, include_input=False)[0]
-            where = ".".join(str(p) for p in error["loc"]) or "event"
-            raise UnusableSpan(f"{where}: {error['msg']}") from None
+            event: Any = _CONTRACT.decode(value)
+        except Undecided:  # pydantic decides, and words the reason (as the stream's validation does)
+            try:
+                event = UsageEvent.model_validate_json(value)
+            except ValidationError as exc:
+                error = exc.errors(include_url=False, include_input=False)[0]
+                where = ".".join(str(p) for p in error["loc"]) or "event"
+                raise UnusableSpan(f"{where}: {error['msg']}") from None
+        return Mapped(event.kafka_key(), value, event.timestamp_ms())
 
     def _lookup(self, span: Span, names: Attributes) -> str | None:
         """The first of ``names`` set on the span, then on its resource, as text."""
@@ -233,13 +246,21 @@ class SpanMapping(Strict):
         return None
 
 
+class Mapped(NamedTuple):
+    """A span's usage event as the OTLP input publishes it on usage.raw (key, JSON, event time)."""
+
+    key: bytes
+    value: bytes
+    timestamp_ms: int
+
+
 @dataclass
 class SpanOutcome:
     """What one message gave: its events; the number of spans in it, of those skipped, and of
     those whose totals were completed; and its dead letter: why (None: it has none), and what
     (``dead_value``: the unusable spans' ``TracesData``; None: the message as it arrived)."""
 
-    events: list[UsageEvent] = field(default_factory=list)
+    events: list[Mapped] = field(default_factory=list)
     spans: int = 0
     skipped: int = 0
     completed: int = 0
@@ -303,14 +324,14 @@ def _from_proto(value: bytes) -> list[Span]:
         raise NotOtlp("an OTLP protobuf message without resource spans (or not OTLP at all)")
     spans = []
     for resource_spans in data.resource_spans:
-        resource = {a.key: _proto_value(a.value) for a in resource_spans.resource.attributes}
+        resource = _proto_attributes(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             scope = scope_spans.scope.name
             for s in scope_spans.spans:
                 problem = _ids_problem(s.trace_id, s.span_id, s.parent_span_id)
                 spans.append(Span(s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.name,
                                   s.start_time_unix_nano, s.end_time_unix_nano, s.status.code,
-                                  {a.key: _proto_value(a.value) for a in s.attributes}, resource, scope, problem))
+                                  _proto_attributes(s.attributes), resource, scope, problem))
     return spans
 
 
@@ -327,12 +348,25 @@ def _ids_problem(trace_id: bytes, span_id: bytes, parent_span_id: bytes) -> str 
     return None
 
 
+#: AnyValue's kinds read as they are (most attributes: a call's span has a dozen, each read per span).
+_SCALARS = frozenset(("string_value", "int_value", "bool_value", "double_value", "bytes_value"))
+
+
+def _proto_attributes(items: Any) -> dict[str, Any]:
+    attributes = {}
+    for kv in items:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        attributes[kv.key] = getattr(value, kind) if kind in _SCALARS else _proto_value(value)
+    return attributes
+
+
 def _proto_value(value: AnyValue) -> Any:
     kind = value.WhichOneof("value")
     if kind == "array_value":
         return [_proto_value(v) for v in value.array_value.values]
     if kind == "kvlist_value":
-        return {kv.key: _proto_value(kv.value) for kv in value.kvlist_value.values}
+        return _proto_attributes(value.kvlist_value.values)
     return getattr(value, kind) if kind else None
 
 

@@ -19,7 +19,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 
 from schemas.usage import TokenUsage, UsageEvent
 from streams.config import ConfigError
-from streams.stages.spans import SpanMapping, read_message
+from streams.stages.spans import SpanMapping, SpanOutcome, read_message
 from tests.middleware.fake_providers import ANTHROPIC_USAGE, USAGE, FakeAnthropic, FakeOpenAI
 from tests.otlp import ENCODINGS, LAYOUTS, Spans, messages
 
@@ -36,12 +36,20 @@ def chat(provider: str, model: str, **usage: int) -> dict[str, object]:
             **{f"gen_ai.usage.{name}": count for name, count in usage.items()}}
 
 
+def usage_of(outcome: SpanOutcome) -> list[UsageEvent]:
+    """The events a message gave, as the stream reads what the input publishes; each one's record
+    keyed by its tenant and stamped with its time."""
+    events = [UsageEvent.model_validate_json(m.value) for m in outcome.events]
+    assert [(m.key, m.timestamp_ms) for m in outcome.events] == [(e.kafka_key(), e.timestamp_ms()) for e in events]
+    return events
+
+
 def only_event(spans: Spans, mapping: SpanMapping = MAPPING) -> UsageEvent:
     """The one event of the spans recorded, the same in each encoding and layout."""
     found = set()
     for encoding in ENCODINGS:
         for layout in LAYOUTS:
-            events = [e for m in messages(spans.finished(), encoding, layout) for e in mapping.outcome(m).events]
+            events = [e for m in messages(spans.finished(), encoding, layout) for e in usage_of(mapping.outcome(m))]
             assert len(events) == 1, (encoding, layout)
             found.add(events[0].model_dump_json())
     assert len(found) == 1
@@ -166,7 +174,7 @@ def test_the_real_openai_and_anthropic_instrumentations_give_the_events_of_their
     assert [s.name for s in finished] == ["chat gpt-4o", "anthropic.chat"]
     for encoding in ENCODINGS:
         for layout in LAYOUTS:
-            events = [e for m in messages(finished, encoding, layout) for e in MAPPING.outcome(m).events]
+            events = [e for m in messages(finished, encoding, layout) for e in usage_of(MAPPING.outcome(m))]
             # openai-v2 reports prompt and completion totals only (its spans carry no cached count);
             # OpenLLMetry's Anthropic spans sum the input with its cache reads and writes.
             assert [(e.provider, e.model, e.usage, e.step) for e in events] == [
@@ -198,7 +206,7 @@ def test_spans_that_are_not_model_calls_with_usage_are_skipped_and_counted():
     for encoding in ENCODINGS:
         (message,) = messages(spans.finished(), encoding, "batch")
         outcome = MAPPING.outcome(message)
-        assert (outcome.spans, outcome.skipped, len(outcome.events), outcome.rejection) == (5, 4, 1, None)
+        assert (outcome.spans, outcome.skipped, len(usage_of(outcome)), outcome.rejection) == (5, 4, 1, None)
 
 
 def test_an_inference_span_that_cannot_make_an_event_dead_letters_its_message_naming_it():
@@ -216,7 +224,7 @@ def test_an_inference_span_that_cannot_make_an_event_dead_letters_its_message_na
     for encoding in ENCODINGS:
         (message,) = messages(spans.finished(), encoding, "batch")
         outcome = MAPPING.outcome(message)
-        assert [e.tenant_id for e in outcome.events] == ["acme"]  # the good span is still published
+        assert [e.tenant_id for e in usage_of(outcome)] == ["acme"]  # the good span is still published
         assert outcome.rejection is not None and outcome.rejection.reason == "invalid_span"
         reasons = outcome.rejection.message.split("; ")
         assert [r.split(": ", 1)[0].rsplit("/", 1)[1] for r in reasons] == [no_tenant, text, negative]
@@ -246,7 +254,7 @@ def test_an_inference_span_that_cannot_make_an_event_dead_letters_its_message_na
 ])
 def test_a_message_that_is_not_otlp_is_dead_lettered_with_what_is_wrong(payload, message):
     outcome = MAPPING.outcome(payload)
-    assert outcome.events == [] and outcome.rejection is not None
+    assert usage_of(outcome) == [] and outcome.rejection is not None
     assert outcome.rejection.reason == "invalid_otlp"
     assert message in outcome.rejection.message
 
@@ -268,7 +276,7 @@ def test_both_encodings_read_the_same_spans_and_older_collectors_enum_names():
     document = json.loads(as_json)
     document["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["status"]["code"] = "STATUS_CODE_ERROR"
     assert list(read_message(json.dumps(document).encode())) == [span]
-    (event,) = MAPPING.outcome(proto).events
+    (event,) = usage_of(MAPPING.outcome(proto))
     assert (event.status, event.usage.output_tokens) == ("error", 2)
 
 
@@ -307,13 +315,13 @@ def test_a_dead_letter_holds_only_the_unusable_spans_and_reads_back_as_them():
     for encoding in ENCODINGS:
         (message,) = messages(spans.finished(), encoding, "batch")
         outcome = MAPPING.outcome(message)
-        assert [e.usage.input_tokens for e in outcome.events] == [10]
+        assert [e.usage.input_tokens for e in usage_of(outcome)] == [10]
         unusable = [s for s in read_message(message) if s.attributes["gen_ai.usage.input_tokens"] == 7]
         assert read_message(outcome.dead_value) == unusable  # its resource, scope, ids, times and attributes
         again = MAPPING.outcome(outcome.dead_value)  # re-submitted unfixed: dead-lettered again, nothing published
-        assert (again.events, again.rejection) == ([], outcome.rejection)
+        assert (usage_of(again), again.rejection) == ([], outcome.rejection)
         fixed = SpanMapping(tenant_id=["costline.tenant_id", "service.name"]).outcome(outcome.dead_value)
-        assert [(e.tenant_id, e.usage.input_tokens) for e in fixed.events] == [("support-bot", 7)]
+        assert [(e.tenant_id, e.usage.input_tokens) for e in usage_of(fixed)] == [("support-bot", 7)]
 
 
 def test_a_span_with_malformed_ids_is_dead_lettered_if_it_is_a_model_call_and_skipped_if_not():
@@ -325,7 +333,7 @@ def test_a_span_with_malformed_ids_is_dead_lettered_if_it_is_a_model_call_and_sk
     call, other = document["resourceSpans"][0]["scopeSpans"][0]["spans"]
     call["spanId"], other["traceId"] = "0000000000000000", "01 02 03 04 05 06 07 08 09 0a 0b"
     outcome = MAPPING.outcome(json.dumps(document).encode())
-    assert (outcome.events, outcome.skipped) == ([], 1)
+    assert (usage_of(outcome), outcome.skipped) == ([], 1)
     assert outcome.rejection.reason == "invalid_span"
     assert outcome.rejection.message.endswith("spans[0].spanId is all zeros (an invalid id)")
 
@@ -344,7 +352,7 @@ def test_a_protobuf_message_whose_first_bytes_look_like_json_is_read_as_protobuf
         message = TracesData(resource_spans=[first, call]).SerializeToString()
         assert message[:2] == b"\n" + bytes([size])
         outcome = MAPPING.outcome(message)
-        assert ([e.tenant_id for e in outcome.events], outcome.skipped) == (["acme"], 1)
+        assert ([e.tenant_id for e in usage_of(outcome)], outcome.skipped) == (["acme"], 1)
 
 
 def test_output_that_leaves_reasoning_out_is_completed_and_counted():
@@ -355,16 +363,16 @@ def test_output_that_leaves_reasoning_out_is_completed_and_counted():
         "gen_ai.usage.output_tokens": 200, "gen_ai.usage.reasoning.output_tokens": 300}, start_ns=START, end_ns=END)
     (message,) = messages(spans.finished(), "otlp_proto", "batch")
     outcome = MAPPING.outcome(message)  # reasoning beyond the output: it was left out
-    assert (outcome.events[0].usage.output_tokens, outcome.completed) == (500, 1)
+    assert (usage_of(outcome)[0].usage.output_tokens, outcome.completed) == (500, 1)
     spans = Spans(RESOURCE)
     spans.call("opentelemetry.instrumentation.google_genai", "generate_content gemini-2.5-flash", {
         "gen_ai.operation.name": "generate_content", "gen_ai.provider.name": "gemini",
         "gen_ai.request.model": "gemini-2.5-flash", "gen_ai.usage.input_tokens": 1000,
         "gen_ai.usage.output_tokens": 200, "gen_ai.usage.reasoning.output_tokens": 100}, start_ns=START, end_ns=END)
     (message,) = messages(spans.finished(), "otlp_proto", "batch")
-    assert (MAPPING.outcome(message).events[0].usage.output_tokens, MAPPING.outcome(message).completed) == (200, 0)
+    assert (usage_of(MAPPING.outcome(message))[0].usage.output_tokens, MAPPING.outcome(message).completed) == (200, 0)
     listed = SpanMapping(output_excludes_reasoning=["opentelemetry.instrumentation.google_genai"])
-    assert (listed.outcome(message).events[0].usage.output_tokens, listed.outcome(message).completed) == (300, 1)
+    assert (usage_of(listed.outcome(message))[0].usage.output_tokens, listed.outcome(message).completed) == (300, 1)
 
 
 def test_long_context_is_cut_not_refused_and_a_long_value_is_cut_in_the_reason():
@@ -375,7 +383,7 @@ def test_long_context_is_cut_not_refused_and_a_long_value_is_cut_in_the_reason()
                                       "gen_ai.usage.output_tokens": "many " * 100}, start_ns=START, end_ns=END)
     (message,) = messages(spans.finished(), "otlp_proto", "batch")
     outcome = MAPPING.outcome(message)
-    (event,) = outcome.events
+    (event,) = usage_of(outcome)
     assert (len(event.step), len(event.route), len(event.service)) == (256, 256, 256)
     assert "gen_ai.usage.output_tokens is 'many many many many many many many many, not a token count" \
         in outcome.rejection.message
