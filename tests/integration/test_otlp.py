@@ -58,7 +58,7 @@ def test_spans_land_as_their_calls_events_once_and_bad_messages_are_dead_lettere
 def _run(worker: WorkerProcess, kafka_servers: str) -> None:
     settings = worker.settings
     start = datetime.now(UTC) - timedelta(minutes=30)
-    # 30 calls of 3 tenants, in 3 encodings and layouts, each span a child of its request's span; and
+    # 30 calls of 3 tenants, in both encodings and both layouts, each span a child of its request's span; and
     # the same calls as their producers would send them (under other event ids)
     tenants = [Spans({"service.name": "support-bot", "tenant.id": f"tenant-{n}"}) for n in range(3)]
     twins = []
@@ -78,7 +78,7 @@ def _run(worker: WorkerProcess, kafka_servers: str) -> None:
                 start_ns=at, end_ns=at + 1_250_000_000, error=i == 7)
     finished = [s for spans in tenants for s in spans.finished()]
     sent = [*messages(finished[:20], "otlp_proto", "batch"), *messages(finished[20:40], "otlp_json", "span"),
-            *messages(finished[40:], "otlp_json", "batch")]
+            *messages(finished[40:50], "otlp_proto", "span"), *messages(finished[50:], "otlp_json", "batch")]
     redelivered = messages(finished[:20], "otlp_proto", "batch")  # a Collector's retry of its first export
     no_tenant = Spans({"service.name": "batch-job"})
     no_tenant.call("instrumentation", "chat gpt-4o", {
