@@ -69,7 +69,9 @@ def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
         changelog_topic(settings): {"cleanup.policy": "compact"},
         # The OpenTelemetry Collector's spans (``COSTLINE_OTLP_TOPIC``): created if the Collector
         # has not written to it yet, with the broker's defaults; an existing one is left as it is.
-        **({settings.otlp_topic: {}} if settings.otlp_topic else {}),
+        # And where the OTLP input keeps its positions in that topic (``streams.runtime.spans``).
+        **({settings.otlp_topic: {}, otlp_positions_topic(settings): {"cleanup.policy": "compact"}}
+           if settings.otlp_topic else {}),
     }
 
 
@@ -205,6 +207,11 @@ def is_transient(exc: KafkaException) -> bool:
 def changelog_topic(settings: Settings) -> str:
     """The compacted topic of the worker's quota tables and positions, partitioned like usage.raw."""
     return f"{settings.deployment}-quota-changelog"
+
+
+def otlp_positions_topic(settings: Settings) -> str:
+    """The compacted topic of the OTLP input's next offset in each partition of the spans topic."""
+    return f"{settings.deployment}-otlp-positions"
 
 
 class SilentLogger:

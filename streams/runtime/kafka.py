@@ -147,14 +147,6 @@ class KafkaTransactions:
             except KafkaException as exc:
                 raise TransactionFailed(exc.args[0].str()) from exc
 
-    def send_offsets(self, offsets: list[TopicPartition], group: Any) -> None:
-        """Commits a consumer group's ``offsets`` with the open transaction (``group``: the
-        consumer's ``consumer_group_metadata()``)."""
-        try:
-            _while_retriable(lambda timeout: self.producer.send_offsets_to_transaction(offsets, group, timeout))
-        except KafkaException as exc:
-            raise TransactionFailed(exc.args[0].str()) from exc
-
     def commit(self) -> None:
         try:
             _while_retriable(self.producer.commit_transaction)

@@ -4,11 +4,18 @@
 ``COSTLINE_OTLP_TOPIC`` is set. Each turn reads up to ``BATCH`` messages, maps them
 (``streams.stages.spans``) and then, in one Kafka transaction (``KafkaTransactions``, the batch
 loop's, with its own transactional id), publishes the events to usage.raw, the dead letters to
-usage.dlq, and the messages' offsets for its consumer group. A transaction that fails is aborted
-and its messages read again from the group's committed offsets (not from the turn's first ones: a
-commit that failed on the way back may have been made), so each message is published once.
-Retriable broker errors are retried as the batch loop's are; a turn holds at most ``TURN_BYTES``
-of messages, so that it commits well within its transaction's timeout.
+usage.dlq, and the next offset of each partition it read to a compacted positions topic
+(``otlp_positions_topic``). A partition assigned to the input starts at its stored position, so
+each message is published once. A transaction that fails is aborted and its messages read again
+from the stored positions (not from the turn's first offsets: a commit that failed on the way back
+may have been made). Retriable broker errors are retried as the batch loop's are; a turn holds at
+most ``TURN_BYTES`` of messages, so that it commits well within its transaction's timeout.
+
+Why positions of its own, as the batch loop keeps its own in its changelog, and not the group's
+offsets committed in the transaction (``send_offsets_to_transaction``): after a broker restart
+that call hung past its timeout, for good, in librdkafka 2.16 (confluentinc/librdkafka#5456 and
+#5511; ``tests/faults``' broker restart with spans found it). The group's offsets are still
+committed after each transaction, for lag monitoring only.
 
 Why a hop through usage.raw, not spans into the batch loop directly: the quota windows are kept
 per usage.raw partition, and usage.raw is keyed by tenant, so a tenant's events are all counted
@@ -38,11 +45,11 @@ from dataclasses import fields
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas.dead_letter import Rejection, dead_letter_headers
-from streams.messaging.topics import REFETCH_PROMPTLY
-from streams.runtime.kafka import SESSION_TIMEOUT_MS, KafkaTransactions
+from streams.messaging.topics import REFETCH_PROMPTLY, otlp_positions_topic
+from streams.runtime.kafka import SESSION_TIMEOUT_MS, KafkaChangelog, KafkaTransactions
 from streams.runtime.loop import EXIT_FAILED
 from streams.runtime.metrics import Counters
-from streams.runtime.ports import TransactionFailed
+from streams.runtime.ports import TransactionFailed, TransportError
 from streams.settings import Settings
 from streams.stages.spans import SpanMapping, SpanOutcome
 
@@ -79,6 +86,8 @@ class SpanIngest:
         # The batch loop's producer settings (the same partitioner as every usage.raw producer: a
         # tenant's events, whoever publishes them, go to one partition; room for any dead letter).
         self.transactions = KafkaTransactions(settings, suffix="-otlp")
+        self.positions_topic = otlp_positions_topic(settings)
+        self._positions_reader = KafkaChangelog(settings.kafka_bootstrap_servers, f"{settings.deployment}-otlp-restore")
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -100,7 +109,7 @@ class SpanIngest:
     def run(self) -> None:
         """Until ``stopping`` is set."""
         self.transactions.init()
-        self.consumer.subscribe([self.topic])
+        self.consumer.subscribe([self.topic], on_assign=self._assigned)
         log.info("reading OpenTelemetry spans from %s", self.topic)
         try:
             while not self.stopping.is_set():
@@ -144,13 +153,43 @@ class SpanIngest:
                                headers=dead_letter_headers(outcome.rejection, message.topic(), message.partition(),
                                                            message.offset()))
                     done.otlp_dead_lettered += 1
-            tx.send_offsets(_next_offsets(messages), self.consumer.consumer_group_metadata())
+            nexts = _next_offsets(messages)
+            for tp in nexts:
+                tx.produce(self.positions_topic, f"{tp.topic}:{tp.partition}".encode(), str(tp.offset).encode())
             tx.commit()
         except TransactionFailed as exc:
             self._abort(exc, messages)
             return
         for name in _COUNTED:
             setattr(self.counters, name, getattr(self.counters, name) + getattr(done, name))
+        try:  # (the group's offsets: for lag monitoring; the stored positions are what a start reads)
+            self.consumer.commit(offsets=nexts, asynchronous=True)
+        except KafkaException as exc:
+            log.info("OTLP consumer offset commit failed: %s", exc.args[0])
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Each assigned partition starts at its stored position (the consumer group's committed
+        offset, or the topic's beginning, where there is none)."""
+        try:
+            stored = self._stored()
+        except (KafkaException, TransportError) as exc:  # (the group's committed offsets, which trail them)
+            log.warning("OTLP positions unreadable (%s): starting at the group's committed offsets", exc)
+            stored = {}
+        for tp in partitions:
+            tp.offset = stored.get((tp.topic, tp.partition), tp.offset)
+        consumer.assign(partitions)
+
+    def _stored(self) -> dict[tuple[str, int], int]:
+        """The positions topic's latest offset of each spans partition."""
+        topic = self.positions_topic
+        found = self.consumer.list_topics(topic, timeout=30).topics.get(topic)
+        if found is None or found.error is not None:
+            raise TransportError(f"{topic} cannot be read: {found.error if found else 'missing'}")
+        stored = {}
+        for _, key, value in self._positions_reader.read(topic, found.partitions):
+            spans_topic, _, partition = (key or b"").decode().rpartition(":")
+            stored[(spans_topic, int(partition))] = int(value or b"0")
+        return stored
 
     def _outcome(self, message: Message) -> SpanOutcome:
         """The message's outcome; a bug on one message makes it a dead letter, never stops the input."""
@@ -162,9 +201,9 @@ class SpanIngest:
                                                    message=f"{type(exc).__name__}: {exc}"[:500]))
 
     def _abort(self, exc: TransactionFailed, messages: list[Message]) -> None:
-        """Aborts the transaction and goes back to the group's committed offsets of the turn's
-        partitions (its first offsets where none is committed yet): the messages after them are read
-        and published again."""
+        """Aborts the transaction and goes back to the stored positions of the turn's partitions
+        (its first offsets where none is stored yet, or the positions cannot be read): the messages
+        after them are read and published again."""
         log.warning("OTLP input transaction failed (%s); reading its messages again", exc)
         self.transactions.abort()
         self.counters.otlp_aborted += 1
@@ -172,17 +211,14 @@ class SpanIngest:
         for m in messages:
             firsts.setdefault((m.topic(), m.partition()), m.offset())
         try:
-            committed = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(
-                [TopicPartition(topic, partition) for topic, partition in firsts], timeout=30)}
-        except KafkaException as error:  # (the group coordinator did not answer: the turn's first offsets)
-            log.warning("committed offsets of %s unknown (%s): rewinding to the turn's start", self.topic,
-                        error.args[0])
-            committed = {}
+            stored = self._stored()
+        except (KafkaException, TransportError) as error:
+            log.warning("OTLP positions unreadable (%s): rewinding to the turn's start", error)
+            stored = {}
         for key, first in firsts.items():
-            offset = committed.get(key, -1)
             try:
-                self.consumer.seek(TopicPartition(*key, offset if offset >= 0 else first))
-            except KafkaException as error:  # (revoked meanwhile: its next owner starts at the committed offset)
+                self.consumer.seek(TopicPartition(*key, stored.get(key, first)))
+            except KafkaException as error:  # (revoked meanwhile: its next owner starts at the stored position)
                 log.info("not rewinding %s[%s]: %s", *key, error.args[0])
 
 

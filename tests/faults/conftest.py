@@ -11,7 +11,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, TracesData
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 
 from schemas.quota import QuotaState
 from schemas.usage import TokenUsage, UsageEvent
@@ -62,6 +66,22 @@ def cost_of(i: int) -> Decimal:
     return (Decimal(tokens_in) * Decimal("2.5") + Decimal(tokens_out) * 10) / 1_000_000
 
 
+def span_record(event: UsageEvent, i: int) -> tuple[bytes | None, bytes]:
+    """``event`` as the OTLP input takes it: a Collector's message of one span (``otlp_proto``), keyed by
+    trace id (``partition_traces_by_id``), with ids made from ``i`` so that a resent span is the same span."""
+    trace_id, span_id = (i + 1).to_bytes(16, "big"), (i + 1).to_bytes(8, "big")
+    end = int(event.timestamp.timestamp()) * 10**9 + event.timestamp.microsecond * 1000
+    attributes = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": event.provider,
+                  "gen_ai.request.model": event.model, "gen_ai.usage.input_tokens": event.usage.input_tokens,
+                  "gen_ai.usage.output_tokens": event.usage.output_tokens}
+    span = ProtoSpan(trace_id=trace_id, span_id=span_id, name=f"chat {event.model}", start_time_unix_nano=end - 10**8,
+                     end_time_unix_nano=end, attributes=[KeyValue(key=k, value=AnyValue(string_value=v) if isinstance(v, str)
+                                                                  else AnyValue(int_value=v)) for k, v in attributes.items()])
+    resource = Resource(attributes=[KeyValue(key="tenant.id", value=AnyValue(string_value=event.tenant_id))])
+    data = TracesData(resource_spans=[ResourceSpans(resource=resource, scope_spans=[ScopeSpans(spans=[span])])])
+    return trace_id.hex().encode(), data.SerializeToString()
+
+
 def event(run: str, i: int) -> UsageEvent:
     return UsageEvent(
         event_id=f"{run}-{i:06d}", timestamp=datetime.now(UTC), tenant_id=f"{run}-t{i % TENANTS}",
@@ -82,6 +102,8 @@ class Load:
     total: int
     rate: float
     twice: bool = False
+    #: Each event sent as this record (key, value) instead of its JSON (``span_record``: as spans).
+    as_record: Callable[[UsageEvent, int], tuple[bytes | None, bytes]] | None = None
     copy_lag: int = 200
     sent: int = 0
     copies: int = 0
@@ -101,7 +123,11 @@ class Load:
                 for i in range(self.total):
                     if self._stop.is_set():
                         break
-                    producer.send(event(self.run, i))
+                    if self.as_record is None:
+                        producer.send(event(self.run, i))
+                    else:
+                        key, value = self.as_record(event(self.run, i), i)
+                        producer.send_raw(value, key=key)
                     self.sent += 1
                     if self.twice and i >= self.copy_lag:
                         producer.send(event(self.run, i - self.copy_lag))
@@ -143,6 +169,12 @@ class Pipeline:
     workers: list[WorkerProcess] = field(default_factory=list)
 
     @property
+    def where(self) -> str:
+        """The run's rows of the ledger: its events' ids begin with its name, and so do its tenants'
+        (events that came as spans have ids of their own)."""
+        return f"startsWith(tenant_id, '{self.name}-')"
+
+    @property
     def settings(self) -> Settings:
         return Settings.from_env(self.env)
 
@@ -154,13 +186,16 @@ class Pipeline:
         self.workers.append(worker)
         return worker
 
-    def load(self, total: int, rate: float, twice: bool = False) -> Load:
+    def load(self, total: int, rate: float, twice: bool = False, spans: bool = False) -> Load:
+        """``spans``: the events sent as spans to the OTLP input's topic (``COSTLINE_OTLP_TOPIC``)."""
+        if spans:
+            return Load(self.servers, self.settings.otlp_topic, self.name, total, rate, as_record=span_record)
         return Load(self.servers, self.settings.topics.raw, self.name, total, rate, twice)
 
     def reconcile(self, sent: int, timeout_s: float = 300) -> dict[str, object]:
         """Waits until the ledger holds every sent event (or the time is up), then compares."""
         settings = self.settings
-        prefix = f"startsWith(event_id, '{self.name}-')"
+        prefix = self.where
 
         def landed() -> int:
             try:
@@ -192,7 +227,7 @@ class Pipeline:
         card = Plans.model_validate(yaml.safe_load(PLANS)).plans["metered"].rate_card
         rows = query(self.settings, "SELECT tenant_id, billing_period, sum(input_tokens + output_tokens), "
                                     "sum(cost_usd), sum(revenue_usd), countIf(revenue_usd IS NULL) FROM usage "
-                                    f"WHERE startsWith(event_id, '{self.name}-') GROUP BY tenant_id, billing_period").rows
+                                    f"WHERE {self.where} GROUP BY tenant_id, billing_period").rows
         assert all(unrated == 0 for *_, unrated in rows), "every event is rated in the stream"
         streamed = sum((Decimal(row[4]) for row in rows), Decimal(0))
         rated = sum((usage_amount(card, {"tokens": Decimal(tokens), "cost-plus": Decimal(cost)}).quantize(Decimal("1e-12"))

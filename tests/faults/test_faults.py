@@ -17,6 +17,7 @@ import pytest
 from schemas.dead_letter import DeadLetter, Reason
 from streams.httpjson import get_json
 from streams.messaging.producer import UsageProducer
+from streams.messaging.topics import ensure_topics
 from streams.operations.processes import ROOT, WorkerProcess, isolated_env, remove_isolated_topics, wait_for
 from streams.storage.query import query
 from tests.faults.conftest import FULL, REPORT, Pipeline, event
@@ -66,6 +67,28 @@ def test_broker_restart_mid_stream(pipeline: Pipeline):
     subprocess.run([str(ROOT / "scripts" / "kafka"), "start"], check=True, capture_output=True)
     load.wait()
     assert_exact(pipeline.reconcile(load.sent), pipeline, load.sent)
+
+
+def test_spans_through_a_broker_restart_land_exactly_once(pipeline: Pipeline):
+    """The OTLP input's transactions aborted and retried across a broker restart (its producer and
+    consumer reconnect, and a turn whose commit failed is read again from the committed offsets)."""
+    if not (ROOT / ".costline" / "kafka" / "kafka.pid").exists():
+        pytest.skip("needs the local broker of scripts/kafka, which this case restarts")
+    total, rate = (3_000, 300) if FULL else (1_200, 300)
+    pipeline.env["COSTLINE_OTLP_TOPIC"] = pipeline.settings.topic_prefix + "otlp_spans"
+    ensure_topics(pipeline.settings)
+    worker = pipeline.worker().start()
+    load = pipeline.load(total, rate, spans=True).start()
+    time.sleep(2)
+    subprocess.run([str(ROOT / "scripts" / "kafka"), "stop"], check=True, capture_output=True)
+    time.sleep(1)
+    subprocess.run([str(ROOT / "scripts" / "kafka"), "start"], check=True, capture_output=True)
+    load.wait()
+    assert_exact(pipeline.reconcile(load.sent), pipeline, load.sent)
+    assert worker.running, worker.log_tail()
+    otlp = worker.health()["otlp"]
+    assert (otlp["spans"], otlp["events"], otlp["dead_lettered"]) == (total, total, 0)
+    REPORT[-1] += f" otlp_aborted={otlp['aborted']}"
 
 
 def test_clickhouse_writes_failing(pipeline: Pipeline):
