@@ -356,23 +356,25 @@ def test_a_protobuf_message_whose_first_bytes_look_like_json_is_read_as_protobuf
 
 
 def test_output_that_leaves_reasoning_out_is_completed_and_counted():
-    spans = Spans(RESOURCE)
-    spans.call("opentelemetry.instrumentation.google_genai", "generate_content gemini-2.5-flash", {
-        "gen_ai.operation.name": "generate_content", "gen_ai.provider.name": "gemini",
-        "gen_ai.request.model": "gemini-2.5-flash", "gen_ai.usage.input_tokens": 1000,
-        "gen_ai.usage.output_tokens": 200, "gen_ai.usage.reasoning.output_tokens": 300}, start_ns=START, end_ns=END)
-    (message,) = messages(spans.finished(), "otlp_proto", "batch")
-    outcome = MAPPING.outcome(message)  # reasoning beyond the output: it was left out
-    assert (usage_of(outcome)[0].usage.output_tokens, outcome.completed) == (500, 1)
-    spans = Spans(RESOURCE)
-    spans.call("opentelemetry.instrumentation.google_genai", "generate_content gemini-2.5-flash", {
-        "gen_ai.operation.name": "generate_content", "gen_ai.provider.name": "gemini",
-        "gen_ai.request.model": "gemini-2.5-flash", "gen_ai.usage.input_tokens": 1000,
-        "gen_ai.usage.output_tokens": 200, "gen_ai.usage.reasoning.output_tokens": 100}, start_ns=START, end_ns=END)
-    (message,) = messages(spans.finished(), "otlp_proto", "batch")
-    assert (usage_of(MAPPING.outcome(message))[0].usage.output_tokens, MAPPING.outcome(message).completed) == (200, 0)
+    def gemini_call(reasoning: int) -> bytes:
+        """A google-genai span of 200 output tokens and ``reasoning`` thoughts."""
+        spans = Spans(RESOURCE)
+        spans.call("opentelemetry.instrumentation.google_genai", "generate_content gemini-2.5-flash", {
+            "gen_ai.operation.name": "generate_content", "gen_ai.provider.name": "gemini",
+            "gen_ai.request.model": "gemini-2.5-flash", "gen_ai.usage.input_tokens": 1000,
+            "gen_ai.usage.output_tokens": 200, "gen_ai.usage.reasoning.output_tokens": reasoning},
+            start_ns=START, end_ns=END)
+        (message,) = messages(spans.finished(), "otlp_proto", "batch")
+        return message
+
+    def output_and_completed(mapping: SpanMapping, message: bytes) -> tuple[int, int]:
+        outcome = mapping.outcome(message)
+        return usage_of(outcome)[0].usage.output_tokens, outcome.completed
+
+    assert output_and_completed(MAPPING, gemini_call(300)) == (500, 1)  # beyond the output: it was left out
+    assert output_and_completed(MAPPING, gemini_call(100)) == (200, 0)  # within it: taken as included
     listed = SpanMapping(output_excludes_reasoning=["opentelemetry.instrumentation.google_genai"])
-    assert (usage_of(listed.outcome(message))[0].usage.output_tokens, listed.outcome(message).completed) == (300, 1)
+    assert output_and_completed(listed, gemini_call(100)) == (300, 1)
 
 
 def test_long_context_is_cut_not_refused_and_a_long_value_is_cut_in_the_reason():
