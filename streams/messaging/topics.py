@@ -70,7 +70,9 @@ def pipeline_topics(settings: Settings) -> dict[str, dict[str, str]]:
         # The OpenTelemetry Collector's spans (``COSTLINE_OTLP_TOPIC``): created if the Collector
         # has not written to it yet, with the broker's defaults; an existing one is left as it is.
         # And where the OTLP input keeps its positions in that topic (``streams.runtime.spans``).
-        **({settings.otlp_topic: {}, otlp_positions_topic(settings): {"cleanup.policy": "compact"}}
+        # (Compacted soon: a position a turn and partition, read whole at every assignment.)
+        **({settings.otlp_topic: {}, otlp_positions_topic(settings): {
+            "cleanup.policy": "compact", "segment.ms": str(600_000), "min.cleanable.dirty.ratio": "0.1"}}
            if settings.otlp_topic else {}),
     }
 

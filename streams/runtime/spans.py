@@ -5,11 +5,14 @@
 (``streams.stages.spans``) and then, in one Kafka transaction (``KafkaTransactions``, the batch
 loop's, with its own transactional id), publishes the events to usage.raw, the dead letters to
 usage.dlq, and the next offset of each partition it read to a compacted positions topic
-(``otlp_positions_topic``). A partition assigned to the input starts at its stored position, so
-each message is published once. A transaction that fails is aborted and its messages read again
-from the stored positions (not from the turn's first offsets: a commit that failed on the way back
-may have been made). Retriable broker errors are retried as the batch loop's are; a turn holds at
-most ``TURN_BYTES`` of messages, so that it commits well within its transaction's timeout.
+(``otlp_positions_topic``). A partition assigned to the input starts at its stored position. A
+transaction that fails is aborted, the rest of its read dropped, and its messages read again from
+the last committed positions (not from the turn's first offsets: a commit that failed on the way
+back may have been made). So no span is lost; a span may be published twice (a worker that lost its
+partitions without knowing it, a restart right after a commit), and its copies collapse by their
+``event_id`` as any resent event's do: the same as the batch loop's guarantee. Retriable broker
+errors are retried as the batch loop's are; a turn holds at most ``TURN_BYTES`` of messages, so
+that it commits well within its transaction's timeout.
 
 Why positions of its own, as the batch loop keeps its own in its changelog, and not the group's
 offsets committed in the transaction (``send_offsets_to_transaction``): after a broker restart
@@ -45,7 +48,7 @@ from dataclasses import fields
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas.dead_letter import Rejection, dead_letter_headers
-from streams.messaging.topics import REFETCH_PROMPTLY, otlp_positions_topic
+from streams.messaging.topics import REFETCH_PROMPTLY, otlp_positions_topic, retrying
 from streams.runtime.kafka import SESSION_TIMEOUT_MS, KafkaChangelog, KafkaTransactions
 from streams.runtime.loop import EXIT_FAILED
 from streams.runtime.metrics import Counters
@@ -81,6 +84,8 @@ class SpanIngest:
             "session.timeout.ms": SESSION_TIMEOUT_MS, "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 4,
             # (as the batch loop's source: a bounded prefetch, whatever the Collector's message size)
             "fetch.max.bytes": 4 * 1024 * 1024, "queued.max.messages.kbytes": 16 * 1024,
+            # Eager rebalancing (``_assigned`` assigns the whole set, at its stored positions).
+            "partition.assignment.strategy": "range",
             **REFETCH_PROMPTLY, "log_level": 3, "logger": logging.getLogger("librdkafka"),
         })
         # The batch loop's producer settings (the same partitioner as every usage.raw producer: a
@@ -88,6 +93,8 @@ class SpanIngest:
         self.transactions = KafkaTransactions(settings, suffix="-otlp")
         self.positions_topic = otlp_positions_topic(settings)
         self._positions_reader = KafkaChangelog(settings.kafka_bootstrap_servers, f"{settings.deployment}-otlp-restore")
+        #: The positions of the assigned partitions: read at assignment, then each turn's, once committed.
+        self._positions: dict[tuple[str, int], int] = {}
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -115,7 +122,8 @@ class SpanIngest:
             while not self.stopping.is_set():
                 messages = [m for m in self.consumer.consume(BATCH, timeout=WAIT_S) if self._usable(m)]
                 for turn in _turns(messages):
-                    self._publish(turn)
+                    if not self._publish(turn):
+                        break  # (the rest of the read comes again, from the positions the abort went back to)
         finally:
             self.consumer.close()
             self.transactions.close()
@@ -130,9 +138,10 @@ class SpanIngest:
             log.warning("OTLP consumer error: %s", error)
         return False
 
-    def _publish(self, messages: list[Message]) -> None:
-        """One transaction: the messages' events and dead letters, and their offsets. The messages
-        are mapped before it begins: a transaction stays open only while it is written."""
+    def _publish(self, messages: list[Message]) -> bool:
+        """One transaction: the messages' events and dead letters, and their positions; whether it
+        was committed. The messages are mapped before it begins: a transaction stays open only
+        while it is written."""
         t, tx = self.settings.topics, self.transactions
         outcomes = [self._outcome(m) for m in messages]
         done = Counters(otlp_messages=len(messages))  # (this turn's, added to the worker's once committed)
@@ -159,36 +168,46 @@ class SpanIngest:
             tx.commit()
         except TransactionFailed as exc:
             self._abort(exc, messages)
-            return
+            return False
+        self._positions.update({(tp.topic, tp.partition): tp.offset for tp in nexts})
         for name in _COUNTED:
             setattr(self.counters, name, getattr(self.counters, name) + getattr(done, name))
         try:  # (the group's offsets: for lag monitoring; the stored positions are what a start reads)
             self.consumer.commit(offsets=nexts, asynchronous=True)
         except KafkaException as exc:
             log.info("OTLP consumer offset commit failed: %s", exc.args[0])
+        return True
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Each assigned partition starts at its stored position (the consumer group's committed
-        offset, or the topic's beginning, where there is none)."""
-        try:
-            stored = self._stored()
-        except (KafkaException, TransportError) as exc:  # (the group's committed offsets, which trail them)
-            log.warning("OTLP positions unreadable (%s): starting at the group's committed offsets", exc)
-            stored = {}
+        offset, or the topic's beginning, where none is stored). A positions topic that cannot be
+        read within ``KafkaChangelog``'s timeout raises: the worker exits, for its supervisor to
+        restart it, rather than start from the group's offsets, which may trail far behind."""
+        stored = self._stored()
+        self._positions = {(tp.topic, tp.partition): stored[(tp.topic, tp.partition)]
+                           for tp in partitions if (tp.topic, tp.partition) in stored}
         for tp in partitions:
             tp.offset = stored.get((tp.topic, tp.partition), tp.offset)
         consumer.assign(partitions)
 
     def _stored(self) -> dict[tuple[str, int], int]:
-        """The positions topic's latest offset of each spans partition."""
+        """The positions topic's latest offset of each spans partition (a record that is not a
+        position, which no Costline version writes, is logged and passed over)."""
         topic = self.positions_topic
-        found = self.consumer.list_topics(topic, timeout=30).topics.get(topic)
+        found = retrying(lambda: self.consumer.list_topics(topic, timeout=10)).topics.get(topic)
         if found is None or found.error is not None:
             raise TransportError(f"{topic} cannot be read: {found.error if found else 'missing'}")
-        stored = {}
+        stored: dict[tuple[str, int], int] = {}
         for _, key, value in self._positions_reader.read(topic, found.partitions):
-            spans_topic, _, partition = (key or b"").decode().rpartition(":")
-            stored[(spans_topic, int(partition))] = int(value or b"0")
+            try:
+                spans_topic, _, partition = (key or b"").decode().rpartition(":")
+                where = (spans_topic, int(partition))
+                if value is None:
+                    stored.pop(where, None)
+                else:
+                    stored[where] = int(value)
+            except (UnicodeDecodeError, ValueError):
+                log.warning("passing over a record of %s that is not a position: %r", topic, key)
         return stored
 
     def _outcome(self, message: Message) -> SpanOutcome:
@@ -201,23 +220,18 @@ class SpanIngest:
                                                    message=f"{type(exc).__name__}: {exc}"[:500]))
 
     def _abort(self, exc: TransactionFailed, messages: list[Message]) -> None:
-        """Aborts the transaction and goes back to the stored positions of the turn's partitions
-        (its first offsets where none is stored yet, or the positions cannot be read): the messages
-        after them are read and published again."""
+        """Aborts the transaction and goes back to the last committed positions of the turn's
+        partitions (kept from the assignment and each commit; the turn's first offsets where there
+        is none): the messages after them are read and published again."""
         log.warning("OTLP input transaction failed (%s); reading its messages again", exc)
         self.transactions.abort()
         self.counters.otlp_aborted += 1
         firsts: dict[tuple[str, int], int] = {}
         for m in messages:
             firsts.setdefault((m.topic(), m.partition()), m.offset())
-        try:
-            stored = self._stored()
-        except (KafkaException, TransportError) as error:
-            log.warning("OTLP positions unreadable (%s): rewinding to the turn's start", error)
-            stored = {}
         for key, first in firsts.items():
             try:
-                self.consumer.seek(TopicPartition(*key, stored.get(key, first)))
+                self.consumer.seek(TopicPartition(*key, self._positions.get(key, first)))
             except KafkaException as error:  # (revoked meanwhile: its next owner starts at the stored position)
                 log.info("not rewinding %s[%s]: %s", *key, error.args[0])
 

@@ -109,8 +109,11 @@ _MESSAGE_CHARS = 500
 SPAN_NAME = "@name"
 #: The contract's longest optional text (``ShortText``): longer context is cut, not refused.
 _SHORT = 256
-#: The most digits a JSON integer is read with (a 64-bit one has at most 20).
-_DIGITS = 20
+#: The range of a JSON integer (OTLP's are 64-bit: times unsigned, attribute values signed), and
+#: how deep attribute values may nest (protobuf, which a dead letter is written in, stops at 100).
+_INT64 = range(-(2**63), 2**63)
+_UINT64 = range(2**64)
+_DEPTH = 32
 _HEX = {size: re.compile(f"[0-9a-f]{{{2 * size}}}").fullmatch for size in (8, 16)}
 #: The contract's fast decoder (``streams.stages.decoding``), as the stream checks each event: an
 #: event is written as JSON and checked there, in a few µs, not built as a pydantic model (10).
@@ -199,20 +202,21 @@ class SpanMapping(Strict):
             raise UnusableSpan("no gen_ai.response.model or gen_ai.request.model: its instrumentation must set one")
         if not span.end_ns:
             raise UnusableSpan("no end time: the span was exported before it ended")
-        # (At most 20 digits, or 64 bits: before the year 5200, within datetime's range. A time the
-        # contract does not take is dead-lettered by the stream with its reason.)
+        # (64 bits: before the year 2555, within datetime's range. A time the contract does not take
+        # is dead-lettered by the stream with its reason.)
         timestamp = from_epoch_ns(span.end_ns)
         tenant = self._lookup(span, self.tenant_id)
         if tenant is None:
             raise UnusableSpan(f"no tenant: none of the attributes {', '.join(self.tenant_id)} is set "
                                "(config/otlp.yaml tenant_id)")
-        tags = {name: value for name, names in self.tags.items() if (value := self._lookup(span, names)) is not None}
+        tags = {name: value[:_SHORT] for name, names in self.tags.items()
+                if (value := self._lookup(span, names)) is not None}
         latency = (span.end_ns - span.start_ns) // 1_000_000 if span.start_ns else None
         values = {
             "event_id": f"otel-{span.trace_id}-{span.span_id}",
             "timestamp": timestamp.isoformat().replace("+00:00", "Z"),
-            "tenant_id": tenant, "user_id": self._lookup(span, self.user_id),
-            "provider": self.providers.get(provider.lower(), PROVIDERS.get(provider.lower(), provider)),
+            "tenant_id": tenant, "user_id": _short(self._lookup(span, self.user_id)),
+            "provider": self.providers.get(spelled := provider.strip().lower(), PROVIDERS.get(spelled, provider)),
             "model": model, "usage": usage, "service": _short(self._lookup(span, self.service)),
             "route": _short(self._lookup(span, self.route)), "feature": _short(self._lookup(span, self.feature)),
             "step": _short(self._lookup(span, self.step)), "trace_id": span.trace_id, "span_id": span.span_id,
@@ -233,16 +237,20 @@ class SpanMapping(Strict):
         return Mapped(event.kafka_key(), value, event.timestamp_ms())
 
     def _lookup(self, span: Span, names: Attributes) -> str | None:
-        """The first of ``names`` set on the span, then on its resource, as text."""
+        """The first of ``names`` set on the span, then on its resource, as text (blank text counts
+        as not set: an empty ``enduser.id`` must not refuse the call, nor hide the resource's tenant)."""
         for name in names:
             if name == SPAN_NAME:
-                if span.name:
+                if span.name.strip():
                     return span.name
                 continue
             for attributes in (span.attributes, span.resource):
                 value = attributes.get(name)
-                if value is not None and not isinstance(value, list | dict | bytes):
-                    return str(value).lower() if isinstance(value, bool) else str(value)
+                if value is None or isinstance(value, list | dict | bytes):
+                    continue
+                text = str(value).lower() if isinstance(value, bool) else str(value)
+                if text.strip():
+                    return text
         return None
 
 
@@ -491,14 +499,14 @@ def _json_id(span: dict[str, Any], name: str, size: int, where: str, required: b
 
 def _json_int(value: Any, where: str, signed: bool = False) -> int:
     """A 64-bit integer, as pdata writes it (a string) or as a number; ``signed``: an attribute's
-    ``intValue`` (times and status codes are never negative)."""
-    if isinstance(value, int) and not isinstance(value, bool) and (signed or value >= 0):
-        return value
+    ``intValue`` (times and status codes are unsigned)."""
     digits = value[1:] if signed and isinstance(value, str) and value.startswith("-") else value
-    # (ASCII digits only: isdigit alone takes "²"; and few of them: int() of thousands is refused)
-    if isinstance(digits, str) and 0 < len(digits) <= _DIGITS and digits.isascii() and digits.isdigit():
-        return int(value)
-    raise NotOtlp(f"not OTLP JSON: {where} is not an integer")
+    # (ASCII digits only: isdigit alone takes "²"; and at most 20 of them before int() reads them)
+    if isinstance(digits, str) and 0 < len(digits) <= 20 and digits.isascii() and digits.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value in (_INT64 if signed else _UINT64):
+        return value
+    raise NotOtlp(f"not OTLP JSON: {where} is not a 64-bit {'integer' if signed else 'unsigned integer'}")
 
 
 def _json_status(value: Any, where: str) -> int:
@@ -508,18 +516,20 @@ def _json_status(value: Any, where: str) -> int:
     return _json_int(value, where)
 
 
-def _json_attributes(items: list[Any], where: str) -> dict[str, Any]:
+def _json_attributes(items: list[Any], where: str, depth: int = 0) -> dict[str, Any]:
     attributes = {}
     for item in items:
         key = _field(item, "key", str, f"{where}.attributes")
         attributes[key] = _json_value(_field(item, "value", dict, f"{where}.attributes[{key!r}]", {}),
-                                      f"{where}.attributes[{key!r}]")
+                                      f"{where}.attributes[{key!r}]", depth)
     return attributes
 
 
-def _json_value(value: Any, where: str) -> Any:
+def _json_value(value: Any, where: str, depth: int = 0) -> Any:
     if not isinstance(value, dict):
         raise NotOtlp(f"not OTLP JSON: {where} holds a value that is not an object")
+    if depth > _DEPTH:
+        raise NotOtlp(f"not OTLP JSON: {where} nests values more than {_DEPTH} deep")
     if "stringValue" in value:
         return value["stringValue"]
     if "intValue" in value:
@@ -529,9 +539,9 @@ def _json_value(value: Any, where: str) -> Any:
     if "doubleValue" in value:
         return value["doubleValue"]
     if "arrayValue" in value:
-        return [_json_value(v, where) for v in _field(value["arrayValue"], "values", list, where, [])]
+        return [_json_value(v, where, depth + 1) for v in _field(value["arrayValue"], "values", list, where, [])]
     if "kvlistValue" in value:
-        return _json_attributes(_field(value["kvlistValue"], "values", list, where, []), where)
+        return _json_attributes(_field(value["kvlistValue"], "values", list, where, []), where, depth + 1)
     if "bytesValue" in value:
         try:
             return base64.b64decode(value["bytesValue"], validate=True)

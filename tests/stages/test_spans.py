@@ -246,11 +246,17 @@ def test_an_inference_span_that_cannot_make_an_event_dead_letters_its_message_na
     (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "k", "value": {"arrayValue": '
      b'{"values": [7]}}}]}]}]}]}', "attributes['k'] holds a value that is not an object"),
     (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "k", "value": {"intValue": "'
-     + b"9" * 5000 + b'"}}]}]}]}]}', "attributes['k'] is not an integer"),
+     + b"9" * 5000 + b'"}}]}]}]}]}', "attributes['k'] is not a 64-bit integer"),
+    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "k", "value": {"intValue": "'
+     + str(2**63).encode() + b'"}}]}]}]}]}', "attributes['k'] is not a 64-bit integer"),
+    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"endTimeUnixNano": ' + str(10**25).encode() + b'}]}]}]}',
+     "spans[0].endTimeUnixNano is not a 64-bit unsigned integer"),
+    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [{"key": "k", "value": '
+     + b'{"arrayValue": {"values": [' * 40 + b'{}' + b']}}' * 40 + b'}]}]}]}]}', "attributes['k'] nests values more than 32"),
     (b'{"resourceSpans": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid JSON"),
     (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "000102030405060708090a0b0c0d0e0f", '
      b'"spanId": "0102030405060708", "startTimeUnixNano": "soon"}]}]}]}',
-     "resourceSpans[0].scopeSpans[0].spans[0].startTimeUnixNano is not an integer"),
+     "resourceSpans[0].scopeSpans[0].spans[0].startTimeUnixNano is not a 64-bit unsigned integer"),
 ])
 def test_a_message_that_is_not_otlp_is_dead_lettered_with_what_is_wrong(payload, message):
     outcome = MAPPING.outcome(payload)
@@ -389,3 +395,14 @@ def test_long_context_is_cut_not_refused_and_a_long_value_is_cut_in_the_reason()
     assert (len(event.step), len(event.route), len(event.service)) == (256, 256, 256)
     assert "gen_ai.usage.output_tokens is 'many many many many many many many many, not a token count" \
         in outcome.rejection.message
+
+
+def test_blank_context_counts_as_not_set_and_long_user_and_tags_are_cut():
+    spans = Spans(RESOURCE)  # the resource's tenant is acme
+    spans.call("lib", "chat gpt-4o", {**chat(" AWS.Bedrock ", "anthropic.claude-3-5-haiku-20241022-v1:0",
+                                             input_tokens=10, output_tokens=2),
+                                      "tenant.id": "  ", "enduser.id": "", "costline.user_id": "u" * 300,
+                                      "gen_ai.conversation.id": "c" * 300}, start_ns=START, end_ns=END)
+    event = only_event(spans, SpanMapping(tags={"conversation": ["gen_ai.conversation.id"]}))
+    assert (event.tenant_id, event.user_id, event.tags["conversation"], event.provider) == (
+        "acme", "u" * 256, "c" * 256, "aws")
