@@ -114,6 +114,9 @@ _SHORT = 256
 _INT64 = range(-(2**63), 2**63)
 _UINT64 = range(2**64)
 _DEPTH = 32
+#: A JSON message's start, found without copying the message (``bytes.lstrip`` copies a protobuf
+#: one whole: its first byte, 0x0a, is JSON's white space).
+_JSON_START = re.compile(rb"[ \t\r\n\x0b\x0c]*[\[{]").match  # (bytes.isspace's white space)
 _HEX = {size: re.compile(f"[0-9a-f]{{{2 * size}}}").fullmatch for size in (8, 16)}
 #: The contract's fast decoder (``streams.stages.decoding``), as the stream checks each event: an
 #: event is written as JSON and checked there, in a few µs, not built as a pydantic model (10).
@@ -311,7 +314,7 @@ def read_message(value: bytes | None) -> list[Span]:
     ``[``: a message beginning with 0x0a is read as protobuf first."""
     if not value:
         raise NotOtlp("empty message")
-    looks_json = value.lstrip()[:1] in (b"{", b"[")
+    looks_json = _JSON_START(value) is not None
     if value[:1] == b"\n":
         try:
             return _from_proto(value)
