@@ -60,7 +60,7 @@ from concurrent.futures import Future
 from typing import NamedTuple, TypeVar
 
 from schemas.attributed import HEADER_IN_BLOCK
-from schemas.dead_letter import dead_letter_headers
+from schemas.dead_letter import Rejection, dead_letter_headers
 from schemas.usage import epoch_ms
 from streams.backoff import Backoff
 from streams.runtime.metrics import Counters
@@ -73,7 +73,7 @@ from streams.runtime.ports import (
     Transactions,
     TransportError,
 )
-from streams.runtime.processor import Batch, TopicPartitionKey
+from streams.runtime.processor import Batch, Record, TopicPartitionKey
 from streams.runtime.state import ChangelogTables
 from streams.settings import Topics
 from streams.storage.tables import ALERTS, LEDGER, as_record
@@ -215,10 +215,7 @@ class Checkpoint:
         try:
             self.transactions.begin()
             for record, rejection in batch.dead:
-                log.info("dead-lettered %s[%s]@%s: %s: %s", record.topic(), record.partition(), record.offset(),
-                         rejection.reason, rejection.message)
-                send(t.dlq, record.key(), record.value() or b"", timestamp=record.timestamp()[1],
-                     headers=dead_letter_headers(rejection, record.topic(), record.partition(), record.offset()))
+                dead_letter(self.transactions, t.dlq, record, rejection)
             for alert in batch.alerts:
                 send(t.alerts, alert.tenant_id.encode(), alert.model_dump_json().encode())
             if not batch.states_sent:
@@ -358,6 +355,18 @@ class Checkpoint:
                 attempt += 1
                 if self.stopping.wait(wait):
                     return None
+
+
+def dead_letter(transactions: Transactions, dlq: str, record: Record, rejection: Rejection,
+                value: bytes | None = None) -> None:
+    """Queues ``record``'s dead letter in the open transaction: its key and timestamp, ``value``
+    (by default its own value, as it arrived), and why and where from in the headers
+    (``schemas.dead_letter``)."""
+    log.info("dead-lettered %s[%s]@%s: %s: %s", record.topic(), record.partition(), record.offset(),
+             rejection.reason, rejection.message)
+    transactions.produce(dlq, record.key(), (record.value() or b"") if value is None else value,
+                         timestamp=record.timestamp()[1],
+                         headers=dead_letter_headers(rejection, record.topic(), record.partition(), record.offset()))
 
 
 def _in_background(call: Callable[[], None]) -> Future[None]:

@@ -47,8 +47,9 @@ from dataclasses import fields
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from schemas.dead_letter import Rejection, dead_letter_headers
+from schemas.dead_letter import Rejection
 from streams.messaging.topics import REFETCH_PROMPTLY, otlp_positions_topic, retrying
+from streams.runtime.checkpoint import dead_letter
 from streams.runtime.kafka import SESSION_TIMEOUT_MS, KafkaChangelog, KafkaTransactions
 from streams.runtime.loop import EXIT_FAILED
 from streams.runtime.metrics import Counters
@@ -155,12 +156,7 @@ class SpanIngest:
                     tx.produce(t.raw, event.key, event.value, timestamp=event.timestamp_ms)
                     done.otlp_events += 1
                 if outcome.rejection is not None:
-                    log.info("dead-lettered %s[%s]@%s: %s: %s", message.topic(), message.partition(),
-                             message.offset(), outcome.rejection.reason, outcome.rejection.message)
-                    value = outcome.dead_value if outcome.dead_value is not None else message.value() or b""
-                    tx.produce(t.dlq, message.key(), value, timestamp=message.timestamp()[1],
-                               headers=dead_letter_headers(outcome.rejection, message.topic(), message.partition(),
-                                                           message.offset()))
+                    dead_letter(tx, t.dlq, message, outcome.rejection, outcome.dead_value)
                     done.otlp_dead_lettered += 1
             nexts = _next_offsets(messages)
             for tp in nexts:
