@@ -46,27 +46,34 @@ def group_id(settings: Settings) -> str:
     return f"{settings.deployment}-sink" if settings.role == "sink" else settings.deployment
 
 
+def group_consumer(settings: Settings, group: str) -> Consumer:
+    """A consumer in ``group`` as the worker's readers of records are made (the batch loop's
+    ``KafkaSource`` and the OTLP input's): offsets committed by hand, committed records only, a
+    bounded prefetch, eager rebalancing."""
+    return Consumer({
+        "bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
+        "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+        "session.timeout.ms": SESSION_TIMEOUT_MS, "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 4,
+        # Fetches below the largest record's size: a fetch response is held decompressed until its
+        # last record is consumed, and at 8 MiB a few lz4 responses held 60-80 MB of the stream
+        # worker's resident memory (memray, 1,000 tenants). A record batch larger than these limits is
+        # still returned whole (the fetch protocol guarantees progress since Kafka 0.10.1, and
+        # librdkafka grows its request): the fault suite's 2 MB records pass through to the DLQ.
+        # 1 MiB (256 KiB a partition) saved 70 MB but was slower in both pairs measured (-4%, -12%
+        # events/s); 4 MiB (1 MiB a partition) saves 35-50 MB, -12% and +25% in two pairs: this
+        # host's drift. docs/performance.md has the runs. A prefetch queue of about two batches.
+        "fetch.max.bytes": 4 * 1024 * 1024, "max.partition.fetch.bytes": 1024 * 1024,
+        "queued.max.messages.kbytes": 8 * 1024,
+        **REFETCH_PROMPTLY,
+        # Eager rebalancing: every partition is revoked, then the new set assigned and restored whole
+        # (ChangelogTables.clear, and the OTLP input's stored positions, rely on it).
+        "partition.assignment.strategy": "range", "log_level": 3, "logger": logging.getLogger("librdkafka"),
+    })
+
+
 class KafkaSource:
     def __init__(self, settings: Settings) -> None:
-        self.consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group_id(settings),
-            "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed",
-            "session.timeout.ms": SESSION_TIMEOUT_MS, "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 4,
-            # Fetches below the largest record's size: a fetch response is held decompressed until its
-            # last record is consumed, and at 8 MiB a few lz4 responses held 60-80 MB of the stream
-            # worker's resident memory (memray, 1,000 tenants). A record batch larger than these limits is
-            # still returned whole (the fetch protocol guarantees progress since Kafka 0.10.1, and
-            # librdkafka grows its request): the fault suite's 2 MB records pass through to the DLQ.
-            # 1 MiB (256 KiB a partition) saved 70 MB but was slower in both pairs measured (-4%, -12%
-            # events/s); 4 MiB (1 MiB a partition) saves 35-50 MB, -12% and +25% in two pairs: this
-            # host's drift. docs/performance.md has the runs. A prefetch queue of about two batches.
-            "fetch.max.bytes": 4 * 1024 * 1024, "max.partition.fetch.bytes": 1024 * 1024,
-            "queued.max.messages.kbytes": 8 * 1024,
-            **REFETCH_PROMPTLY,
-            # Eager rebalancing: every partition is revoked, then the new set assigned and restored whole
-            # (ChangelogTables.clear relies on it).
-            "partition.assignment.strategy": "range", "log_level": 3, "logger": logging.getLogger("librdkafka"),
-        })
+        self.consumer = group_consumer(settings, group_id(settings))
 
     def subscribe(self, topics: list[str], on_assign: OnAssign, on_revoke: OnRevoke, on_lost: OnRevoke) -> None:
         def assigned(consumer: Consumer, partitions: list[TopicPartition]) -> None:

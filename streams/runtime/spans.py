@@ -48,9 +48,9 @@ from dataclasses import fields
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas.dead_letter import Rejection
-from streams.messaging.topics import REFETCH_PROMPTLY, otlp_positions_topic, retrying
+from streams.messaging.topics import otlp_positions_topic, retrying
 from streams.runtime.checkpoint import dead_letter
-from streams.runtime.kafka import SESSION_TIMEOUT_MS, KafkaChangelog, KafkaTransactions
+from streams.runtime.kafka import KafkaChangelog, KafkaTransactions, group_consumer
 from streams.runtime.loop import EXIT_FAILED
 from streams.runtime.metrics import Counters
 from streams.runtime.ports import TransactionFailed, TransportError
@@ -79,16 +79,7 @@ class SpanIngest:
         self.settings, self.mapping, self.counters = settings, mapping, counters
         self.topic = settings.otlp_topic
         self.stopping = threading.Event()
-        self.consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": f"{settings.deployment}-otlp",
-            "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed",
-            "session.timeout.ms": SESSION_TIMEOUT_MS, "heartbeat.interval.ms": SESSION_TIMEOUT_MS // 4,
-            # (as the batch loop's source: a bounded prefetch, whatever the Collector's message size)
-            "fetch.max.bytes": 4 * 1024 * 1024, "queued.max.messages.kbytes": 16 * 1024,
-            # Eager rebalancing (``_assigned`` assigns the whole set, at its stored positions).
-            "partition.assignment.strategy": "range",
-            **REFETCH_PROMPTLY, "log_level": 3, "logger": logging.getLogger("librdkafka"),
-        })
+        self.consumer = group_consumer(settings, f"{settings.deployment}-otlp")
         # The batch loop's producer settings (the same partitioner as every usage.raw producer: a
         # tenant's events, whoever publishes them, go to one partition; room for any dead letter).
         self.transactions = KafkaTransactions(settings, suffix="-otlp")
