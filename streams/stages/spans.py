@@ -347,15 +347,23 @@ def _from_proto(value: bytes) -> list[Span]:
 
 
 def _ids_problem(trace_id: bytes, span_id: bytes, parent_span_id: bytes) -> str | None:
-    """What is wrong with a span's ids (OTLP's are 16 and 8 bytes, never all zero), or None."""
+    """What is wrong with a span's ids, or None."""
     for name, value, size, optional in (("trace id", trace_id, 16, False), ("span id", span_id, 8, False),
                                         ("parent span id", parent_span_id, 8, True)):
         if optional and not value:
             continue
-        if len(value) != size:
-            return f"its {name} is {len(value)} bytes long, not {size}"
-        if not any(value):
-            return f"its {name} is all zeros (an invalid id)"
+        fault = _id_fault(value, size)
+        if fault is not None:
+            return f"its {name} {fault}"
+    return None
+
+
+def _id_fault(value: bytes, size: int) -> str | None:
+    """What is wrong with an id, in either encoding (OTLP's are 16 or 8 bytes, never all zero)."""
+    if len(value) != size:
+        return f"is {len(value)} bytes long, not {size}"
+    if not any(value):
+        return "is all zeros (an invalid id)"
     return None
 
 
@@ -495,8 +503,9 @@ def _json_id(span: dict[str, Any], name: str, size: int, where: str, required: b
             raw = b""
         if len(raw) != size:
             raise UnusableSpan(f"{where}.{name} {text[:40]!r} is not a {size}-byte id in hex")
-    if not any(raw):
-        raise UnusableSpan(f"{where}.{name} is all zeros (an invalid id)")
+    fault = _id_fault(raw, size)
+    if fault is not None:
+        raise UnusableSpan(f"{where}.{name} {fault}")
     return raw.hex()
 
 

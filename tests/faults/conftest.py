@@ -19,10 +19,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, TracesData
-from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 
 from schemas.quota import QuotaState
 from schemas.usage import TokenUsage, UsageEvent
@@ -32,6 +28,7 @@ from streams.operations.processes import ROOT, WorkerProcess, free_port, isolate
 from streams.settings import Settings
 from streams.stages.plans import Plans
 from streams.stages.rating import usage_amount
+from streams.stages.spans import Span, traces_of
 from streams.storage.query import query
 from tests.integration.conftest import read_topic
 
@@ -74,12 +71,9 @@ def span_record(event: UsageEvent, i: int) -> tuple[bytes | None, bytes]:
     attributes = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": event.provider,
                   "gen_ai.request.model": event.model, "gen_ai.usage.input_tokens": event.usage.input_tokens,
                   "gen_ai.usage.output_tokens": event.usage.output_tokens}
-    span = ProtoSpan(trace_id=trace_id, span_id=span_id, name=f"chat {event.model}", start_time_unix_nano=end - 10**8,
-                     end_time_unix_nano=end, attributes=[KeyValue(key=k, value=AnyValue(string_value=v) if isinstance(v, str)
-                                                                  else AnyValue(int_value=v)) for k, v in attributes.items()])
-    resource = Resource(attributes=[KeyValue(key="tenant.id", value=AnyValue(string_value=event.tenant_id))])
-    data = TracesData(resource_spans=[ResourceSpans(resource=resource, scope_spans=[ScopeSpans(spans=[span])])])
-    return trace_id.hex().encode(), data.SerializeToString()
+    span = Span(trace_id.hex(), span_id.hex(), "", f"chat {event.model}", end - 10**8, end, 0, attributes,
+                {"tenant.id": event.tenant_id}, "")
+    return trace_id.hex().encode(), traces_of([span])  # (the input's own TracesData writer, as for its dead letters)
 
 
 def event(run: str, i: int) -> UsageEvent:
